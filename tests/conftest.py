@@ -1,0 +1,212 @@
+"""Shared fixtures: a real redis-server on a free port, and real worker processes.
+
+Synchronise on events (a job RPUSHes to a Redis list, the test BLPOPs it; or a worker's log line), never on sleeps.
+Every spawned process is killed at teardown, whole tree, so a failing test cannot leave a worker behind.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+REPO = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
+               "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
+               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of the test session's own; ``stop()``/``start()`` emulate an outage on the same port."""
+
+    def __init__(self, workdir: Path):
+        self.port = free_port()
+        self.workdir = workdir
+        self.proc = None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self):
+        binary = shutil.which("redis-server")
+        if not binary:
+            pytest.exit("redis-server is not installed (the CI script installs it with apt-get)", 2)
+        self.proc = subprocess.Popen(
+            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+             "--dir", str(self.workdir), "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)
+        client.close()
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def r(redis_server):
+    """A client on a flushed database (decode_responses=True)."""
+    if redis_server.proc.poll() is not None:  # a test stopped it and failed before restarting
+        redis_server.start()
+    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
+    client.flushall()
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def env(redis_server):
+    """Environment for worker subprocesses: the test Redis, the test jobs, fast heartbeats."""
+    e = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
+    e.update({"REDIS_URL": redis_server.url, "JOB_MODULES": "worker.sample,tests.jobs", "PYTHONUNBUFFERED": "1",
+              "PYTHONPATH": str(REPO), "LOG_LEVEL": "DEBUG"})
+    return e
+
+
+def descendants(pid: int) -> list:
+    """Every live process below ``pid`` (by parent pid, so children that left the process group count too)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+class Proc:
+    """A spawned process whose stdout+stderr lines are collected as they come."""
+
+    def __init__(self, args, env, cwd=REPO, new_session=True):
+        self.popen = subprocess.Popen(args, env=env, cwd=str(cwd), stdout=subprocess.PIPE,
+                                      stderr=subprocess.STDOUT, text=True, bufsize=1,
+                                      start_new_session=new_session)
+        self.pid = self.popen.pid
+        self.lines = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self):
+        for line in self.popen.stdout:
+            with self._cond:
+                self.lines.append((time.monotonic(), line.rstrip("\n")))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def output(self) -> str:
+        return "\n".join(line for _, line in self.lines)
+
+    def wait_for(self, pattern: str, timeout: float = 15.0) -> str:
+        """Block until a line matches ``pattern`` (regex); returns the line. Fails the test on timeout."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        seen = 0
+        with self._cond:
+            while True:
+                for _, line in self.lines[seen:]:
+                    if rx.search(line):
+                        return line
+                seen = len(self.lines)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise AssertionError(f"no line matching {pattern!r} within {timeout}s; output:\n{self.output}")
+                self._cond.wait(left)
+
+    def signal(self, signum):
+        os.kill(self.pid, signum)
+
+    def wait(self, timeout: float = 15.0) -> int:
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"process {self.pid} still running after {timeout}s; output:\n{self.output}")
+
+    def kill_tree(self):
+        for pid in [self.pid] + descendants(self.pid):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            self.popen.wait(5)
+        except subprocess.TimeoutExpired:
+            pass
+        self._reader.join(2)
+
+
+@pytest.fixture
+def spawn(env):
+    """``spawn(*cli_args, **env_overrides)`` starts ``python -m worker ...``; killed (whole tree) at teardown.
+    Pass ``argv=[...]`` to run another command line instead (same env, cwd = repo root)."""
+    procs = []
+
+    def _spawn(*args, argv=None, new_session=True, **overrides):
+        e = dict(env)
+        e.update({k: str(v) for k, v in overrides.items()})
+        p = Proc(argv or [PYTHON, "-m", "worker", *args], e, new_session=new_session)
+        procs.append(p)
+        return p
+
+    yield _spawn
+    for p in procs:
+        p.kill_tree()
+
+
+def run_cli(env, *args, timeout=30, **overrides):
+    """Run ``python -m worker ARGS`` to completion; returns CompletedProcess (text)."""
+    e = dict(env)
+    e.update({k: str(v) for k, v in overrides.items()})
+    return subprocess.run([PYTHON, "-m", "worker", *args], env=e, cwd=str(REPO), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+@pytest.fixture
+def cli(env):
+    return lambda *args, **kw: run_cli(env, *args, **kw)

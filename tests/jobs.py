@@ -1,0 +1,125 @@
+"""Jobs used by the test suite (JOB_MODULES=worker.sample,tests.jobs).
+
+They report to Redis lists so tests can BLPOP events instead of sleeping. The connection is the job's own (made in
+the child from REDIS_URL): that is test code, not the runtime.
+"""
+import ctypes
+import json
+import os
+import signal
+import time
+
+import redis
+
+from worker import TermException, job, shutdown_requested
+
+_conn = {}
+
+
+def r():
+    pid = os.getpid()
+    if pid not in _conn:
+        _conn.clear()
+        _conn[pid] = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+    return _conn[pid]
+
+
+def event(key, kind, **fields):
+    r().rpush(key, json.dumps({"event": kind, "t": time.time(), "pid": os.getpid(), **fields}))
+
+
+@job
+def push(key, value):
+    r().rpush(key, value)
+
+
+@job
+def fail(message="boom"):
+    raise ValueError(message)
+
+
+@job
+def exit_with(code):
+    os._exit(code)
+
+
+@job
+def kill_self(signame):
+    os.kill(os.getpid(), getattr(signal, signame))
+    time.sleep(5)
+
+
+@job
+def segfault():
+    ctypes.string_at(0)
+
+
+@job
+def term_probe(key, seconds=60, cleanup=0.0, swallow=False):
+    """Announce the start, then wait; on TermException record it, clean up ``cleanup`` s, return (or keep
+    running forever if ``swallow``). Every TermException seen is recorded, so tests can count them."""
+    event(key, "started")
+    try:
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            time.sleep(0.05)
+        event(key, "completed")
+        return
+    except TermException:
+        event(key, "term", shutdown=shutdown_requested())
+    end = time.time() + cleanup
+    while swallow or time.time() < end:
+        try:
+            time.sleep(0.05)
+        except BaseException as exc:  # noqa: B902 - counting every exception delivered during cleanup
+            event(key, "term_again", type=type(exc).__name__)
+    event(key, "cleaned")
+
+
+@job
+def stubborn(key):
+    """Swallows everything (BaseException included) and never ends on its own."""
+    event(key, "started")
+    while True:
+        try:
+            time.sleep(0.05)
+        except BaseException as exc:  # noqa: B902
+            event(key, "swallowed", type=type(exc).__name__)
+
+
+@job
+def wait_shutdown_flag(key, seconds=30):
+    """Reports when shutdown_requested() turns true (for TERM_GRACE), then whether TermException came."""
+    event(key, "started")
+    try:
+        end = time.time() + seconds
+        while time.time() < end:
+            if shutdown_requested():
+                event(key, "flag")
+                break
+            time.sleep(0.01)
+        while time.time() < end:
+            time.sleep(0.01)
+    except TermException:
+        event(key, "term")
+        raise
+
+
+@job(timeout=1)
+def too_slow(key):
+    event(key, "started")
+    time.sleep(30)
+
+
+@job(retries=2)
+def flaky(key, failures):
+    """Fails ``failures`` times (counted in Redis), then succeeds."""
+    n = r().incr(key + ":count")
+    if n <= failures:
+        raise RuntimeError(f"failure {n}")
+    event(key, "done", attempt=n)
+
+
+@job(queue="high")
+def on_high(key, value):
+    r().rpush(key, value)

@@ -1,0 +1,129 @@
+"""The forked child: set up signals, run one job, report the outcome on a pipe, leave with ``os._exit``.
+
+The child never talks to Redis for the runtime: the parent does all bookkeeping from the report (and from the exit
+status when there is no report: a segfault, an OOM kill, ``os._exit(3)``).
+
+Signals in the child:
+
+* TERM / INT (sent straight to the child by Heroku, by honcho's group kill, by a terminal's Ctrl-C) and the parent's
+  RAISE signal all lead to exactly one :class:`TermException`. With ``TERM_GRACE`` > 0 a TERM/INT only makes
+  :func:`shutdown_requested` true, and the exception waits for the parent's RAISE signal at the end of the grace.
+  Further signals are absorbed: the child never dies of them, and only the parent's deadline ends the budget.
+* QUIT, USR1, USR2 are ignored (they are meant for the parent; a group-wide one must not kill the job).
+* The child dies with its parent (Linux parent-death signal), so a job never runs on unsupervised.
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import signal
+import sys
+import traceback
+
+from .signals import RAISE_SIGNAL
+
+
+class TermException(BaseException):
+    """Raised inside a running job when the worker is shutting down (SIGTERM/SIGINT, e.g. a dyno restart).
+
+    It derives from ``BaseException``, so ``except Exception:`` in job code does not swallow it. Catch it to clean
+    up within ``TERM_TIMEOUT`` seconds; return normally and the job counts as done, let it propagate and the job is
+    put back at the head of its queue to run again.
+    """
+
+
+class _ChildState:
+    shutdown = False   # a stop signal arrived (shutdown_requested)
+    raised = False     # TermException was raised once; never again
+    running = False    # the job function is on the stack; outside it a signal only sets flags
+    grace = 0.0
+
+
+_state = _ChildState()
+
+
+def shutdown_requested() -> bool:
+    """True inside a job from the first stop signal on (also during ``TERM_GRACE``, before the exception)."""
+    return _state.shutdown
+
+
+def _raise_once():
+    if _state.running and not _state.raised:
+        _state.raised = True
+        raise TermException("worker is shutting down")
+
+
+def _on_stop(signum, frame):
+    _state.shutdown = True
+    if _state.grace <= 0:
+        _raise_once()
+
+
+def _on_raise(signum, frame):
+    _state.shutdown = True
+    _raise_once()
+
+
+_libc = None
+try:  # loaded once in the parent, so the child pays nothing for it
+    _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
+except OSError:
+    pass
+
+
+def setup(parent_pid: int, grace: float) -> None:
+    """First thing after fork in the child (signals are still blocked by the parent's mask)."""
+    _state.grace = grace
+    try:
+        signal.set_wakeup_fd(-1)
+    except ValueError:
+        pass
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # job code may use subprocess
+    signal.signal(signal.SIGCONT, signal.SIG_DFL)
+    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the parent's watchdog is not the job's; timers do not fork
+    for sig in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_stop)
+    signal.signal(signal.SIGINT, _on_stop)
+    signal.signal(RAISE_SIGNAL, _on_raise)
+    if _libc is not None:
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
+        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+            os._exit(1)
+
+
+def run(spec, doc, report_fd: int) -> None:
+    """Run the job and exit. Never returns."""
+    report = {"status": "ok"}
+    try:
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # pending TERM/INT (sent during fork) fire now
+        try:
+            _state.running = True
+            if _state.shutdown and _state.grace <= 0:  # a stop arrived before the job could start
+                _raise_once()
+            spec.fn(*doc["args"], **doc["kwargs"])
+        finally:
+            _state.running = False
+    except TermException:
+        report = {"status": "interrupted"}
+    except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
+        report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
+                  "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
+    _finish(report, report_fd)
+
+
+def _finish(report, fd):
+    code = 0
+    try:
+        data = memoryview(json.dumps(report, default=str).encode())
+        while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
+            data = data[os.write(fd, data):]
+    except BaseException:
+        code = 70
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+    os._exit(code)

@@ -1,0 +1,123 @@
+"""``python -m worker [run|enqueue|status|failed|pause|resume] ...``
+
+Every command reads the configuration first and exits 2 with a one-line message on a bad value, before connecting
+anywhere. No command prints the Redis password.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import redis
+
+from . import config as config_mod
+from . import jobs
+from .config import ConfigError, redact_url
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m worker", description="Fork-per-job background worker on Redis.")
+    sub = p.add_subparsers(dest="command")
+    run = sub.add_parser("run", help="run a worker (the default command)")
+    run.add_argument("--burst", action="store_true", help="exit 0 once every configured queue is empty")
+    p.add_argument("--burst", action="store_true", dest="top_burst", help=argparse.SUPPRESS)
+
+    enq = sub.add_parser("enqueue", help="enqueue a registered job; prints its id")
+    enq.add_argument("name")
+    enq.add_argument("--args", default="[]", help="JSON array of positional arguments")
+    enq.add_argument("--kwargs", default="{}", help="JSON object of keyword arguments")
+    enq.add_argument("--queue", default=None, help="queue (default: the job's own)")
+    enq.add_argument("--in", dest="delay", type=float, default=None, help="run no sooner than SECONDS from now")
+
+    st = sub.add_parser("status", help="queues, workers and totals")
+    st.add_argument("--json", action="store_true", help="machine-readable output (schema in the README)")
+
+    fl = sub.add_parser("failed", help="list, retry or remove failed jobs")
+    fl.add_argument("action", nargs="?", default="list", choices=["list", "retry", "remove", "show"])
+    fl.add_argument("id", nargs="?")
+    fl.add_argument("--all", action="store_true", help="every failed job (retry/remove)")
+    fl.add_argument("--json", action="store_true")
+    fl.add_argument("--limit", type=int, default=50)
+
+    for cmd in ("pause", "resume"):
+        c = sub.add_parser(cmd, help=f"{cmd} claiming from a queue (or every queue) for all workers")
+        c.add_argument("--queue", default="*", help="queue name (default: every queue)")
+    return p
+
+
+def _fail(msg: str, code: int = 2) -> int:
+    print(f"error: {msg}", file=sys.stderr)
+    return code
+
+
+def main(argv=None) -> int:
+    try:
+        sys.stdout.reconfigure(line_buffering=True)
+    except AttributeError:
+        pass
+    args = _parser().parse_args(argv)
+    command = args.command or "run"
+    try:
+        cfg = config_mod.load()
+        if command in ("run", "enqueue"):
+            jobs.import_modules(cfg.job_modules)
+    except ConfigError as exc:
+        return _fail(f"config: {exc}")
+    try:
+        if command == "run":
+            return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst)
+        if command == "enqueue":
+            return _enqueue(cfg, args)
+        if command == "status":
+            from . import status
+            return status.main(cfg, as_json=args.json)
+        if command == "failed":
+            from . import failed
+            return failed.main(cfg, args)
+        if command in ("pause", "resume"):
+            from . import status
+            return status.pause(cfg, args.queue, paused=(command == "pause"))
+    except redis.RedisError as exc:
+        return _fail(f"Redis at {redact_url(cfg.redis_url)}: {type(exc).__name__}: {exc}", 1)
+    return _fail(f"unknown command {command!r}")
+
+
+def _run(cfg, burst: bool) -> int:
+    from .client import connect
+    from .fetch import Broker
+    from .log import Logger
+    from .supervisor import Supervisor
+    log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
+    broker = Broker(connect(cfg), cfg)
+    return Supervisor(cfg, broker, log, burst=burst).run()
+
+
+def _enqueue(cfg, args) -> int:
+    if jobs.registered(args.name) is None:
+        names = ", ".join(sorted(jobs.registry())) or "none"
+        return _fail(f"job {args.name!r} is not registered by JOB_MODULES={','.join(cfg.job_modules)} "
+                     f"(registered: {names})")
+    try:
+        a = json.loads(args.args)
+        kw = json.loads(args.kwargs)
+    except ValueError as exc:
+        return _fail(f"--args/--kwargs must be JSON ({exc})")
+    if not isinstance(a, list):
+        return _fail("--args must be a JSON array, e.g. '[1, \"x\"]'")
+    if not isinstance(kw, dict):
+        return _fail("--kwargs must be a JSON object, e.g. '{\"seconds\": 3}'")
+    try:
+        jobs.registered(args.name).signature.bind(*a, **kw)
+    except TypeError as exc:
+        return _fail(f"arguments do not fit {args.name}: {exc}")
+    from .client import connect
+    from .fetch import Broker
+    import time
+    broker = Broker(connect(cfg, name="enqueue"), cfg)
+    try:
+        due = time.time() + args.delay if args.delay else None
+        print(broker.push(args.name, a, kw, queue=args.queue, due=due))
+    except (TypeError, ValueError) as exc:
+        return _fail(str(exc))
+    return 0

@@ -1,0 +1,228 @@
+"""Configuration: read once from the environment (plus a local ``.env``) into a frozen, validated object.
+
+Every other module receives a :class:`Config`; nothing else reads ``os.environ``.  A bad value raises
+:class:`ConfigError` whose message is one line naming the variable, the value and what is accepted; the CLI prints
+it and exits 2 before connecting anywhere.
+
+Shutdown timeline (all derived from one number, the platform's SIGTERM->SIGKILL window ``SHUTDOWN_WINDOW``)::
+
+    t=0                 SIGTERM/SIGINT: stop claiming; shutdown_requested() becomes true in the job
+    t=TERM_GRACE        TermException raised inside the job
+    t=GRACE+TIMEOUT     the child is SIGKILLed and its job put back at the head of its queue
+    t=WINDOW-0.5        hard exit: the worker is gone, whatever Redis is doing (an unacknowledged job stays in the
+                        processing list and is recovered by another worker, so nothing is lost)
+
+``TERM_TIMEOUT`` defaults to ``WINDOW - 1.5 - TERM_GRACE`` (8.5 s at the 10 s default) and is refused when
+``TERM_GRACE + TERM_TIMEOUT > WINDOW - 1.0``: the last second is for killing, putting back and exiting.
+"""
+from __future__ import annotations
+
+import os
+import re
+import socket
+from dataclasses import dataclass
+from typing import Mapping, Optional
+from urllib.parse import urlsplit
+
+#: Seconds, counted back from the platform window, that belong to the runtime and not to the job.
+KILL_MARGIN = 1.0   # kill + put back + exit must fit in this
+EXIT_MARGIN = 0.5   # the worker is gone this long before the platform's SIGKILL
+DEFAULT_SLACK = 1.5  # default TERM_TIMEOUT leaves this much of the window to the runtime
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+_MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+
+
+class ConfigError(Exception):
+    """A configuration value is invalid. ``str(err)`` is the one-line message shown to the user."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole runtime configuration. Build it with :func:`load`; never mutate it."""
+
+    redis_url: str = "redis://localhost:6379/0"
+    redis_tls_verify: bool = False
+    redis_timeout: float = 5.0
+    queues: tuple = ("default",)
+    job_modules: tuple = ("worker.sample",)
+    shutdown_window: float = 10.0
+    term_grace: float = 0.0
+    term_timeout: float = 8.5
+    job_timeout: float = 0.0
+    job_retries: int = 0
+    max_attempts: int = 5
+    heartbeat_interval: float = 5.0
+    heartbeat_ttl: float = 30.0
+    failed_max: int = 10000
+    failed_ttl: float = 7 * 24 * 3600.0
+    max_payload: int = 512 * 1024
+    key_prefix: str = "worker"
+    log_level: str = "INFO"
+    dyno: Optional[str] = None
+
+    @property
+    def all_queues(self) -> bool:
+        """True when ``QUEUES=*``: every queue known to Redis, in name order."""
+        return self.queues == ("*",)
+
+    @property
+    def hard_exit_after(self) -> float:
+        """Seconds after the first stop signal by which the worker process must be gone."""
+        return self.shutdown_window - EXIT_MARGIN
+
+    def worker_name(self, pid: Optional[int] = None) -> str:
+        """Identity of one worker process: ``$DYNO`` (or the host name) plus the pid."""
+        where = self.dyno or socket.gethostname()
+        return f"{where}:{pid if pid is not None else os.getpid()}"
+
+
+def _number(env, name, default, *, minimum=0.0, integer=False, positive=False):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    text = raw.strip()
+    kind = "a whole number" if integer else "a number of seconds"
+    bound = "> 0" if positive else f">= {minimum:g}"
+    try:
+        value = int(text) if integer else float(text)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}") from None
+    if value != value or value in (float("inf"), float("-inf")) or value < minimum or (positive and value <= 0):
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}")
+    return value
+
+
+def _bool(env, name, default):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    low = raw.strip().lower()
+    if low in ("1", "true", "yes", "on"):
+        return True
+    if low in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not valid: expected true/false, 1/0, yes/no or on/off")
+
+
+def _list(env, name, default, pattern, what):
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    items = tuple(part.strip() for part in raw.split(","))
+    for item in items:
+        if not item:
+            raise ConfigError(f"{name}={raw!r} is not valid: empty name in the comma list; expected {what}")
+        if not pattern.match(item):
+            raise ConfigError(f"{name}={raw!r} is not valid: {item!r} is not {what}")
+    return items
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password replaced by ``***`` (safe for logs and CLI output)."""
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        netloc = parts.netloc.rsplit("@", 1)[1]
+        user = parts.username or ""
+        return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
+    except ValueError:
+        return "<unparsable url>"
+
+
+def _redis_url(env) -> str:
+    raw = env.get("REDIS_URL")
+    if raw is None or raw.strip() == "":
+        return Config.redis_url
+    url = raw.strip()
+    shown = redact_url(url)
+    accepted = "expected redis://[:password@]host[:port][/db], rediss://... (TLS) or unix:///path"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # raises ValueError on a bad port
+    except ValueError:
+        raise ConfigError(f"REDIS_URL={shown!r} is not valid: {accepted}") from None
+    if parts.scheme not in ("redis", "rediss", "unix"):
+        raise ConfigError(f"REDIS_URL={shown!r} is not valid: unknown scheme; {accepted}")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(f"REDIS_URL={shown!r} is not valid: no socket path; {accepted}")
+    else:
+        if not parts.hostname:
+            raise ConfigError(f"REDIS_URL={shown!r} is not valid: no host; {accepted}")
+        db = parts.path.lstrip("/")
+        if db and not db.isdigit():
+            raise ConfigError(f"REDIS_URL={shown!r} is not valid: database {db!r} is not a number; {accepted}")
+    del port
+    return url
+
+
+def from_mapping(env: Mapping[str, str]) -> Config:
+    """Validate ``env`` (a mapping like ``os.environ``) into a :class:`Config`. Raises :class:`ConfigError`."""
+    level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
+    if level == "WARN":
+        level = "WARNING"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"LOG_LEVEL={env.get('LOG_LEVEL')!r} is not valid: expected one of {', '.join(LOG_LEVELS)}")
+    queues = _list(env, "QUEUES", Config.queues, re.compile(r"^(\*|[A-Za-z0-9_.:-]{1,100})$"),
+                   "a queue name (letters, digits, _ . : -) or *")
+    if "*" in queues and len(queues) > 1:
+        raise ConfigError(f"QUEUES={env.get('QUEUES')!r} is not valid: * means every queue and stands alone")
+    prefix = (env.get("KEY_PREFIX") or "worker").strip()
+    if not _PREFIX_RE.match(prefix):
+        raise ConfigError(f"KEY_PREFIX={env.get('KEY_PREFIX')!r} is not valid: expected 1-64 of letters, digits, _ . : -")
+    window = _number(env, "SHUTDOWN_WINDOW", Config.shutdown_window, positive=True)
+    if window < 2.0:
+        raise ConfigError(f"SHUTDOWN_WINDOW={env.get('SHUTDOWN_WINDOW')!r} is not valid: expected seconds >= 2")
+    grace = _number(env, "TERM_GRACE", 0.0)
+    default_timeout = max(0.0, window - DEFAULT_SLACK - grace)
+    term_timeout = _number(env, "TERM_TIMEOUT", default_timeout)
+    room = window - KILL_MARGIN
+    if grace + term_timeout > room + 1e-9:
+        raise ConfigError(
+            f"TERM_TIMEOUT={term_timeout:g} is not valid: TERM_GRACE ({grace:g}) + TERM_TIMEOUT must be <= "
+            f"SHUTDOWN_WINDOW ({window:g}) - {KILL_MARGIN:g} = {room:g} seconds, so the worker exits before SIGKILL")
+    hb_interval = _number(env, "HEARTBEAT_INTERVAL", Config.heartbeat_interval, positive=True)
+    hb_ttl = _number(env, "HEARTBEAT_TTL", Config.heartbeat_ttl, positive=True)
+    if hb_ttl < 2 * hb_interval:
+        raise ConfigError(f"HEARTBEAT_TTL={hb_ttl:g} is not valid: expected at least twice HEARTBEAT_INTERVAL "
+                          f"({hb_interval:g}), or live workers would look dead")
+    dyno = (env.get("DYNO") or "").strip() or None
+    return Config(
+        redis_url=_redis_url(env),
+        redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", False),
+        redis_timeout=_number(env, "REDIS_TIMEOUT", Config.redis_timeout, positive=True),
+        queues=queues,
+        job_modules=_list(env, "JOB_MODULES", Config.job_modules, _MODULE_RE, "an importable module path"),
+        shutdown_window=window,
+        term_grace=grace,
+        term_timeout=term_timeout,
+        job_timeout=_number(env, "JOB_TIMEOUT", 0.0),
+        job_retries=_number(env, "JOB_RETRIES", 0, integer=True),
+        max_attempts=_number(env, "MAX_ATTEMPTS", Config.max_attempts, integer=True, minimum=1),
+        heartbeat_interval=hb_interval,
+        heartbeat_ttl=hb_ttl,
+        failed_max=_number(env, "FAILED_MAX", Config.failed_max, integer=True, minimum=1),
+        failed_ttl=_number(env, "FAILED_TTL", Config.failed_ttl, positive=True),
+        max_payload=_number(env, "MAX_PAYLOAD_BYTES", Config.max_payload, integer=True, minimum=64),
+        key_prefix=prefix,
+        log_level=level,
+        dyno=dyno,
+    )
+
+
+def load(environ: Optional[Mapping[str, str]] = None, dotenv_path: Optional[str] = ".env") -> Config:
+    """Read the configuration once: ``.env`` (if present) under the real environment, which always wins.
+
+    ``.env`` values are also placed in ``os.environ`` (without overriding anything) so that job code sees them as it
+    would under ``heroku local``, honcho or foreman.
+    """
+    if environ is None:
+        if dotenv_path and os.path.exists(dotenv_path):
+            from dotenv import load_dotenv
+            load_dotenv(dotenv_path, override=False)
+        environ = os.environ
+    return from_mapping(environ)

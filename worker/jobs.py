@@ -1,0 +1,193 @@
+"""Job registry, JSON payloads and the enqueue API.
+
+A payload is one JSON object, the only thing stored in a queue::
+
+    {"id": "<32 hex>", "name": "<registered name>", "queue": "<q>", "args": [...], "kwargs": {...},
+     "enqueued_at": <unix seconds>, "attempts": <failed or lost attempts so far>, "errors": [<history>]}
+
+Only JSON is ever written or read (never pickle), and only names registered with :func:`job` in ``JOB_MODULES``
+are run: a payload cannot name arbitrary code.
+"""
+from __future__ import annotations
+
+import importlib
+import inspect
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any, Callable, Optional
+
+from .config import ConfigError
+
+DEFAULT_QUEUE = "default"
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A registered job: the function and its per-job settings (``None`` means: use the env default)."""
+
+    name: str
+    fn: Callable
+    queue: str
+    timeout: Optional[float]
+    retries: Optional[int]
+    signature: inspect.Signature
+
+
+_REGISTRY: dict = {}
+
+
+class BadJob(Exception):
+    """A queue entry that cannot be run; the message is the reason recorded in the failed registry."""
+
+
+def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
+        retries: Optional[int] = None):
+    """Register a function as a job, by its ``__name__`` unless ``name`` is given.
+
+    Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
+    as a plain call and gains ``.enqueue(*args, **kwargs)``, ``.enqueue_in(seconds, ...)`` and
+    ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
+    ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
+    """
+    def register(f):
+        job_name = name or f.__name__
+        existing = _REGISTRY.get(job_name)
+        if existing is not None and existing.fn is not f and (
+                existing.fn.__module__, existing.fn.__qualname__) != (f.__module__, f.__qualname__):
+            raise ValueError(f"job name {job_name!r} is already registered by "
+                             f"{existing.fn.__module__}.{existing.fn.__qualname__}")
+        if timeout is not None and timeout < 0:
+            raise ValueError("job timeout must be >= 0 seconds")
+        if retries is not None and retries < 0:
+            raise ValueError("job retries must be >= 0")
+        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f))
+        f.job_name = job_name
+        f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
+        f.enqueue_in = lambda seconds, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
+        f.enqueue_at = lambda when, *a, **kw: enqueue_at(when, job_name, *a, **kw)
+        return f
+    return register(fn) if fn is not None else register
+
+
+def registered(name: str) -> Optional[JobSpec]:
+    return _REGISTRY.get(name)
+
+
+def registry() -> dict:
+    return dict(_REGISTRY)
+
+
+def import_modules(modules) -> None:
+    """Import every ``JOB_MODULES`` entry (once, in the parent, before any fork). Raises :class:`ConfigError`."""
+    for mod in modules:
+        try:
+            importlib.import_module(mod)
+        except Exception as exc:  # the user's module may fail in any way; report it as config
+            raise ConfigError(f"JOB_MODULES={','.join(modules)!r} is not valid: cannot import {mod!r} "
+                              f"({type(exc).__name__}: {exc}); expected importable module paths") from None
+
+
+def json_dumps(doc) -> str:
+    """The one JSON encoding of payloads: compact, no NaN/Infinity (not JSON)."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int) -> tuple:
+    """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError."""
+    spec = _REGISTRY.get(name)
+    q = queue or (spec.queue if spec else DEFAULT_QUEUE)
+    if not q or len(q) > 100 or any(c.isspace() for c in q):
+        raise ValueError(f"invalid queue name {q!r}")
+    job_id = uuid.uuid4().hex
+    doc = {"id": job_id, "name": name, "queue": q, "args": list(args), "kwargs": dict(kwargs),
+           "enqueued_at": round(time.time(), 6), "attempts": 0}
+    try:
+        payload = json_dumps(doc)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
+    if len(payload) > max_payload:
+        raise ValueError(f"job {name!r}: payload is {len(payload)} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    return job_id, q, payload
+
+
+def decode(raw: str, max_payload: int) -> tuple:
+    """Parse and check a claimed queue entry. Returns ``(spec, payload_dict)``; raises :class:`BadJob`."""
+    if len(raw) > max_payload:
+        raise BadJob(f"payload is {len(raw)} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    try:
+        doc = json.loads(raw)
+    except ValueError as exc:
+        raise BadJob(f"payload is not valid JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise BadJob(f"payload is JSON {type(doc).__name__}, expected an object")
+    for field, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict)):
+        if not isinstance(doc.get(field), kind):
+            raise BadJob(f"payload field {field!r} is missing or not a {kind.__name__}")
+    spec = _REGISTRY.get(doc["name"])
+    if spec is None:
+        raise BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
+    try:
+        spec.signature.bind(*doc["args"], **doc["kwargs"])
+    except TypeError as exc:
+        raise BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
+    return spec, doc
+
+
+# --- enqueue API (module-level default connection, configured from the environment on first use) ---
+
+_default = None
+
+
+def _broker():
+    global _default
+    if _default is None:
+        from . import config as _config
+        from .fetch import Broker
+        from .client import connect
+        cfg = _config.load()
+        _default = Broker(connect(cfg, name="enqueue"), cfg)
+    return _default
+
+
+def use(broker) -> None:
+    """Set the broker used by the module-level enqueue functions (the CLI and tests do this)."""
+    global _default
+    _default = broker
+
+
+def _check_name(name):
+    if not isinstance(name, str) or not name:
+        raise TypeError("job name must be a non-empty string")
+
+
+def enqueue(name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """Put job ``name`` on its queue (or ``queue``) with JSON arguments; returns the job id.
+
+    ``queue`` is reserved for the runtime; pass a job argument named ``queue`` through ``enqueue_many``.
+    """
+    _check_name(name)
+    return _broker().push(name, args, kwargs, queue=queue)
+
+
+def enqueue_in(seconds: float, name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """Schedule job ``name`` to be queued ``seconds`` from now; returns the job id."""
+    _check_name(name)
+    return _broker().push(name, args, kwargs, queue=queue, due=time.time() + float(seconds))
+
+
+def enqueue_at(when: datetime, name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """Schedule job ``name`` to be queued at ``when`` (naive datetimes are taken as UTC); returns the job id."""
+    _check_name(name)
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return _broker().push(name, args, kwargs, queue=queue, due=when.timestamp())
+
+
+def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
+    """Enqueue many calls of one job in a few round trips. ``calls`` yields ``(args, kwargs)`` pairs or argument
+    lists; returns the job ids in order."""
+    _check_name(name)
+    return _broker().push_many(name, calls, queue=queue)

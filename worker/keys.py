@@ -1,0 +1,57 @@
+"""Every Redis key the runtime uses is built here, and only here.
+
+Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
+
+    P:queues                SET     names of every queue ever enqueued to (for QUEUES=* and status)
+    P:queue:<q>             LIST    waiting job payloads (JSON). Enqueue RPUSHes the tail; workers claim from
+                                    the head; a job put back after an interruption is LPUSHed to the head.
+    P:wake:<q>              LIST    at most one wake-up token; idle workers BLPOP it instead of polling. Every
+                                    push to a queue pushes a token; a claim that leaves work behind pushes one on.
+    P:processing:<w>        LIST    the job worker <w> has claimed and not yet acknowledged. A job is moved here
+                                    from its queue in the same atomic script that claims it and leaves only in
+                                    the script that records its outcome: it always exists in Redis somewhere.
+    P:workers               ZSET    worker name -> last heartbeat (ms, Redis clock). A member older than
+                                    HEARTBEAT_TTL is dead: its processing list is requeued by whoever notices.
+    P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, state, job, job_started, started
+    P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
+    P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
+    P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)
+    P:paused                SET     queue names paused through `python -m worker pause` (`*` pauses all)
+    P:stat:processed        STRING  counter of jobs done
+    P:stat:failed           STRING  counter of jobs recorded as failed
+
+The Lua scripts in ``fetch.py`` receive the prefix and build ``P:queue:<q>``, ``P:wake:<q>``,
+``P:processing:<w>`` and ``P:worker:<w>`` the same way (a job's queue is only known once its payload is read).
+Worker names are ``<$DYNO or host>:<pid>``; they may contain ``:``, which is fine inside a key suffix.
+"""
+from __future__ import annotations
+
+
+class Keys:
+    """Key builder for one prefix. Cheap to construct; holds only strings."""
+
+    __slots__ = ("prefix", "queues", "workers", "scheduled", "failed", "failed_data", "paused",
+                 "processed", "failed_count")
+
+    def __init__(self, prefix: str = "worker"):
+        self.prefix = prefix
+        self.queues = f"{prefix}:queues"
+        self.workers = f"{prefix}:workers"
+        self.scheduled = f"{prefix}:scheduled"
+        self.failed = f"{prefix}:failed"
+        self.failed_data = f"{prefix}:failed:data"
+        self.paused = f"{prefix}:paused"
+        self.processed = f"{prefix}:stat:processed"
+        self.failed_count = f"{prefix}:stat:failed"
+
+    def queue(self, name: str) -> str:
+        return f"{self.prefix}:queue:{name}"
+
+    def wake(self, name: str) -> str:
+        return f"{self.prefix}:wake:{name}"
+
+    def processing(self, worker: str) -> str:
+        return f"{self.prefix}:processing:{worker}"
+
+    def worker(self, worker: str) -> str:
+        return f"{self.prefix}:worker:{worker}"

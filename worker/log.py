@@ -1,0 +1,64 @@
+"""One line per event on stdout, ``key=value`` pairs, unbuffered.
+
+Without ``$DYNO`` each line starts with a UTC timestamp; on Heroku (``$DYNO`` set) it does not, because the
+platform stamps every log line itself. Values are never a Redis URL with its password: callers pass
+:func:`worker.config.redact_url` output only, and :func:`fmt` masks any ``://user:pass@`` it still finds.
+"""
+from __future__ import annotations
+
+import re
+import sys
+import time
+
+LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
+_SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_BARE = re.compile(r"^[A-Za-z0-9_.:/@+,*-]+$")
+
+
+def _value(v) -> str:
+    if isinstance(v, float):
+        v = f"{v:.3f}"
+    s = _SECRET.sub(r"\1***@", str(v))
+    return s if _BARE.match(s) else '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
+
+
+def fmt(event: str, fields: dict, level: str = "info", stamp: bool = True) -> str:
+    head = f"ts={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}.{int(time.time() * 1000) % 1000:03d}Z " \
+        if stamp else ""
+    body = " ".join(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
+    return f"{head}level={level} event={event}" + (f" {body}" if body else "")
+
+
+class Logger:
+    """Writes events at or above ``level``; ``bind`` adds fields to every line (e.g. the worker name)."""
+
+    def __init__(self, level: str = "INFO", stamp: bool = True, stream=None, **bound):
+        self.threshold = LEVELS.get(level.upper(), 20)
+        self.stamp = stamp
+        self.stream = stream or sys.stdout
+        self.bound = bound
+
+    def _emit(self, level: str, event: str, fields: dict) -> None:
+        if LEVELS[level] < self.threshold:
+            return
+        line = fmt(event, {**fields, **self.bound}, level.lower(), self.stamp)
+        try:
+            self.stream.write(line + "\n")
+            self.stream.flush()
+        except (OSError, ValueError):
+            pass  # a closed stdout must not take the worker down
+
+    def debug(self, event, **f):
+        self._emit("DEBUG", event, f)
+
+    def info(self, event, **f):
+        self._emit("INFO", event, f)
+
+    def warning(self, event, **f):
+        self._emit("WARNING", event, f)
+
+    def error(self, event, **f):
+        self._emit("ERROR", event, f)
+
+    def enabled(self, level: str) -> bool:
+        return LEVELS[level] >= self.threshold

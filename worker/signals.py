@@ -1,0 +1,139 @@
+"""The parent's signal handling: handlers only record; the supervisor's loop acts.
+
+Handlers set attributes on one :class:`SignalState` and nothing else (no I/O, no Redis, no logging: none of that is
+safe to run at an arbitrary point of the main thread). ``signal.set_wakeup_fd`` makes the C-level handler write the
+signal number to a non-blocking pipe, so a loop waiting in ``select`` on that pipe wakes at once, even while a
+Redis BLPOP is pending.
+
+Signals (Resque's set):
+
+* TERM, INT  - shut down: stop claiming, TermException in the job, kill at the deadline, put back, exit 0.
+              Only the first one counts: repeats never move the deadline.
+* QUIT       - finish the current job, then exit; no exception.
+* USR1       - kill the current child at once (recorded as failed); keep working.
+* USR2, CONT - pause claiming / resume.
+* CHLD       - a child exited (wakes the loop so it can reap at once).
+* ALRM       - the watchdog: the first TERM/INT arms a timer for the hard exit (``SHUTDOWN_WINDOW`` - 0.5 s). If the
+              loop has not exited by then (a Redis call hung past its timeouts), the handler SIGKILLs the child
+              and calls ``os._exit``: async-signal-safe calls only. This is the single handler that acts, because
+              it exists for the case where the loop cannot; the job it abandons is still in the processing list
+              and is recovered by another worker, so it is not lost.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from typing import Optional
+
+# The parent tells the child "raise TermException now" with a signal nobody else sends to a process group: a
+# real-time signal on Linux (SIGUSR2 elsewhere, where real-time signals are missing).
+RAISE_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2)
+
+HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT,
+           signal.SIGCHLD, signal.SIGALRM)
+WATCHDOG_EXIT = 3
+
+
+class SignalState:
+    """What the signals said. Written only by the handlers (and reset by the loop for ``kill_child``)."""
+
+    def __init__(self, hard_exit_after: Optional[float] = None):
+        self.hard_exit_after = hard_exit_after
+        self.child_pid = 0                     # set by the runner while a child runs (for the watchdog)
+        self.stop_at: Optional[float] = None   # time.monotonic() of the first TERM/INT
+        self.stop_signal: Optional[int] = None
+        self.stop_count = 0
+        self.quit = False
+        self.kill_child = False
+        self.paused = False
+        self.announced = False                 # the loop has logged the stop (once)
+        self.wake_r = -1
+        self._wake_w = -1
+
+    # handlers: assignments only
+    def _on_stop(self, signum, frame):
+        self.stop_count += 1
+        if self.stop_at is None:
+            self.stop_at = time.monotonic()
+            self.stop_signal = signum
+            if self.hard_exit_after:
+                signal.setitimer(signal.ITIMER_REAL, self.hard_exit_after)
+
+    def _on_alarm(self, signum, frame):
+        if self.child_pid:
+            try:
+                os.kill(self.child_pid, signal.SIGKILL)
+            except OSError:
+                pass
+        try:
+            os.write(2, b"level=error event=shutdown.watchdog reason=\"hard exit deadline reached\"\n")
+        finally:
+            os._exit(WATCHDOG_EXIT)
+
+    def _on_quit(self, signum, frame):
+        self.quit = True
+
+    def _on_usr1(self, signum, frame):
+        self.kill_child = True
+
+    def _on_usr2(self, signum, frame):
+        self.paused = True
+
+    def _on_cont(self, signum, frame):
+        self.paused = False
+
+    def _on_chld(self, signum, frame):
+        pass  # the wake-up fd already woke the loop; waitpid happens there
+
+    def announce(self, log) -> None:
+        """Log the first stop signal once, from the loop (never from the handler)."""
+        if self.stop_at is not None and not self.announced:
+            self.announced = True
+            log.info("shutdown.signal", signal=_signame(self.stop_signal), count=self.stop_count,
+                     elapsed=round(time.monotonic() - self.stop_at, 3))
+
+    @property
+    def stopping(self) -> bool:
+        return self.stop_at is not None
+
+    def install(self) -> None:
+        """Install the handlers and the wake-up pipe (call once, in the parent, from the main thread)."""
+        r, w = os.pipe()
+        for fd in (r, w):
+            fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | os.O_NONBLOCK)
+            os.set_inheritable(fd, False)
+        self.wake_r, self._wake_w = r, w
+        signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+        signal.signal(signal.SIGTERM, self._on_stop)
+        signal.signal(signal.SIGINT, self._on_stop)
+        signal.signal(signal.SIGQUIT, self._on_quit)
+        signal.signal(signal.SIGUSR1, self._on_usr1)
+        signal.signal(signal.SIGUSR2, self._on_usr2)
+        signal.signal(signal.SIGCONT, self._on_cont)
+        signal.signal(signal.SIGCHLD, self._on_chld)
+        signal.signal(signal.SIGALRM, self._on_alarm)
+
+    def drain(self) -> None:
+        """Empty the wake-up pipe (its content is only a nudge; the state is in the attributes)."""
+        try:
+            while os.read(self.wake_r, 512):
+                pass
+        except BlockingIOError:
+            pass
+
+    def block(self):
+        """Hold every handled signal pending (around fork, so the child never runs the parent's handlers)."""
+        return signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+
+    @staticmethod
+    def unblock(old) -> None:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _signame(signum) -> str:
+    try:
+        return signal.Signals(signum).name
+    except (ValueError, TypeError):
+        return str(signum)

@@ -1,0 +1,220 @@
+"""The worker's main loop: claim, fork, record; heartbeats and recovery; pause; the shutdown sequence.
+
+One loop, one Redis connection. Each turn records the previous job's outcome and claims the next job in a single
+script call. Signals are only recorded (``signals.py``); this loop reads them at the top of every turn, and every
+wait is a ``select`` that a signal interrupts, so a stop is acted on within milliseconds whether the worker is idle,
+busy or waiting for Redis to come back.
+"""
+from __future__ import annotations
+
+import os
+import select
+import socket
+import time
+from typing import Optional
+
+import redis
+
+from . import client, jobs
+from .config import Config, redact_url
+from .fetch import Broker, Outcome, backoff_delay
+from .runner import Processor
+from .signals import SignalState
+
+IDLE_POLL = 1.0  # longest idle block: entries pushed without a wake token, and pause changes, are seen this fast
+
+
+class Supervisor:
+    """Runs until stopped (or, in burst mode, until the queues are empty). :meth:`run` returns the exit code."""
+
+    def __init__(self, cfg: Config, broker: Broker, log, burst: bool = False):
+        self.cfg, self.broker, self.burst = cfg, broker, burst
+        self.name = cfg.worker_name()
+        self.log = log
+        self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
+        self.proc = Processor(cfg, self.sig, log, tick=self._tick)
+        self._next_beat = 0.0
+        self._next_recover = 0.0
+        self._outage = 0
+        self.processed = 0
+
+    # --- main loop ---
+    def run(self) -> int:
+        self.sig.install()
+        cfg = self.cfg
+        self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
+                      pid=os.getpid(), window=cfg.shutdown_window, term_timeout=cfg.term_timeout,
+                      grace=cfg.term_grace, burst=self.burst or None)
+        pending: Optional[Outcome] = None
+        registered = False
+        while not (self.sig.stopping or self.sig.quit):
+            try:
+                if not registered:
+                    self.broker.register(self.name, {
+                        "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
+                        "queues": ",".join(cfg.queues), "started": time.time(), "state": "idle"})
+                    registered = True
+                    self._recover()
+                if self.sig.paused:
+                    if pending is not None:
+                        self.broker.cycle(self.name, pending, claim=False)
+                        pending = None
+                    self.broker.set_state(self.name, "paused")
+                    self._wait(IDLE_POLL)
+                    continue
+                raw, queue, next_due, known = self.broker.cycle(self.name, pending, claim=True)
+                pending = None
+                self._outage_over()
+            except redis.RedisError as exc:
+                self._redis_down(exc)
+                continue
+            if raw is None:
+                if self.burst:
+                    break
+                self._idle(known, next_due)
+                continue
+            if self.sig.stopping or self.sig.quit:  # claimed while a stop arrived: hand it straight back
+                pending = Outcome.requeue(raw, queue)
+                break
+            pending = self._process(raw, queue)
+        return self._exit(pending, registered)
+
+    def _process(self, raw: str, queue: str) -> Outcome:
+        try:
+            spec, doc = jobs.decode(raw, self.cfg.max_payload)
+        except jobs.BadJob as exc:
+            job_id = _loose_id(raw)
+            self.log.warning("job.bad", job=job_id, queue=queue, reason=str(exc))
+            return Outcome.fail(raw, job_id, _record(raw, job_id, "", queue, self.name, 1, "bad_payload",
+                                                     {"type": "BadJob", "message": str(exc)}, []))
+        self.log.debug("job.start", job=doc["id"], name=spec.name, queue=queue)
+        res = self.proc.run(spec, doc)
+        status = res["status"]
+        fields = dict(job=doc["id"], name=spec.name, queue=queue, duration=res["duration"])
+        if status == "ok":
+            self.processed += 1
+            self.log.info("job.done", outcome="done", **fields)
+            return Outcome.ack(raw)
+        if status == "interrupted":
+            self.log.info("shutdown.job_put_back", outcome="requeued", elapsed=self._elapsed(), **fields)
+            return Outcome.requeue(raw, queue)
+        attempts = int(doc.get("attempts") or 0) + 1
+        retries = spec.retries if spec.retries is not None else self.cfg.job_retries
+        history = list(doc.get("errors") or [])[-9:] + [{
+            "at": time.time(), "worker": self.name, "cause": status,
+            "type": res.get("type"), "message": res.get("message")}]
+        if attempts <= retries:
+            delay = backoff_delay(attempts)
+            new_doc = dict(doc, attempts=attempts, errors=history)
+            self.log.warning("job.retry", outcome=status, attempt=attempts, delay=delay,
+                             error=res.get("message"), **fields)
+            return Outcome.retry(raw, jobs.json_dumps(new_doc), delay)
+        self.log.warning("job.failed", outcome=status, attempts=attempts, error=res.get("message"), **fields)
+        return Outcome.fail(raw, doc["id"], _record(raw, doc["id"], spec.name, queue, self.name, attempts, status,
+                                                    res, history))
+
+    # --- waiting ---
+    def _idle(self, known, next_due) -> None:
+        queues = known if self.cfg.all_queues else self.cfg.queues
+        timeout = IDLE_POLL
+        if next_due is not None:
+            timeout = min(timeout, max(0.01, next_due / 1000.0 - time.time()))
+        if not queues:
+            self._wait(timeout)
+            return
+        try:
+            client.blocking_pop(self.broker.r, self.broker.wake_keys(queues), round(timeout, 3), self.sig.wake_r)
+        except redis.RedisError as exc:
+            self._redis_down(exc)
+        self.sig.drain()
+
+    def _wait(self, seconds: float) -> None:
+        """Sleep up to ``seconds``; any signal ends the wait early."""
+        try:
+            select.select([self.sig.wake_r], [], [], max(0.0, seconds))
+        except InterruptedError:
+            pass
+        self.sig.drain()
+
+    def _redis_down(self, exc) -> None:
+        self._outage += 1
+        delay = client.outage_backoff().compute(self._outage)
+        if self._outage == 1 or self._outage % 10 == 0:
+            self.log.error("redis.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in=delay,
+                           attempt=self._outage)
+        self._wait(delay)
+
+    def _outage_over(self) -> None:
+        if self._outage:
+            self.log.info("redis.reconnected", after_attempts=self._outage)
+            self._outage = 0
+
+    # --- periodic work (also called by the processor while a job runs: keep it short) ---
+    def _tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next_beat and not self.sig.stopping:
+            self._next_beat = now + self.cfg.heartbeat_interval
+            try:
+                self.broker.heartbeat(self.name)
+            except redis.RedisError:
+                pass  # the loop reports outages; a missed beat is harmless well within HEARTBEAT_TTL
+        if now >= self._next_recover:
+            self._recover()
+
+    def _recover(self) -> None:
+        self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
+        try:
+            for item in self.broker.recover(skip=self.name):
+                what, _, job_id = item.partition(":")
+                self.log.warning("recovery." + what, job=job_id, reason="owner's heartbeat expired")
+        except redis.RedisError:
+            pass
+
+    # --- shutdown ---
+    def _elapsed(self):
+        return round(time.monotonic() - self.sig.stop_at, 3) if self.sig.stop_at is not None else None
+
+    def _exit(self, pending: Optional[Outcome], registered: bool) -> int:
+        sig = self.sig
+        sig.announce(self.log)
+        broker = self.broker
+        if sig.stopping:
+            # Last bookkeeping on a fresh connection whose every call is bounded by the time left, so a hung Redis
+            # cannot keep us past the window. What cannot be written stays in the processing list: recovered later.
+            left = sig.stop_at + self.cfg.hard_exit_after - 0.1 - time.monotonic()
+            broker.r.close()
+            broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
+                            self.cfg)
+        try:
+            if pending is not None:
+                broker.cycle(self.name, pending, claim=False)
+            if registered:
+                broker.unregister(self.name)
+        except redis.RedisError as exc:
+            self.log.error("shutdown.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}",
+                           note="unacknowledged job stays in the processing list and will be recovered")
+        finally:
+            broker.r.close()
+        self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(),
+                      reason="signal" if sig.stopping else ("quit" if sig.quit else "burst"))
+        return 0
+
+
+def _loose_id(raw: str) -> str:
+    """The payload's own id when it has one, else a stable hash of the raw entry."""
+    import hashlib
+    import json
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
+            return doc["id"]
+    except ValueError:
+        pass
+    return hashlib.sha1(raw.encode("utf-8", "replace")).hexdigest()
+
+
+def _record(raw, job_id, name, queue, worker, attempts, cause, res, history) -> dict:
+    return {"id": job_id, "name": name, "queue": queue, "payload": raw, "cause": cause,
+            "type": res.get("type") or cause, "message": res.get("message") or "",
+            "traceback": res.get("traceback") or "", "worker": worker, "attempts": attempts,
+            "failed_at": time.time(), "history": history}
