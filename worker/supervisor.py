@@ -7,6 +7,7 @@ busy or waiting for Redis to come back.
 """
 from __future__ import annotations
 
+import gc
 import os
 import select
 import socket
@@ -22,6 +23,7 @@ from .runner import Processor
 from .signals import SignalState
 
 IDLE_POLL = 1.0  # longest idle block: entries pushed without a wake token, and pause changes, are seen this fast
+SIDE_TIMEOUT = 0.5  # bound on each Redis call made while a child runs
 
 
 class Supervisor:
@@ -34,6 +36,7 @@ class Supervisor:
         self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
         self.proc = Processor(cfg, self.sig, log, tick=self._tick)
         self._next_beat = 0.0
+        self._side: Optional[Broker] = None
         self._next_recover = 0.0
         self._outage = 0
         self.processed = 0
@@ -41,6 +44,7 @@ class Supervisor:
     # --- main loop ---
     def run(self) -> int:
         self.sig.install()
+        gc.freeze()  # job modules are imported: keep their objects out of the children's GC (less copy-on-write)
         cfg = self.cfg
         self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
                       pid=os.getpid(), window=cfg.shutdown_window, term_timeout=cfg.term_timeout,
@@ -68,6 +72,10 @@ class Supervisor:
             except redis.RedisError as exc:
                 self._redis_down(exc)
                 continue
+            now = time.monotonic()
+            self._next_beat = now + self.cfg.heartbeat_interval  # the cycle just beat
+            if now >= self._next_recover:
+                self._recover()
             if raw is None:
                 if self.burst:
                     break
@@ -149,22 +157,29 @@ class Supervisor:
             self.log.info("redis.reconnected", after_attempts=self._outage)
             self._outage = 0
 
-    # --- periodic work (also called by the processor while a job runs: keep it short) ---
+    # --- periodic work while a job runs (called by the processor between waits) ---
     def _tick(self) -> None:
+        """Heartbeat and recovery while busy, on a side connection whose calls give up after SIDE_TIMEOUT with no
+        retries: the processor must stay responsive to signals and deadlines even if Redis hangs. The side
+        connection is opened only once a job outlives one heartbeat interval (at most 2 connections per worker)."""
         now = time.monotonic()
-        if now >= self._next_beat and not self.sig.stopping:
-            self._next_beat = now + self.cfg.heartbeat_interval
-            try:
-                self.broker.heartbeat(self.name)
-            except redis.RedisError:
-                pass  # the loop reports outages; a missed beat is harmless well within HEARTBEAT_TTL
+        if now < self._next_beat or self.sig.stopping:
+            return
+        self._next_beat = now + self.cfg.heartbeat_interval
+        if self._side is None:
+            self._side = Broker(client.connect(self.cfg, timeout=SIDE_TIMEOUT, retries=0, name="worker-side"),
+                                self.cfg)
+        try:
+            self._side.heartbeat(self.name)
+        except redis.RedisError:
+            pass  # the loop reports outages; a missed beat is harmless well within HEARTBEAT_TTL
         if now >= self._next_recover:
-            self._recover()
+            self._recover(self._side)
 
-    def _recover(self) -> None:
+    def _recover(self, broker=None) -> None:
         self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
         try:
-            for item in self.broker.recover(skip=self.name):
+            for item in (broker or self.broker).recover(skip=self.name):
                 what, _, job_id = item.partition(":")
                 self.log.warning("recovery." + what, job=job_id, reason="owner's heartbeat expired")
         except redis.RedisError:
@@ -195,6 +210,8 @@ class Supervisor:
                            note="unacknowledged job stays in the processing list and will be recovered")
         finally:
             broker.r.close()
+            if self._side is not None:
+                self._side.r.close()
         self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(),
                       reason="signal" if sig.stopping else ("quit" if sig.quit else "burst"))
         return 0

@@ -1,0 +1,141 @@
+"""The failed registry: list, retry and remove failed jobs (Python API and ``python -m worker failed ...``).
+
+Records live in ``P:failed`` (ZSET id -> failure time, ms) and ``P:failed:data`` (HASH id -> JSON record with the
+payload, cause, exception type, message, traceback, worker, queue, attempts, failed_at and history). The registry is
+bounded by ``FAILED_MAX`` and ``FAILED_TTL``: every new failure trims the oldest (see ``fetch.py``).
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Iterable, Optional
+
+from .fetch import _PRELUDE
+
+# KEYS: failed zset, failed data, queues set.  ARGV: prefix, ids...
+# Retrying puts the original payload (attempts reset, history kept) at the tail of its queue, atomically with the
+# removal of the record, so a job is never both failed and queued, nor neither.
+_RETRY = _PRELUDE + r"""
+local out = {}
+for i = 2, #ARGV do
+  local id = ARGV[i]
+  local rec = redis.call('HGET', KEYS[2], id)
+  if rec then
+    local ok, doc = pcall(cjson.decode, rec)
+    local q = ok and type(doc) == 'table' and doc['queue']
+    if type(q) == 'string' and q ~= '' and type(doc['payload']) == 'string' then
+      local payload = doc['payload']
+      local pok, job = pcall(cjson.decode, payload)
+      if pok and type(job) == 'table' and job['id'] then
+        job['attempts'] = 0
+        payload = cjson.encode(job)
+      end
+      redis.call('RPUSH', prefix .. ':queue:' .. q, payload)
+      redis.call('SADD', KEYS[3], q)
+      wake(q)
+      redis.call('HDEL', KEYS[2], id)
+      redis.call('ZREM', KEYS[1], id)
+      out[#out + 1] = id
+    end
+  end
+end
+return out
+"""
+
+
+class FailedRegistry:
+    """Operations on the failed registry through a :class:`worker.fetch.Broker`."""
+
+    def __init__(self, broker):
+        self.broker = broker
+        self.r = broker.r
+        self.k = broker.keys
+        self._retry = self.r.register_script(_RETRY)
+
+    def count(self) -> int:
+        return self.r.zcard(self.k.failed)
+
+    def ids(self, limit: Optional[int] = None) -> list:
+        """Failed job ids, newest first."""
+        return self.r.zrevrange(self.k.failed, 0, -1 if limit is None else limit - 1)
+
+    def get(self, job_id: str) -> Optional[dict]:
+        raw = self.r.hget(self.k.failed_data, job_id)
+        return json.loads(raw) if raw else None
+
+    def list(self, limit: int = 50) -> list:
+        ids = self.ids(limit)
+        if not ids:
+            return []
+        raws = self.r.hmget(self.k.failed_data, ids)
+        return [json.loads(raw) for raw in raws if raw]
+
+    def retry(self, ids: Iterable[str]) -> list:
+        """Put these failed jobs back on their queues; returns the ids actually moved."""
+        ids, moved = list(ids), []
+        for i in range(0, len(ids), 500):
+            moved += self._retry(keys=[self.k.failed, self.k.failed_data, self.k.queues],
+                                 args=[self.k.prefix, *ids[i:i + 500]])
+        return moved
+
+    def remove(self, ids: Iterable[str]) -> int:
+        ids, n = list(ids), 0
+        for i in range(0, len(ids), 500):
+            chunk = ids[i:i + 500]
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.zrem(self.k.failed, *chunk)
+                pipe.hdel(self.k.failed_data, *chunk)
+                n += pipe.execute()[0]
+        return n
+
+
+def _age(ts) -> str:
+    try:
+        s = max(0, time.time() - float(ts))
+    except (TypeError, ValueError):
+        return "?"
+    return f"{s:.0f}s" if s < 120 else f"{s / 60:.0f}m" if s < 7200 else f"{s / 3600:.1f}h"
+
+
+def main(cfg, args) -> int:
+    """CLI: ``failed [list] [--json] [--limit N]``, ``failed show ID``, ``failed retry ID|--all``,
+    ``failed remove ID|--all``."""
+    import sys
+
+    from .client import connect
+    from .fetch import Broker
+    reg = FailedRegistry(Broker(connect(cfg, name="failed-cli"), cfg))
+    if args.action in ("retry", "remove"):
+        if bool(args.id) == bool(args.all):
+            print(f"error: failed {args.action} takes one job ID or --all", file=sys.stderr)
+            return 2
+        ids = reg.ids() if args.all else [args.id]
+        if args.action == "retry":
+            moved = reg.retry(ids)
+            print(f"retried {len(moved)} job(s)" + ("" if moved or args.all else f": no failed job {args.id!r}"))
+            return 0 if moved or args.all else 1
+        n = reg.remove(ids)
+        print(f"removed {n} job(s)" + ("" if n or args.all else f": no failed job {args.id!r}"))
+        return 0 if n or args.all else 1
+    if args.action == "show":
+        rec = reg.get(args.id or "")
+        if rec is None:
+            print(f"error: no failed job {args.id!r}", file=sys.stderr)
+            return 1
+        print(json.dumps(rec, indent=2))
+        return 0
+    records = reg.list(args.limit)
+    if args.json:
+        print(json.dumps({"count": reg.count(), "jobs": records}, indent=2))
+        return 0
+    print(f"{reg.count()} failed job(s)" + (f", newest {len(records)} shown" if records else ""))
+    if records:
+        rows = [("ID", "NAME", "QUEUE", "CAUSE", "ATTEMPTS", "AGE", "ERROR")]
+        for rec in records:
+            err = f"{rec.get('type', '')}: {rec.get('message', '')}".replace("\n", " ")
+            rows.append((rec.get("id", ""), rec.get("name", ""), rec.get("queue", ""), rec.get("cause", ""),
+                         str(rec.get("attempts", "")), _age(rec.get("failed_at")), err[:80]))
+        widths = [max(len(row[i]) for row in rows) for i in range(6)]
+        for row in rows:
+            print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:6])) + "  " + row[6])
+    return 0
