@@ -22,6 +22,7 @@ import sys
 import traceback
 
 from .signals import RAISE_SIGNAL
+from .signals import fast as _fast
 
 
 class TermException(BaseException):
@@ -79,14 +80,14 @@ def setup(parent_pid: int, grace: float) -> None:
         signal.set_wakeup_fd(-1)
     except ValueError:
         pass
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # job code may use subprocess
-    signal.signal(signal.SIGCONT, signal.SIG_DFL)
-    signal.signal(signal.SIGALRM, signal.SIG_DFL)  # the parent's watchdog is not the job's; timers do not fork
+    _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
+    _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
+    _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # the parent's watchdog is not the job's; timers do not fork
     for sig in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        signal.signal(sig, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _on_stop)
-    signal.signal(signal.SIGINT, _on_stop)
-    signal.signal(RAISE_SIGNAL, _on_raise)
+        _fast.signal(sig, _fast.SIG_IGN)
+    _fast.signal(signal.SIGTERM, _on_stop)
+    _fast.signal(signal.SIGINT, _on_stop)
+    _fast.signal(RAISE_SIGNAL, _on_raise)
     if _libc is not None:
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
         if os.getppid() != parent_pid:  # the parent died before prctl took effect
@@ -97,7 +98,7 @@ def run(spec, doc, report_fd: int) -> None:
     """Run the job and exit. Never returns."""
     report = {"status": "ok"}
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, set())  # pending TERM/INT (sent during fork) fire now
+        _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
             _state.running = True
             if _state.shutdown and _state.grace <= 0:  # a stop arrived before the job could start

@@ -108,15 +108,24 @@ def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: in
         payload = json_dumps(doc)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
-    if len(payload) > max_payload:
-        raise ValueError(f"job {name!r}: payload is {len(payload)} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    size = _size(payload, max_payload)
+    if size > max_payload:
+        raise ValueError(f"job {name!r}: payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
     return job_id, q, payload
+
+
+def _size(text: str, limit: int) -> int:
+    """UTF-8 size of ``text``; encodes only when the character count cannot settle it (a UTF-8 character is at
+    most 4 bytes), so the hot path pays nothing for small payloads."""
+    n = len(text)
+    return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogatepass"))
 
 
 def decode(raw: str, max_payload: int) -> tuple:
     """Parse and check a claimed queue entry. Returns ``(spec, payload_dict)``; raises :class:`BadJob`."""
-    if len(raw) > max_payload:
-        raise BadJob(f"payload is {len(raw)} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    size = _size(raw, max_payload)
+    if size > max_payload:
+        raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
     try:
         doc = json.loads(raw)
     except ValueError as exc:
@@ -126,6 +135,12 @@ def decode(raw: str, max_payload: int) -> tuple:
     for field, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict)):
         if not isinstance(doc.get(field), kind):
             raise BadJob(f"payload field {field!r} is missing or not a {kind.__name__}")
+    # Bookkeeping fields written by other producers may be off; they must not break the worker's accounting.
+    attempts = doc.get("attempts")
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+        doc["attempts"] = 0
+    if not isinstance(doc.get("errors", []), list):
+        doc["errors"] = []
     spec = _REGISTRY.get(doc["name"])
     if spec is None:
         raise BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")

@@ -17,6 +17,7 @@ import json
 import os
 import select
 import signal
+import sys
 import time
 
 from . import child
@@ -57,6 +58,10 @@ class Processor:
                 os.close(r)
                 child.setup(self.ppid, self.cfg.term_grace)
                 child.run(spec, doc, w)
+            except BaseException:  # a runtime bug, not the job's: say so on stderr before leaving
+                import traceback
+                traceback.print_exc()
+                sys.stderr.flush()
             finally:
                 os._exit(71)
         self.sig.child_pid = pid
@@ -72,13 +77,13 @@ class Processor:
     def _supervise(self, pid: int, r: int, timeout: float) -> dict:
         cfg, sig = self.cfg, self.sig
         started = time.monotonic()
-        chunks, killed_for, termed, raised = [], None, False, False
+        chunks, killed_for, termed, raised, eof = [], None, False, False, False
         while True:
             wpid, status = os.waitpid(pid, os.WNOHANG)
             if wpid:
                 break
             now = time.monotonic()
-            wait = 1.0
+            wait = min(1.0, cfg.heartbeat_interval)  # tick() must run at least once per heartbeat interval
             if sig.stop_at is not None:
                 since = now - sig.stop_at
                 if not termed:
@@ -112,12 +117,14 @@ class Processor:
                 else:
                     wait = min(wait, left)
             self.tick()
+            # Once the report pipe is at EOF the child is exiting: wait for its SIGCHLD (via the wake-up pipe)
+            # instead of spinning on a pipe that stays readable.
             try:
-                ready, _, _ = select.select([r, sig.wake_r], [], [], wait)
+                ready, _, _ = select.select([sig.wake_r] if eof else [r, sig.wake_r], [], [], wait)
             except InterruptedError:
                 ready = []
             if r in ready:
-                self._read(r, chunks)
+                eof = self._read(r, chunks)
             if sig.wake_r in ready:
                 sig.drain()
         self._read(r, chunks)
@@ -131,15 +138,16 @@ class Processor:
             pass  # already gone; waitpid will tell how
 
     @staticmethod
-    def _read(fd, chunks):
+    def _read(fd, chunks) -> bool:
+        """Read what the pipe holds; True at end of file."""
         try:
             while True:
                 data = os.read(fd, 65536)
                 if not data:
-                    return
+                    return True
                 chunks.append(data)
         except BlockingIOError:
-            return
+            return False
 
     @staticmethod
     def _result(data: bytes, status: int, killed_for, termed: bool, timeout: float, duration: float) -> dict:

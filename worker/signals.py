@@ -25,6 +25,11 @@ import fcntl
 import os
 import signal
 import time
+
+try:  # the C functions under signal's wrappers: the fork path calls them per job and needs no enum conversion
+    import _signal as fast
+except ImportError:  # pragma: no cover - other Pythons
+    fast = signal
 from typing import Optional
 
 # The parent tells the child "raise TermException now" with a signal nobody else sends to a process group: a
@@ -115,6 +120,13 @@ class SignalState:
         signal.signal(signal.SIGCHLD, self._on_chld)
         signal.signal(signal.SIGALRM, self._on_alarm)
 
+    @staticmethod
+    def ignore_stops() -> None:
+        """From here on TERM/INT change nothing (the exit is under way); ignoring them keeps a repeated TERM from
+        killing the process during interpreter shutdown, after our handlers are gone."""
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def drain(self) -> None:
         """Empty the wake-up pipe (its content is only a nudge; the state is in the attributes)."""
         try:
@@ -125,11 +137,11 @@ class SignalState:
 
     def block(self):
         """Hold every handled signal pending (around fork, so the child never runs the parent's handlers)."""
-        return signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        return fast.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
 
     @staticmethod
     def unblock(old) -> None:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        fast.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _signame(signum) -> str:

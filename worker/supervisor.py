@@ -130,6 +130,11 @@ class Supervisor:
         if not queues:
             self._wait(timeout)
             return
+        # A byte left in the wake-up pipe (e.g. the last child's SIGCHLD) would end the BLPOP at once and cost a
+        # reconnect; drain it first. A signal arriving after the drain still wakes the wait, as it should.
+        self.sig.drain()
+        if self.sig.stopping or self.sig.quit or self.sig.paused:
+            return
         try:
             client.blocking_pop(self.broker.r, self.broker.wake_keys(queues), round(timeout, 3), self.sig.wake_r)
         except redis.RedisError as exc:
@@ -191,6 +196,7 @@ class Supervisor:
 
     def _exit(self, pending: Optional[Outcome], registered: bool) -> int:
         sig = self.sig
+        sig.ignore_stops()  # we are leaving: a late TERM (Heroku may repeat it) must not kill the interpreter exit
         sig.announce(self.log)
         broker = self.broker
         if sig.stopping:

@@ -1,0 +1,99 @@
+"""The files Heroku reads: runtime.txt, app.json (Heroku Button / review apps), requirements.txt, Procfile."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import REPO
+from worker import config
+
+# Variables the Heroku platform or an add-on sets by itself: app.json must not declare them (an env entry for
+# REDIS_URL would collide with the config var the heroku-redis add-on creates).
+PLATFORM_VARS = {"REDIS_URL", "DYNO"}
+
+
+def config_variables() -> set:
+    """Every variable ``worker.config.from_mapping`` reads, taken from its source so a new one cannot be missed."""
+    source = (REPO / "worker" / "config.py").read_text()
+    names = set(re.findall(r"""env\.get\(\s*["']([A-Z][A-Z0-9_]*)["']""", source))
+    names |= set(re.findall(r"""\(\s*env\s*,\s*["']([A-Z][A-Z0-9_]*)["']""", source))
+    assert {"REDIS_URL", "QUEUES", "TERM_TIMEOUT", "SHUTDOWN_WINDOW"} <= names, names  # the scan still works
+    return names
+
+
+@pytest.fixture(scope="module")
+def app():
+    path = REPO / "app.json"
+    assert path.exists(), "app.json is missing"
+    return json.loads(path.read_text())
+
+
+def test_runtime_txt():
+    assert re.match(r"^python-3\.\d+(\.\d+)?$", (REPO / "runtime.txt").read_text().strip())
+
+
+def test_app_json_metadata(app):
+    assert isinstance(app.get("name"), str) and 0 < len(app["name"]) <= 30, app.get("name")
+    assert isinstance(app.get("description"), str) and app["description"].strip()
+    assert isinstance(app.get("repository"), str) and app["repository"].startswith("https://")
+    keywords = app.get("keywords")
+    assert isinstance(keywords, list) and keywords and all(isinstance(k, str) and k for k in keywords)
+
+
+def test_app_json_env_documents_the_configuration(app):
+    env = app.get("env")
+    assert isinstance(env, dict) and env
+    known = config_variables()
+    assert set(env) <= known, f"unknown variables in app.json: {sorted(set(env) - known)}"
+    missing = known - PLATFORM_VARS - set(env)
+    assert not missing, f"configuration variables not in app.json: {sorted(missing)}"
+    for name, spec in env.items():
+        assert isinstance(spec, dict), f"{name}: expected an object with a description and a value"
+        assert isinstance(spec.get("description"), str) and spec["description"].strip(), f"{name}: no description"
+        assert isinstance(spec.get("value"), str), f"{name}: no default value (a string)"
+
+
+def test_app_json_env_defaults_are_valid_config(app):
+    """Deploying with the button's defaults must give a worker that starts (no config error at boot)."""
+    values = {name: spec["value"] for name, spec in app["env"].items() if isinstance(spec, dict)}
+    cfg = config.from_mapping(values)
+    assert cfg.term_grace + cfg.term_timeout <= cfg.shutdown_window - 1.0
+
+
+def test_app_json_leaves_platform_variables_alone(app):
+    assert not PLATFORM_VARS & set(app.get("env", {})), "REDIS_URL/DYNO are set by the add-on / platform"
+
+
+def test_app_json_formation_addon_buildpack(app):
+    worker = app.get("formation", {}).get("worker")
+    assert isinstance(worker, dict) and isinstance(worker.get("quantity"), int) and worker["quantity"] >= 1
+    plans = [a if isinstance(a, str) else a.get("plan", "") for a in app.get("addons", [])]
+    assert any(p == "heroku-redis" or p.startswith("heroku-redis:") for p in plans), plans
+    assert {"url": "heroku/python"} in app.get("buildpacks", []), app.get("buildpacks")
+
+
+def test_requirements_only_redis_and_dotenv_with_bounds():
+    reqs = {}
+    for line in (REPO / "requirements.txt").read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.match(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(.*)$", line)
+        assert m, line
+        reqs[m.group(1).lower().replace("_", "-")] = [s.strip() for s in m.group(2).split(",") if s.strip()]
+    assert set(reqs) == {"redis", "python-dotenv"}, reqs
+    for name, specs in reqs.items():
+        ops = set()
+        for spec in specs:
+            op = re.match(r"^(~=|==|>=|<=|!=|>|<)\s*\d", spec)
+            assert op, f"{name}: not a version specifier: {spec!r}"
+            ops.add(op.group(1))
+        assert ops & {">=", ">", "~=", "=="}, f"{name}: no lower bound in {specs}"
+        assert ops & {"<", "<=", "~=", "=="}, f"{name}: no upper bound in {specs}"
+
+
+def test_procfile_runs_the_worker():
+    lines = [ln for ln in (REPO / "Procfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    assert "worker: python -m worker" in lines, lines

@@ -1,0 +1,296 @@
+"""Core behaviour against a real redis-server and real forks: enqueue, claim/ack, queue priority, every crash path,
+malformed entries, burst and long-running modes, the Procfile command, and the child's silence towards Redis.
+
+Workers are real `python -m worker` processes; tests synchronise on Redis state (job events, counters) or log lines.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+import tests.jobs  # noqa: F401 - registers the test jobs in this process too (for enqueue through the Python API)
+import worker
+from tests.conftest import PYTHON, REPO
+from worker import config, jobs
+from worker.fetch import Broker
+
+HEX32 = re.compile(r"^[0-9a-f]{32}$")
+
+
+@pytest.fixture
+def broker(r, redis_server):
+    """The runtime's own producer side, on the test client: enqueue in-process without the CLI."""
+    b = Broker(r, config.from_mapping({"REDIS_URL": redis_server.url}))
+    yield b
+    jobs.use(None)
+
+
+def wait_until(predicate, timeout=15.0, what="condition", proc=None):
+    """Poll Redis-visible state until ``predicate()`` is true (for state that has no event to BLPOP)."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"; worker output:\n{proc.output}" if proc else ""))
+        time.sleep(0.02)
+
+
+def leftovers(r) -> list:
+    """Claimed-but-unacknowledged jobs: must be none once a worker is done."""
+    return [(k, r.lrange(k, 0, -1)) for k in r.keys("worker:processing:*")]
+
+
+def failed_records(r) -> dict:
+    return {k: json.loads(v) for k, v in r.hgetall("worker:failed:data").items()}
+
+
+# --- enqueue ---
+
+def test_cli_enqueue_prints_id_of_queued_job(r, cli):
+    res = cli("enqueue", "push", "--args", '["out", "v"]')
+    assert res.returncode == 0, res.stderr
+    job_id = res.stdout.strip()
+    assert HEX32.match(job_id), res.stdout
+    (payload,) = r.lrange("worker:queue:default", 0, -1)
+    doc = json.loads(payload)
+    assert (doc["id"], doc["name"], doc["args"], doc["kwargs"]) == (job_id, "push", ["out", "v"], {})
+
+
+def test_cli_enqueue_unregistered_name(r, cli):
+    res = cli("enqueue", "no_such_job_core")
+    assert res.returncode == 2
+    assert "no_such_job_core" in res.stderr and "not registered" in res.stderr, res.stderr
+    assert r.keys("worker:queue:*") == []
+
+
+@pytest.mark.parametrize("bad", ['{"a": 1}', "not json", '"x"', "3"])
+def test_cli_enqueue_args_must_be_json_array(r, cli, bad):
+    res = cli("enqueue", "push", "--args", bad)
+    assert res.returncode == 2, res.stdout
+    assert "--args" in res.stderr, res.stderr
+    assert r.keys("worker:queue:*") == []
+
+
+def test_python_enqueue_refuses_non_json_arguments(r, broker):
+    jobs.use(broker)
+    for bad in (object(), {1, 2}, float("nan")):
+        with pytest.raises(TypeError):
+            worker.enqueue("push", "k", bad)
+    with pytest.raises(TypeError):
+        tests.jobs.push.enqueue("k", b"bytes")
+    assert r.llen("worker:queue:default") == 0
+    # Control: the same path accepts JSON arguments, so the refusals above were about the arguments.
+    assert HEX32.match(worker.enqueue("push", "k", {"nested": [1, 2.5, None]}))
+    assert r.llen("worker:queue:default") == 1
+
+
+# --- claim, ack, order ---
+
+@pytest.mark.timeout(60)
+def test_burst_drain_acks_everything(r, broker, spawn):
+    for i in range(20):
+        broker.push("push", ["out", i], {})
+    w = spawn("--burst")
+    assert w.wait(45) == 0, w.output
+    assert r.lrange("out", 0, -1) == [str(i) for i in range(20)]
+    assert leftovers(r) == []
+    assert r.get("worker:stat:processed") == "20"
+    assert r.zcard("worker:workers") == 0  # a clean exit unregisters
+    assert "reason=burst" in w.output
+
+
+@pytest.mark.timeout(30)
+def test_burst_exits_0_when_queues_are_empty(r, spawn):
+    w = spawn("--burst")
+    assert w.wait(20) == 0, w.output
+    assert "event=worker.exit" in w.output
+
+
+@pytest.mark.timeout(60)
+def test_queues_are_tried_in_priority_order(r, broker, spawn):
+    # Interleaved enqueue: only the worker's QUEUES order can put every `high` job first.
+    for i in range(3):
+        broker.push("push", ["order", f"low-{i}"], {}, queue="low")
+        broker.push("push", ["order", f"high-{i}"], {}, queue="high")
+    w = spawn("--burst", QUEUES="high,low")
+    assert w.wait(45) == 0, w.output
+    assert r.lrange("order", 0, -1) == ["high-0", "high-1", "high-2", "low-0", "low-1", "low-2"]
+    assert leftovers(r) == []
+
+
+@pytest.mark.timeout(60)
+def test_star_takes_every_queue_in_name_order(r, broker, spawn):
+    for q in ("zeta", "default", "alpha"):
+        for i in range(2):
+            broker.push("push", ["order", f"{q}-{i}"], {}, queue=q)
+    w = spawn("--burst", QUEUES="*")
+    assert w.wait(45) == 0, w.output
+    assert r.lrange("order", 0, -1) == ["alpha-0", "alpha-1", "default-0", "default-1", "zeta-0", "zeta-1"]
+    assert [k for k in r.keys("worker:queue:*") if r.llen(k)] == []
+
+
+# --- failures: recorded with their cause, and the worker carries on ---
+
+CRASHES = [
+    pytest.param("fail", ["boom-core"], "error", "boom-core", id="exception"),
+    pytest.param("exit_with", [3], "crash", "code 3", id="os-exit-3"),
+    pytest.param("kill_self", ["SIGKILL"], "crash", "SIGKILL", id="sigkill"),
+    pytest.param("segfault", [], "crash", "SIGSEGV", id="sigsegv"),
+]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("name,args,cause,message", CRASHES)
+def test_crash_is_recorded_and_worker_continues(r, broker, spawn, name, args, cause, message):
+    bad_id = broker.push(name, args, {})
+    broker.push("push", ["after", "next"], {})
+    w = spawn("--burst")
+    assert w.wait(45) == 0, w.output
+    assert r.lrange("after", 0, -1) == ["next"], w.output
+    records = failed_records(r)
+    assert set(records) == {bad_id}
+    rec = records[bad_id]
+    assert rec["cause"] == cause, rec
+    assert message in rec["message"], rec
+    assert rec["name"] == name and rec["queue"] == "default" and json.loads(rec["payload"])["id"] == bad_id
+    assert r.zscore("worker:failed", bad_id) is not None
+    assert (r.get("worker:stat:failed"), r.get("worker:stat:processed")) == ("1", "1")
+    assert leftovers(r) == []
+
+
+@pytest.mark.timeout(60)
+def test_exception_record_has_type_message_traceback(r, broker, spawn):
+    job_id = broker.push("fail", ["boom-tb"], {})
+    w = spawn("--burst")
+    assert w.wait(45) == 0, w.output
+    rec = failed_records(r)[job_id]
+    assert (rec["type"], rec["message"]) == ("ValueError", "boom-tb")
+    assert "Traceback (most recent call last)" in rec["traceback"]
+    assert "ValueError: boom-tb" in rec["traceback"] and "jobs.py" in rec["traceback"]
+
+
+BAD_ENTRIES = [
+    ("this is not json", "not valid JSON"),
+    ("[1, 2, 3]", "expected an object"),
+    ('{"id": "core-noname", "args": [], "kwargs": {}}', "'name'"),
+    ('{"id": "core-noargs", "name": "push", "kwargs": {}}', "'args'"),
+    ('{"id": "core-unreg", "name": "no_such_job_core", "args": [], "kwargs": {}}', "not registered"),
+    ('{"id": "core-arity", "name": "push", "args": [1, 2, 3], "kwargs": {}}', "do not fit"),
+    ('{"id": "core-kwarg", "name": "push", "args": ["k"], "kwargs": {"nope": 1}}', "do not fit"),
+]
+
+
+@pytest.mark.timeout(60)
+def test_malformed_entries_fail_with_reason_and_worker_continues(r, broker, spawn):
+    # Pushed raw, as a buggy producer in another language might; then one good job behind them.
+    for raw, _ in BAD_ENTRIES:
+        r.rpush("worker:queue:default", raw)
+    broker.push("push", ["after", "ok"], {})
+    w = spawn("--burst")
+    assert w.wait(45) == 0, w.output
+    assert r.lrange("after", 0, -1) == ["ok"], w.output
+    by_payload = {rec["payload"]: rec for rec in failed_records(r).values()}
+    for raw, reason in BAD_ENTRIES:
+        rec = by_payload.get(raw)
+        assert rec is not None, f"no failure recorded for {raw!r}: {list(by_payload)}"
+        assert rec["cause"] == "bad_payload" and reason in rec["message"], rec
+    assert r.get("worker:stat:failed") == str(len(BAD_ENTRIES))
+    assert leftovers(r) == []
+
+
+# --- long-running mode ---
+
+def worker_clients(r) -> list:
+    me = r.client_id()
+    return [c for c in r.client_list() if int(c["id"]) != me]
+
+
+@pytest.mark.timeout(60)
+def test_idle_worker_wakes_for_new_job(r, cli, spawn):
+    w = spawn()
+    # Idle means blocked in BLPOP on the wake-up keys: only a push can end that early.
+    wait_until(lambda: any("b" in c["flags"] and c["name"] == "worker" for c in worker_clients(r)),
+               what="the worker to block idle", proc=w)
+    res = cli("enqueue", "push", "--args", '["woke", "yes"]')
+    assert res.returncode == 0, res.stderr
+    assert r.blpop("woke", timeout=15) == ("woke", "yes"), w.output
+
+
+def procfile_command(kind: str) -> list:
+    for line in (REPO / "Procfile").read_text().splitlines():
+        name, sep, command = line.partition(":")
+        if sep and name.strip() == kind:
+            return shlex.split(command)
+    raise AssertionError(f"no {kind!r} process type in the Procfile")
+
+
+@pytest.mark.timeout(60)
+def test_procfile_worker_command_processes_a_job(r, env, broker, spawn):
+    argv = procfile_command("worker")
+    # `python` as Heroku resolves it: the app's interpreter first on PATH.
+    w = spawn(argv=argv, PATH=f"{Path(PYTHON).parent}:{env.get('PATH', '')}")
+    broker.push("push", ["procfile", "ran"], {})
+    assert r.blpop("procfile", timeout=20) == ("procfile", "ran"), w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
+def total_connections(r) -> int:
+    return int(r.info("stats")["total_connections_received"])
+
+
+def worker_state(r) -> dict:
+    (key,) = r.keys("worker:worker:*")
+    return r.hgetall(key)
+
+
+@pytest.mark.timeout(60)
+def test_child_opens_no_redis_connection(r, broker, spawn):
+    n = 20
+    for _ in range(n):
+        broker.push("noop", [], {})
+    # A job that sleeps without touching Redis keeps a child alive while we look (test jobs connect on their own).
+    broker.push("sample_work", [], {"seconds": 60})
+    before = total_connections(r)
+    w = spawn()
+    wait_until(lambda: r.get("worker:stat:processed") == str(n) and "sample_work" in worker_state(r).get("job", ""),
+               timeout=45, what=f"{n} noop jobs done and sample_work running", proc=w)
+    # The worker's own connections only: the main one, plus the bounded side connection it opens for heartbeats
+    # once a job outlives HEARTBEAT_INTERVAL.
+    clients = worker_clients(r)
+    assert "worker" in [c["name"] for c in clients], clients
+    assert {c["name"] for c in clients} <= {"worker", "worker-side"} and len(clients) <= 2, clients
+    # Finished children are gone from CLIENT LIST, so it alone could miss their connections; the counter cannot.
+    assert total_connections(r) - before == len(clients), w.output
+
+
+@pytest.mark.timeout(90)
+def test_idle_worker_keeps_its_one_connection(r, broker, spawn):
+    """Going idle after a job must not drop and reopen the worker's connection (a TLS handshake on Heroku)."""
+    w = spawn()
+    blocked = lambda: any("b" in c["flags"] and c["name"] == "worker" for c in worker_clients(r))  # noqa: E731
+    wait_until(blocked, what="the worker to block idle", proc=w)
+    before = total_connections(r)
+    for i in range(1, 11):
+        broker.push("noop", [], {})
+        wait_until(lambda: r.get("worker:stat:processed") == str(i), what=f"noop job {i}", proc=w)
+        wait_until(blocked, what="the worker to block idle again", proc=w)
+    assert total_connections(r) - before == 0, w.output
+
+
+@pytest.mark.timeout(180)
+def test_burst_drains_1000_noops(r, broker, spawn):
+    broker.push_many("noop", [[] for _ in range(1000)])
+    assert r.llen("worker:queue:default") == 1000
+    w = spawn("--burst", LOG_LEVEL="WARNING")
+    assert w.wait(170) == 0, w.output[-2000:]
+    assert r.get("worker:stat:processed") == "1000"
+    assert r.llen("worker:queue:default") == 0
+    assert leftovers(r) == []
+    assert r.get("worker:stat:failed") is None
