@@ -157,8 +157,12 @@ def test_pause_and_resume_edit_the_paused_set_and_ring_each_wake_list_once(r, cl
         ("a", True), ("b", True), ("default", True)]  # "default": configured QUEUES, listed though never used
     assert "ALL QUEUES PAUSED" in cli("status").stdout
     assert cli("pause", "--queue", "a").stdout.strip() == "paused queue a"
-    assert cli("resume").stdout.strip() == "resumed every queue (still paused: a)"
+    assert cli("resume", "--queue", "b").stdout.strip() == "queue b was not paused: nothing changed " \
+                                                           "(still paused: *,a)"
+    assert cli("resume").stdout.strip() == "resumed every queue", "plain resume clears named pauses too"
+    assert r.smembers(K.paused) == set()
     assert r.lrange(K.wake("a"), 0, -1) == ["1"] and r.lrange(K.wake("b"), 0, -1) == ["1"]
+    assert cli("pause", "--queue", "a").stdout.strip() == "paused queue a"
     assert cli("resume", "--queue", "a").stdout.strip() == "resumed queue a"
     assert r.lrange(K.wake("a"), 0, -1) == ["1"], "a wake list holds one token at most"
     assert cli("resume", "--queue", "a").stdout.strip() == "queue a was not paused: nothing changed"

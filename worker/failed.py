@@ -27,8 +27,7 @@ for i = 2, #ARGV do
       local payload = doc['payload']
       local pok, job = pcall(cjson.decode, payload)
       if pok and type(job) == 'table' and job['id'] then
-        job['attempts'] = 0
-        payload = cjson.encode(job)
+        payload = with_fields(payload, '"attempts":0')
       end
       redis.call('RPUSH', prefix .. ':queue:' .. q, payload)
       redis.call('SADD', KEYS[3], q)

@@ -31,6 +31,15 @@ local function wake(q)
   local k = prefix .. ':wake:' .. q
   if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
 end
+-- Set bookkeeping fields without re-encoding the payload: cjson cannot tell [] from {} and would change the
+-- job's own arguments, so the fields are appended as duplicate keys, which JSON decoders (Python's, cjson) resolve
+-- to the last occurrence. Payloads are objects with at least an id, so the body before the final brace is never
+-- empty. Growth is bounded: only recovery (at most MAX_ATTEMPTS times) and failed-retry append.
+local function with_fields(p, fragment)
+  local body = string.match(p, '^(.*)}%s*$')
+  if not body then return p end
+  return body .. ',' .. fragment .. '}'
+end
 local function record_failure(id, record, max_n, ttl_ms)
   local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
   redis.call('ZADD', fz, now, id)
@@ -135,7 +144,6 @@ for _, w in ipairs(dead) do
         hist[#hist + 1] = {at = now / 1000, worker = w, cause = 'lost',
                            message = 'worker vanished (heartbeat expired) while running the job'}
         while #hist > 10 do table.remove(hist, 1) end
-        doc['errors'] = hist
         if doc['attempts'] >= tonumber(ARGV[3]) then
           local rec = cjson.encode({id = doc['id'], name = doc['name'], queue = doc['queue'], payload = p,
             cause = 'lost', type = 'WorkerLost', worker = w, attempts = doc['attempts'], failed_at = now / 1000,
@@ -144,7 +152,8 @@ for _, w in ipairs(dead) do
           record_failure(doc['id'], rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
           out[#out + 1] = 'failed:' .. doc['id']
         else
-          redis.call('LPUSH', prefix .. ':queue:' .. doc['queue'], cjson.encode(doc))
+          redis.call('LPUSH', prefix .. ':queue:' .. doc['queue'],
+                     with_fields(p, '"attempts":' .. doc['attempts'] .. ',"errors":' .. cjson.encode(hist)))
           wake(doc['queue'])
           out[#out + 1] = 'requeued:' .. doc['id']
         end
@@ -225,7 +234,7 @@ class Broker:
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None) -> str:
-        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload)
+        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=due)
         if due is not None and due > time.time():
             self.r.zadd(self.keys.scheduled, {payload: int(due * 1000)})
         else:

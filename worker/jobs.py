@@ -95,15 +95,19 @@ def json_dumps(doc) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
-def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int) -> tuple:
-    """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError."""
+def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int,
+                  at: Optional[float] = None) -> tuple:
+    """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError.
+
+    ``enqueued_at`` is when the job becomes runnable (``at`` for scheduled jobs), so queue latency measures waiting
+    for a worker, not a chosen delay."""
     spec = _REGISTRY.get(name)
     q = queue or (spec.queue if spec else DEFAULT_QUEUE)
     if not q or len(q) > 100 or any(c.isspace() for c in q):
         raise ValueError(f"invalid queue name {q!r}")
     job_id = uuid.uuid4().hex
     doc = {"id": job_id, "name": name, "queue": q, "args": list(args), "kwargs": dict(kwargs),
-           "enqueued_at": round(time.time(), 6), "attempts": 0}
+           "enqueued_at": round(at or time.time(), 6), "attempts": 0}
     try:
         payload = json_dumps(doc)
     except (TypeError, ValueError) as exc:

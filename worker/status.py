@@ -198,7 +198,12 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
     r = connect(cfg, name="status")
     try:
         with r.pipeline(transaction=False) as p:
-            (p.sadd if paused else p.srem)(k.paused, queue)
+            if paused:
+                p.sadd(k.paused, queue)
+            elif queue == "*":
+                p.delete(k.paused)  # plain `resume` undoes every pause, named ones included
+            else:
+                p.srem(k.paused, queue)
             p.smembers(k.queues)
             changed, known = p.execute()[:2]
         if not paused:
@@ -215,6 +220,6 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
     if queue != "*" and queue not in known:
         notes.append("not yet known to Redis")
     if not paused and still:
-        notes.append("still paused: " + ",".join(still))  # resuming * does not clear per-queue pauses, or v.v.
+        notes.append("still paused: " + ",".join(still))  # resuming one queue leaves `pause` of * in force
     print(line + (f" ({'; '.join(notes)})" if notes else ""))
     return 0

@@ -113,7 +113,7 @@ class Supervisor:
             "type": res.get("type"), "message": res.get("message")}]
         if attempts <= retries:
             delay = backoff_delay(attempts)
-            new_doc = dict(doc, attempts=attempts, errors=history)
+            new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6))
             self.log.warning("job.retry", outcome=status, attempt=attempts, delay=delay,
                              error=res.get("message"), **fields)
             return Outcome.retry(raw, jobs.json_dumps(new_doc), delay)

@@ -1,0 +1,49 @@
+"""Lua bookkeeping must never change a job's own arguments (cjson turns [] into {} if it re-encodes)."""
+import json
+
+from worker.config import from_mapping
+from worker.failed import FailedRegistry
+from worker.fetch import Broker
+
+ARGS = [[], {}, [[]], "x", 1.5]
+KWARGS = {"items": [], "opts": {}, "nested": {"empty": []}}
+
+
+def _broker(r, **env):
+    url = "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
+    return Broker(r, from_mapping({"REDIS_URL": url, **env}))
+
+
+def _payload(job_id="j1", **extra):
+    return json.dumps({"id": job_id, "name": "push", "queue": "default", "args": ARGS, "kwargs": KWARGS,
+                       "enqueued_at": 1.0, "attempts": 0, **extra})
+
+
+def test_recovery_keeps_arguments_and_counts_the_attempt(r):
+    b = _broker(r, HEARTBEAT_INTERVAL="1", HEARTBEAT_TTL="2")
+    r.zadd("worker:workers", {"dead:1": 0})  # heartbeat at the epoch: long expired
+    r.rpush("worker:processing:dead:1", _payload())
+    assert b.recover() == ["requeued:j1"]
+    doc = json.loads(r.lindex("worker:queue:default", 0))
+    assert doc["args"] == ARGS and doc["kwargs"] == KWARGS
+    assert doc["attempts"] == 1
+    assert [e["cause"] for e in doc["errors"]] == ["lost"]
+    assert r.exists("worker:processing:dead:1") == 0 and r.zscore("worker:workers", "dead:1") is None
+    # a second loss adds to the count and the history
+    r.delete("worker:queue:default")
+    r.zadd("worker:workers", {"dead:2": 0})
+    r.rpush("worker:processing:dead:2", json.dumps(doc))
+    b.recover()
+    doc2 = json.loads(r.lindex("worker:queue:default", 0))
+    assert doc2["attempts"] == 2 and len(doc2["errors"]) == 2 and doc2["args"] == ARGS
+
+
+def test_failed_retry_keeps_arguments_and_resets_attempts(r):
+    b = _broker(r)
+    rec = {"id": "j2", "name": "push", "queue": "default", "payload": _payload("j2", attempts=3), "cause": "error"}
+    r.zadd("worker:failed", {"j2": 1})
+    r.hset("worker:failed:data", "j2", json.dumps(rec))
+    assert FailedRegistry(b).retry(["j2"]) == ["j2"]
+    doc = json.loads(r.lindex("worker:queue:default", 0))
+    assert doc["args"] == ARGS and doc["kwargs"] == KWARGS and doc["attempts"] == 0
+    assert r.zcard("worker:failed") == 0 and r.hlen("worker:failed:data") == 0
