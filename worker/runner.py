@@ -36,10 +36,11 @@ def describe_status(status: int) -> str:
 
 
 class Processor:
-    """Forks and supervises one job at a time. ``tick`` runs between waits (heartbeats); it must not raise."""
+    """Forks and supervises one job at a time. ``tick`` runs between waits (heartbeats) and ``on_stop`` once when a
+    stop is first seen during a job; neither may raise or block for long."""
 
-    def __init__(self, cfg, sig, log, tick=lambda: None):
-        self.cfg, self.sig, self.log, self.tick = cfg, sig, log, tick
+    def __init__(self, cfg, sig, log, tick=lambda: None, on_stop=lambda: None):
+        self.cfg, self.sig, self.log, self.tick, self.on_stop = cfg, sig, log, tick, on_stop
         self.ppid = os.getpid()
 
     def run(self, spec, doc) -> dict:
@@ -88,8 +89,8 @@ class Processor:
                 since = now - sig.stop_at
                 if not termed:
                     termed = True
-                    sig.announce(self.log)
                     self._signal(pid, signal.SIGTERM)
+                    self.on_stop()
                 raise_at = cfg.term_grace
                 if not raised and since >= raise_at:
                     raised = True

@@ -34,7 +34,7 @@ class Supervisor:
         self.name = cfg.worker_name()
         self.log = log
         self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
-        self.proc = Processor(cfg, self.sig, log, tick=self._tick)
+        self.proc = Processor(cfg, self.sig, log, tick=self._tick, on_stop=self._stopping_while_busy)
         self._next_beat = 0.0
         self._side: Optional[Broker] = None
         self._next_recover = 0.0
@@ -162,20 +162,31 @@ class Supervisor:
             self.log.info("redis.reconnected", after_attempts=self._outage)
             self._outage = 0
 
-    # --- periodic work while a job runs (called by the processor between waits) ---
+    # --- calls from the processor while a job runs ---
+    def _side_broker(self) -> Broker:
+        if self._side is None:
+            self._side = Broker(client.connect(self.cfg, timeout=SIDE_TIMEOUT, retries=0, name="worker-side"),
+                                self.cfg)
+        return self._side
+
+    def _stopping_while_busy(self) -> None:
+        """The job has been told to stop: log it and show ``stopping`` in status (bounded, best effort)."""
+        self.sig.announce(self.log)
+        try:
+            self._side_broker().set_state(self.name, "stopping")
+        except redis.RedisError:
+            pass
+
     def _tick(self) -> None:
         """Heartbeat and recovery while busy, on a side connection whose calls give up after SIDE_TIMEOUT with no
         retries: the processor must stay responsive to signals and deadlines even if Redis hangs. The side
         connection is opened only once a job outlives one heartbeat interval (at most 2 connections per worker)."""
         now = time.monotonic()
-        if now < self._next_beat or self.sig.stopping:
+        if now < self._next_beat:  # beats go on while stopping: a job in cleanup must not look orphaned
             return
         self._next_beat = now + self.cfg.heartbeat_interval
-        if self._side is None:
-            self._side = Broker(client.connect(self.cfg, timeout=SIDE_TIMEOUT, retries=0, name="worker-side"),
-                                self.cfg)
         try:
-            self._side.heartbeat(self.name)
+            self._side_broker().heartbeat(self.name)
         except redis.RedisError:
             pass  # the loop reports outages; a missed beat is harmless well within HEARTBEAT_TTL
         if now >= self._next_recover:
