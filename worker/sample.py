@@ -3,9 +3,17 @@
 It works for ``seconds``; if the worker is told to stop meanwhile, :class:`TermException` arrives inside it, and it
 spends ``cleanup`` seconds cleaning up before returning normally (so the job counts as done).
 """
+import sys
 import time
 
 from . import TermException, job
+
+
+def _say(text):
+    # One write per line: print() writes text and newline separately when unbuffered, and the worker's own log
+    # lines (same stdout under honcho/foreman/Heroku) could land in between.
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
 
 
 @job
@@ -14,11 +22,11 @@ def sample_work(seconds=10, cleanup=2):
     ``graceful shutdown!``."""
     try:
         time.sleep(seconds)
-        print("complete job!", flush=True)
+        _say("complete job!")
     except TermException:
-        print("caught TermException, cleaning up", flush=True)
+        _say("caught TermException, cleaning up")
         time.sleep(cleanup)
-        print("graceful shutdown!", flush=True)
+        _say("graceful shutdown!")
 
 
 @job

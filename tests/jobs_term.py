@@ -1,0 +1,29 @@
+"""Extra jobs for the SIGTERM-contract tests (JOB_MODULES=...,tests.jobs,tests.jobs_term).
+
+Names start with ``tt_`` because job names are global. Events go to Redis lists through tests.jobs.event, whose
+``t`` field is the job's time.time() at the moment of the event.
+"""
+import time
+
+from tests.jobs import event
+from worker import TermException, job, shutdown_requested
+
+
+@job
+def tt_reraise(key, seconds=60, cleanup=0.0):
+    """Records the TermException, cleans up ``cleanup`` s, then lets it propagate: the job must be put back."""
+    event(key, "started")
+    try:
+        end = time.time() + seconds
+        while time.time() < end:
+            time.sleep(0.05)
+        event(key, "completed")
+    except TermException:
+        event(key, "term", shutdown=shutdown_requested())
+        end = time.time() + cleanup
+        while time.time() < end:
+            try:
+                time.sleep(0.05)
+            except BaseException as exc:  # noqa: B902 - a second exception would break the contract: record it
+                event(key, "term_again", type=type(exc).__name__)
+        raise
