@@ -47,3 +47,25 @@ def test_failed_retry_keeps_arguments_and_resets_attempts(r):
     doc = json.loads(r.lindex("worker:queue:default", 0))
     assert doc["args"] == ARGS and doc["kwargs"] == KWARGS and doc["attempts"] == 0
     assert r.zcard("worker:failed") == 0 and r.hlen("worker:failed:data") == 0
+
+
+def test_a_restarted_worker_never_shares_keys_with_its_previous_incarnation(r):
+    """Heroku reuses $DYNO and dynos start with small pids: worker.1:4 may come back as worker.1:4 while the old
+    one is still shutting down or left a job behind. The new worker must take another name."""
+    import io
+
+    from worker.log import Logger
+    from worker.supervisor import Supervisor
+    b = _broker(r, DYNO="worker.1")
+    sup = Supervisor(b.cfg, b, Logger("INFO", stream=io.StringIO()))
+    old = sup.name
+    assert old.startswith("worker.1:")
+    r.rpush(f"worker:processing:{old}", _payload("left-behind"))
+    sup._register()
+    assert sup.name != old and sup.name.startswith(old + ":")
+    assert r.lrange(f"worker:processing:{old}", 0, -1) == [_payload("left-behind")]
+    assert r.zscore("worker:workers", sup.name) is not None
+    fresh = Supervisor(b.cfg, b, Logger("INFO", stream=io.StringIO()))
+    fresh.name = "worker.1:99999"
+    fresh._register()
+    assert fresh.name == "worker.1:99999"

@@ -32,6 +32,9 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
         health_check_interval=30,
         client_name=name,
         decode_responses=True,
+        # Queues may hold bytes that are not UTF-8 (anyone can RPUSH). surrogateescape round-trips them exactly,
+        # so such an entry is claimed, recorded as a bad payload and removed by value like any other.
+        encoding_errors="surrogateescape",
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )

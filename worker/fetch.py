@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import random
 import time
-from typing import Iterable, Optional
+from typing import Iterable, NamedTuple, Optional
 
 from . import jobs
 from .config import Config
@@ -70,8 +70,9 @@ _CYCLE = _PRELUDE + r"""
 local processing, worker = KEYS[1], ARGV[2]
 local op, payload = ARGV[3], ARGV[4]
 redis.call('ZADD', KEYS[2], now, worker)
-if op ~= '' then
-  redis.call('LREM', processing, -1, payload)
+-- The outcome takes effect only if the job was still ours: a call repeated after a timeout (redis-py retries, or
+-- the supervisor's own retry after an outage) or a job already recovered by another worker records nothing twice.
+if op ~= '' and redis.call('LREM', processing, -1, payload) == 1 then
   if op == 'ack' then
     redis.call('INCR', prefix .. ':stat:processed')
   elseif op == 'fail' then
@@ -112,7 +113,7 @@ if ARGV[8] == '1' then
       if v then
         if redis.call('LLEN', qk) > 0 then wake(q) end
         redis.call('HSET', wh, 'state', 'busy', 'job', v, 'job_started', now, 'seen', now)
-        return {v, q}
+        return {v, q, '', redis.call('LLEN', processing)}
       end
     end
   end
@@ -121,7 +122,7 @@ else
   redis.call('HSET', wh, 'job', '', 'seen', now)
 end
 local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local res = {'', '', nxt[2] or ''}
+local res = {'', '', nxt[2] or '', redis.call('LLEN', processing)}
 for _, q in ipairs(queues) do res[#res + 1] = q end
 return res
 """
@@ -187,6 +188,17 @@ return 1
 
 # KEYS: workers.  ARGV: worker.  Heartbeats use the Redis clock, shared by every dyno.
 _HEARTBEAT = "local t = redis.call('TIME') redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])"
+
+
+class Cycle(NamedTuple):
+    """What :meth:`Broker.cycle` found: the claimed payload and its queue (or None), the next scheduled due time
+    (ms, when nothing was claimed), the queue names considered, and how many jobs the processing list holds."""
+
+    payload: Optional[str]
+    queue: Optional[str]
+    next_due: Optional[float]
+    queues: list
+    held: int
 
 
 class Outcome:
@@ -267,9 +279,10 @@ class Broker:
             pipe.eval(_HEARTBEAT, 1, self.keys.workers, worker)
             pipe.execute()
 
-    def cycle(self, worker: str, outcome: Optional[Outcome], claim: bool) -> tuple:
+    def cycle(self, worker: str, outcome: Optional[Outcome], claim: bool) -> "Cycle":
         """Record ``outcome`` (if any), refresh the heartbeat, move due scheduled jobs and, if ``claim``, claim the
-        next job. Returns ``(payload, queue, None, [])`` or ``(None, None, next_due_ms_or_None, queue_names)``."""
+        next job, in one round trip. ``Cycle.held`` counts what the processing list holds afterwards: more than
+        the claimed job means an earlier call's reply was lost after it claimed (see :meth:`claimed`)."""
         o = outcome or Outcome("", "")
         k = self.keys
         res = self._cycle(
@@ -277,9 +290,22 @@ class Broker:
             args=[k.prefix, worker, o.op, o.payload, o.job_id, o.extra, o.extra2, "1" if claim else "0",
                   self.cfg.failed_max, int(self.cfg.failed_ttl * 1000), "1" if self.cfg.all_queues else "0",
                   *([] if self.cfg.all_queues else self.cfg.queues)])
-        if res[0]:
-            return res[0], res[1], None, []
-        return None, None, (float(res[2]) if res[2] else None), list(res[3:])
+        if res[1]:  # the queue name: a claimed payload may itself be an empty string
+            return Cycle(res[0], res[1], None, [], int(res[3]))
+        return Cycle(None, None, float(res[2]) if res[2] else None, list(res[4:]), int(res[3]))
+
+    def claimed(self, worker: str) -> list:
+        """What this worker's processing list holds (used to re-adopt claims whose reply was lost)."""
+        return self.r.lrange(self.keys.processing(worker), 0, -1)
+
+    def name_in_use(self, worker: str) -> bool:
+        """True if a worker of this name is registered or left a processing list (same $DYNO and pid after a
+        restart: the old dyno may still be shutting down, or may have crashed with a job in its list)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.zscore(self.keys.workers, worker)
+            pipe.exists(self.keys.processing(worker), self.keys.worker(worker))
+            score, n = pipe.execute()
+        return score is not None or n > 0
 
     def set_state(self, worker: str, state: str) -> None:
         self.r.hset(self.keys.worker(worker), "state", state)

@@ -122,7 +122,7 @@ def _size(text: str, limit: int) -> int:
     """UTF-8 size of ``text``; encodes only when the character count cannot settle it (a UTF-8 character is at
     most 4 bytes), so the hot path pays nothing for small payloads."""
     n = len(text)
-    return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogatepass"))
+    return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogateescape"))
 
 
 def decode(raw: str, max_payload: int) -> tuple:

@@ -18,7 +18,7 @@ import redis
 
 from . import client, jobs
 from .config import Config, redact_url
-from .fetch import Broker, Outcome, backoff_delay
+from .fetch import Broker, Cycle, Outcome, backoff_delay
 from .runner import Processor
 from .signals import SignalState
 
@@ -37,6 +37,7 @@ class Supervisor:
         self.proc = Processor(cfg, self.sig, log, tick=self._tick, on_stop=self._stopping_while_busy)
         self._next_beat = 0.0
         self._side: Optional[Broker] = None
+        self._resync = False
         self._next_recover = 0.0
         self._outage = 0
         self.processed = 0
@@ -51,41 +52,66 @@ class Supervisor:
                       grace=cfg.term_grace, burst=self.burst or None)
         pending: Optional[Outcome] = None
         registered = False
+        adopted: list = []  # claims whose reply was lost, found in our own processing list: run them
         while not (self.sig.stopping or self.sig.quit):
             try:
                 if not registered:
-                    self.broker.register(self.name, {
-                        "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
-                        "queues": ",".join(cfg.queues), "started": time.time(), "state": "idle"})
+                    self._register()
                     registered = True
                     self._recover()
+                if self._resync:
+                    keep = pending.payload if pending is not None else None
+                    adopted = [p for p in self.broker.claimed(self.name) if p != keep]
+                    self._resync = False
+                if pending is not None and (self.sig.paused or adopted):
+                    self._note(self.broker.cycle(self.name, pending, claim=False))
+                    pending = None
                 if self.sig.paused:
-                    if pending is not None:
-                        self.broker.cycle(self.name, pending, claim=False)
-                        pending = None
                     self.broker.set_state(self.name, "paused")
                     self._wait(IDLE_POLL)
                     continue
-                raw, queue, next_due, known = self.broker.cycle(self.name, pending, claim=True)
-                pending = None
+                if adopted:
+                    raw = adopted.pop(0)
+                    c = Cycle(raw, _queue_of(raw, cfg), None, [], 1)
+                    self.log.warning("job.adopted", job=_loose_id(raw), queue=c.queue,
+                                     reason="claimed by a call whose reply was lost")
+                else:
+                    c = self._note(self.broker.cycle(self.name, pending, claim=True))
+                    pending = None
                 self._outage_over()
             except redis.RedisError as exc:
+                self._resync = True  # the failed call may have run: check our processing list when Redis is back
                 self._redis_down(exc)
                 continue
             now = time.monotonic()
             self._next_beat = now + self.cfg.heartbeat_interval  # the cycle just beat
             if now >= self._next_recover:
                 self._recover()
-            if raw is None:
+            if c.payload is None:
                 if self.burst:
                     break
-                self._idle(known, next_due)
+                self._idle(c.queues, c.next_due)
                 continue
             if self.sig.stopping or self.sig.quit:  # claimed while a stop arrived: hand it straight back
-                pending = Outcome.requeue(raw, queue)
+                pending = Outcome.requeue(c.payload, c.queue)
                 break
-            pending = self._process(raw, queue)
+            pending = self._process(c.payload, c.queue)
         return self._exit(pending, registered)
+
+    def _register(self) -> None:
+        if self.broker.name_in_use(self.name):  # a previous incarnation with our $DYNO and pid: never share its keys
+            self.name = f"{self.name}:{os.urandom(3).hex()}"
+            self.log.bound["worker"] = self.name
+        cfg = self.cfg
+        self.broker.register(self.name, {
+            "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
+            "queues": ",".join(cfg.queues), "started": time.time(), "state": "idle"})
+
+    def _note(self, c: Cycle) -> Cycle:
+        """A processing list holding more than the job just claimed means a lost reply left a claim behind."""
+        if c.held > (1 if c.payload is not None else 0):
+            self._resync = True
+        return c
 
     def _process(self, raw: str, queue: str) -> Outcome:
         try:
@@ -234,6 +260,18 @@ class Supervisor:
         return 0
 
 
+def _queue_of(raw: str, cfg: Config) -> str:
+    """The queue an adopted payload belongs to (its own field), else the first configured queue."""
+    import json
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("queue"), str) and doc["queue"]:
+            return doc["queue"]
+    except ValueError:
+        pass
+    return "default" if cfg.all_queues else cfg.queues[0]
+
+
 def _loose_id(raw: str) -> str:
     """The payload's own id when it has one, else a stable hash of the raw entry."""
     import hashlib
@@ -244,7 +282,7 @@ def _loose_id(raw: str) -> str:
             return doc["id"]
     except ValueError:
         pass
-    return hashlib.sha1(raw.encode("utf-8", "replace")).hexdigest()
+    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 def _record(raw, job_id, name, queue, worker, attempts, cause, res, history) -> dict:

@@ -1,0 +1,107 @@
+"""Chaos: three real workers process a few hundred short jobs while a seeded random schedule SIGTERMs them
+(gracefully: the parent only as foreman does, or the whole process group as Heroku does) and SIGKILLs whole trees
+(a dyno crash), restarting each one at once. At the end every job completed at least once, nothing is left in a
+processing list, nothing is lost. Duplicates (a job killed after its work, before its ack) are allowed and counted.
+
+``CHAOS_SEED`` replays a schedule (the seed is printed), ``CHAOS_JOBS`` and ``CHAOS_SECONDS`` size the run.
+"""
+from __future__ import annotations
+
+import os
+import random
+import re
+import signal
+import time
+
+import pytest
+import redis
+
+import worker.config
+from worker.failed import FailedRegistry
+from worker.fetch import Broker
+
+pytestmark = pytest.mark.slow
+
+MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
+ENV = {"JOB_MODULES": MODULES, "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "SHUTDOWN_WINDOW": "4",
+       "LOG_LEVEL": "INFO"}
+KEY = "chaos"
+
+
+def in_flight(r) -> dict:
+    return {k: r.llen(k) for k in r.keys("worker:processing:*") if r.llen(k)}
+
+
+@pytest.mark.timeout(240)
+def test_chaos_nothing_lost(r, spawn, redis_server):
+    seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2 ** 32))
+    n_jobs = int(os.environ.get("CHAOS_JOBS", "300"))
+    chaos_seconds = float(os.environ.get("CHAOS_SECONDS", "25"))
+    rng = random.Random(seed)
+    print(f"\nchaos: seed={seed} (CHAOS_SEED to replay the schedule)")
+    broker = Broker(redis.Redis.from_url(redis_server.url, decode_responses=True),
+                    worker.config.from_mapping({"REDIS_URL": redis_server.url}))
+    ids = [f"c{i}" for i in range(n_jobs)]
+    calls = [([KEY, jid, rng.choice([0.01, 0.02, 0.05, 0.1, 0.2, 0.4])], {}) for jid in ids]
+    broker.push_many("nl_chaos", calls[:n_jobs // 2])
+    later = calls[n_jobs // 2:]  # the rest arrives while the chaos runs (a stream, not only a backlog)
+
+    slots = [spawn(**ENV) for _ in range(3)]
+    termed, kills, terms = [], 0, 0
+    started = time.monotonic()
+    while time.monotonic() - started < chaos_seconds:
+        time.sleep(rng.uniform(0.3, 1.2))  # the chaos schedule itself, not a synchronisation
+        if later:
+            broker.push_many("nl_chaos", later[:30])
+            later = later[30:]
+        elif r.scard(KEY + ":done") == n_jobs:
+            break
+        i = rng.randrange(len(slots))
+        action = rng.choice(["kill", "kill", "term_parent", "term_group"])
+        victim = slots[i]
+        if action == "kill":
+            victim.kill_tree()  # dyno crash: no handler runs, the job stays in its processing list
+            kills += 1
+        else:
+            try:
+                if action == "term_group":  # Heroku: every process of the dyno
+                    os.killpg(victim.pid, signal.SIGTERM)
+                else:  # foreman: the direct child only
+                    victim.signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            termed.append(victim)
+            terms += 1
+        slots[i] = spawn(**ENV)  # the replacement dyno starts at once
+    if later:
+        broker.push_many("nl_chaos", later)
+
+    deadline = time.monotonic() + 90
+    while not (r.scard(KEY + ":done") == n_jobs and r.llen("worker:queue:default") == 0
+               and r.zcard("worker:scheduled") == 0 and in_flight(r) == {}):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+
+    done = r.smembers(KEY + ":done")
+    runs = r.lrange(KEY + ":runs", 0, -1)
+    failed = set(FailedRegistry(broker).ids())
+    lost = [jid for jid in ids if jid not in done]
+    duplicates = len(runs) - len(set(runs))
+    print(f"chaos: {n_jobs} jobs, {kills} SIGKILLs, {terms} SIGTERMs, {duplicates} ran twice, "
+          f"{len(failed)} in failed registry, lost={len(lost)}, {time.monotonic() - started:.1f}s")
+    assert lost == [], f"seed {seed}: {len(lost)} jobs never completed: {lost[:20]}; in flight: {in_flight(r)}; " \
+                       f"queued: {r.llen('worker:queue:default')}"
+    assert in_flight(r) == {} and r.llen("worker:queue:default") == 0 and r.zcard("worker:scheduled") == 0
+    assert set(runs) == set(ids)
+    assert failed == set(), "a job ended failed (it was lost MAX_ATTEMPTS times?)"
+    for w in slots:
+        assert w.popen.poll() is None, f"a worker died on its own:\n{w.output}"
+    for w in termed:  # every graceful stop ended with exit 0 inside the 4 s window
+        code = w.wait(10)
+        if "event=worker.start" not in w.output and code == -signal.SIGTERM:
+            continue  # signalled while still importing, before it had handlers or had claimed anything
+        exits = re.findall(r"event=worker\.exit .*?elapsed=([0-9.]+)", w.output)
+        assert code == 0, f"seed {seed}: SIGTERMed worker exited {code}:\n{w.output}"
+        assert exits and float(exits[-1]) < 4.0, w.output
+    broker.r.close()

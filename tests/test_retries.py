@@ -1,0 +1,229 @@
+"""Retries with backoff, delayed jobs, and the failed registry (CLI and API): a failed job is retried or recorded,
+a delayed job runs no sooner than asked and exactly once, and the failed registry stays bounded.
+"""
+from __future__ import annotations
+
+import json
+import signal
+import time
+from datetime import datetime, timedelta, timezone
+
+import pytest
+import redis
+
+import worker
+import worker.config
+import worker.jobs
+from worker.failed import FailedRegistry
+from worker.fetch import Broker
+
+MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
+QUEUE = "worker:queue:default"
+
+
+@pytest.fixture
+def broker(redis_server, r, monkeypatch):
+    """An in-process broker on the test Redis, also used by worker.enqueue_in/enqueue_at."""
+    b = Broker(redis.Redis.from_url(redis_server.url, decode_responses=True),
+               worker.config.from_mapping({"REDIS_URL": redis_server.url}))
+    monkeypatch.setattr(worker.jobs, "_default", b)
+    yield b
+    b.r.close()
+
+
+def events(r, key, n, timeout=20.0) -> list:
+    out = []
+    deadline = time.monotonic() + timeout
+    while len(out) < n:
+        # sliced: one BLPOP must stay under the client's socket timeout (5 s by default)
+        got = r.blpop(key, min(2.0, max(0.1, deadline - time.monotonic())))
+        if got is None and time.monotonic() < deadline:
+            continue
+        assert got is not None, f"{len(out)} of {n} events on {key!r} within {timeout}s"
+        out.append(json.loads(got[1]))
+    return out
+
+
+def wait_until(pred, timeout, what):
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+
+
+def nothing_in_flight(r) -> bool:
+    return (r.llen(QUEUE) == 0 and r.zcard("worker:scheduled") == 0
+            and not any(r.llen(k) for k in r.keys("worker:processing:*")))
+
+
+def burst(spawn, **env):
+    w = spawn("--burst", JOB_MODULES=MODULES, **env)
+    assert w.wait(60) == 0, w.output
+    return w
+
+
+# --- retries ---
+
+def test_flaky_job_succeeds_on_third_attempt(r, spawn, broker):
+    w = spawn(JOB_MODULES=MODULES)
+    job_id = broker.push("flaky", ["fl", 2], {})
+    done = events(r, "fl", 1, timeout=30)[0]
+    assert (done["event"], done["attempt"]) == ("done", 3)
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
+    assert r.get("fl:count") == "3"
+    assert FailedRegistry(broker).count() == 0 and nothing_in_flight(r)
+    assert w.output.count("event=job.retry ") == 2 and f"job={job_id}" in w.output
+
+
+def test_always_failing_job_is_retried_with_backoff_then_recorded(r, spawn, broker):
+    spawn(JOB_MODULES=MODULES)
+    job_id = broker.push("nl_always_fails", ["af"], {})
+    attempts = events(r, "af", 3, timeout=30)
+    # backoff (base 2 s, jitter 0.5-1.0): retry 1 after 1-2 s, retry 2 after 2-4 s; lower bounds only (no sooner)
+    gaps = [attempts[1]["t"] - attempts[0]["t"], attempts[2]["t"] - attempts[1]["t"]]
+    assert gaps[0] >= 0.95 and gaps[1] >= 1.95, gaps
+    reg = FailedRegistry(broker)
+    wait_until(lambda: reg.count() == 1, 10, "the failure record")
+    rec = reg.get(job_id)
+    assert rec["attempts"] == 3 and rec["cause"] == "error" and rec["type"] == "RuntimeError"
+    assert "always" in rec["message"] and "RuntimeError" in rec["traceback"]
+    assert [h["cause"] for h in rec["history"]] == ["error"] * 3
+    assert all(h["type"] == "RuntimeError" for h in rec["history"])
+    assert json.loads(rec["payload"])["id"] == job_id
+    assert nothing_in_flight(r) and r.llen("af") == 0, "no fourth attempt"
+    assert r.get("worker:stat:failed") == "1"
+
+
+def test_job_retries_env_sets_the_default(r, spawn, broker):
+    spawn(JOB_MODULES=MODULES, JOB_RETRIES="1")
+    job_id = broker.push("nl_boom", ["env retries"], {})
+    reg = FailedRegistry(broker)
+    wait_until(lambda: reg.count() == 1, 20, "the failure record")
+    assert reg.get(job_id)["attempts"] == 2 and len(reg.get(job_id)["history"]) == 2
+
+
+# --- delayed jobs ---
+
+def test_enqueue_in_and_enqueue_at_run_no_sooner_than_asked(r, spawn, broker):
+    spawn(JOB_MODULES=MODULES)
+    t0 = time.time()
+    worker.enqueue_in(2, "nl_stamp", "ev", "in")
+    worker.enqueue_at(datetime.now(timezone.utc) + timedelta(seconds=2.5), "nl_stamp", "ev", "at")
+    naive_utc = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=1.5)
+    worker.enqueue_at(naive_utc, "nl_stamp", "ev", "naive")  # naive datetimes are UTC
+    if time.time() < t0 + 1.0:  # (only meaningful if the test process was not stalled)
+        assert r.zcard("worker:scheduled") == 3 and r.llen(QUEUE) == 0
+    ran = {e["tag"]: e["t"] for e in events(r, "ev", 3)}
+    assert ran["naive"] >= t0 + 1.5 and ran["in"] >= t0 + 2 and ran["at"] >= t0 + 2.5, (t0, ran)
+    assert max(ran.values()) < t0 + 15  # and it did not wait for something else (generous)
+    wait_until(lambda: nothing_in_flight(r), 10, "the acks")
+
+
+def test_cli_enqueue_in(r, spawn, cli):
+    t0 = time.time()
+    res = cli("enqueue", "nl_stamp", "--args", '["ev", "cli"]', "--in", "2", JOB_MODULES=MODULES)
+    assert res.returncode == 0, res.stderr
+    assert r.zcard("worker:scheduled") == 1 and r.llen(QUEUE) == 0  # no worker yet: it stays scheduled
+    spawn(JOB_MODULES=MODULES)
+    (ran,) = events(r, "ev", 1)
+    assert ran["tag"] == "cli" and ran["t"] >= t0 + 2
+
+
+def test_due_jobs_move_exactly_once_with_several_workers(r, spawn, broker):
+    workers = [spawn(JOB_MODULES=MODULES) for _ in range(3)]
+    wait_until(lambda: r.zcard("worker:workers") == 3, 20, "three workers")
+    due = time.time() + 1.5  # all due in the same millisecond: every worker's claim cycle competes for them
+    ids = [broker.push("push", ["out", str(i)], {}, due=due) for i in range(60)]
+    assert r.zcard("worker:scheduled") == 60
+    wait_until(lambda: int(r.get("worker:stat:processed") or 0) >= 60 and nothing_in_flight(r), 30, "60 jobs")
+    assert sorted(r.lrange("out", 0, -1), key=int) == [str(i) for i in range(60)]
+    assert r.get("worker:stat:processed") == "60"
+    assert len(set(ids)) == 60 and all(w.popen.poll() is None for w in workers)
+
+
+# --- the failed registry ---
+
+def test_failed_registry_cli_and_api(r, spawn, cli, broker):
+    ids = [broker.push("nl_fail_unless", ["flag", "out"], {}) for _ in range(3)]
+    boom = broker.push("nl_boom", ["kaboom"], {})
+    burst(spawn)
+    reg = FailedRegistry(broker)
+    assert reg.count() == 4
+
+    res = cli("failed")
+    assert res.returncode == 0 and "4 failed job(s)" in res.stdout
+    assert all(i in res.stdout for i in ids + [boom]) and "nl_fail_unless" in res.stdout and "kaboom" in res.stdout
+    doc = json.loads(cli("failed", "list", "--json", "--limit", "2").stdout)
+    assert doc["count"] == 4 and [j["id"] for j in doc["jobs"]] == reg.ids(2)
+    assert reg.ids()[0] == boom, "newest first"
+    shown = cli("failed", "show", ids[0])
+    rec = json.loads(shown.stdout)
+    assert shown.returncode == 0 and rec["id"] == ids[0] and rec["cause"] == "error"
+    assert rec["type"] == "RuntimeError" and "flag is not set" in rec["message"] and rec["traceback"]
+    assert json.loads(rec["payload"])["name"] == "nl_fail_unless" and rec["attempts"] == 1
+    assert cli("failed", "show", "nope").returncode == 1
+
+    r.set("flag", 1)  # the bug is "fixed": retried jobs now succeed
+    res = cli("failed", "retry", ids[0])
+    assert res.returncode == 0 and "retried 1" in res.stdout
+    assert json.loads(r.lindex(QUEUE, 0))["attempts"] == 0 and reg.get(ids[0]) is None
+    assert cli("failed", "retry", "nope").returncode == 1
+    assert cli("failed", "retry").returncode == 2  # neither an id nor --all
+    assert reg.retry([ids[1], "nope"]) == [ids[1]]
+    assert r.llen(QUEUE) == 2 and reg.count() == 2
+
+    res = cli("failed", "remove", ids[2])
+    assert res.returncode == 0 and "removed 1" in res.stdout and reg.get(ids[2]) is None
+    assert cli("failed", "remove", "nope").returncode == 1
+    res = cli("failed", "retry", "--all")
+    assert res.returncode == 0 and "retried 1" in res.stdout and reg.count() == 0
+
+    burst(spawn)
+    assert r.lrange("out", 0, -1) == ["ok", "ok"]
+    assert reg.ids() == [boom], "the retried boom failed again"
+    assert reg.remove(["nope"]) == 0
+    res = cli("failed", "remove", "--all")
+    assert res.returncode == 0 and "removed 1" in res.stdout
+    assert reg.count() == 0 and r.hlen("worker:failed:data") == 0 and nothing_in_flight(r)
+
+
+def test_failed_max_keeps_the_newest(r, spawn, broker):
+    ids = [broker.push("nl_boom", [f"m{i}"], {}) for i in range(8)]
+    burst(spawn, FAILED_MAX="5")
+    reg = FailedRegistry(broker)
+    assert reg.count() == 5 and r.hlen("worker:failed:data") == 5
+    assert reg.ids() == ids[:2:-1], "the 5 newest, newest first"
+    assert r.get("worker:stat:failed") == "8"
+
+
+def test_failed_ttl_trims_old_records(r, spawn, broker):
+    old = broker.push("nl_boom", ["old"], {})
+    burst(spawn, FAILED_TTL="1")
+    reg = FailedRegistry(broker)
+    assert reg.ids() == [old]
+    # The TTL is the behaviour under test: let it pass on the Redis clock, then the next failure trims.
+    failed_at = r.zscore("worker:failed", old)
+    wait_until(lambda: (lambda s, us: s * 1000 + us // 1000)(*r.time()) > failed_at + 1100, 5, "the TTL")
+    new = broker.push("nl_boom", ["new"], {})
+    burst(spawn, FAILED_TTL="1")
+    assert reg.ids() == [new] and r.hlen("worker:failed:data") == 1
+
+
+# --- graceful put-back ---
+
+@pytest.mark.parametrize("name,attempts", [("nl_hang", 0), ("nl_fail_then_hang", 1)])
+def test_graceful_put_back_does_not_count_as_an_attempt(r, spawn, broker, name, attempts):
+    """SIGTERM interrupts the job; it goes back to the head of its queue with its attempts unchanged (0 for a
+    fresh job, 1 for a job already failed once and now on its retry)."""
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW="4")
+    job_id = broker.push(name, ["ev"], {})
+    started = events(r, "ev", 1 + attempts, timeout=20)
+    assert started[-1]["event"] == "started"
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0, w.output
+    assert r.llen(QUEUE) == 1
+    doc = json.loads(r.lindex(QUEUE, 0))
+    assert doc["id"] == job_id and doc["attempts"] == attempts
+    assert len(doc.get("errors") or []) == attempts
+    assert r.zcard("worker:scheduled") == 0 and r.zcard("worker:failed") == 0
+    assert not any(r.llen(k) for k in r.keys("worker:processing:*"))
