@@ -1,7 +1,9 @@
 """The forked child: set up signals, run one job, report the outcome on a pipe, leave with ``os._exit``.
 
-The child never talks to Redis for the runtime: the parent does all bookkeeping from the report (and from the exit
-status when there is no report: a segfault, an OOM kill, ``os._exit(3)``).
+"The parent" below is the worker (supervisor), which signals this process directly and owns every deadline; the
+process that forked it is the fork server (``forkserver.py``). The child never talks to Redis for the runtime: the
+worker does all bookkeeping from the report (and from the exit status when there is no report: a segfault, an OOM
+kill, ``os._exit(3)``).
 
 Signals in the child:
 
@@ -10,7 +12,8 @@ Signals in the child:
   :func:`shutdown_requested` true, and the exception waits for the parent's RAISE signal at the end of the grace.
   Further signals are absorbed: the child never dies of them, and only the parent's deadline ends the budget.
 * QUIT, USR1, USR2 are ignored (they are meant for the parent; a group-wide one must not kill the job).
-* The child dies with its parent (Linux parent-death signal), so a job never runs on unsupervised.
+* The child dies with the fork server, which dies with the worker (Linux parent-death signals), so a job never runs
+  on unsupervised.
 """
 from __future__ import annotations
 
@@ -67,14 +70,15 @@ def _on_raise(signum, frame):
 
 
 _libc = None
-try:  # loaded once in the parent, so the child pays nothing for it
+try:  # loaded once in the fork server, so the child pays nothing for it
     _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
 except OSError:
     pass
 
 
 def setup(parent_pid: int, grace: float) -> None:
-    """First thing after fork in the child (signals are still blocked by the parent's mask)."""
+    """First thing after fork in the child (the stop signals are still blocked by the fork server's mask).
+    ``parent_pid`` is the process that forked us."""
     _state.grace = grace
     try:
         signal.set_wakeup_fd(-1)
@@ -82,21 +86,21 @@ def setup(parent_pid: int, grace: float) -> None:
         pass
     _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
     _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
-    _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # the parent's watchdog is not the job's; timers do not fork
+    _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # job code may use alarm()
     for sig in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
         _fast.signal(sig, _fast.SIG_IGN)
     _fast.signal(signal.SIGTERM, _on_stop)
     _fast.signal(signal.SIGINT, _on_stop)
     _fast.signal(RAISE_SIGNAL, _on_raise)
     if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the parent
-        if os.getppid() != parent_pid:  # the parent died before prctl took effect
+        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
+        if os.getppid() != parent_pid:  # it died before prctl took effect
             os._exit(1)
 
 
 def run(spec, doc, report_fd: int) -> None:
     """Run the job and exit. Never returns."""
-    report = {"status": "ok"}
+    report = None  # success: the constant _OK, no encoding on the hot path
     try:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
@@ -114,10 +118,13 @@ def run(spec, doc, report_fd: int) -> None:
     _finish(report, report_fd)
 
 
+_OK = b'{"status":"ok"}'
+
+
 def _finish(report, fd):
     code = 0
     try:
-        data = memoryview(json.dumps(report, default=str).encode())
+        data = memoryview(_OK if report is None else json.dumps(report, default=str).encode())
         while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
             data = data[os.write(fd, data):]
     except BaseException:

@@ -22,9 +22,19 @@ def _value(v) -> str:
     return s if _BARE.match(s) else '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
+_second = [-1, ""]  # the formatted second, reused for every line within it
+
+
+def _stamp() -> str:
+    now = time.time()
+    sec = int(now)
+    if sec != _second[0]:
+        _second[0], _second[1] = sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+    return f"ts={_second[1]}.{int((now - sec) * 1000):03d}Z "
+
+
 def fmt(event: str, fields: dict, level: str = "info", stamp: bool = True) -> str:
-    head = f"ts={time.strftime('%Y-%m-%dT%H:%M:%S', time.gmtime())}.{int(time.time() * 1000) % 1000:03d}Z " \
-        if stamp else ""
+    head = _stamp() if stamp else ""
     body = " ".join(f"{k}={_value(v)}" for k, v in fields.items() if v is not None)
     return f"{head}level={level} event={event}" + (f" {body}" if body else "")
 

@@ -1,5 +1,8 @@
 """Run one job in a forked child and supervise it to the end (Sidekiq's processor, one fork per job).
 
+The child is forked by the fork server (``forkserver.py``) rather than by this process, which keeps the worker's
+own memory free of copy-on-write faults; the worker still signals the child directly and owns every deadline.
+
 The parent waits in ``select`` on the child's report pipe and the signal wake-up pipe, so every stage of a shutdown
 happens within a millisecond of its time, all derived from one moment (the first TERM/INT)::
 
@@ -20,7 +23,7 @@ import signal
 import sys
 import time
 
-from . import child
+from .forkserver import ForkServer, ForkServerError
 from .signals import RAISE_SIGNAL
 
 
@@ -41,33 +44,25 @@ class Processor:
 
     def __init__(self, cfg, sig, log, tick=lambda: None, on_stop=lambda: None):
         self.cfg, self.sig, self.log, self.tick, self.on_stop = cfg, sig, log, tick, on_stop
-        self.ppid = os.getpid()
+        self.forks = ForkServer(cfg)
 
-    def run(self, spec, doc) -> dict:
+    def run(self, spec, doc, raw: str) -> dict:
+        """Run payload ``raw`` (already decoded into ``doc`` and checked against ``spec``) in a child; returns the
+        result dict. Raises :class:`ForkServerError` if no child could be started (twice): the job never ran."""
         timeout = spec.timeout if spec.timeout is not None else self.cfg.job_timeout
         r, w = os.pipe()
-        mask = self.sig.block()
         try:
-            pid = os.fork()
-        except BaseException:
-            self.sig.unblock(mask)
-            os.close(r)
-            os.close(w)
-            raise
-        if pid == 0:  # child: never returns
             try:
-                os.close(r)
-                child.setup(self.ppid, self.cfg.term_grace)
-                child.run(spec, doc, w)
-            except BaseException:  # a runtime bug, not the job's: say so on stderr before leaving
-                import traceback
-                traceback.print_exc()
-                sys.stderr.flush()
-            finally:
-                os._exit(71)
+                pid = self.forks.spawn(raw, w)
+            except ForkServerError as exc:
+                self.log.warning("forkserver.restart", reason=str(exc))
+                pid = self.forks.spawn(raw, w)
+        except BaseException:
+            os.close(r)
+            raise
+        finally:
+            os.close(w)
         self.sig.child_pid = pid
-        self.sig.unblock(mask)
-        os.close(w)
         fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
         try:
             return self._supervise(pid, r, timeout)
@@ -75,13 +70,21 @@ class Processor:
             self.sig.child_pid = 0
             os.close(r)
 
+    def close(self) -> None:
+        self.forks.stop()
+
     def _supervise(self, pid: int, r: int, timeout: float) -> dict:
         cfg, sig = self.cfg, self.sig
         started = time.monotonic()
         chunks, killed_for, termed, raised, eof = [], None, False, False, False
         while True:
-            wpid, status = os.waitpid(pid, os.WNOHANG)
-            if wpid:
+            try:
+                status = self.forks.poll()
+            except ForkServerError:  # the server died; the child died with it (parent-death signal)
+                status = None
+                killed_for = killed_for or "forkserver"
+                break
+            if status is not None:
                 break
             now = time.monotonic()
             wait = min(1.0, cfg.heartbeat_interval)  # tick() must run at least once per heartbeat interval
@@ -118,10 +121,11 @@ class Processor:
                 else:
                     wait = min(wait, left)
             self.tick()
-            # Once the report pipe is at EOF the child is exiting: wait for its SIGCHLD (via the wake-up pipe)
-            # instead of spinning on a pipe that stays readable.
+            # Once the report pipe is at EOF the child is exiting: wait for the server's exit-status frame instead
+            # of spinning on a pipe that stays readable.
+            watch = [self.forks.fileno(), sig.wake_r] if eof else [r, self.forks.fileno(), sig.wake_r]
             try:
-                ready, _, _ = select.select([sig.wake_r] if eof else [r, sig.wake_r], [], [], wait)
+                ready, _, _ = select.select(watch, [], [], wait)
             except InterruptedError:
                 ready = []
             if r in ready:
@@ -164,6 +168,8 @@ class Processor:
             res = {"status": "interrupted", "message": "killed at the TERM_TIMEOUT deadline"}
         elif killed_for == "timeout":
             res = {"status": "timeout", "type": "JobTimeout", "message": f"timed out after {timeout:g} s"}
+        elif killed_for == "forkserver":
+            res = {"status": "crash", "type": "ChildCrashed", "message": "the fork server died during the job"}
         elif killed_for == "usr1":
             res = {"status": "killed", "type": "Killed", "message": "killed by SIGUSR1 to the worker"}
         elif termed:  # died some other way during a shutdown: it was interrupted, not broken

@@ -36,8 +36,6 @@ from typing import Optional
 # real-time signal on Linux (SIGUSR2 elsewhere, where real-time signals are missing).
 RAISE_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2)
 
-HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, signal.SIGCONT,
-           signal.SIGCHLD, signal.SIGALRM)
 WATCHDOG_EXIT = 3
 
 
@@ -135,13 +133,6 @@ class SignalState:
         except BlockingIOError:
             pass
 
-    def block(self):
-        """Hold every handled signal pending (around fork, so the child never runs the parent's handlers)."""
-        return fast.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-
-    @staticmethod
-    def unblock(old) -> None:
-        fast.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _signame(signum) -> str:

@@ -19,6 +19,7 @@ import redis
 from . import client, jobs
 from .config import Config, redact_url
 from .fetch import Broker, Cycle, Outcome, backoff_delay
+from .forkserver import ForkServerError
 from .runner import Processor
 from .signals import SignalState
 
@@ -38,6 +39,7 @@ class Supervisor:
         self._next_beat = 0.0
         self._side: Optional[Broker] = None
         self._resync = False
+        self.fatal: Optional[str] = None
         self._next_recover = 0.0
         self._outage = 0
         self.processed = 0
@@ -53,7 +55,7 @@ class Supervisor:
         pending: Optional[Outcome] = None
         registered = False
         adopted: list = []  # claims whose reply was lost, found in our own processing list: run them
-        while not (self.sig.stopping or self.sig.quit):
+        while not (self.sig.stopping or self.sig.quit or self.fatal):
             try:
                 if not registered:
                     self._register()
@@ -122,7 +124,12 @@ class Supervisor:
             return Outcome.fail(raw, job_id, _record(raw, job_id, "", queue, self.name, 1, "bad_payload",
                                                      {"type": "BadJob", "message": str(exc)}, []))
         self.log.debug("job.start", job=doc["id"], name=spec.name, queue=queue)
-        res = self.proc.run(spec, doc)
+        try:
+            res = self.proc.run(spec, doc, raw)
+        except ForkServerError as exc:  # the job never started: put it back, and stop (a worker that cannot
+            self.fatal = f"cannot start jobs: {exc}"  # fork is broken; the platform restarts crashed dynos)
+            self.log.error("worker.fatal", error=self.fatal, job=doc["id"])
+            return Outcome.requeue(raw, queue)
         status = res["status"]
         fields = dict(job=doc["id"], name=spec.name, queue=queue, duration=res["duration"])
         if status == "ok":
@@ -255,9 +262,10 @@ class Supervisor:
             broker.r.close()
             if self._side is not None:
                 self._side.r.close()
-        self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(),
-                      reason="signal" if sig.stopping else ("quit" if sig.quit else "burst"))
-        return 0
+            self.proc.close()
+        reason = "signal" if sig.stopping else "quit" if sig.quit else "fatal" if self.fatal else "burst"
+        self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(), reason=reason)
+        return 1 if self.fatal and not sig.stopping else 0
 
 
 def _queue_of(raw: str, cfg: Config) -> str:
