@@ -1,0 +1,55 @@
+"""The fork server: one per worker, gone with it, and replaced if it dies mid-job (the job is not lost)."""
+import json
+import os
+import signal
+
+import pytest
+
+from tests.conftest import descendants
+
+
+def cmdline(pid):
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def ppid(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+def forkservers(root):
+    """The worker's direct children running the fork server (job children share its command line)."""
+    return [p for p in descendants(root) if "worker.forkserver" in cmdline(p) and ppid(p) == root]
+
+
+def started(r, key):
+    item = r.blpop(key, 15)
+    assert item, "the job did not start"
+    return json.loads(item[1])
+
+
+@pytest.mark.timeout(60)
+def test_fork_server_killed_mid_job_crashes_that_job_only(r, cli, spawn):
+    w = spawn()
+    assert cli("enqueue", "term_probe", "--args", '["ev"]').returncode == 0
+    assert started(r, "ev")["event"] == "started"
+    servers = forkservers(w.pid)
+    assert len(servers) == 1, [cmdline(p) for p in descendants(w.pid)]
+    job_pid = [p for p in descendants(servers[0])]
+    assert len(job_pid) == 1
+    os.kill(servers[0], signal.SIGKILL)
+    w.wait_for(r"event=job.failed .*error=\"the fork server died during the job\"")
+    assert not os.path.exists(f"/proc/{job_pid[0]}") or "Z" in open(f"/proc/{job_pid[0]}/stat").read().split()[2]
+    # the next job runs on a new fork server
+    assert cli("enqueue", "push", "--args", '["out", "next"]').returncode == 0
+    assert r.blpop("out", 15)[1] == "next"
+    assert len(forkservers(w.pid)) == 1 and forkservers(w.pid) != servers
+    assert r.keys("worker:processing:*") == [] or all(r.llen(k) == 0 for k in r.keys("worker:processing:*"))
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0
+    assert descendants(w.pid) == []
