@@ -2,6 +2,7 @@
 import json
 import os
 import signal
+import time
 
 import pytest
 
@@ -14,6 +15,16 @@ def cmdline(pid):
             return f.read().replace(b"\0", b" ").decode()
     except OSError:
         return ""
+
+
+def gone(pid) -> bool:
+    """True once ``pid`` no longer exists or is a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"
 
 
 def ppid(pid):
@@ -44,12 +55,20 @@ def test_fork_server_killed_mid_job_crashes_that_job_only(r, cli, spawn):
     assert len(job_pid) == 1
     os.kill(servers[0], signal.SIGKILL)
     w.wait_for(r"event=job.failed .*error=\"the fork server died during the job\"")
-    assert not os.path.exists(f"/proc/{job_pid[0]}") or "Z" in open(f"/proc/{job_pid[0]}/stat").read().split()[2]
+    # the job child got the parent-death SIGKILL; wait (bounded) for the kernel to finish tearing it down
+    deadline = time.monotonic() + 10
+    while gone(job_pid[0]) is False:
+        assert time.monotonic() < deadline, f"job child {job_pid[0]} outlived its fork server"
+        time.sleep(0.01)
     # the next job runs on a new fork server
     assert cli("enqueue", "push", "--args", '["out", "next"]').returncode == 0
     assert r.blpop("out", 15)[1] == "next"
     assert len(forkservers(w.pid)) == 1 and forkservers(w.pid) != servers
-    assert r.keys("worker:processing:*") == [] or all(r.llen(k) == 0 for k in r.keys("worker:processing:*"))
+    deadline = time.monotonic() + 10  # the ack travels with the worker's next cycle, just after the job's push
+    while r.get("worker:stat:processed") != "1":
+        assert time.monotonic() < deadline, "the second job was never acknowledged"
+        time.sleep(0.01)
+    assert all(r.llen(k) == 0 for k in r.keys("worker:processing:*"))
     w.signal(signal.SIGTERM)
     assert w.wait(10) == 0
     assert descendants(w.pid) == []

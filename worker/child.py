@@ -76,14 +76,13 @@ except OSError:
     pass
 
 
-def setup(parent_pid: int, grace: float) -> None:
-    """First thing after fork in the child (the stop signals are still blocked by the fork server's mask).
-    ``parent_pid`` is the process that forked us."""
+def install(grace: float) -> None:
+    """Install the child's signal dispositions once, in the fork server, before any fork.
+
+    The fork server keeps these signals blocked, so the handlers never run there; every child inherits them and
+    the blocked mask, and :func:`run` unblocks. Doing this once saves each child a dozen calls on the hot path.
+    """
     _state.grace = grace
-    try:
-        signal.set_wakeup_fd(-1)
-    except ValueError:
-        pass
     _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
     _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
     _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # job code may use alarm()
@@ -92,6 +91,11 @@ def setup(parent_pid: int, grace: float) -> None:
     _fast.signal(signal.SIGTERM, _on_stop)
     _fast.signal(signal.SIGINT, _on_stop)
     _fast.signal(RAISE_SIGNAL, _on_raise)
+
+
+def setup(parent_pid: int) -> None:
+    """First thing after fork in the child (the stop signals are still blocked by the fork server's mask).
+    ``parent_pid`` is the process that forked us."""
     if _libc is not None:
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
         if os.getppid() != parent_pid:  # it died before prctl took effect

@@ -137,6 +137,7 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
     if os.getppid() != parent:
         return 1
     jobs.import_modules(modules)
+    child.install(grace)  # blocked here; inherited by every child
     gc.freeze()  # imports done: keep these objects out of the children's collections (fewer pages touched)
     sock = socket.socket(fileno=fd)
     me = os.getpid()
@@ -155,7 +156,7 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
         if pid == 0:
             try:
                 sock.close()
-                child.setup(me, grace)
+                child.setup(me)
                 doc = json.loads(data.decode("utf-8", "surrogateescape"))
                 spec = jobs.registered(doc["name"])
                 child.run(spec, doc, report_w)
