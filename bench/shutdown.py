@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -40,22 +39,14 @@ if str(REPO) not in sys.path:
 
 import redis  # noqa: E402
 
-from tests import dyno  # noqa: E402  (the emulator: one implementation for tests and bench)
+from tests import dyno  # noqa: E402
+from tests.support import CONFIG_VARS, free_port  # noqa: E402  (the emulator: one implementation for tests and bench)
 from worker.config import from_mapping  # noqa: E402
 from worker.fetch import Broker  # noqa: E402
 
 WINDOW = 10.0
 # The runtime's variables are stripped from the workers' environment (and their cwd is a temp dir, so no .env):
 # a developer's shell cannot change what is measured.
-CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
-               "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
-               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Worker:

@@ -9,7 +9,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -21,15 +20,7 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
-               "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
-               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.support import CONFIG_VARS, descendants, free_port  # noqa: F401 (descendants: used by tests)
 
 
 class RedisServer:
@@ -93,29 +84,6 @@ def env(redis_server):
     e.update({"REDIS_URL": redis_server.url, "JOB_MODULES": "worker.sample,tests.jobs", "PYTHONUNBUFFERED": "1",
               "PYTHONPATH": str(REPO), "LOG_LEVEL": "DEBUG"})
     return e
-
-
-def descendants(pid: int) -> list:
-    """Every live process below ``pid`` (by parent pid, so children that left the process group count too)."""
-    children = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2:].split()
-        if fields[0] == "Z":
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry))
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
 
 
 class Proc:

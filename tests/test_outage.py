@@ -21,6 +21,8 @@ import redis
 import worker.config
 from worker.fetch import Broker
 
+from tests.support import wait_until
+
 pytestmark = pytest.mark.slow
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
@@ -52,13 +54,6 @@ def lines(path) -> list:
 
 def done_tags(path) -> list:
     return [parts[1] for parts in lines(path) if parts[0] == "done"]
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def in_flight(r) -> dict:

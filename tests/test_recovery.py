@@ -20,6 +20,8 @@ import worker.jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
+from tests.support import wait_until
+
 from .conftest import PYTHON, REPO
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
@@ -51,13 +53,6 @@ def next_event(r, key, timeout=20.0) -> dict:
     got = blpop(r, key, timeout)
     assert got is not None, f"no event on {key!r} within {timeout}s"
     return json.loads(got[1])
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def redis_ms(r) -> int:
@@ -121,7 +116,7 @@ def test_recovery_time_with_default_heartbeat_settings(r, spawn):
     a.kill_tree()
     got = blpop(r, "ev", 60)
     took = time.monotonic() - killed_at
-    print(f"\nrecovery with default heartbeat settings: "
+    print("\nrecovery with default heartbeat settings: "
           + (f"job running again {took:.1f}s after SIGKILL" if got else f"NOT recovered within {took:.0f}s"))
     assert got is not None, f"job not recovered within 60 s of the SIGKILL; worker B output:\n{b.output}"
     assert json.loads(got[1])["run"] == 2

@@ -17,6 +17,8 @@ import worker.jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
+from tests.support import wait_until
+
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
 QUEUE = "worker:queue:default"
 
@@ -42,13 +44,6 @@ def events(r, key, n, timeout=20.0) -> list:
         assert got is not None, f"{len(out)} of {n} events on {key!r} within {timeout}s"
         out.append(json.loads(got[1]))
     return out
-
-
-def wait_until(pred, timeout, what):
-    deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
 
 
 def nothing_in_flight(r) -> bool:

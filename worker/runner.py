@@ -20,7 +20,6 @@ import json
 import os
 import select
 import signal
-import sys
 import time
 
 from .forkserver import ForkServer, ForkServerError

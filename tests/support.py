@@ -1,0 +1,48 @@
+"""Helpers shared by the test suite and bench/shutdown.py (plain Python: no pytest import)."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+
+#: The runtime's variables, stripped from spawned workers' environments so a developer's shell cannot change a test.
+CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
+               "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
+               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_until(pred, timeout, what):
+    """Poll ``pred`` (a cheap Redis read or /proc look-up) until true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> list:
+    """Every live process below ``pid`` (by parent pid, so children that left the process group count too)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        if fields[0] == "Z":
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
