@@ -48,11 +48,13 @@ def started(r, key):
 def test_fork_server_killed_mid_job_crashes_that_job_only(r, cli, spawn):
     w = spawn()
     assert cli("enqueue", "term_probe", "--args", '["ev"]').returncode == 0
-    assert started(r, "ev")["event"] == "started"
+    ev = started(r, "ev")
+    assert ev["event"] == "started"
     servers = forkservers(w.pid)
     assert len(servers) == 1, [cmdline(p) for p in descendants(w.pid)]
-    job_pid = [p for p in descendants(servers[0])]
-    assert len(job_pid) == 1
+    job_pid = [ev["pid"]]
+    assert job_pid[0] in descendants(servers[0])
+    assert len(descendants(servers[0])) == 2, "the job's child and one spare waiting for the next job"
     os.kill(servers[0], signal.SIGKILL)
     w.wait_for(r"event=job.failed .*error=\"the fork server died during the job\"")
     # the job child got the parent-death SIGKILL; wait (bounded) for the kernel to finish tearing it down

@@ -16,6 +16,9 @@ Process tree::
   right after (``child.run`` unblocks), never lost.
 * It dies with the worker (parent-death signal, and end of file on its socket); the job child dies with it.
 
+The server keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next
+job overlaps the current one; each child still runs exactly one job.
+
 Protocol on a Unix stream socket. Worker to server: 4-byte big-endian length, then the payload JSON, with the write
 end of the job's report pipe passed (SCM_RIGHTS) on the first chunk. Server to worker: ``P`` + pid, then ``S`` +
 wait status once the child is reaped (8-byte signed integers).
@@ -68,11 +71,8 @@ class ForkServer:
         """Have the server fork a child for payload ``raw`` reporting on ``report_w``; returns the child's pid."""
         if self.sock is None:
             self.start()
-        data = raw.encode("utf-8", "surrogateescape")
-        head = struct.pack(">I", len(data)) + data[:65536]
         try:
-            sent = socket.send_fds(self.sock, [head], [report_w])
-            self.sock.sendall(head[sent:] + data[65536:])
+            _send_job(self.sock, raw.encode("utf-8", "surrogateescape"), report_w)
             kind, pid = self._frame(timeout=10.0 if self._warm else 120.0)
         except OSError as exc:
             self.stop()
@@ -128,8 +128,59 @@ class ForkServer:
         self._warm = False
 
 
+def _send_job(sock: socket.socket, data: bytes, report_w: int) -> None:
+    """One job message: length, payload, and the report pipe's write end riding on the first chunk."""
+    head = struct.pack(">I", len(data)) + data[:65536]
+    sent = socket.send_fds(sock, [head], [report_w])
+    rest = head[sent:] + data[65536:]
+    if rest:  # sendall(b"") still calls send(): EPIPE if the reader already took the message and closed
+        sock.sendall(rest)
+
+
+def _recv_job(sock: socket.socket):
+    """``(payload bytes, report fd)``, or None at end of file (the sender is gone)."""
+    msg, fds, _, _ = socket.recv_fds(sock, 65536 + 4, 1)
+    if len(msg) < 4 or not fds:
+        return None
+    need, data = struct.unpack(">I", msg[:4])[0], msg[4:]
+    while len(data) < need:
+        more = sock.recv(need - len(data))
+        if not more:
+            return None
+        data += more
+    return data, fds[0]
+
+
+def _spare(listen: socket.socket, me: int, child, jobs) -> None:
+    """Body of a pre-forked child: wait for one job, run it, exit. Never returns.
+
+    Stop signals stay blocked (pending) while it waits; ``child.run`` unblocks them, so a TERM that arrived in the
+    meantime is delivered as the job starts, exactly as for a child forked on demand. End of file on ``listen``
+    (the fork server is gone or stopping) ends it without running anything.
+    """
+    try:
+        child.setup(me)
+        job = _recv_job(listen)
+        if job is None:
+            os._exit(0)
+        data, report_w = job
+        listen.close()
+        doc = json.loads(data.decode("utf-8", "surrogateescape"))
+        child.run(jobs.registered(doc["name"]), doc, report_w)
+    except BaseException:  # a runtime bug, not the job's: say so before leaving
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+    finally:
+        os._exit(71)
+
+
 def serve(fd: int, parent: int, grace: float, modules) -> int:
-    """The fork server's loop (runs in the exec'd process)."""
+    """The fork server's loop (runs in the exec'd process).
+
+    It keeps one spare child forked ahead of time, waiting for its payload: the fork for job N+1 then happens while
+    job N runs and the worker records it, instead of on the critical path. Each child still runs exactly one job.
+    """
     signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
     from . import child, jobs
     if child._libc is not None:
@@ -141,33 +192,36 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
     gc.freeze()  # imports done: keep these objects out of the children's collections (fewer pages touched)
     sock = socket.socket(fileno=fd)
     me = os.getpid()
-    while True:
-        msg, fds, _, _ = socket.recv_fds(sock, 65536 + 4, 1)
-        if len(msg) < 4 or not fds:
-            return 0  # the worker closed the socket (or broke protocol): leave
-        need, data = struct.unpack(">I", msg[:4])[0], msg[4:]
-        while len(data) < need:
-            more = sock.recv(need - len(data))
-            if not more:
-                return 0
-            data += more
-        report_w = fds[0]
+
+    def fork_spare():
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         pid = os.fork()
         if pid == 0:
-            try:
-                sock.close()
-                child.setup(me)
-                doc = json.loads(data.decode("utf-8", "surrogateescape"))
-                spec = jobs.registered(doc["name"])
-                child.run(spec, doc, report_w)
-            except BaseException:  # a runtime bug, not the job's: say so before leaving
-                import traceback
-                traceback.print_exc()
-                sys.stderr.flush()
-            finally:
-                os._exit(71)
+            sock.close()
+            ours.close()
+            _spare(theirs, me, child, jobs)
+        theirs.close()
+        return pid, ours
+
+    spare = fork_spare()
+    while True:
+        job = _recv_job(sock)
+        if job is None:
+            return 0  # the worker closed the socket: leave (the spare sees end of file and exits too)
+        data, report_w = job
+        pid, line = spare
+        if os.waitpid(pid, os.WNOHANG)[0]:  # the spare died while waiting (killed from outside): replace it
+            line.close()
+            pid, line = fork_spare()
+        try:
+            _send_job(line, data, report_w)
+        except OSError:
+            # Never hand the job to a second child: this one may have it. Kill it; the worker records how it ended.
+            os.kill(pid, signal.SIGKILL)
+        line.close()
         os.close(report_w)
         sock.sendall(_FRAME.pack(b"P", pid))
+        spare = fork_spare()  # while job N runs
         _, status = os.waitpid(pid, 0)
         sock.sendall(_FRAME.pack(b"S", status))
 
