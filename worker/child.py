@@ -40,6 +40,7 @@ class TermException(BaseException):
 class _ChildState:
     shutdown = False   # a stop signal arrived (shutdown_requested)
     raised = False     # TermException was raised once; never again
+    raise_asked = False  # the worker's RAISE signal arrived (possibly before the job started)
     running = False    # the job function is on the stack; outside it a signal only sets flags
     grace = 0.0
 
@@ -66,6 +67,7 @@ def _on_stop(signum, frame):
 
 def _on_raise(signum, frame):
     _state.shutdown = True
+    _state.raise_asked = True
     _raise_once()
 
 
@@ -109,7 +111,7 @@ def run(spec, doc, report_fd: int) -> None:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
             _state.running = True
-            if _state.shutdown and _state.grace <= 0:  # a stop arrived before the job could start
+            if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
             spec.fn(*doc["args"], **doc["kwargs"])
         finally:

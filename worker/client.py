@@ -28,7 +28,6 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     kwargs = dict(
         socket_timeout=t,
         socket_connect_timeout=t,
-        socket_keepalive=True,
         health_check_interval=30,
         client_name=name,
         decode_responses=True,
@@ -38,6 +37,8 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0),
         retry_on_error=[redis.ConnectionError, redis.TimeoutError],
     )
+    if not cfg.redis_url.startswith("unix://"):
+        kwargs["socket_keepalive"] = True  # TCP only: redis-py's Unix socket connection refuses the option
     if cfg.redis_url.startswith("rediss://") and not cfg.redis_tls_verify:
         kwargs["ssl_cert_reqs"] = None
         kwargs["ssl_check_hostname"] = False

@@ -121,16 +121,21 @@ def _list(env, name, default, pattern, what):
 
 
 def redact_url(url: str) -> str:
-    """The URL with any password replaced by ``***`` (safe for logs and CLI output)."""
-    try:
-        parts = urlsplit(url)
-        if parts.password is None:
-            return url
-        netloc = parts.netloc.rsplit("@", 1)[1]
-        user = parts.username or ""
-        return parts._replace(netloc=f"{user}:***@{netloc}").geturl()
-    except ValueError:
-        return "<unparsable url>"
+    """The URL with every credential replaced by ``***`` (safe for logs and CLI output).
+
+    Works on the raw text rather than a parse, so a password with an unescaped ``#``, ``/`` or ``?`` (which
+    ``urlsplit`` would misread) is still hidden: everything between ``://`` and the last ``@`` goes, except a user
+    name before ``:``; ``password=`` query arguments (which redis-py also accepts) are masked too.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return "<redacted>" if "@" in url or "password" in url.lower() else url
+    if "@" in rest:
+        creds, _, host = rest.rpartition("@")
+        user = creds.split(":", 1)[0] if ":" in creds else ""
+        rest = f"{user}:***@{host}" if ":" in creds else f"***@{host}"
+    rest = re.sub(r"(?i)([?&;]password=)[^&;#]*", r"\1***", rest)
+    return f"{scheme}://{rest}"
 
 
 def _redis_url(env) -> str:

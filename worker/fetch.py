@@ -87,10 +87,13 @@ end
 -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
 local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
 for _, p in ipairs(due) do
-  if redis.call('ZREM', KEYS[4], p) == 1 then
-    local ok, doc = pcall(cjson.decode, p)
-    local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue'] or 'default'
-    redis.call('RPUSH', prefix .. ':queue:' .. q, p)
+  local ok, doc = pcall(cjson.decode, p)
+  local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue'] or 'default'
+  -- push first, and only then remove from the schedule: a queue key of the wrong type leaves the job scheduled
+  -- (visible in status) instead of raising half-way through this script and losing it
+  local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
+  if type(pushed) == 'number' then
+    redis.call('ZREM', KEYS[4], p)
     redis.call('SADD', KEYS[6], q)
     wake(q)
   end
@@ -138,25 +141,36 @@ for _, w in ipairs(dead) do
     for i = #items, 1, -1 do
       local p = items[i]
       local ok, doc = pcall(cjson.decode, p)
-      if ok and type(doc) == 'table' and type(doc['id']) == 'string' and type(doc['queue']) == 'string' then
+      if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
+        if type(doc['queue']) ~= 'string' or doc['queue'] == '' then doc['queue'] = 'default' end
         doc['attempts'] = (tonumber(doc['attempts']) or 0) + 1
         local hist = doc['errors']
         if type(hist) ~= 'table' then hist = {} end
         hist[#hist + 1] = {at = now / 1000, worker = w, cause = 'lost',
                            message = 'worker vanished (heartbeat expired) while running the job'}
         while #hist > 10 do table.remove(hist, 1) end
-        if doc['attempts'] >= tonumber(ARGV[3]) then
-          local rec = cjson.encode({id = doc['id'], name = doc['name'], queue = doc['queue'], payload = p,
-            cause = 'lost', type = 'WorkerLost', worker = w, attempts = doc['attempts'], failed_at = now / 1000,
-            message = 'worker vanished ' .. doc['attempts'] .. ' times while running the job (MAX_ATTEMPTS)',
-            traceback = '', history = hist})
-          record_failure(doc['id'], rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
-          out[#out + 1] = 'failed:' .. doc['id']
-        else
-          redis.call('LPUSH', prefix .. ':queue:' .. doc['queue'],
-                     with_fields(p, '"attempts":' .. doc['attempts'] .. ',"errors":' .. cjson.encode(hist)))
+        -- a script that errors half-way keeps its earlier writes, so nothing below may raise: history that cannot
+        -- be encoded (NaN from a foreign producer) is replaced rather than allowed to abort the recovery
+        local hok, hjson = pcall(cjson.encode, hist)
+        if not hok then
+          hist = {{at = now / 1000, worker = w, cause = 'lost', message = 'worker vanished; history unreadable'}}
+          hjson = cjson.encode(hist)
+        end
+        local pushed = false
+        if doc['attempts'] < tonumber(ARGV[3]) then
+          pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. doc['queue'],
+                   with_fields(p, '"attempts":' .. doc['attempts'] .. ',"errors":' .. hjson))) == 'number'
+        end
+        if pushed then
           wake(doc['queue'])
           out[#out + 1] = 'requeued:' .. doc['id']
+        else  -- out of attempts (or its queue key is unusable): the failed registry keeps it
+          local rec = cjson.encode({id = doc['id'], name = tostring(doc['name']), queue = doc['queue'], payload = p,
+            cause = 'lost', type = 'WorkerLost', worker = w, attempts = doc['attempts'], failed_at = now / 1000,
+            message = 'worker vanished ' .. doc['attempts'] .. ' times while running the job (MAX_ATTEMPTS)',
+            traceback = '', history = hist})  -- every field here is a string, number or the checked history
+          record_failure(doc['id'], rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
+          out[#out + 1] = 'failed:' .. doc['id']
         end
       else
         local id = redis.sha1hex(p)

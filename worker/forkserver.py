@@ -21,7 +21,7 @@ job overlaps the current one; each child still runs exactly one job.
 
 Protocol on a Unix stream socket. Worker to server: 4-byte big-endian length, then the payload JSON, with the write
 end of the job's report pipe passed (SCM_RIGHTS) on the first chunk. Server to worker: ``P`` + pid, then ``S`` +
-wait status once the child is reaped (8-byte signed integers).
+wait status once the child is reaped (8-byte signed integers); ``R`` + its own pid once, when it is ready.
 """
 from __future__ import annotations
 
@@ -55,7 +55,6 @@ class ForkServer:
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
         self._buf = b""
-        self._warm = False  # the first answer waits for the server's imports of JOB_MODULES
 
     def start(self) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -66,6 +65,14 @@ class ForkServer:
         theirs.close()
         mine.set_inheritable(False)
         self.sock, self._buf = mine, b""
+        try:  # ready once JOB_MODULES are imported (they may be slow: Django set-up and the like)
+            kind, _ = self._frame(timeout=120.0)
+        except (OSError, ForkServerError) as exc:
+            self.stop()
+            raise ForkServerError(f"fork server did not start: {exc}") from None
+        if kind != b"R":
+            self.stop()
+            raise ForkServerError(f"fork server answered {kind!r} at start")
 
     def spawn(self, raw: str, report_w: int) -> int:
         """Have the server fork a child for payload ``raw`` reporting on ``report_w``; returns the child's pid."""
@@ -73,14 +80,13 @@ class ForkServer:
             self.start()
         try:
             _send_job(self.sock, raw.encode("utf-8", "surrogateescape"), report_w)
-            kind, pid = self._frame(timeout=10.0 if self._warm else 120.0)
+            kind, pid = self._frame(timeout=10.0)
         except OSError as exc:
             self.stop()
             raise ForkServerError(f"fork server unavailable: {exc}") from None
         if kind != b"P":
             self.stop()
             raise ForkServerError(f"fork server answered {kind!r}")
-        self._warm = True
         return pid
 
     def poll(self) -> Optional[int]:
@@ -125,7 +131,6 @@ class ForkServer:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
-        self._warm = False
 
 
 def _send_job(sock: socket.socket, data: bytes, report_w: int) -> None:
@@ -192,6 +197,7 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
     gc.freeze()  # imports done: keep these objects out of the children's collections (fewer pages touched)
     sock = socket.socket(fileno=fd)
     me = os.getpid()
+    sock.sendall(_FRAME.pack(b"R", me))
 
     def fork_spare():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

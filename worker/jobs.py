@@ -125,15 +125,19 @@ def _size(text: str, limit: int) -> int:
     return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogateescape"))
 
 
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
 def decode(raw: str, max_payload: int) -> tuple:
     """Parse and check a claimed queue entry. Returns ``(spec, payload_dict)``; raises :class:`BadJob`."""
     size = _size(raw, max_payload)
     if size > max_payload:
         raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
     try:
-        doc = json.loads(raw)
-    except ValueError as exc:
-        raise BadJob(f"payload is not valid JSON ({exc})") from None
+        doc = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise BadJob(f"payload is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(doc, dict):
         raise BadJob(f"payload is JSON {type(doc).__name__}, expected an object")
     for field, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict)):

@@ -12,13 +12,14 @@ import time
 
 LEVELS = {"DEBUG": 10, "INFO": 20, "WARNING": 30, "ERROR": 40}
 _SECRET = re.compile(r"(://[^:/@\s]*:)[^@\s]*@")
+_QUERY_SECRET = re.compile(r"(?i)([?&;]password=)[^&;#\s]*")
 _BARE = re.compile(r"^[A-Za-z0-9_.:/@+,*-]+$")
 
 
 def _value(v) -> str:
     if isinstance(v, float):
         v = f"{v:.3f}"
-    s = _SECRET.sub(r"\1***@", str(v))
+    s = _QUERY_SECRET.sub(r"\1***", _SECRET.sub(r"\1***@", str(v)))
     return s if _BARE.match(s) else '"' + s.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 

@@ -49,6 +49,7 @@ class Processor:
         """Run payload ``raw`` (already decoded into ``doc`` and checked against ``spec``) in a child; returns the
         result dict. Raises :class:`ForkServerError` if no child could be started (twice): the job never ran."""
         timeout = spec.timeout if spec.timeout is not None else self.cfg.job_timeout
+        self.sig.kill_child = False  # a USR1 that came while no job ran was about no job
         r, w = os.pipe()
         try:
             try:
@@ -163,7 +164,7 @@ class Processor:
                 report = None
         if isinstance(report, dict) and report.get("status") in ("ok", "error", "interrupted"):
             res = report
-        elif killed_for == "deadline":
+        elif killed_for == "deadline" or (termed and killed_for in ("timeout", "usr1")):
             res = {"status": "interrupted", "message": "killed at the TERM_TIMEOUT deadline"}
         elif killed_for == "timeout":
             res = {"status": "timeout", "type": "JobTimeout", "message": f"timed out after {timeout:g} s"}

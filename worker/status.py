@@ -66,7 +66,7 @@ def _job(raw: str, job_started, now_ms: float):
         return None
     try:
         doc = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # anything can sit in a queue; status must still print
         doc = None
     doc = doc if isinstance(doc, dict) else {}
     started = _num(job_started)
@@ -80,7 +80,7 @@ def _latency(head, now: float):
     try:
         doc = json.loads(head)
         at = float(doc["enqueued_at"])
-    except (ValueError, TypeError, KeyError):
+    except (ValueError, TypeError, KeyError, RecursionError):
         return None
     # The producer's clock may run ahead of Redis's: a job cannot have waited less than nothing.
     return round(max(0.0, now - at), 3)

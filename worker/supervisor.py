@@ -52,6 +52,11 @@ class Supervisor:
         self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
                       pid=os.getpid(), window=cfg.shutdown_window, term_timeout=cfg.term_timeout,
                       grace=cfg.term_grace, burst=self.burst or None)
+        try:  # before claiming anything: job modules import here, and a slow import must not hold a claimed job
+            self.proc.forks.start()
+        except ForkServerError as exc:
+            self.fatal = f"cannot start jobs: {exc}"
+            self.log.error("worker.fatal", error=self.fatal)
         pending: Optional[Outcome] = None
         registered = False
         adopted: list = []  # claims whose reply was lost, found in our own processing list: run them
@@ -65,11 +70,15 @@ class Supervisor:
                     keep = pending.payload if pending is not None else None
                     adopted = [p for p in self.broker.claimed(self.name) if p != keep]
                     self._resync = False
-                if pending is not None and (self.sig.paused or adopted):
+                if adopted and pending is not None:
                     self._note(self.broker.cycle(self.name, pending, claim=False))
                     pending = None
-                if self.sig.paused:
+                if self.sig.paused and not adopted:  # claims we already hold run first: they are ours
+                    self._note(self.broker.cycle(self.name, pending, claim=False))  # also the heartbeat
+                    pending = None
                     self.broker.set_state(self.name, "paused")
+                    if time.monotonic() >= self._next_recover:
+                        self._recover()
                     self._wait(IDLE_POLL)
                     continue
                 if adopted:
@@ -97,7 +106,14 @@ class Supervisor:
             if self.sig.stopping or self.sig.quit:  # claimed while a stop arrived: hand it straight back
                 pending = Outcome.requeue(c.payload, c.queue)
                 break
-            pending = self._process(c.payload, c.queue)
+            try:
+                pending = self._process(c.payload, c.queue)
+            except Exception as exc:  # a runtime bug must cost one job (recorded), never the worker
+                job_id = _loose_id(c.payload)
+                self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
+                pending = Outcome.fail(c.payload, job_id, _record(
+                    c.payload, job_id, "", c.queue, self.name, 1, "runtime_error",
+                    {"type": type(exc).__name__, "message": str(exc)[:2000]}, []))
         return self._exit(pending, registered)
 
     def _register(self) -> None:
@@ -240,7 +256,6 @@ class Supervisor:
 
     def _exit(self, pending: Optional[Outcome], registered: bool) -> int:
         sig = self.sig
-        sig.ignore_stops()  # we are leaving: a late TERM (Heroku may repeat it) must not kill the interpreter exit
         sig.announce(self.log)
         broker = self.broker
         if sig.stopping:
@@ -263,6 +278,9 @@ class Supervisor:
             if self._side is not None:
                 self._side.r.close()
             self.proc.close()
+        # Our handlers stayed in place through the bookkeeping above (a TERM there arms the watchdog, whatever made
+        # us exit); from here a late TERM (Heroku may repeat it) must not kill the interpreter's own shutdown.
+        sig.ignore_stops()
         reason = "signal" if sig.stopping else "quit" if sig.quit else "fatal" if self.fatal else "burst"
         self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(), reason=reason)
         return 1 if self.fatal and not sig.stopping else 0
@@ -275,7 +293,7 @@ def _queue_of(raw: str, cfg: Config) -> str:
         doc = json.loads(raw)
         if isinstance(doc, dict) and isinstance(doc.get("queue"), str) and doc["queue"]:
             return doc["queue"]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
         pass
     return "default" if cfg.all_queues else cfg.queues[0]
 
@@ -288,7 +306,7 @@ def _loose_id(raw: str) -> str:
         doc = json.loads(raw)
         if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
             return doc["id"]
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
         pass
     return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
