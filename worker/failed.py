@@ -10,12 +10,12 @@ import json
 import time
 from typing import Iterable, Optional
 
-from .fetch import _PRELUDE
+from .lua import PRELUDE
 
 # KEYS: failed zset, failed data, queues set.  ARGV: prefix, ids...
 # Retrying puts the original payload (attempts reset, history kept) at the tail of its queue, atomically with the
 # removal of the record, so a job is never both failed and queued, nor neither.
-_RETRY = _PRELUDE + r"""
+_RETRY = PRELUDE + r"""
 local out = {}
 for i = 2, #ARGV do
   local id = ARGV[i]
@@ -40,6 +40,14 @@ for i = 2, #ARGV do
 end
 return out
 """
+
+
+def record(raw, job_id, name, queue, worker, attempts, cause, res, history) -> dict:
+    """A failed-registry record (the JSON shape ``failed list --json`` shows)."""
+    return {"id": job_id, "name": name, "queue": queue, "payload": raw, "cause": cause,
+            "type": res.get("type") or cause, "message": res.get("message") or "",
+            "traceback": res.get("traceback") or "", "worker": worker, "attempts": attempts,
+            "failed_at": time.time(), "history": history}
 
 
 class FailedRegistry:

@@ -10,6 +10,7 @@ are run: a payload cannot name arbitrary code.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import inspect
 import json
@@ -157,6 +158,28 @@ def decode(raw: str, max_payload: int) -> tuple:
     except TypeError as exc:
         raise BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
     return spec, doc
+
+
+def queue_of(raw: str, fallback: str) -> str:
+    """The queue a payload names, else ``fallback`` (for claims re-adopted without their queue)."""
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("queue"), str) and doc["queue"]:
+            return doc["queue"]
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
+        pass
+    return fallback
+
+
+def loose_id(raw: str) -> str:
+    """The payload's own id when it has one, else a stable hash of the raw entry."""
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
+            return doc["id"]
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
+        pass
+    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
 
 
 # --- enqueue API (module-level default connection, configured from the environment on first use) ---

@@ -18,6 +18,7 @@ import redis
 
 from . import client, jobs
 from .config import Config, redact_url
+from .failed import record as failed_record
 from .fetch import Broker, Cycle, Outcome, backoff_delay
 from .forkserver import ForkServerError
 from .runner import Processor
@@ -83,8 +84,8 @@ class Supervisor:
                     continue
                 if adopted:
                     raw = adopted.pop(0)
-                    c = Cycle(raw, _queue_of(raw, cfg), None, [], 1)
-                    self.log.warning("job.adopted", job=_loose_id(raw), queue=c.queue,
+                    c = Cycle(raw, jobs.queue_of(raw, "default" if cfg.all_queues else cfg.queues[0]), None, [], 1)
+                    self.log.warning("job.adopted", job=jobs.loose_id(raw), queue=c.queue,
                                      reason="claimed by a call whose reply was lost")
                 else:
                     c = self._note(self.broker.cycle(self.name, pending, claim=True))
@@ -109,9 +110,9 @@ class Supervisor:
             try:
                 pending = self._process(c.payload, c.queue)
             except Exception as exc:  # a runtime bug must cost one job (recorded), never the worker
-                job_id = _loose_id(c.payload)
+                job_id = jobs.loose_id(c.payload)
                 self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
-                pending = Outcome.fail(c.payload, job_id, _record(
+                pending = Outcome.fail(c.payload, job_id, failed_record(
                     c.payload, job_id, "", c.queue, self.name, 1, "runtime_error",
                     {"type": type(exc).__name__, "message": str(exc)[:2000]}, []))
         return self._exit(pending, registered)
@@ -135,9 +136,9 @@ class Supervisor:
         try:
             spec, doc = jobs.decode(raw, self.cfg.max_payload)
         except jobs.BadJob as exc:
-            job_id = _loose_id(raw)
+            job_id = jobs.loose_id(raw)
             self.log.warning("job.bad", job=job_id, queue=queue, reason=str(exc))
-            return Outcome.fail(raw, job_id, _record(raw, job_id, "", queue, self.name, 1, "bad_payload",
+            return Outcome.fail(raw, job_id, failed_record(raw, job_id, "", queue, self.name, 1, "bad_payload",
                                                      {"type": "BadJob", "message": str(exc)}, []))
         self.log.debug("job.start", job=doc["id"], name=spec.name, queue=queue)
         try:
@@ -167,7 +168,7 @@ class Supervisor:
                              error=res.get("message"), **fields)
             return Outcome.retry(raw, jobs.json_dumps(new_doc), delay)
         self.log.warning("job.failed", outcome=status, attempts=attempts, error=res.get("message"), **fields)
-        return Outcome.fail(raw, doc["id"], _record(raw, doc["id"], spec.name, queue, self.name, attempts, status,
+        return Outcome.fail(raw, doc["id"], failed_record(raw, doc["id"], spec.name, queue, self.name, attempts, status,
                                                     res, history))
 
     # --- waiting ---
@@ -284,35 +285,3 @@ class Supervisor:
         reason = "signal" if sig.stopping else "quit" if sig.quit else "fatal" if self.fatal else "burst"
         self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(), reason=reason)
         return 1 if self.fatal and not sig.stopping else 0
-
-
-def _queue_of(raw: str, cfg: Config) -> str:
-    """The queue an adopted payload belongs to (its own field), else the first configured queue."""
-    import json
-    try:
-        doc = json.loads(raw)
-        if isinstance(doc, dict) and isinstance(doc.get("queue"), str) and doc["queue"]:
-            return doc["queue"]
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
-        pass
-    return "default" if cfg.all_queues else cfg.queues[0]
-
-
-def _loose_id(raw: str) -> str:
-    """The payload's own id when it has one, else a stable hash of the raw entry."""
-    import hashlib
-    import json
-    try:
-        doc = json.loads(raw)
-        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
-            return doc["id"]
-    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
-        pass
-    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
-
-
-def _record(raw, job_id, name, queue, worker, attempts, cause, res, history) -> dict:
-    return {"id": job_id, "name": name, "queue": queue, "payload": raw, "cause": cause,
-            "type": res.get("type") or cause, "message": res.get("message") or "",
-            "traceback": res.get("traceback") or "", "worker": worker, "attempts": attempts,
-            "failed_at": time.time(), "history": history}
