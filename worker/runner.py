@@ -86,6 +86,7 @@ class Processor:
                 break
             if status is not None:
                 break
+            self.tick()  # first: it may wait on Redis (bounded), and every deadline below is computed after it
             now = time.monotonic()
             wait = min(1.0, cfg.heartbeat_interval)  # tick() must run at least once per heartbeat interval
             if sig.stop_at is not None:
@@ -120,7 +121,6 @@ class Processor:
                     self._signal(pid, signal.SIGKILL)
                 else:
                     wait = min(wait, left)
-            self.tick()
             # Once the report pipe is at EOF the child is exiting: wait for the server's exit-status frame instead
             # of spinning on a pipe that stays readable.
             watch = [self.forks.fileno(), sig.wake_r] if eof else [r, self.forks.fileno(), sig.wake_r]
