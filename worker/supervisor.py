@@ -7,7 +7,6 @@ busy or waiting for Redis to come back.
 """
 from __future__ import annotations
 
-import gc
 import os
 import select
 import socket
@@ -48,7 +47,6 @@ class Supervisor:
     # --- main loop ---
     def run(self) -> int:
         self.sig.install()
-        gc.freeze()  # job modules are imported: keep their objects out of the children's GC (less copy-on-write)
         cfg = self.cfg
         self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
                       pid=os.getpid(), window=cfg.shutdown_window, term_timeout=cfg.term_timeout,
