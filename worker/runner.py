@@ -91,10 +91,10 @@ class Processor:
             wait = min(1.0, cfg.heartbeat_interval)  # tick() must run at least once per heartbeat interval
             if sig.stop_at is not None:
                 since = now - sig.stop_at
-                if not termed:
+                first = not termed
+                if first:
                     termed = True
                     self._signal(pid, signal.SIGTERM)
-                    self.on_stop()
                 raise_at = cfg.term_grace
                 if not raised and since >= raise_at:
                     raised = True
@@ -106,6 +106,9 @@ class Processor:
                     self._signal(pid, signal.SIGKILL)
                     self.log.warning("shutdown.child_killed", pid=pid, elapsed=round(since, 3),
                                      reason="TERM_TIMEOUT reached")
+                if first:  # after the signals above: its bounded Redis call must not delay the exception
+                    self.on_stop()
+                    continue  # the call may have taken a while: recompute every deadline
                 if not raised:
                     wait = min(wait, max(0.0, raise_at - since))
                 elif killed_for is None:
