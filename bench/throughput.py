@@ -33,7 +33,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -56,6 +55,7 @@ from worker import enqueue_many  # noqa: E402
 from worker import jobs as wjobs  # noqa: E402
 from worker.client import connect  # noqa: E402
 from worker.fetch import Broker  # noqa: E402
+from tests.support import free_port, start_redis_server  # noqa: E402
 import worker.sample  # noqa: E402,F401  (registers noop)
 
 # Config variables of the runtime: stripped from the environment of spawned workers, so a developer's shell (or a
@@ -90,31 +90,12 @@ def log(msg: str) -> None:
     print(msg, flush=True)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RedisServer:
     def __init__(self, workdir: str):
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.proc = subprocess.Popen(
-            [shutil.which("redis-server") or "redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
-             "--save", "", "--appendonly", "no", "--dir", workdir, "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    self.stop()
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.02)
+        self.proc = start_redis_server(self.port, workdir)
+        client = redis.Redis(port=self.port)
         self.version = client.info("server")["redis_version"]
         client.close()
 

@@ -20,7 +20,7 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-from tests.support import CONFIG_VARS, descendants, free_port  # noqa: F401 (descendants: used by tests)
+from tests.support import CONFIG_VARS, descendants, free_port, start_redis_server  # noqa: F401 (descendants: used by tests)
 
 
 class RedisServer:
@@ -33,24 +33,9 @@ class RedisServer:
         self.url = f"redis://127.0.0.1:{self.port}/0"
 
     def start(self):
-        binary = shutil.which("redis-server")
-        if not binary:
+        if not shutil.which("redis-server"):
             pytest.exit("redis-server is not installed (the CI script installs it with apt-get)", 2)
-        self.proc = subprocess.Popen(
-            [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.workdir), "--loglevel", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        client = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        while True:
-            try:
-                client.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline or self.proc.poll() is not None:
-                    raise RuntimeError("redis-server did not start")
-                time.sleep(0.02)
-        client.close()
+        self.proc = start_redis_server(self.port, self.workdir)
 
     def stop(self):
         if self.proc and self.proc.poll() is None:

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import subprocess
 import time
+
+import redis
 
 #: The runtime's variables, stripped from spawned workers' environments so a developer's shell cannot change a test.
 CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
@@ -46,3 +50,26 @@ def descendants(pid: int) -> list:
             out.append(c)
             todo.append(c)
     return out
+
+
+def start_redis_server(port: int, workdir) -> subprocess.Popen:
+    """A throw-away redis-server on 127.0.0.1:``port`` (no persistence), returned once it answers PING."""
+    proc = subprocess.Popen(
+        [shutil.which("redis-server") or "redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--dir", str(workdir), "--loglevel", "warning"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client = redis.Redis(port=port, socket_connect_timeout=0.2)
+    deadline = time.monotonic() + 10
+    try:
+        while True:
+            try:
+                client.ping()
+                return proc
+            except redis.ConnectionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    proc.kill()
+                    proc.wait(10)
+                    raise RuntimeError("redis-server did not start")
+                time.sleep(0.02)
+    finally:
+        client.close()

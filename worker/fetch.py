@@ -62,7 +62,7 @@ class Outcome:
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
-    """Exponential backoff with full jitter for retry number ``attempt`` (1-based)."""
+    """Exponential backoff for retry number ``attempt`` (1-based), jittered to 50-100% of the step."""
     return random.uniform(0.5, 1.0) * min(cap, base * (2 ** max(0, attempt - 1)))
 
 
