@@ -12,7 +12,8 @@ import redis
 #: The runtime's variables, stripped from spawned workers' environments so a developer's shell cannot change a test.
 CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
                "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
-               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
+               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT",
+               "WORKER_CONCURRENCY", "JOB_MAX_MEMORY_MB")
 
 
 def free_port() -> int:

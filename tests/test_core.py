@@ -215,7 +215,7 @@ def worker_clients(r) -> list:
 def test_idle_worker_wakes_for_new_job(r, cli, spawn):
     w = spawn()
     # Idle means blocked in BLPOP on the wake-up keys: only a push can end that early.
-    wait_until(lambda: any("b" in c["flags"] and c["name"] == "worker" for c in worker_clients(r)),
+    wait_until(lambda: any("b" in c["flags"] and c["name"] == "worker-wait" for c in worker_clients(r)),
                what="the worker to block idle", proc=w)
     res = cli("enqueue", "push", "--args", '["woke", "yes"]')
     assert res.returncode == 0, res.stderr
@@ -259,13 +259,12 @@ def test_child_opens_no_redis_connection(r, broker, spawn):
     broker.push("sample_work", [], {"seconds": 60})
     before = total_connections(r)
     w = spawn()
-    wait_until(lambda: r.get("worker:stat:processed") == str(n) and "sample_work" in worker_state(r).get("job", ""),
+    wait_until(lambda: r.get("worker:stat:processed") == str(n) and any("sample_work" in v for k, v in worker_state(r).items() if k.startswith("job:")),
                timeout=45, what=f"{n} noop jobs done and sample_work running", proc=w)
-    # The worker's own connections only: the main one, plus the bounded side connection it opens for heartbeats
-    # once a job outlives HEARTBEAT_INTERVAL.
+    # The worker's own connections only: the command one, plus the one its idle BLPOP waits on.
     clients = worker_clients(r)
     assert "worker" in [c["name"] for c in clients], clients
-    assert {c["name"] for c in clients} <= {"worker", "worker-side"} and len(clients) <= 2, clients
+    assert {c["name"] for c in clients} <= {"worker", "worker-wait"} and len(clients) <= 2, clients
     # Finished children are gone from CLIENT LIST, so it alone could miss their connections; the counter cannot.
     assert total_connections(r) - before == len(clients), w.output
 
@@ -274,7 +273,7 @@ def test_child_opens_no_redis_connection(r, broker, spawn):
 def test_idle_worker_keeps_its_one_connection(r, broker, spawn):
     """Going idle after a job must not drop and reopen the worker's connection (a TLS handshake on Heroku)."""
     w = spawn()
-    blocked = lambda: any("b" in c["flags"] and c["name"] == "worker" for c in worker_clients(r))  # noqa: E731
+    blocked = lambda: any("b" in c["flags"] and c["name"] == "worker-wait" for c in worker_clients(r))  # noqa: E731
     wait_until(blocked, what="the worker to block idle", proc=w)
     before = total_connections(r)
     for i in range(1, 11):

@@ -20,7 +20,7 @@ def _payload(job_id="j1", **extra):
 
 
 def test_recovery_keeps_arguments_and_counts_the_attempt(r):
-    b = _broker(r, HEARTBEAT_INTERVAL="1", HEARTBEAT_TTL="2")
+    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
     r.zadd("worker:workers", {"dead:1": 0})  # heartbeat at the epoch: long expired
     r.rpush("worker:processing:dead:1", _payload())
     assert b.recover() == ["requeued:j1"]

@@ -97,11 +97,37 @@ def install(grace: float) -> None:
 
 def setup(parent_pid: int) -> None:
     """First thing after fork in the child (the stop signals are still blocked by the fork server's mask).
-    ``parent_pid`` is the process that forked us."""
+    ``parent_pid`` is the process that forked us.
+
+    The child leads a process group of its own, so a kill (timeout, USR1, memory, the TERM deadline) reaches every
+    process the job started too. Consequence: a terminal's Ctrl-C reaches the worker, which forwards the stop."""
+    try:
+        os.setpgid(0, 0)
+    except OSError:
+        pass
     if _libc is not None:
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
         if os.getppid() != parent_pid:  # it died before prctl took effect
             os._exit(1)
+
+
+def run_payload(data: bytes, report_fd: int) -> None:
+    """Decode the payload the worker claimed (it checked the JSON's shape), bind its arguments and run it. A job the
+    worker could not check (arguments that do not fit the function) is reported as ``bad``. Never returns."""
+    from . import jobs
+    doc = json.loads(data.decode("utf-8", "surrogateescape"))
+    spec = jobs.registered(doc["name"])
+    problem = None
+    if spec is None:
+        problem = f"job name {doc['name']!r} is not registered (JOB_MODULES)"
+    else:
+        try:
+            spec.signature.bind(*doc["args"], **doc["kwargs"])
+        except TypeError as exc:
+            problem = f"arguments do not fit {spec.name}{spec.signature}: {exc}"
+    if problem is not None:
+        _finish({"status": "bad", "type": "BadJob", "message": problem}, report_fd)
+    run(spec, doc, report_fd)
 
 
 def run(spec, doc, report_fd: int) -> None:

@@ -60,13 +60,16 @@ def main(argv=None) -> int:
     command = args.command or "run"
     try:
         cfg = config_mod.load()
-        if command in ("run", "enqueue"):
+        if command == "enqueue":  # a worker never imports the app itself: its fork server does (memory once)
             jobs.import_modules(cfg.job_modules)
     except ConfigError as exc:
         return _fail(f"config: {exc}")
     try:
         if command == "run":
-            return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst)
+            try:
+                return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst)
+            except ConfigError as exc:  # JOB_MODULES failed to import in the fork server, before any connection
+                return _fail(f"config: {exc}")
         if command == "enqueue":
             return _enqueue(cfg, args)
         if command == "status":

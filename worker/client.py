@@ -7,7 +7,8 @@ here opens a connection per job.
 from __future__ import annotations
 
 import select
-from typing import Optional
+import time
+from typing import Callable, Optional
 
 import redis
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
@@ -75,3 +76,106 @@ def blocking_pop(r: redis.Redis, keys, timeout: float, wake_fd: int) -> Optional
         raise
     finally:
         pool.release(conn)
+
+
+class Link:
+    """The supervisor's command connection, driven from its loop.
+
+    A call sends its command, then waits for the reply in ``select`` together with the signal wake-up pipe; whenever
+    a signal arrives or ``due()`` seconds pass, ``service()`` runs (it signals job children and touches no Redis), so
+    a slow or hung Redis never delays a stop or a deadline. The whole call is bounded by the connection's socket
+    timeout; on any error the connection is dropped (the next call reconnects) and the error propagates.
+    """
+
+    def __init__(self, r: redis.Redis, wake_fd: int, service: Callable[[], None], due: Callable[[], float]):
+        self.r, self.wake_fd, self.service, self.due = r, wake_fd, service, due
+
+    def execute(self, *args):
+        pool = self.r.connection_pool
+        conn = pool.get_connection()
+        try:
+            conn.send_command(*args)
+            self._wait(conn)
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            pool.release(conn)
+
+    def script(self, script, keys, args):
+        """Run a registered redis-py ``Script`` by its SHA, loading it on first use (``NOSCRIPT``)."""
+        try:
+            return self.execute("EVALSHA", script.sha, len(keys), *keys, *args)
+        except redis.exceptions.NoScriptError:
+            return self.execute("EVAL", script.script, len(keys), *keys, *args)
+
+    def _wait(self, conn) -> None:
+        sock = getattr(conn, "_sock", None)
+        if sock is None:  # unknown redis-py internals: read_response blocks, bounded by the socket timeout
+            return
+        deadline = time.monotonic() + (conn.socket_timeout or 5.0)
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise redis.TimeoutError("Timeout reading from socket")
+            try:
+                ready, _, _ = select.select([sock, self.wake_fd], [], [], max(0.0, min(left, self.due())))
+            except InterruptedError:
+                ready = []
+            if sock in ready:
+                return
+            self.service()
+
+
+class Waiter:
+    """The idle wait: ``BLPOP`` on the wake lists, sent on a connection of its own and left pending while the loop
+    does other work (jobs finishing, heartbeats); the loop selects on :meth:`fileno`. Cancelling drops the
+    connection (the server forgets the blocked BLPOP with it); that only happens when the worker stops."""
+
+    def __init__(self, r: redis.Redis):
+        self.r = r
+        self.conn = None
+        self.since = 0.0
+        self.timeout = 0.0
+
+    @property
+    def armed(self) -> bool:
+        return self.conn is not None
+
+    def arm(self, keys, timeout: float) -> None:
+        if self.conn is not None:
+            return
+        conn = self.r.connection_pool.get_connection()
+        try:
+            conn.send_command("BLPOP", *keys, round(max(0.01, timeout), 3))
+        except BaseException:
+            conn.disconnect()
+            self.r.connection_pool.release(conn)
+            raise
+        self.conn, self.since, self.timeout = conn, time.monotonic(), timeout
+
+    def fileno(self) -> int:
+        sock = getattr(self.conn, "_sock", None)
+        return sock.fileno() if sock is not None else -1
+
+    def result(self):
+        """The BLPOP's answer, ``(key, value)`` or None; the connection goes back to the pool."""
+        conn, self.conn = self.conn, None
+        try:
+            return conn.read_response()
+        except BaseException:
+            conn.disconnect()
+            raise
+        finally:
+            self.r.connection_pool.release(conn)
+
+    def cancel(self) -> None:
+        if self.conn is not None:
+            conn, self.conn = self.conn, None
+            conn.disconnect()
+            self.r.connection_pool.release(conn)
+
+    def close(self) -> None:
+        self.cancel()
+        self.r.close()

@@ -29,6 +29,10 @@ KILL_MARGIN = 1.0   # kill + put back + exit must fit in this
 EXIT_MARGIN = 0.5   # the worker is gone this long before the platform's SIGKILL
 DEFAULT_SLACK = 1.5  # default TERM_TIMEOUT leaves this much of the window to the runtime
 
+MIN_HEARTBEAT = 0.1  # a smaller interval would beat on every turn of the loop
+BEAT_SLACK = 0.5     # room for one slow Redis call on top of two missed beats
+MAX_CONCURRENCY = 64
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
@@ -62,6 +66,8 @@ class Config:
     key_prefix: str = "worker"
     log_level: str = "INFO"
     dyno: Optional[str] = None
+    concurrency: int = 1
+    job_max_memory_mb: int = 0
 
     @property
     def all_queues(self) -> bool:
@@ -191,10 +197,18 @@ def from_mapping(env: Mapping[str, str]) -> Config:
             f"TERM_TIMEOUT={term_timeout:g} is not valid: TERM_GRACE ({grace:g}) + TERM_TIMEOUT must be <= "
             f"SHUTDOWN_WINDOW ({window:g}) - {KILL_MARGIN:g} = {room:g} seconds, so the worker exits before SIGKILL")
     hb_interval = _number(env, "HEARTBEAT_INTERVAL", Config.heartbeat_interval, positive=True)
+    if hb_interval < MIN_HEARTBEAT:
+        raise ConfigError(f"HEARTBEAT_INTERVAL={env.get('HEARTBEAT_INTERVAL')!r} is not valid: expected seconds "
+                          f">= {MIN_HEARTBEAT:g}")
     hb_ttl = _number(env, "HEARTBEAT_TTL", Config.heartbeat_ttl, positive=True)
-    if hb_ttl < 2 * hb_interval:
+    if hb_ttl < 2 * hb_interval + BEAT_SLACK:
         raise ConfigError(f"HEARTBEAT_TTL={hb_ttl:g} is not valid: expected at least twice HEARTBEAT_INTERVAL "
-                          f"({hb_interval:g}), or live workers would look dead")
+                          f"({hb_interval:g}) + {BEAT_SLACK:g} = {2 * hb_interval + BEAT_SLACK:g} seconds, or live "
+                          f"workers would look dead")
+    concurrency = _number(env, "WORKER_CONCURRENCY", 1, integer=True, minimum=1)
+    if concurrency > MAX_CONCURRENCY:
+        raise ConfigError(f"WORKER_CONCURRENCY={env.get('WORKER_CONCURRENCY')!r} is not valid: expected a whole "
+                          f"number from 1 to {MAX_CONCURRENCY}")
     dyno = (env.get("DYNO") or "").strip() or None
     return Config(
         redis_url=_redis_url(env),
@@ -216,6 +230,8 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         key_prefix=prefix,
         log_level=level,
         dyno=dyno,
+        concurrency=concurrency,
+        job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
     )
 
 

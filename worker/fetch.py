@@ -8,57 +8,87 @@ Invariants (at-least-once delivery; losing a job is worse than running it twice)
   or put back at the head of its queue).
 * The outcome of job N and the claim of job N+1 travel in one script call (:meth:`Broker.cycle`): one round trip
   per job on the hot path, which also refreshes the heartbeat and moves due scheduled jobs.
-* A worker whose heartbeat is older than ``HEARTBEAT_TTL`` is dead; :meth:`Broker.recover` moves its processing
-  list back to the head of the queues in one script, so several workers recovering at once cannot double it.
+* A worker is dead once its own deadline (last beat + its own ``HEARTBEAT_TTL``) has passed on the Redis clock;
+  :meth:`Broker.recover` moves its processing list back to the head of the queues in one script, so several
+  workers recovering at once cannot double it.
 """
 from __future__ import annotations
 
 import json
 import random
 import time
+from dataclasses import dataclass
+from enum import Enum
 from typing import Iterable, NamedTuple, Optional
 
 from . import jobs
 from .config import Config
 from .keys import Keys
-from .lua import CYCLE, ENQUEUE, HEARTBEAT, RECOVER, UNREGISTER
+from .lua import CYCLE, ENQUEUE, HEARTBEAT, RECOVER, UNREGISTER, WAKE
+
+
+class Op(str, Enum):
+    """What recording an outcome does with the job (it always leaves the processing list)."""
+
+    ACK = "ack"          # done: counted as processed
+    FAIL = "fail"        # into the failed registry
+    RETRY = "retry"      # into the schedule with a new payload (attempts + 1), due after a backoff
+    REQUEUE = "requeue"  # back to the head of its queue (an interruption: not an attempt)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How a claimed job ended, recorded by the next :meth:`Broker.cycle` (the unit of work's ack/requeue)."""
+
+    op: Op
+    payload: str
+    slot: int = 0
+    job_id: str = ""
+    record: str = ""        # FAIL: the failure record (JSON)
+    new_payload: str = ""   # RETRY: the payload to run next time
+    delay_ms: int = 0       # RETRY: backoff before it is due
+    queue: str = ""         # REQUEUE: where it goes back
+
+    @classmethod
+    def ack(cls, payload, slot=0):
+        return cls(Op.ACK, payload, slot)
+
+    @classmethod
+    def requeue(cls, payload, queue, slot=0):
+        """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt)."""
+        return cls(Op.REQUEUE, payload, slot, queue=queue)
+
+    @classmethod
+    def fail(cls, payload, job_id, record: dict, slot=0):
+        return cls(Op.FAIL, payload, slot, job_id=job_id,
+                   record=json.dumps(record, separators=(",", ":"), default=str))
+
+    @classmethod
+    def retry(cls, payload, new_payload: str, delay: float, slot=0):
+        return cls(Op.RETRY, payload, slot, new_payload=new_payload, delay_ms=int(delay * 1000))
+
+    def wire(self) -> tuple:
+        """The five CYCLE arguments of this outcome: op, slot, payload, a, b (see ``lua.CYCLE``)."""
+        a, b = {Op.ACK: ("", ""), Op.FAIL: (self.job_id, self.record), Op.RETRY: (self.new_payload, self.delay_ms),
+                Op.REQUEUE: (self.queue, "")}[self.op]
+        return self.op.value, self.slot, self.payload, a, b
+
+
+class Claim(NamedTuple):
+    slot: int
+    payload: str
+    queue: str
 
 
 class Cycle(NamedTuple):
-    """What :meth:`Broker.cycle` found: the claimed payload and its queue (or None), the next scheduled due time
-    (ms, when nothing was claimed), the queue names considered, and how many jobs the processing list holds."""
+    """What :meth:`Broker.cycle` found: the claims made (one per slot at most), the next scheduled due time (ms,
+    when nothing was claimed), the queue names considered (when nothing was claimed), and how many jobs the
+    processing list holds afterwards."""
 
-    payload: Optional[str]
-    queue: Optional[str]
+    claims: list
     next_due: Optional[float]
     queues: list
     held: int
-
-
-class Outcome:
-    """How a claimed job ended, to be recorded by the next :meth:`Broker.cycle` (the unit of work's ack/requeue)."""
-
-    __slots__ = ("op", "payload", "job_id", "extra", "extra2")
-
-    def __init__(self, op: str, payload: str, job_id: str = "", extra: str = "", extra2: str = ""):
-        self.op, self.payload, self.job_id, self.extra, self.extra2 = op, payload, job_id, extra, extra2
-
-    @classmethod
-    def ack(cls, payload):
-        return cls("ack", payload)
-
-    @classmethod
-    def requeue(cls, payload, queue):
-        """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt)."""
-        return cls("requeue", payload, extra2=queue)
-
-    @classmethod
-    def fail(cls, payload, job_id, record: dict):
-        return cls("fail", payload, job_id, json.dumps(record, separators=(",", ":"), default=str))
-
-    @classmethod
-    def retry(cls, payload, new_payload: str, delay: float):
-        return cls("retry", payload, extra=new_payload, extra2=str(int(delay * 1000)))
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -69,9 +99,10 @@ def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float
 class Broker:
     """All Redis operations of the runtime on one client (one connection in a single-threaded process)."""
 
-    def __init__(self, redis_client, cfg: Config):
+    def __init__(self, redis_client, cfg: Config, link=None):
         self.r = redis_client
         self.cfg = cfg
+        self.link = link  # a client.Link: script calls wait in the supervisor's select (see Supervisor)
         self.keys = Keys(cfg.key_prefix)
         self._enqueue = redis_client.register_script(ENQUEUE)
         self._cycle = redis_client.register_script(CYCLE)
@@ -107,26 +138,41 @@ class Broker:
 
     # --- the worker's side ---
     def register(self, worker: str, info: dict) -> None:
+        """Register ``worker`` (its hash holds ``ttl``: its score in P:workers is a deadline, see ``lua.RECOVER``)."""
+        k, ttl = self.keys, int(self.cfg.heartbeat_ttl * 1000)
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.worker(worker))
-            pipe.hset(self.keys.worker(worker), mapping=info)
-            pipe.eval(HEARTBEAT, 1, self.keys.workers, worker)
+            pipe.delete(k.worker(worker))
+            pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl))
+            pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
             pipe.execute()
 
-    def cycle(self, worker: str, outcome: Optional[Outcome], claim: bool) -> "Cycle":
-        """Record ``outcome`` (if any), refresh the heartbeat, move due scheduled jobs and, if ``claim``, claim the
-        next job, in one round trip. ``Cycle.held`` counts what the processing list holds afterwards: more than
-        the claimed job means an earlier call's reply was lost after it claimed (see :meth:`claimed`)."""
-        o = outcome or Outcome("", "")
-        k = self.keys
-        res = self._cycle(
-            keys=[k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused, k.queues],
-            args=[k.prefix, worker, o.op, o.payload, o.job_id, o.extra, o.extra2, "1" if claim else "0",
-                  self.cfg.failed_max, int(self.cfg.failed_ttl * 1000), "1" if self.cfg.all_queues else "0",
-                  *([] if self.cfg.all_queues else self.cfg.queues)])
-        if res[1]:  # the queue name: a claimed payload may itself be an empty string
-            return Cycle(res[0], res[1], None, [], int(res[3]))
-        return Cycle(None, None, float(res[2]) if res[2] else None, list(res[4:]), int(res[3]))
+    def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "") -> Cycle:
+        """Record ``outcomes``, refresh the heartbeat, move due scheduled jobs and claim a job for each slot number
+        in ``claim``, in one round trip (``lua.CYCLE``). ``busy``: slots still running besides new claims; ``mode``:
+        a state to show instead of the derived one. ``Cycle.held`` counts what the processing list holds
+        afterwards: more than the caller knows of means an earlier call's reply was lost after it claimed."""
+        k, c = self.keys, self.cfg
+        queues = [] if c.all_queues else list(c.queues)
+        args = [k.prefix, worker, int(c.heartbeat_ttl * 1000), c.failed_max, int(c.failed_ttl * 1000),
+                "1" if c.all_queues else "0", mode, busy, len(queues), *queues, len(outcomes)]
+        for o in outcomes:
+            args.extend(o.wire())
+        args.extend(claim)
+        res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
+                                       k.queues], args)
+        n = int(res[2])
+        claims = [Claim(int(res[3 + 3 * i]), res[4 + 3 * i], res[5 + 3 * i]) for i in range(n)]
+        return Cycle(claims, float(res[1]) if res[1] else None, list(res[3 + 3 * n:]), int(res[0]))
+
+    def _call(self, script, keys, args):
+        if self.link is not None:
+            return self.link.script(script, keys, args)
+        return script(keys=keys, args=args)
+
+    def wake(self, queues) -> None:
+        """Ring the wake lists of ``queues`` (a token taken by a worker that could not use it is given back)."""
+        if queues:
+            self.r.eval(WAKE, len(queues), *[self.keys.wake(q) for q in queues])
 
     def claimed(self, worker: str) -> list:
         """What this worker's processing list holds (used to re-adopt claims whose reply was lost)."""
@@ -145,14 +191,15 @@ class Broker:
         self.r.hset(self.keys.worker(worker), "state", state)
 
     def heartbeat(self, worker: str) -> None:
-        self.r.eval(HEARTBEAT, 1, self.keys.workers, worker)
+        k = self.keys
+        self.r.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, int(self.cfg.heartbeat_ttl * 1000))
 
     def recover(self, skip: str = "") -> list:
         """Requeue the jobs of workers whose heartbeat expired; returns ``['requeued:<id>' | 'failed:<id>', ...]``."""
         c = self.cfg
-        return self._recover(keys=[self.keys.workers],
-                             args=[self.keys.prefix, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max,
-                                   int(c.failed_ttl * 1000), skip])
+        return self._call(self._recover, [self.keys.workers], [self.keys.prefix, int(c.heartbeat_ttl * 1000),
+                                                               c.max_attempts, c.failed_max, int(c.failed_ttl * 1000),
+                                                               skip])
 
     def unregister(self, worker: str) -> bool:
         k = self.keys

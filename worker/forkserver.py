@@ -1,27 +1,30 @@
-"""The fork server: a lean process that forks the job children, so the worker itself never forks.
+"""The fork server: the one process that imports the app (``JOB_MODULES``) and forks every job child.
 
-Why: after a fork, every page the forking process writes to takes a copy-on-write fault until the child is gone.
-The worker touches hundreds of pages per job (the Redis script call, the log line, JSON), which cost more than the
-fork itself; a process that only receives a payload, forks and reaps keeps its pages clean. It is exec'd fresh and
-imports only ``JOB_MODULES`` (no Redis client), so its children start smaller too.
+Why a separate process: the app is held once, here, frozen (``gc.freeze``) before any fork, and every job child
+shares it copy-on-write; the worker (supervisor) never imports it, so a dyno holds the app once, not twice. And a
+process that only receives a payload, forks and reaps keeps its pages clean: the worker touches hundreds of pages
+per job (the Redis call, the log line, JSON), which after a fork would each cost a copy-on-write fault.
 
 Process tree::
 
-    python -m worker            supervisor: Redis, deadlines, every signal decision
-    └── python -m worker.forkserver    forks and reaps, nothing else
-        └── job child           one per job (child.py), signalled by the worker directly by pid
+    python -m worker                   supervisor: Redis, slots, deadlines, every signal decision
+    └── python -m worker.forkserver    imports the app, forks and reaps, nothing else
+        ├── job child                  one per running job (child.py), each in its own process group,
+        └── job child ...              signalled by the worker directly (by process group for kills)
 
 * The fork server blocks the stop signals: Heroku's or a group's TERM/INT/QUIT/USR1/USR2 stay pending and are never
   acted on. The job child inherits that mask, so a signal that reaches it before its handlers exist is delivered
   right after (``child.run`` unblocks), never lost.
-* It dies with the worker (parent-death signal, and end of file on its socket); the job child dies with it.
+* It dies with the worker (parent-death signal, and end of file on its socket); job children die with it.
+* It keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next job
+  overlaps the current ones; each child still runs exactly one job.
 
-The server keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next
-job overlaps the current one; each child still runs exactly one job.
-
-Protocol on a Unix stream socket. Worker to server: 4-byte big-endian length, then the payload JSON, with the write
-end of the job's report pipe passed (SCM_RIGHTS) on the first chunk. Server to worker: ``P`` + pid, then ``S`` +
-wait status once the child is reaped (8-byte signed integers); ``R`` + its own pid once, when it is ready.
+Protocol on a Unix stream socket. Worker to server: a header (4-byte length, 8-byte sequence number, big-endian),
+the payload JSON, with the write end of the job's report pipe passed (SCM_RIGHTS) on the first chunk. Server to
+worker, fixed frames ``(kind, seq, value)``: ``P`` seq pid once the child has the job, ``S`` seq wait-status once it
+is reaped; ``R`` 0 pid once at start, followed by a 4-byte length and the JSON of the job registry (what the worker
+needs of each job: queue, timeout, retries), or ``E`` 0 0 followed by a length and a one-line error if the app
+cannot be imported. Every ``P``/``S`` names the job it is about, so a late frame can never be taken for another's.
 """
 from __future__ import annotations
 
@@ -34,29 +37,39 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from typing import Optional
 
 from .signals import RAISE_SIGNAL
 
-_FRAME = struct.Struct(">cq")
+FRAME = struct.Struct(">cqq")
+_HEAD = struct.Struct(">IQ")
+_LEN = struct.Struct(">I")
 BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, RAISE_SIGNAL}
 
 
 class ForkServerError(Exception):
-    """The fork server is gone or did not answer; the worker starts a new one for the next job."""
+    """The fork server is gone, answered nonsense or could not start; the worker starts a new one."""
 
 
 class ForkServer:
-    """The worker's handle on its fork server (started on first use, restarted after a failure)."""
+    """The worker's handle on its fork server. Non-blocking after :meth:`start`: the worker's loop selects on
+    :meth:`fileno` and calls :meth:`frames`; ``meta`` is set once the server is ready."""
 
     def __init__(self, cfg):
         self.cfg = cfg
         self.proc: Optional[subprocess.Popen] = None
         self.sock: Optional[socket.socket] = None
+        self.meta: Optional[dict] = None   # job name -> {"queue", "timeout", "retries"} once ready
+        self.error: Optional[str] = None   # the server's one-line start-up error (JOB_MODULES cannot be imported)
         self._buf = b""
+        self._eof = False
+
+    @property
+    def ready(self) -> bool:
+        return self.meta is not None
 
     def start(self) -> None:
+        """Exec a new server; it is ready once :meth:`frames` has read its ``R`` frame."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
         args = [sys.executable, "-m", "worker.forkserver", str(theirs.fileno()), str(os.getpid()),
@@ -64,60 +77,63 @@ class ForkServer:
         self.proc = subprocess.Popen(args, pass_fds=[theirs.fileno()], env=env, close_fds=True)
         theirs.close()
         mine.set_inheritable(False)
-        self.sock, self._buf = mine, b""
-        try:  # ready once JOB_MODULES are imported (they may be slow: Django set-up and the like)
-            kind, _ = self._frame(timeout=120.0)
-        except (OSError, ForkServerError) as exc:
-            self.stop()
-            raise ForkServerError(f"fork server did not start: {exc}") from None
-        if kind != b"R":
-            self.stop()
-            raise ForkServerError(f"fork server answered {kind!r} at start")
+        self.sock, self._buf, self.meta, self.error, self._eof = mine, b"", None, None, False
 
-    def spawn(self, raw: str, report_w: int) -> int:
-        """Have the server fork a child for payload ``raw`` reporting on ``report_w``; returns the child's pid."""
-        if self.sock is None:
-            self.start()
+    def send(self, seq: int, raw: str, report_w: int) -> None:
+        """Hand job ``seq`` to the server (its ``P`` frame follows). Raises :class:`ForkServerError`."""
         try:
-            _send_job(self.sock, raw.encode("utf-8", "surrogateescape"), report_w)
-            kind, pid = self._frame(timeout=10.0)
-        except OSError as exc:
-            self.stop()
+            _send_job(self.sock, seq, raw.encode("utf-8", "surrogateescape"), report_w)
+        except (OSError, AttributeError) as exc:
             raise ForkServerError(f"fork server unavailable: {exc}") from None
-        if kind != b"P":
-            self.stop()
-            raise ForkServerError(f"fork server answered {kind!r}")
-        return pid
 
-    def poll(self) -> Optional[int]:
-        """The child's wait status if the server reported it, else None (never blocks)."""
-        frame = self._frame(timeout=0.0)
-        if frame is None:
-            return None
-        return frame[1]
+    def frames(self) -> list:
+        """Every complete ``(kind, seq, value)`` frame available now (never blocks). Raises
+        :class:`ForkServerError` at end of file (the server exited) or on a frame it does not understand."""
+        if self._eof:
+            raise ForkServerError("fork server exited")
+        try:
+            while True:
+                chunk = self.sock.recv(65536, socket.MSG_DONTWAIT)
+                if not chunk:  # frames before the end still count (a child reaped just before): raise next time
+                    self._eof = True
+                    break
+                self._buf += chunk
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            raise ForkServerError(f"fork server unavailable: {exc}") from None
+        out = []
+        while len(self._buf) >= FRAME.size:
+            kind, seq, value = FRAME.unpack_from(self._buf)
+            size = FRAME.size
+            if kind in (b"R", b"E"):  # followed by a length-prefixed JSON body
+                if len(self._buf) < size + _LEN.size:
+                    break
+                n = _LEN.unpack_from(self._buf, size)[0]
+                if len(self._buf) < size + _LEN.size + n:
+                    break
+                body = json.loads(self._buf[size + _LEN.size:size + _LEN.size + n])
+                size += _LEN.size + n
+                if kind == b"R":
+                    self.meta = body
+                else:
+                    self.error = str(body)
+            elif kind not in (b"P", b"S"):
+                raise ForkServerError(f"fork server answered {kind!r}")
+            self._buf = self._buf[size:]
+            out.append((kind, seq, value))
+        if self._eof and not out:
+            raise ForkServerError("fork server exited")
+        return out
 
     def fileno(self) -> int:
-        return self.sock.fileno()
+        return self.sock.fileno() if self.sock is not None else -1
 
-    def _frame(self, timeout: float):
-        """The next frame; with ``timeout`` 0 return None at once if none is complete (a poll)."""
-        deadline = time.monotonic() + timeout
-        while len(self._buf) < _FRAME.size:
-            left = max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([self.sock], [], [], left)
-            if not ready:
-                if timeout == 0:
-                    return None
-                if left == 0:
-                    raise ForkServerError("fork server did not answer")
-                continue
-            chunk = self.sock.recv(4096)
-            if not chunk:
-                self.stop()
-                raise ForkServerError("fork server exited")
-            self._buf += chunk
-        frame, self._buf = self._buf[:_FRAME.size], self._buf[_FRAME.size:]
-        return _FRAME.unpack(frame)
+    def kill(self) -> None:
+        """Kill a server that stalled or misbehaved (its children die with it: parent-death signal), then reap."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+        self.stop()
 
     def stop(self) -> None:
         """Close the socket (the server exits on end of file) and reap it; kill it if it lingers."""
@@ -131,11 +147,12 @@ class ForkServer:
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
+        self.meta = None
 
 
-def _send_job(sock: socket.socket, data: bytes, report_w: int) -> None:
-    """One job message: length, payload, and the report pipe's write end riding on the first chunk."""
-    head = struct.pack(">I", len(data)) + data[:65536]
+def _send_job(sock: socket.socket, seq: int, data: bytes, report_w: int) -> None:
+    """One job message: header, payload, and the report pipe's write end riding on the first chunk."""
+    head = _HEAD.pack(len(data), seq) + data[:65536]
     sent = socket.send_fds(sock, [head], [report_w])
     rest = head[sent:] + data[65536:]
     if rest:  # sendall(b"") still calls send(): EPIPE if the reader already took the message and closed
@@ -143,17 +160,18 @@ def _send_job(sock: socket.socket, data: bytes, report_w: int) -> None:
 
 
 def _recv_job(sock: socket.socket):
-    """``(payload bytes, report fd)``, or None at end of file (the sender is gone)."""
-    msg, fds, _, _ = socket.recv_fds(sock, 65536 + 4, 1)
-    if len(msg) < 4 or not fds:
+    """``(seq, payload bytes, report fd)``, or None at end of file (the sender is gone)."""
+    msg, fds, _, _ = socket.recv_fds(sock, 65536 + _HEAD.size, 1)
+    if len(msg) < _HEAD.size or not fds:
         return None
-    need, data = struct.unpack(">I", msg[:4])[0], msg[4:]
+    need, seq = _HEAD.unpack_from(msg)
+    data = msg[_HEAD.size:]
     while len(data) < need:
         more = sock.recv(need - len(data))
         if not more:
             return None
         data += more
-    return data, fds[0]
+    return seq, data, fds[0]
 
 
 def _spare(listen: socket.socket, me: int, child, jobs) -> None:
@@ -168,10 +186,9 @@ def _spare(listen: socket.socket, me: int, child, jobs) -> None:
         job = _recv_job(listen)
         if job is None:
             os._exit(0)
-        data, report_w = job
+        _, data, report_w = job
         listen.close()
-        doc = json.loads(data.decode("utf-8", "surrogateescape"))
-        child.run(jobs.registered(doc["name"]), doc, report_w)
+        child.run_payload(data, report_w)
     except BaseException:  # a runtime bug, not the job's: say so before leaving
         import traceback
         traceback.print_exc()
@@ -180,24 +197,42 @@ def _spare(listen: socket.socket, me: int, child, jobs) -> None:
         os._exit(71)
 
 
-def serve(fd: int, parent: int, grace: float, modules) -> int:
-    """The fork server's loop (runs in the exec'd process).
+def _frame(sock, kind: bytes, seq: int, value: int, body=None) -> None:
+    data = FRAME.pack(kind, seq, value)
+    if body is not None:
+        blob = json.dumps(body).encode()
+        data += _LEN.pack(len(blob)) + blob
+    sock.sendall(data)
 
-    It keeps one spare child forked ahead of time, waiting for its payload: the fork for job N+1 then happens while
-    job N runs and the worker records it, instead of on the critical path. Each child still runs exactly one job.
-    """
+
+def _watch(pid: int):
+    """A file descriptor that becomes readable when child ``pid`` exits (pidfd), or None where there is none."""
+    try:
+        return os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+
+
+def serve(fd: int, parent: int, grace: float, modules) -> int:
+    """The fork server's loop (runs in the exec'd process): hand each job to the spare child, fork the next spare,
+    and report each child's exit, for any number of children at once."""
     signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
     from . import child, jobs
+    from .config import ConfigError
     if child._libc is not None:
         child._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
     if os.getppid() != parent:
         return 1
-    jobs.import_modules(modules)
-    child.install(grace)  # blocked here; inherited by every child
-    gc.freeze()  # imports done: keep these objects out of the children's collections (fewer pages touched)
     sock = socket.socket(fileno=fd)
+    try:
+        jobs.import_modules(modules)
+    except ConfigError as exc:
+        _frame(sock, b"E", 0, 0, str(exc))
+        return 2
+    child.install(grace)  # blocked here; inherited by every child
+    gc.freeze()  # the app is imported: keep its objects out of the children's collections (fewer pages touched)
     me = os.getpid()
-    sock.sendall(_FRAME.pack(b"R", me))
+    _frame(sock, b"R", 0, me, jobs.meta())
 
     def fork_spare():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -205,31 +240,56 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
         if pid == 0:
             sock.close()
             ours.close()
+            for w in running:
+                if w >= 0:
+                    os.close(w)
             _spare(theirs, me, child, jobs)
         theirs.close()
+        try:
+            os.setpgid(pid, pid)  # also done by the child: whichever runs first, the group exists before any kill
+        except OSError:
+            pass
         return pid, ours
 
+    running: dict = {}    # pidfd (or -pid where pidfds are missing) -> (pid, seq)
     spare = fork_spare()
     while True:
+        watch = [sock] + [w for w in running if w >= 0]
+        polling = any(w < 0 for w in running)
+        ready, _, _ = select.select(watch, [], [], 0.05 if polling else None)
+        for w, (pid, seq) in list(running.items()):
+            if w >= 0:
+                if w not in ready:
+                    continue
+                status = os.waitpid(pid, 0)[1]
+                os.close(w)
+            else:
+                done, status = os.waitpid(pid, os.WNOHANG)
+                if not done:
+                    continue
+            del running[w]
+            _frame(sock, b"S", seq, status)
+        if sock not in ready:
+            continue
         job = _recv_job(sock)
         if job is None:
-            return 0  # the worker closed the socket: leave (the spare sees end of file and exits too)
-        data, report_w = job
+            return 0  # the worker closed the socket: leave (spare and children die with us)
+        seq, data, report_w = job
         pid, line = spare
         if os.waitpid(pid, os.WNOHANG)[0]:  # the spare died while waiting (killed from outside): replace it
             line.close()
             pid, line = fork_spare()
         try:
-            _send_job(line, data, report_w)
+            _send_job(line, seq, data, report_w)
         except OSError:
             # Never hand the job to a second child: this one may have it. Kill it; the worker records how it ended.
             os.kill(pid, signal.SIGKILL)
         line.close()
         os.close(report_w)
-        sock.sendall(_FRAME.pack(b"P", pid))
-        spare = fork_spare()  # while job N runs
-        _, status = os.waitpid(pid, 0)
-        sock.sendall(_FRAME.pack(b"S", status))
+        w = _watch(pid)
+        running[w if w is not None else -pid] = (pid, seq)
+        _frame(sock, b"P", seq, pid)
+        spare = fork_spare()  # while the job runs
 
 
 if __name__ == "__main__":

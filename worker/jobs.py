@@ -130,8 +130,9 @@ def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
 
 
-def decode(raw: str, max_payload: int) -> tuple:
-    """Parse and check a claimed queue entry. Returns ``(spec, payload_dict)``; raises :class:`BadJob`."""
+def parse(raw: str, max_payload: int) -> dict:
+    """Parse and check the shape of a claimed queue entry, without the registry (the worker does not import the
+    app). Returns the payload dict; raises :class:`BadJob`."""
     size = _size(raw, max_payload)
     if size > max_payload:
         raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
@@ -150,6 +151,13 @@ def decode(raw: str, max_payload: int) -> tuple:
         doc["attempts"] = 0
     if not isinstance(doc.get("errors", []), list):
         doc["errors"] = []
+    return doc
+
+
+def decode(raw: str, max_payload: int) -> tuple:
+    """:func:`parse`, then check the name and arguments against the registry. Returns ``(spec, payload_dict)``;
+    raises :class:`BadJob`."""
+    doc = parse(raw, max_payload)
     spec = _REGISTRY.get(doc["name"])
     if spec is None:
         raise BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
@@ -158,6 +166,11 @@ def decode(raw: str, max_payload: int) -> tuple:
     except TypeError as exc:
         raise BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
     return spec, doc
+
+
+def meta() -> dict:
+    """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
+    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries} for name, s in _REGISTRY.items()}
 
 
 def queue_of(raw: str, fallback: str) -> str:

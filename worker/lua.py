@@ -47,28 +47,50 @@ wake(ARGV[2])
 return 1
 """
 
-# KEYS: processing, workers, worker-hash, scheduled, paused, queues-set
-# ARGV: prefix, worker, op, payload, job id, extra, extra2, claim, failed_max, failed_ttl_ms, wildcard, queues...
+# One call per turn of the supervisor's loop: record the outcomes of finished jobs, refresh the heartbeat, move due
+# scheduled jobs, and claim up to one job for each free slot.
+#   KEYS[1] processing  P:processing:<w>      KEYS[2] workers   P:workers (score: this worker's deadline, ms)
+#   KEYS[3] worker      P:worker:<w>          KEYS[4] scheduled P:scheduled
+#   KEYS[5] paused      P:paused              KEYS[6] queues    P:queues
+#   ARGV[1] prefix   ARGV[2] worker name   ARGV[3] ttl_ms (the worker's own HEARTBEAT_TTL)
+#   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] wildcard ('1': every known queue, in name order)
+#   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
+#   still running after this call, not counting new claims)   ARGV[9] nq, then nq queue names in priority order
+#   then nout, then nout outcomes of 5 fields each: op, slot, payload, a, b
+#       ack: -   fail: a = job id, b = failure record   retry: a = new payload, b = delay ms   requeue: a = queue
+#   then the slot numbers to claim into (one claim per slot, as far as the queues go)
+# Returns {held, next_due, nclaims, slot1, payload1, queue1, ..., queue names considered...}
 CYCLE = PRELUDE + r"""
-local processing, worker = KEYS[1], ARGV[2]
-local op, payload = ARGV[3], ARGV[4]
-redis.call('ZADD', KEYS[2], now, worker)
--- The outcome takes effect only if the job was still ours: a call repeated after a timeout (redis-py retries, or
--- the supervisor's own retry after an outage) or a job already recovered by another worker records nothing twice.
-if op ~= '' and redis.call('LREM', processing, -1, payload) == 1 then
-  if op == 'ack' then
-    redis.call('INCR', prefix .. ':stat:processed')
-  elseif op == 'fail' then
-    record_failure(ARGV[5], ARGV[6], tonumber(ARGV[9]), tonumber(ARGV[10]))
-  elseif op == 'retry' then
-    redis.call('ZADD', KEYS[4], now + tonumber(ARGV[7]), ARGV[6])
-  elseif op == 'requeue' then
-    redis.call('LPUSH', prefix .. ':queue:' .. ARGV[7], payload)
-    wake(ARGV[7])
+local processing, workers, wh, scheduled, paused, known = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
+local worker, ttl_ms = ARGV[2], tonumber(ARGV[3])
+local failed_max, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
+local wildcard, mode, busy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
+local nq = tonumber(ARGV[9])
+local at = 10 + nq
+local nout = tonumber(ARGV[at])
+at = at + 1
+redis.call('ZADD', workers, now + ttl_ms, worker)
+for n = 1, nout do
+  local op, slot, payload, a, b = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
+  at = at + 5
+  redis.call('HDEL', wh, 'job:' .. slot, 'started:' .. slot)
+  -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
+  -- recovered by another worker, records nothing twice.
+  if redis.call('LREM', processing, -1, payload) == 1 then
+    if op == 'ack' then
+      redis.call('INCR', prefix .. ':stat:processed')
+    elseif op == 'fail' then
+      record_failure(a, b, failed_max, failed_ttl)
+    elseif op == 'retry' then
+      redis.call('ZADD', scheduled, now + tonumber(b), a)
+    elseif op == 'requeue' then
+      local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, payload)
+      if type(pushed) == 'number' then wake(a) else redis.call('RPUSH', processing, payload) end
+    end
   end
 end
 -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
-local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now, 'LIMIT', 0, 100)
+local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)
 for _, p in ipairs(due) do
   local ok, doc = pcall(cjson.decode, p)
   local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue'] or 'default'
@@ -76,46 +98,71 @@ for _, p in ipairs(due) do
   -- (visible in status) instead of raising half-way through this script and losing it
   local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
   if type(pushed) == 'number' then
-    redis.call('ZREM', KEYS[4], p)
-    redis.call('SADD', KEYS[6], q)
+    redis.call('ZREM', scheduled, p)
+    redis.call('SADD', known, q)
     wake(q)
   end
 end
 local queues = {}
-if ARGV[11] == '1' then
-  queues = redis.call('SORT', KEYS[6], 'ALPHA')
+if wildcard then
+  queues = redis.call('SORT', known, 'ALPHA')
 else
-  for i = 12, #ARGV do queues[#queues + 1] = ARGV[i] end
+  for n = 10, 9 + nq do queues[#queues + 1] = ARGV[n] end
 end
-local wh = KEYS[3]
-if ARGV[8] == '1' then
-  local all_paused = redis.call('SISMEMBER', KEYS[5], '*') == 1
-  local open = 0
+local res = {0, '', 0}
+local open = {}
+if at <= #ARGV and redis.call('SISMEMBER', paused, '*') == 0 then
   for _, q in ipairs(queues) do
-    if not all_paused and redis.call('SISMEMBER', KEYS[5], q) == 0 then
-      open = open + 1
-      local qk = prefix .. ':queue:' .. q
-      local v = redis.call('LMOVE', qk, processing, 'LEFT', 'RIGHT')
-      if v then
-        if redis.call('LLEN', qk) > 0 then wake(q) end
-        redis.call('HSET', wh, 'state', 'busy', 'job', v, 'job_started', now, 'seen', now)
-        return {v, q, '', redis.call('LLEN', processing)}
-      end
-    end
+    if redis.call('SISMEMBER', paused, q) == 0 then open[#open + 1] = q end
   end
-  redis.call('HSET', wh, 'state', (open == 0 and #queues > 0) and 'paused' or 'idle', 'job', '', 'seen', now)
-else
-  redis.call('HSET', wh, 'job', '', 'seen', now)
 end
-local nxt = redis.call('ZRANGE', KEYS[4], 0, 0, 'WITHSCORES')
-local res = {'', '', nxt[2] or '', redis.call('LLEN', processing)}
-for _, q in ipairs(queues) do res[#res + 1] = q end
+local qi, claimed, left = 1, 0, {}
+while at <= #ARGV and qi <= #open do
+  local q = open[qi]
+  local v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
+  if v then
+    redis.call('HSET', wh, 'job:' .. ARGV[at], v, 'started:' .. ARGV[at], now)
+    res[#res + 1], res[#res + 2], res[#res + 3] = ARGV[at], v, q
+    claimed = claimed + 1
+    left[q] = true
+    at = at + 1
+  else
+    left[q] = nil
+    qi = qi + 1
+  end
+end
+for q in pairs(left) do  -- we took work and left some behind: ring for the next idle worker
+  if redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(q) end
+end
+local state = mode
+if state == '' then
+  if busy + claimed > 0 then state = 'busy'
+  elseif #queues > 0 and #open == 0 and at <= #ARGV then state = 'paused'
+  else state = 'idle' end
+end
+redis.call('HSET', wh, 'state', state, 'seen', now)
+res[1], res[3] = redis.call('LLEN', processing), claimed
+if claimed == 0 then
+  local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+  res[2] = nxt[2] or ''
+  for _, q in ipairs(queues) do res[#res + 1] = q end
+end
 return res
 """
 
 # KEYS: workers.  ARGV: prefix, ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip (our own name)
+# A worker's score in P:workers is its own deadline (last beat + its own HEARTBEAT_TTL, written by itself), so every
+# worker is judged by its own settings. Workers of an older version wrote their last beat instead and have no
+# 'ttl' field: for them the recovering worker's ttl_ms still applies.
 RECOVER = PRELUDE + r"""
-local dead = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now - tonumber(ARGV[2]), 'LIMIT', 0, 100)
+local late = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
+local dead = {}
+for n = 1, #late, 2 do
+  local w, score = late[n], tonumber(late[n + 1])
+  if redis.call('HEXISTS', prefix .. ':worker:' .. w, 'ttl') == 1 or score < now - tonumber(ARGV[2]) then
+    dead[#dead + 1] = w
+  end
+end
 local out = {}
 for _, w in ipairs(dead) do
   if w ~= ARGV[6] then
@@ -183,5 +230,14 @@ redis.call('DEL', KEYS[3])
 return 1
 """
 
-# KEYS: workers.  ARGV: worker.  Heartbeats use the Redis clock, shared by every dyno.
-HEARTBEAT = "local t = redis.call('TIME') redis.call('ZADD', KEYS[1], t[1] * 1000 + math.floor(t[2] / 1000), ARGV[1])"
+# KEYS: workers, worker-hash.  ARGV: worker, ttl_ms.  Heartbeats use the Redis clock, shared by every dyno; the score
+# is the worker's deadline (now + its own HEARTBEAT_TTL), 'seen' the time of the beat.
+HEARTBEAT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+redis.call('ZADD', KEYS[1], now + tonumber(ARGV[2]), ARGV[1])
+redis.call('HSET', KEYS[2], 'seen', now)
+"""
+
+# KEYS: wake lists.  One token at most per list: a wake list is a doorbell, not a counter.
+WAKE = "for _, k in ipairs(KEYS) do if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end end"

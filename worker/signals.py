@@ -9,15 +9,15 @@ Signals (Resque's set):
 
 * TERM, INT  - shut down: stop claiming, TermException in the job, kill at the deadline, put back, exit 0.
               Only the first one counts: repeats never move the deadline.
-* QUIT       - finish the current job, then exit; no exception.
-* USR1       - kill the current child at once (recorded as failed); keep working.
+* QUIT       - stop claiming, let the running jobs finish, then exit; no exception.
+* USR1       - kill every running job child at once (each recorded as failed); keep working.
 * USR2, CONT - pause claiming / resume.
 * CHLD       - a child exited (wakes the loop so it can reap at once).
 * ALRM       - the watchdog: the first TERM/INT arms a timer for the hard exit (``SHUTDOWN_WINDOW`` - 0.5 s). If the
-              loop has not exited by then (a Redis call hung past its timeouts), the handler SIGKILLs the child
+              loop has not exited by then (a Redis call hung past its timeouts), the handler SIGKILLs the children
               and calls ``os._exit``: async-signal-safe calls only. This is the single handler that acts, because
-              it exists for the case where the loop cannot; the job it abandons is still in the processing list
-              and is recovered by another worker, so it is not lost.
+              it exists for the case where the loop cannot; the jobs it abandons are still in the processing list
+              and are recovered by another worker, so they are not lost.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ class SignalState:
 
     def __init__(self, hard_exit_after: Optional[float] = None):
         self.hard_exit_after = hard_exit_after
-        self.child_pid = 0                     # set by the runner while a child runs (for the watchdog)
+        self.child_pids: set = set()           # pids of running job children (for the watchdog)
         self.stop_at: Optional[float] = None   # time.monotonic() of the first TERM/INT
         self.stop_signal: Optional[int] = None
         self.stop_count = 0
@@ -65,11 +65,8 @@ class SignalState:
                 signal.setitimer(signal.ITIMER_REAL, self.hard_exit_after)
 
     def _on_alarm(self, signum, frame):
-        if self.child_pid:
-            try:
-                os.kill(self.child_pid, signal.SIGKILL)
-            except OSError:
-                pass
+        for pid in list(self.child_pids):
+            kill_job(pid, signal.SIGKILL)
         try:
             os.write(2, b"level=error event=shutdown.watchdog reason=\"hard exit deadline reached\"\n")
         finally:
@@ -133,6 +130,20 @@ class SignalState:
         except BlockingIOError:
             pass
 
+
+
+def kill_job(pid: int, signum: int) -> None:
+    """Send ``signum`` to job child ``pid``'s whole process group (it leads one: ``child.setup``), so processes the
+    job started go with it; to the child alone if the group is not there yet. Async-signal-safe (the watchdog)."""
+    try:
+        os.killpg(pid, signum)
+        return
+    except OSError:
+        pass
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass  # already gone; the fork server's exit frame will tell how
 
 
 def _signame(signum) -> str:

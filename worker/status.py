@@ -23,11 +23,17 @@ change of type or unit bumps ``schema``)::
         "queues": ["default"],        [str]  as configured on that worker ("*" = every queue)
         "started": 1714559000.0,      float|null  unix seconds (the worker's clock)
         "state": "busy",              str    idle|busy|paused|stopping|exited as the worker wrote it, "dead" when
-                                             heartbeat_age > HEARTBEAT_TTL, "unknown" when its hash is missing
-        "job": {                             null unless a job is claimed
-          "id": "9c1e...", "name": "send_email", "queue": "default",   str|null each (null: unreadable payload)
-          "running_for": 3.2          float|null  seconds since it was claimed (Redis clock)
-        },
+                                             its own deadline (last beat + its HEARTBEAT_TTL) has passed,
+                                             "unknown" when its hash is missing
+        "concurrency": 4,             int    WORKER_CONCURRENCY of that worker (1 for older workers)
+        "slots": [{                          one entry per busy slot, by slot number (added in 1.x)
+          "slot": 0,                  int
+          "job": {                           the job claimed into that slot
+            "id": "9c1e...", "name": "send_email", "queue": "default",   str|null each (null: unreadable payload)
+            "running_for": 3.2        float|null  seconds since it was claimed (Redis clock)
+          }
+        }],
+        "job": {...},                 object|null  the first busy slot's job (as "slots"[0].job), null when idle
         "heartbeat_age": 0.4          float  seconds since the last heartbeat (Redis clock)
       }],
       "failed": 1,                    int    jobs in the failed registry now (ZCARD P:failed)
@@ -46,11 +52,11 @@ import time
 from .client import connect
 from .config import Config, redact_url
 from .keys import Keys
+from .lua import WAKE
 
 SCHEMA = 1
 
-# KEYS: wake lists.  One token at most per list, as everywhere else: a wake list is a doorbell, not a counter.
-_WAKE = "for _, k in ipairs(KEYS) do if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end end"
+
 
 
 def _num(value, kind=float):
@@ -72,6 +78,34 @@ def _job(raw: str, job_started, now_ms: float):
     started = _num(job_started)
     return {"id": doc.get("id"), "name": doc.get("name"), "queue": doc.get("queue"),
             "running_for": None if started is None else round(max(0.0, now_ms - started) / 1000.0, 3)}
+
+
+def _worker(name: str, score: float, info: dict, now_ms: float, cfg: Config) -> dict:
+    """One worker's entry. Its score in P:workers is its own deadline (beat + its TTL, hash field ``ttl``); workers
+    of an older version wrote their last beat there instead and have no ``ttl``."""
+    ttl = _num(info.get("ttl"))
+    seen = _num(info.get("seen"))
+    if ttl is None:
+        seen, dead = score, now_ms - score > cfg.heartbeat_ttl * 1000
+    else:
+        seen, dead = (seen if seen is not None else score - ttl), score < now_ms
+    state = info.get("state") or "unknown"
+    if dead:
+        state = "dead"  # recovery will requeue its jobs; until then it is listed so the operator sees why
+    slots = []
+    for field, raw in info.items():
+        if field.startswith("job:"):
+            slot = _num(field[4:], int)
+            slots.append({"slot": slot, "job": _job(raw, info.get(f"started:{field[4:]}"), now_ms)})
+    if info.get("job"):  # an older worker's single job
+        slots.append({"slot": 0, "job": _job(info["job"], info.get("job_started"), now_ms)})
+    slots.sort(key=lambda s: s["slot"] if s["slot"] is not None else -1)
+    return {
+        "name": name, "dyno": info.get("dyno") or None, "host": info.get("host") or None,
+        "pid": _num(info.get("pid"), int), "queues": [q for q in (info.get("queues") or "").split(",") if q],
+        "started": _num(info.get("started")), "state": state, "concurrency": _num(info.get("concurrency"), int) or 1,
+        "job": slots[0]["job"] if slots else None, "slots": slots,
+        "heartbeat_age": round(max(0.0, now_ms - seen) / 1000.0, 3)}
 
 
 def _latency(head, now: float):
@@ -108,17 +142,7 @@ def collect(r, cfg: Config) -> dict:
         res = p.execute()
     queues = [{"name": q, "depth": res[2 * i], "latency": _latency(res[2 * i + 1], now),
                "paused": q in paused or "*" in paused} for i, q in enumerate(names)]
-    out_workers = []
-    for (w, beat), info in zip(workers, res[2 * len(names):]):
-        age = round(max(0.0, now_ms - beat) / 1000.0, 3)
-        state = info.get("state") or "unknown"
-        if age > cfg.heartbeat_ttl:
-            state = "dead"  # recovery will requeue its job; until then it is listed so the operator sees why
-        out_workers.append({
-            "name": w, "dyno": info.get("dyno") or None, "host": info.get("host") or None,
-            "pid": _num(info.get("pid"), int), "queues": [q for q in (info.get("queues") or "").split(",") if q],
-            "started": _num(info.get("started")), "state": state,
-            "job": _job(info.get("job") or "", info.get("job_started"), now_ms), "heartbeat_age": age})
+    out_workers = [_worker(w, score, info, now_ms, cfg) for (w, score), info in zip(workers, res[2 * len(names):])]
     return {"schema": SCHEMA, "time": round(now, 6), "paused": sorted(paused), "queues": queues,
             "workers": sorted(out_workers, key=lambda w: w["name"]), "failed": n_failed, "scheduled": n_scheduled,
             "totals": {"processed": _num(processed, int) or 0, "failed": _num(failed_total, int) or 0}}
@@ -160,12 +184,16 @@ def render(doc: dict, url: str) -> str:
     out += (_table(("QUEUE", "DEPTH", "LATENCY", "PAUSED"), rows, right=(1, 2)) if rows else ["no queues"]) + [""]
     rows = []
     for w in doc["workers"]:
-        j = w["job"] or {}
-        rows.append((w["name"], w["state"], ",".join(w["queues"]) or "-", j.get("name") or "-",
-                     (j.get("id") or "-")[:8], _dur(j["running_for"]) if j else "-", _dur(w["heartbeat_age"]),
-                     w["host"] or "-"))
-    out += (_table(("WORKER", "STATE", "QUEUES", "JOB", "ID", "RUNNING", "HEARTBEAT", "HOST"), rows, right=(5, 6))
-            if rows else ["no workers"]) + [""]
+        jobs = [s["job"] for s in w["slots"]] or [None]
+        for n, j in enumerate(jobs):
+            j = j or {}
+            head = (w["name"], w["state"], f"{len(w['slots'])}/{w['concurrency']}", ",".join(w["queues"]) or "-") \
+                if n == 0 else ("", "", "", "")  # further jobs of the same worker: one row each
+            rows.append((*head, j.get("name") or "-", (j.get("id") or "-")[:8],
+                         _dur(j["running_for"]) if j else "-", _dur(w["heartbeat_age"]) if n == 0 else "",
+                         (w["host"] or "-") if n == 0 else ""))
+    out += (_table(("WORKER", "STATE", "SLOTS", "QUEUES", "JOB", "ID", "RUNNING", "HEARTBEAT", "HOST"), rows,
+                   right=(6, 7)) if rows else ["no workers"]) + [""]
     t = doc["totals"]
     out += _table(("FAILED", "SCHEDULED", "PROCESSED_TOTAL", "FAILED_TOTAL"),
                   [(doc["failed"], doc["scheduled"], t["processed"], t["failed"])], right=(0, 1, 2, 3))
@@ -209,7 +237,7 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
         if not paused:
             targets = sorted(known) if queue == "*" else [queue]
             if targets:
-                r.eval(_WAKE, len(targets), *[k.wake(q) for q in targets])
+                r.eval(WAKE, len(targets), *[k.wake(q) for q in targets])
         still = sorted(r.smembers(k.paused))
     finally:
         r.close()

@@ -1,9 +1,17 @@
-"""The worker's main loop: claim, fork, record; heartbeats and recovery; pause; the shutdown sequence.
+"""The worker's main loop: claim, run in slots, record; heartbeats and recovery; pause; the shutdown sequence.
 
-One loop, one Redis connection. Each turn records the previous job's outcome and claims the next job in a single
-script call. Signals are only recorded (``signals.py``); this loop reads them at the top of every turn, and every
-wait is a ``select`` that a signal interrupts, so a stop is acted on within milliseconds whether the worker is idle,
-busy or waiting for Redis to come back.
+One loop, never blocked by a job or by Redis. Each turn:
+
+1. ``slots.service()``   signals and kills that are due (stop escalation, timeouts, USR1, memory): no Redis
+2. ``slots.collect()``   finished children become outcomes (``policy.decide``)
+3. ``_redis_turn()``     one CYCLE call records every pending outcome, beats, and claims a job per free slot
+4. ``_wait()``           select on the signal pipe, the fork server, the report pipes and the idle BLPOP
+
+Redis calls go through a :class:`~worker.client.Link`, whose wait runs step 1 whenever a signal arrives, so a slow
+Redis never delays a stop. Idle waiting is a BLPOP on the wake lists, on a second connection, left pending while
+jobs run. Shutdown is three named steps: ``quiet`` (the first TERM/INT: stop claiming, put back claims not yet
+started), ``wait_for`` (every running job gets the same escalation from the same moment, see ``slots.py``),
+``bookkeeping`` (last outcomes and unregister on a connection bounded by the time left).
 """
 from __future__ import annotations
 
@@ -16,104 +24,215 @@ from typing import Optional
 import redis
 
 from . import client, jobs
-from .config import Config, redact_url
-from .failed import record as failed_record
-from .fetch import Broker, Cycle, Outcome, backoff_delay
+from .config import Config, ConfigError, redact_url
+from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
-from .runner import Processor
+from .policy import Decision, bad, decide
 from .signals import SignalState
+from .slots import SlotTable
 
 IDLE_POLL = 1.0  # longest idle block: entries pushed without a wake token, and pause changes, are seen this fast
-SIDE_TIMEOUT = 0.5  # bound on each Redis call made while a child runs
+STALL = 1.0      # a Redis call slower than this (or failing) means Redis stalled: recovery waits a full TTL after
 
 
 class Supervisor:
     """Runs until stopped (or, in burst mode, until the queues are empty). :meth:`run` returns the exit code."""
 
     def __init__(self, cfg: Config, broker: Broker, log, burst: bool = False):
-        self.cfg, self.broker, self.burst = cfg, broker, burst
+        self.cfg, self.burst, self.log = cfg, burst, log
         self.name = cfg.worker_name()
-        self.log = log
         self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
-        self.proc = Processor(cfg, self.sig, log, tick=self._tick, on_stop=self._stopping_while_busy)
-        self._next_beat = 0.0
-        self._side: Optional[Broker] = None
-        self._resync = False
+        self.slots = SlotTable(cfg, self.sig, log)
+        self.broker = broker
+        self.waiter = client.Waiter(client.connect(cfg, timeout=cfg.redis_timeout + IDLE_POLL, retries=0,
+                                                   name="worker-wait"))
+        self.pending: list = []        # outcomes not yet recorded
+        self.adopted: list = []        # claims found in our processing list (reply lost), not yet running
         self.fatal: Optional[str] = None
-        self._next_recover = 0.0
-        self._outage = 0
+        self.exit_code = 0
         self.processed = 0
+        self._registered = self._resync = self._drained = False
+        self._claim = True             # a claim is worth trying now (startup, a wake token, a poll, a resume)
+        self._next_beat = self._next_recover = self._retry_at = self._quiet_until = 0.0
+        self._idle_until = 0.0
+        self._outage = 0
+        self._shown_stop = False
+        self._paused = False
 
     # --- main loop ---
     def run(self) -> int:
         self.sig.install()
+        self.broker.link = client.Link(self.broker.r, self.sig.wake_r, self.slots.service, self.slots.due)
+        if not self._start_server():
+            return self._exit()
         cfg = self.cfg
         self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
-                      pid=os.getpid(), window=cfg.shutdown_window, term_timeout=cfg.term_timeout,
-                      grace=cfg.term_grace, burst=self.burst or None)
-        try:  # before claiming anything: job modules import here, and a slow import must not hold a claimed job
-            self.proc.forks.start()
-        except ForkServerError as exc:
-            self.fatal = f"cannot start jobs: {exc}"
-            self.log.error("worker.fatal", error=self.fatal)
-        pending: Optional[Outcome] = None
-        registered = False
-        adopted: list = []  # claims whose reply was lost, found in our own processing list: run them
-        while not (self.sig.stopping or self.sig.quit or self.fatal):
-            try:
-                if not registered:
-                    self._register()
-                    registered = True
-                    self._recover()
-                if self._resync:
-                    keep = pending.payload if pending is not None else None
-                    adopted = [p for p in self.broker.claimed(self.name) if p != keep]
-                    self._resync = False
-                if adopted and pending is not None:
-                    self._note(self.broker.cycle(self.name, pending, claim=False))
-                    pending = None
-                if self.sig.paused and not adopted:  # claims we already hold run first: they are ours
-                    self._note(self.broker.cycle(self.name, pending, claim=False))  # also the heartbeat
-                    pending = None
-                    self.broker.set_state(self.name, "paused")
-                    if time.monotonic() >= self._next_recover:
-                        self._recover()
-                    self._wait(IDLE_POLL)
-                    continue
-                if adopted:
-                    raw = adopted.pop(0)
-                    c = Cycle(raw, jobs.queue_of(raw, "default" if cfg.all_queues else cfg.queues[0]), None, [], 1)
-                    self.log.warning("job.adopted", job=jobs.loose_id(raw), queue=c.queue,
-                                     reason="claimed by a call whose reply was lost")
-                else:
-                    c = self._note(self.broker.cycle(self.name, pending, claim=True))
-                    pending = None
-                self._outage_over()
-            except redis.RedisError as exc:
-                self._resync = True  # the failed call may have run: check our processing list when Redis is back
-                self._redis_down(exc)
-                continue
-            now = time.monotonic()
-            self._next_beat = now + self.cfg.heartbeat_interval  # the cycle just beat
-            if now >= self._next_recover:
-                self._recover()
-            if c.payload is None:
-                if self.burst:
-                    break
-                self._idle(c.queues, c.next_due)
-                continue
-            if self.sig.stopping or self.sig.quit:  # claimed while a stop arrived: hand it straight back
-                pending = Outcome.requeue(c.payload, c.queue)
+                      pid=os.getpid(), concurrency=cfg.concurrency, window=cfg.shutdown_window,
+                      term_timeout=cfg.term_timeout, grace=cfg.term_grace, burst=self.burst or None)
+        while True:
+            self.slots.service()
+            self.sig.announce(self.log)
+            for slot in self.slots.collect():
+                self._finished(slot)
+            if self._done():
                 break
+            if (self.sig.stopping or self.sig.quit) and self.adopted:  # quiet: claims not started go back
+                self.pending += [Outcome.requeue(raw, jobs.queue_of(raw, self._fallback_queue())) for raw in
+                                 self.adopted]
+                self.adopted = []
+            if self.slots.server_late():
+                self._fatal("cannot start jobs: the fork server did not start in time")
+            if self.slots.broken:
+                self._fatal(self.slots.broken)
+            self._redis_turn()
+            self._wait()
+        return self._exit()
+
+    def _done(self) -> bool:
+        if self.slots.busy():
+            return False
+        if self.sig.stopping or self.sig.quit or self.fatal:
+            return True
+        return self.burst and self._drained and not self.pending and not self.adopted
+
+    def _fallback_queue(self) -> str:
+        return "default" if self.cfg.all_queues else self.cfg.queues[0]
+
+    def _start_server(self) -> bool:
+        """Start the fork server and wait for it to import the app (interruptible: a stop ends the wait)."""
+        self.slots.start_server()
+        while not self.slots.ready:
+            if self.sig.stopping or self.sig.quit:
+                return False
             try:
-                pending = self._process(c.payload, c.queue)
-            except Exception as exc:  # a runtime bug must cost one job (recorded), never the worker
-                job_id = jobs.loose_id(c.payload)
-                self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
-                pending = Outcome.fail(c.payload, job_id, failed_record(
-                    c.payload, job_id, "", c.queue, self.name, 1, "runtime_error",
-                    {"type": type(exc).__name__, "message": str(exc)[:2000]}, []))
-        return self._exit(pending, registered)
+                self.slots.forks.frames()
+            except ForkServerError as exc:
+                err = self.slots.forks.error
+                if err:  # JOB_MODULES cannot be imported: a config error, before any connection
+                    raise ConfigError(err) from None
+                self._fatal(f"cannot start jobs: {exc}")
+                return False
+            if self.slots.server_late():
+                self._fatal("cannot start jobs: the fork server did not start in time")
+            if self.slots.broken:
+                self._fatal(self.slots.broken)
+                return False
+            if not self.slots.ready:
+                self._select([self.slots.forks.fileno()], 1.0)
+        return True
+
+    def _fatal(self, reason: str) -> None:
+        if not self.fatal:
+            self.fatal = reason
+            self.exit_code = 1
+            self.log.error("worker.fatal", error=reason)
+
+    # --- outcomes ---
+    def _finished(self, slot) -> None:
+        if slot.unstarted:  # never reached a child: it goes back as it was
+            self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
+        else:
+            d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
+                       slot.retries, self.name)
+            if d.event == "job.done":
+                self.processed += 1
+            if d.event == "shutdown.job_put_back":
+                d.fields["elapsed"] = self._elapsed()
+            self._note(d)
+        slot.clear()
+
+    def _note(self, d: Decision) -> None:
+        getattr(self.log, d.level)(d.event, **d.fields)
+        self.pending.append(d.outcome)
+
+    def _start(self, index: int, raw: str, queue: str) -> None:
+        """Run a claimed entry in slot ``index``, or record why it cannot run."""
+        try:
+            doc = jobs.parse(raw, self.cfg.max_payload)
+            meta = self.slots.meta.get(doc["name"])
+            if meta is None:
+                raise jobs.BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
+        except jobs.BadJob as exc:
+            self._note(bad(raw, jobs.loose_id(raw), queue, self.name, str(exc), index))
+            return
+        timeout = meta["timeout"] if meta["timeout"] is not None else self.cfg.job_timeout
+        retries = meta["retries"] if meta["retries"] is not None else self.cfg.job_retries
+        self.log.debug("job.start", job=doc["id"], name=doc["name"], queue=queue, slot=index)
+        try:
+            self.slots.start(index, raw, doc, queue, timeout, retries)
+        except ForkServerError:
+            pass  # collect() writes it off as unstarted: put back
+
+    # --- Redis ---
+    def _can_claim(self) -> bool:
+        sig = self.sig
+        return not (sig.stopping or sig.quit or sig.paused or self.fatal) and bool(self.slots.free())
+
+    def _redis_turn(self) -> None:
+        now = time.monotonic()
+        if now < self._retry_at:
+            return
+        t0 = now
+        try:
+            if not self._registered:
+                self._register()
+                self._recover()
+            if self._resync:
+                self._adopt()
+            while self.adopted and self._can_claim():
+                raw = self.adopted.pop(0)
+                queue = jobs.queue_of(raw, self._fallback_queue())
+                self.log.warning("job.adopted", job=jobs.loose_id(raw), queue=queue,
+                                 reason="claimed by a call whose reply was lost")
+                self._start(self.slots.free()[0], raw, queue)
+            if self._paused != self.sig.paused:
+                self._paused = self.sig.paused
+                self._claim = True
+            free = self.slots.free() if self._can_claim() and not self.adopted else []
+            claim = free if (self._claim or self.pending or now >= self._idle_until) else []
+            stop_news = (self.sig.stopping or self.sig.quit) and not self._shown_stop
+            if self.pending or claim or now >= self._next_beat or stop_news:
+                self._cycle(claim)
+            if now >= self._next_recover and now >= self._quiet_until:
+                self._recover()
+            if time.monotonic() - t0 > STALL:
+                self._quiet_until = time.monotonic() + self.cfg.heartbeat_ttl
+            self._outage_over()
+        except redis.RedisError as exc:
+            self._resync = True  # the failed call may have run: check our processing list when Redis is back
+            self._redis_down(exc)
+
+    def _cycle(self, claim: list) -> None:
+        sig = self.sig
+        mode = "stopping" if sig.stopping else ("paused" if sig.paused and not self.slots.busy() else "")
+        outcomes = self.pending
+        busy = self.slots.busy()
+        c = self.broker.cycle(self.name, outcomes, claim, busy, mode)
+        self.pending = []
+        self._shown_stop = sig.stopping or sig.quit
+        self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
+        if c.held > busy + len(c.claims):
+            self._resync = True  # more in our list than we know of: a lost reply left a claim behind
+        for cl in c.claims:
+            self._start(cl.slot, cl.payload, cl.queue)
+        if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
+            self._claim = False
+            self._drained = not self.slots.busy()
+            wait = IDLE_POLL if c.next_due is None else min(IDLE_POLL, max(0.01, c.next_due / 1000 - time.time()))
+            self._idle_until = time.monotonic() + wait
+            queues = c.queues if self.cfg.all_queues else self.cfg.queues
+            if queues and not self.burst:
+                self.waiter.arm(self.broker.wake_keys(queues), wait)
+        elif claim:
+            self._claim = True
+
+    def _adopt(self) -> None:
+        held = list(self.broker.claimed(self.name))
+        for raw in [s.raw for s in self.slots.slots if s.busy] + [o.payload for o in self.pending] + self.adopted:
+            if raw in held:
+                held.remove(raw)
+        self.adopted += held
+        self._resync = False
 
     def _register(self) -> None:
         if self.broker.name_in_use(self.name):  # a previous incarnation with our $DYNO and pid: never share its keys
@@ -121,81 +240,19 @@ class Supervisor:
             self.log.bound["worker"] = self.name
         cfg = self.cfg
         self.broker.register(self.name, {
-            "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
+            "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "", "concurrency": cfg.concurrency,
             "queues": ",".join(cfg.queues), "started": time.time(), "state": "idle"})
+        self._registered = True
+        self._next_beat = time.monotonic() + cfg.heartbeat_interval
 
-    def _note(self, c: Cycle) -> Cycle:
-        """A processing list holding more than the job just claimed means a lost reply left a claim behind."""
-        if c.held > (1 if c.payload is not None else 0):
-            self._resync = True
-        return c
-
-    def _process(self, raw: str, queue: str) -> Outcome:
+    def _recover(self) -> None:
+        self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
         try:
-            spec, doc = jobs.decode(raw, self.cfg.max_payload)
-        except jobs.BadJob as exc:
-            job_id = jobs.loose_id(raw)
-            self.log.warning("job.bad", job=job_id, queue=queue, reason=str(exc))
-            return Outcome.fail(raw, job_id, failed_record(raw, job_id, "", queue, self.name, 1, "bad_payload",
-                                                     {"type": "BadJob", "message": str(exc)}, []))
-        self.log.debug("job.start", job=doc["id"], name=spec.name, queue=queue)
-        try:
-            res = self.proc.run(spec, doc, raw)
-        except ForkServerError as exc:  # the job never started: put it back, and stop (a worker that cannot
-            self.fatal = f"cannot start jobs: {exc}"  # fork is broken; the platform restarts crashed dynos)
-            self.log.error("worker.fatal", error=self.fatal, job=doc["id"])
-            return Outcome.requeue(raw, queue)
-        status = res["status"]
-        fields = dict(job=doc["id"], name=spec.name, queue=queue, duration=res["duration"])
-        if status == "ok":
-            self.processed += 1
-            self.log.info("job.done", outcome="done", **fields)
-            return Outcome.ack(raw)
-        if status == "interrupted":
-            self.log.info("shutdown.job_put_back", outcome="requeued", elapsed=self._elapsed(), **fields)
-            return Outcome.requeue(raw, queue)
-        attempts = int(doc.get("attempts") or 0) + 1
-        retries = spec.retries if spec.retries is not None else self.cfg.job_retries
-        history = list(doc.get("errors") or [])[-9:] + [{
-            "at": time.time(), "worker": self.name, "cause": status,
-            "type": res.get("type"), "message": res.get("message")}]
-        if attempts <= retries:
-            delay = backoff_delay(attempts)
-            new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6))
-            self.log.warning("job.retry", outcome=status, attempt=attempts, delay=delay,
-                             error=res.get("message"), **fields)
-            return Outcome.retry(raw, jobs.json_dumps(new_doc), delay)
-        self.log.warning("job.failed", outcome=status, attempts=attempts, error=res.get("message"), **fields)
-        return Outcome.fail(raw, doc["id"], failed_record(raw, doc["id"], spec.name, queue, self.name, attempts, status,
-                                                    res, history))
-
-    # --- waiting ---
-    def _idle(self, known, next_due) -> None:
-        queues = known if self.cfg.all_queues else self.cfg.queues
-        timeout = IDLE_POLL
-        if next_due is not None:
-            timeout = min(timeout, max(0.01, next_due / 1000.0 - time.time()))
-        if not queues:
-            self._wait(timeout)
-            return
-        # A byte left in the wake-up pipe (e.g. the last child's SIGCHLD) would end the BLPOP at once and cost a
-        # reconnect; drain it first. A signal arriving after the drain still wakes the wait, as it should.
-        self.sig.drain()
-        if self.sig.stopping or self.sig.quit or self.sig.paused:
-            return
-        try:
-            client.blocking_pop(self.broker.r, self.broker.wake_keys(queues), round(timeout, 3), self.sig.wake_r)
-        except redis.RedisError as exc:
-            self._redis_down(exc)
-        self.sig.drain()
-
-    def _wait(self, seconds: float) -> None:
-        """Sleep up to ``seconds``; any signal ends the wait early."""
-        try:
-            select.select([self.sig.wake_r], [], [], max(0.0, seconds))
-        except InterruptedError:
-            pass
-        self.sig.drain()
+            for item in self.broker.recover(skip=self.name):
+                what, _, job_id = item.partition(":")
+                self.log.warning("recovery." + what, job=job_id, reason="owner's deadline passed")
+        except redis.ResponseError as exc:  # a script error: say so, and let the next pass try again
+            self.log.error("recovery.error", error=f"{type(exc).__name__}: {exc}")
 
     def _redis_down(self, exc) -> None:
         self._outage += 1
@@ -203,83 +260,95 @@ class Supervisor:
         if self._outage == 1 or self._outage % 10 == 0:
             self.log.error("redis.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in=delay,
                            attempt=self._outage)
-        self._wait(delay)
+        self._retry_at = time.monotonic() + delay
+        self._quiet_until = time.monotonic() + delay + self.cfg.heartbeat_ttl
 
     def _outage_over(self) -> None:
         if self._outage:
             self.log.info("redis.reconnected", after_attempts=self._outage)
             self._outage = 0
 
-    # --- calls from the processor while a job runs ---
-    def _side_broker(self) -> Broker:
-        if self._side is None:
-            self._side = Broker(client.connect(self.cfg, timeout=SIDE_TIMEOUT, retries=0, name="worker-side"),
-                                self.cfg)
-        return self._side
-
-    def _stopping_while_busy(self) -> None:
-        """The job has been told to stop: log it and show ``stopping`` in status (bounded, best effort)."""
-        self.sig.announce(self.log)
-        try:
-            self._side_broker().set_state(self.name, "stopping")
-        except redis.RedisError:
-            pass
-
-    def _tick(self) -> None:
-        """Heartbeat and recovery while busy, on a side connection whose calls give up after SIDE_TIMEOUT with no
-        retries: the processor must stay responsive to signals and deadlines even if Redis hangs. The side
-        connection is opened only once a job outlives one heartbeat interval (at most 2 connections per worker)."""
+    # --- waiting ---
+    def _wait(self) -> None:
         now = time.monotonic()
-        if now < self._next_beat:  # beats go on while stopping: a job in cleanup must not look orphaned
-            return
-        self._next_beat = now + self.cfg.heartbeat_interval
-        try:
-            self._side_broker().heartbeat(self.name)
-        except redis.RedisError:
-            pass  # the loop reports outages; a missed beat is harmless well within HEARTBEAT_TTL
-        if now >= self._next_recover:
-            self._recover(self._side)
+        at = min(now + self.slots.due(), self._next_beat, max(self._retry_at, now))
+        if self._registered and now >= self._quiet_until:
+            at = min(at, self._next_recover)
+        if self._can_claim() and not self.waiter.armed:
+            at = min(at, self._idle_until)
+        if self.pending and now >= self._retry_at:
+            at = now
+        if self.waiter.armed and now > self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout:
+            self.waiter.cancel()  # its answer never came (a dead connection): poll again, and treat it as a stall
+            self._claim = True
+            self._quiet_until = now + self.cfg.heartbeat_ttl
+        fds = self.slots.fds()
+        if self.waiter.armed:
+            fds.append(self.waiter.fileno())
+            at = min(at, self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout)
+        ready = self._select(fds, max(0.0, at - time.monotonic()))
+        if self.waiter.armed and (self.waiter.fileno() in ready or self.sig.stopping or self.sig.quit):
+            self._woken()
 
-    def _recover(self, broker=None) -> None:
-        self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
+    def _woken(self) -> None:
+        """The idle BLPOP answered (a wake token, or its timeout), or a stop makes it moot."""
+        if self.sig.stopping or self.sig.quit:
+            self.waiter.cancel()
+            return
+        t0 = self.waiter.since
         try:
-            for item in (broker or self.broker).recover(skip=self.name):
-                what, _, job_id = item.partition(":")
-                self.log.warning("recovery." + what, job=job_id, reason="owner's heartbeat expired")
-        except redis.RedisError:
-            pass
+            got = self.waiter.result()
+        except redis.RedisError as exc:
+            self._redis_down(exc)
+            return
+        if time.monotonic() - t0 > self.waiter.timeout + STALL:
+            self._quiet_until = time.monotonic() + self.cfg.heartbeat_ttl
+        self._claim = True
+        if got and not self._can_claim():  # a doorbell we cannot answer: ring it again for another worker
+            try:
+                self.broker.wake([got[0].split(":wake:", 1)[-1]])
+            except redis.RedisError:
+                pass
+
+    def _select(self, fds, timeout: float) -> list:
+        try:
+            ready, _, _ = select.select([self.sig.wake_r, *fds], [], [], timeout)
+        except InterruptedError:
+            ready = []
+        if self.sig.wake_r in ready:
+            self.sig.drain()
+        return ready
 
     # --- shutdown ---
     def _elapsed(self):
         return round(time.monotonic() - self.sig.stop_at, 3) if self.sig.stop_at is not None else None
 
-    def _exit(self, pending: Optional[Outcome], registered: bool) -> int:
+    def _exit(self) -> int:
+        """``bookkeeping``: record what is left on a connection bounded by the time left, unregister, go."""
         sig = self.sig
         sig.announce(self.log)
+        self.waiter.cancel()
         broker = self.broker
-        if sig.stopping:
-            # Last bookkeeping on a fresh connection whose every call is bounded by the time left, so a hung Redis
-            # cannot keep us past the window. What cannot be written stays in the processing list: recovered later.
+        if sig.stopping:  # a hung Redis must not keep us past the window; what cannot be written is recovered later
             left = sig.stop_at + self.cfg.hard_exit_after - 0.1 - time.monotonic()
             broker.r.close()
             broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
                             self.cfg)
         try:
-            if pending is not None:
-                broker.cycle(self.name, pending, claim=False)
-            if registered:
+            if self.pending and self._registered:
+                broker.cycle(self.name, self.pending, (), 0, "stopping" if sig.stopping else "")
+            if self._registered:
                 broker.unregister(self.name)
         except redis.RedisError as exc:
             self.log.error("shutdown.bookkeeping_failed", error=f"{type(exc).__name__}: {exc}",
-                           note="unacknowledged job stays in the processing list and will be recovered")
+                           note="unacknowledged jobs stay in the processing list and will be recovered")
         finally:
             broker.r.close()
-            if self._side is not None:
-                self._side.r.close()
-            self.proc.close()
+            self.waiter.close()
+            self.slots.close()
         # Our handlers stayed in place through the bookkeeping above (a TERM there arms the watchdog, whatever made
         # us exit); from here a late TERM (Heroku may repeat it) must not kill the interpreter's own shutdown.
         sig.ignore_stops()
         reason = "signal" if sig.stopping else "quit" if sig.quit else "fatal" if self.fatal else "burst"
         self.log.info("worker.exit", processed=self.processed, elapsed=self._elapsed(), reason=reason)
-        return 1 if self.fatal and not sig.stopping else 0
+        return self.exit_code if not sig.stopping else 0

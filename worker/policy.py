@@ -1,0 +1,134 @@
+"""What a finished job's run means, and what to do about it: pure functions, testable without forking.
+
+:func:`result_of` turns what the worker saw of a child (its report, its wait status, why the worker killed it)
+into a typed :class:`Result`; :func:`decide` turns a result into the :class:`~worker.fetch.Outcome` to record
+(done, retried with backoff, failed, or put back) and the log event that says so.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Optional
+
+from . import jobs
+from .failed import record as failed_record
+from .fetch import Outcome, backoff_delay
+
+
+class Status(str, Enum):
+    DONE = "ok"                    # the job returned
+    ERROR = "error"                # it raised
+    INTERRUPTED = "interrupted"    # stopped by a shutdown (TermException, or killed at the TERM deadline)
+    BAD = "bad"                    # it cannot run: not JSON, unknown name, arguments that do not fit
+    TIMEOUT = "timeout"            # killed at its own time limit
+    KILLED = "killed"              # killed by SIGUSR1 to the worker
+    MEMORY = "memory"              # killed for passing JOB_MAX_MEMORY_MB
+    CRASH = "crash"                # died without a report (segfault, OOM killer, os._exit, the fork server died)
+
+
+class Kill(Enum):
+    """Why the worker killed a child (at most one reason per child: the first)."""
+
+    DEADLINE = "deadline"      # TERM_GRACE + TERM_TIMEOUT after the stop signal
+    TIMEOUT = "timeout"        # the job's own time limit
+    USR1 = "usr1"
+    MEMORY = "memory"
+    FORKSERVER = "forkserver"  # the fork server died or stalled: its children died with it
+
+
+@dataclass(frozen=True)
+class Result:
+    status: Status
+    duration: float = 0.0
+    type: Optional[str] = None
+    message: Optional[str] = None
+    traceback: Optional[str] = None
+
+    def fields(self) -> dict:
+        return {"type": self.type, "message": self.message, "traceback": self.traceback}
+
+
+def describe_status(status: int) -> str:
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        try:
+            name = signal.Signals(sig).name
+        except ValueError:
+            name = f"signal {sig}"
+        return f"child killed by {name}"
+    return f"child exited with code {os.WEXITSTATUS(status)} without reporting"
+
+
+_REPORTED = {"ok": Status.DONE, "error": Status.ERROR, "interrupted": Status.INTERRUPTED, "bad": Status.BAD}
+
+
+def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed: bool, timeout: float,
+              limit_mb: int, duration: float) -> Result:
+    """The :class:`Result` of one child: its own report wins; else why we killed it; else how it died."""
+    report = None
+    if data:
+        try:
+            report = json.loads(data)
+        except ValueError:
+            report = None
+    if isinstance(report, dict) and report.get("status") in _REPORTED:
+        return Result(_REPORTED[report["status"]], duration, report.get("type"), report.get("message"),
+                      report.get("traceback"))
+    if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
+        return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
+    if killed is Kill.TIMEOUT:
+        return Result(Status.TIMEOUT, duration, "JobTimeout", f"timed out after {timeout:g} s")
+    if killed is Kill.MEMORY:
+        return Result(Status.MEMORY, duration, "JobMemoryExceeded",
+                      f"exceeded {limit_mb} MB (JOB_MAX_MEMORY_MB) and was killed")
+    if killed is Kill.FORKSERVER:
+        return Result(Status.CRASH, duration, "ChildCrashed", "the fork server died during the job")
+    if killed is Kill.USR1:
+        return Result(Status.KILLED, duration, "Killed", "killed by SIGUSR1 to the worker")
+    if termed:  # died some other way during a shutdown: it was interrupted, not broken
+        return Result(Status.INTERRUPTED, duration, message=describe_status(status or 0))
+    return Result(Status.CRASH, duration, "ChildCrashed", describe_status(status or 0))
+
+
+@dataclass(frozen=True)
+class Decision:
+    outcome: Outcome
+    event: str        # the log event: job.done, job.retry, job.failed, job.bad, shutdown.job_put_back
+    level: str        # info or warning
+    fields: dict
+
+
+def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str) -> Decision:
+    """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload."""
+    job_id, name = doc["id"], doc["name"]
+    base = dict(job=job_id, name=name, queue=queue, duration=result.duration)
+    if result.status is Status.DONE:
+        return Decision(Outcome.ack(raw, slot), "job.done", "info", dict(outcome="done", **base))
+    if result.status is Status.INTERRUPTED:
+        return Decision(Outcome.requeue(raw, queue, slot), "shutdown.job_put_back", "info",
+                        dict(outcome="requeued", **base))
+    attempts = int(doc.get("attempts") or 0) + 1
+    history = list(doc.get("errors") or [])[-9:] + [{
+        "at": time.time(), "worker": worker, "cause": result.status.value, "type": result.type,
+        "message": result.message}]
+    if result.status is Status.BAD:
+        return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
+    if attempts <= retries:
+        delay = backoff_delay(attempts)
+        new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6))
+        return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot), "job.retry", "warning",
+                        dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
+    rec = failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(), history)
+    return Decision(Outcome.fail(raw, job_id, rec, slot), "job.failed", "warning",
+                    dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+
+
+def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:
+    """A queue entry that cannot run: straight to the failed registry (never retried), with the reason."""
+    rec = failed_record(raw, job_id, name, queue, worker, 1, "bad_payload", {"type": "BadJob", "message": reason}, [])
+    return Decision(Outcome.fail(raw, job_id, rec, slot), "job.bad", "warning",
+                    dict(job=job_id, queue=queue, reason=reason))

@@ -1,0 +1,280 @@
+"""The slot table: up to ``WORKER_CONCURRENCY`` job children at once, each supervised to the end (Sidekiq's
+manager and processors, one fresh fork per job).
+
+The table never waits and never touches Redis. The supervisor's loop selects on :meth:`SlotTable.fds`, then calls
+:meth:`SlotTable.service` (signals and kills, derived from the clock) and :meth:`SlotTable.collect` (finished
+children). Every stage of a shutdown is derived from one moment, the first TERM/INT, and applies to every running
+slot at once::
+
+    stop_at                       SIGTERM to each child (so foreman's parent-only TERM equals Heroku's)
+    stop_at + TERM_GRACE          RAISE signal: TermException in each job
+    stop_at + GRACE + TIMEOUT     SIGKILL to each child's process group: the job is put back at the head of its queue
+
+Kills go to the child's process group, so what a job started dies with it.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import time
+from typing import Optional
+
+from .forkserver import ForkServer, ForkServerError
+from .policy import Kill, Result, Status, result_of
+from .signals import RAISE_SIGNAL, kill_job
+
+SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
+START_TIMEOUT = 120.0   # importing the app (Django set-up and the like) may take this long
+MEMORY_POLL = 0.25      # how often a child's memory is read when JOB_MAX_MEMORY_MB is set
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+def private_mb(pid: int) -> float:
+    """Memory of ``pid`` that is its own (private pages: what the job allocated or wrote), not the app's pages it
+    shares copy-on-write with the fork server. 0 if the process is gone."""
+    try:
+        with open(f"/proc/{pid}/smaps_rollup", "rb") as f:
+            total = 0
+            for line in f:
+                if line.startswith(b"Private_"):
+                    total += int(line.split()[1])
+            return total / 1024.0
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+class Slot:
+    """One job in flight: claimed payload, child pid (0 until the fork server says), report pipe, kill state."""
+
+    def __init__(self, index: int):
+        self.index = index
+        self.clear()
+
+    def clear(self) -> None:
+        self.seq = 0
+        self.raw = ""
+        self.doc: dict = {}
+        self.queue = ""
+        self.timeout = 0.0
+        self.retries = 0
+        self.pid = 0
+        self.r = -1
+        self.chunks: list = []
+        self.eof = False
+        self.status: Optional[int] = None   # wait status from the fork server
+        self.killed: Optional[Kill] = None
+        self.termed = self.raised = False
+        self.started = 0.0
+        self.unstarted = False              # the fork server failed before this job reached a child
+
+    @property
+    def busy(self) -> bool:
+        return self.seq != 0
+
+    def read(self) -> None:
+        try:
+            while True:
+                data = os.read(self.r, 65536)
+                if not data:
+                    self.eof = True
+                    return
+                self.chunks.append(data)
+        except BlockingIOError:
+            pass
+
+    def kill(self, why: Kill) -> None:
+        if self.killed is None:
+            self.killed = why
+            if self.pid:
+                kill_job(self.pid, signal.SIGKILL)
+
+    def result(self, limit_mb: int) -> Result:
+        duration = time.monotonic() - self.started
+        return result_of(b"".join(self.chunks), self.status, self.killed, self.termed, self.timeout, limit_mb,
+                         duration)
+
+
+class SlotTable:
+    def __init__(self, cfg, sig, log):
+        self.cfg, self.sig, self.log = cfg, sig, log
+        self.forks = ForkServer(cfg)
+        self.slots = [Slot(i) for i in range(cfg.concurrency)]
+        self._seq = 0
+        self._started_at = 0.0       # when the current fork server was started (monotonic)
+        self._next_memory = 0.0
+        self.restarts = 0
+        self.broken: Optional[str] = None  # set when the fork server cannot be brought back
+
+    # --- the fork server ---
+    def start_server(self) -> None:
+        self.forks.start()
+        self._started_at = time.monotonic()
+
+    @property
+    def ready(self) -> bool:
+        return self.forks.ready
+
+    @property
+    def meta(self) -> dict:
+        return self.forks.meta or {}
+
+    def server_late(self) -> bool:
+        return not self.forks.ready and time.monotonic() - self._started_at > START_TIMEOUT
+
+    # --- slots ---
+    def free(self) -> list:
+        return [s.index for s in self.slots if not s.busy] if self.forks.ready else []
+
+    def busy(self) -> int:
+        return sum(1 for s in self.slots if s.busy)
+
+    def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int) -> None:
+        """Hand a claimed job to the fork server for slot ``index``. Raises :class:`ForkServerError`; the slot is
+        then marked ``unstarted`` and :meth:`collect` returns it."""
+        slot = self.slots[index]
+        self._seq += 1
+        slot.seq, slot.raw, slot.doc, slot.queue = self._seq, raw, doc, queue
+        slot.timeout, slot.retries, slot.started = timeout, retries, time.monotonic()
+        r, w = os.pipe()
+        slot.r = r
+        fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
+        try:
+            self.forks.send(slot.seq, raw, w)
+        finally:
+            os.close(w)
+
+    def fds(self) -> list:
+        out = [s.r for s in self.slots if s.busy and not s.eof and s.r >= 0]
+        if self.forks.sock is not None:
+            out.append(self.forks.fileno())
+        return out
+
+    def service(self) -> None:
+        """Signals and kills that are due now, for every running slot. Never blocks, never touches Redis."""
+        now = time.monotonic()
+        sig, cfg = self.sig, self.cfg
+        usr1 = sig.kill_child
+        sig.kill_child = False
+        for s in self.slots:
+            if not s.busy or not s.pid or s.status is not None:
+                continue
+            if sig.stop_at is not None:
+                since = now - sig.stop_at
+                if not s.termed:
+                    s.termed = True
+                    _signal(s.pid, signal.SIGTERM)
+                if not s.raised and since >= cfg.term_grace:
+                    s.raised = True
+                    _signal(s.pid, RAISE_SIGNAL)
+                    self.log.info("shutdown.exception_delivered", pid=s.pid, slot=s.index, elapsed=round(since, 3))
+                if s.killed is None and since >= cfg.term_grace + cfg.term_timeout:
+                    s.kill(Kill.DEADLINE)
+                    self.log.warning("shutdown.child_killed", pid=s.pid, slot=s.index, elapsed=round(since, 3),
+                                     reason="TERM_TIMEOUT reached")
+            if usr1:
+                s.kill(Kill.USR1)
+            if s.timeout and now >= s.started + s.timeout:
+                s.kill(Kill.TIMEOUT)
+        limit = cfg.job_max_memory_mb
+        if limit and now >= self._next_memory:
+            self._next_memory = now + MEMORY_POLL
+            for s in self.slots:
+                if s.busy and s.pid and s.killed is None and s.status is None and private_mb(s.pid) > limit:
+                    s.kill(Kill.MEMORY)
+                    self.log.warning("job.memory_exceeded", job=s.doc.get("id"), slot=s.index, limit_mb=limit)
+
+    def due(self) -> float:
+        """Seconds until :meth:`service` has something to do (at most a second)."""
+        now, cfg, sig = time.monotonic(), self.cfg, self.sig
+        at = now + 1.0
+        for s in self.slots:
+            if not s.busy or s.status is not None:
+                continue
+            if not s.pid:
+                at = min(at, s.started + SPAWN_TIMEOUT)
+                continue
+            if sig.stop_at is not None:
+                for step in (cfg.term_grace, cfg.term_grace + cfg.term_timeout):
+                    if sig.stop_at + step > now:
+                        at = min(at, sig.stop_at + step)
+                        break
+            if s.timeout and s.killed is None:
+                at = min(at, s.started + s.timeout)
+            if cfg.job_max_memory_mb:
+                at = min(at, self._next_memory)
+        return max(0.0, at - now)
+
+    def collect(self) -> list:
+        """Slots whose child is finished (reaped and its report read), plus, after a fork-server failure, every
+        busy slot (``unstarted`` ones never reached a child). The caller records each and calls ``clear()``."""
+        failure = None
+        if self.forks.sock is not None:
+            try:
+                for kind, seq, value in self.forks.frames():
+                    self._frame(kind, seq, value)
+            except ForkServerError as exc:
+                failure = str(exc)
+        now = time.monotonic()
+        for s in self.slots:
+            if s.busy and not s.eof and s.r >= 0:
+                s.read()
+            if failure is None and s.busy and not s.pid and now - s.started > SPAWN_TIMEOUT:
+                failure = f"fork server did not start a job in {SPAWN_TIMEOUT:g} s"
+        if failure is not None:
+            self._server_failed(failure)
+        done = []
+        for s in self.slots:
+            if s.busy and (s.unstarted or (s.status is not None and s.eof)):
+                if s.r >= 0:
+                    os.close(s.r)
+                    s.r = -1
+                self.sig.child_pids.discard(s.pid)
+                done.append(s)
+        return done
+
+    def _frame(self, kind, seq, value) -> None:
+        slot = next((s for s in self.slots if s.busy and s.seq == seq), None)
+        if slot is None:
+            return  # R/E frames, or a frame about a job already written off
+        if kind == b"P":
+            slot.pid = value
+            self.sig.child_pids.add(value)
+        elif kind == b"S":
+            slot.status = value
+            if not slot.eof:
+                slot.read()
+                slot.eof = True  # the child is gone: whatever it wrote has been read
+
+    def _server_failed(self, reason: str) -> None:
+        """The fork server exited or stalled: make sure it and its children are gone, write every job in flight
+        off (started ones as crashed, unstarted ones to be put back), and start a new server unless stopping."""
+        was_ready = self.forks.ready
+        self.log.warning("forkserver.restart", reason=reason)
+        self.forks.kill()
+        for s in self.slots:
+            if not s.busy or s.status is not None:
+                continue
+            if s.pid:
+                s.kill(Kill.FORKSERVER)
+                s.status = 0
+                if not s.eof:
+                    s.read()
+                    s.eof = True
+            else:
+                s.unstarted = True
+        self.restarts += 1
+        if not was_ready:  # a new server that dies before it is ready would die again: give up (exit 1)
+            self.broken = f"cannot start jobs: {reason}"
+        elif self.sig.stop_at is None and not self.sig.quit:
+            self.start_server()
+
+    def close(self) -> None:
+        self.forks.stop()
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass
