@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 
 import redis
@@ -52,12 +53,18 @@ def _fail(msg: str, code: int = 2) -> int:
 
 
 def main(argv=None) -> int:
-    try:
-        sys.stdout.reconfigure(line_buffering=True)
-    except AttributeError:
-        pass
     args = _parser().parse_args(argv)
     command = args.command or "run"
+    try:
+        # stored job messages and arguments may hold lone surrogates (os.fsdecode of a Latin-1 file name): show
+        # them escaped rather than crash on a strict UTF-8 stdout (the worker's own log lines keep their setting)
+        sys.stdout.reconfigure(line_buffering=True, **({} if command == "run" else {"errors": "backslashreplace"}))
+    except AttributeError:
+        pass
+    if command == "failed" and args.limit < 0:
+        return _fail(f"--limit must be 0 or more, not {args.limit}")
+    if command == "enqueue" and args.delay is not None and not (math.isfinite(args.delay) and args.delay >= 0):
+        return _fail(f"--in must be a finite number of seconds >= 0, not {args.delay}")
     try:
         cfg = config_mod.load()
         if command == "enqueue":  # a worker never imports the app itself: its fork server does (memory once)
@@ -116,11 +123,9 @@ def _enqueue(cfg, args) -> int:
         return _fail(f"arguments do not fit {args.name}: {exc}")
     from .client import connect
     from .fetch import Broker
-    import time
     broker = Broker(connect(cfg, name="enqueue"), cfg)
     try:
-        due = time.time() + args.delay if args.delay else None
-        print(broker.push(args.name, a, kw, queue=args.queue, due=due))
+        print(broker.push(args.name, a, kw, queue=args.queue, delay=args.delay or None))
     except (TypeError, ValueError) as exc:
         return _fail(str(exc))
     return 0

@@ -23,7 +23,8 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     ``rediss://`` URLs use TLS without certificate verification unless ``REDIS_TLS_VERIFY`` is true: Heroku Key-Value
     Store presents self-signed certificates. Every socket operation is bounded by ``timeout`` (default
     ``REDIS_TIMEOUT``) so no call can hold a shutdown back forever; transient errors are retried by redis-py with
-    exponential backoff and jitter, ``retries`` times.
+    exponential backoff and jitter, ``retries`` times. ``READONLY`` replies (a failover demoted the node) drop
+    the connection and retry the same way, even with ``retries=0`` the next call reconnects.
     """
     t = cfg.redis_timeout if timeout is None else max(0.01, timeout)
     kwargs = dict(
@@ -36,7 +37,11 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
         # so such an entry is claimed, recorded as a bad payload and removed by value like any other.
         encoding_errors="surrogateescape",
         retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0),
-        retry_on_error=[redis.ConnectionError, redis.TimeoutError],
+        # ReadOnlyError: after a failover the node we are connected to became a replica (Heroku's failover moves
+        # the DNS name to the new primary). Retrying on it makes redis-py drop the connection, so the retry, and
+        # every later call, reconnects and resolves the name again; on the old connection every write would fail
+        # for good. A replica refuses a write before doing anything, so the retry cannot apply it twice.
+        retry_on_error=[redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError],
     )
     if not cfg.redis_url.startswith("unix://"):
         kwargs["socket_keepalive"] = True  # TCP only: redis-py's Unix socket connection refuses the option

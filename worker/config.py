@@ -35,6 +35,15 @@ MAX_CONCURRENCY = 64
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+QUEUE_RULE = "1-100 letters, digits, _ . : -"
+
+
+def valid_queue_name(name) -> bool:
+    """The one rule for queue names, as ``QUEUES`` takes them (enqueue and pause/resume use it too): the names end
+    up inside Redis keys and in comma-separated settings, so ``*``, ``,``, spaces and control characters are out."""
+    return isinstance(name, str) and _QUEUE_RE.fullmatch(name) is not None
+
+
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 

@@ -63,8 +63,12 @@ class FailedRegistry:
         return self.r.zcard(self.k.failed)
 
     def ids(self, limit: Optional[int] = None) -> list:
-        """Failed job ids, newest first."""
-        return self.r.zrevrange(self.k.failed, 0, -1 if limit is None else limit - 1)
+        """Failed job ids, newest first (all, or the newest ``limit``)."""
+        if limit is None:
+            return self.r.zrevrange(self.k.failed, 0, -1)
+        if limit < 0:
+            raise ValueError(f"limit must be 0 or more, not {limit}")
+        return self.r.zrevrange(self.k.failed, 0, limit - 1) if limit else []
 
     def get(self, job_id: str) -> Optional[dict]:
         raw = self.r.hget(self.k.failed_data, job_id)

@@ -15,11 +15,14 @@ Invariants (at-least-once delivery; losing a job is worse than running it twice)
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from dataclasses import dataclass
 from enum import Enum
 from typing import Iterable, NamedTuple, Optional
+
+import redis
 
 from . import jobs
 from .config import Config
@@ -79,6 +82,9 @@ class Claim(NamedTuple):
     payload: str
     queue: str
 
+#: Seconds an enqueue call's dedupe key lives at least (``P:enq:<id>``, see :attr:`Broker.dedupe_ttl_ms`).
+ENQUEUE_DEDUPE_MIN = 60.0
+
 
 class Cycle(NamedTuple):
     """What :meth:`Broker.cycle` found: the claims made (one per slot at most), the next scheduled due time (ms,
@@ -110,12 +116,24 @@ class Broker:
         self._unregister = redis_client.register_script(UNREGISTER)
 
     # --- producers ---
-    def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None) -> str:
-        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=due)
-        if due is not None and due > time.time():
-            self.r.zadd(self.keys.scheduled, {payload: int(due * 1000)})
+    def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
+             delay: Optional[float] = None) -> str:
+        """Enqueue one job now, ``delay`` seconds from now (on the Redis clock, which moves scheduled jobs) or at
+        unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice."""
+        if delay is not None:
+            delay = float(delay)
+            if not math.isfinite(delay):
+                raise ValueError(f"delay must be a finite number of seconds, not {delay!r}")
+            when, at = (f"+{int(delay * 1000)}", time.time() + delay) if delay > 0 else ("", None)
+        elif due is not None:
+            due = float(due)
+            if not math.isfinite(due):
+                raise ValueError(f"due time must be a finite unix time, not {due!r}")
+            when, at = f"@{int(due * 1000)}", due
         else:
-            self._enqueue(keys=[self.keys.queue(q), self.keys.queues], args=[self.keys.prefix, q, payload])
+            when, at = "", None
+        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
+        self._call_enqueue(q, job_id, when, [payload])
         return job_id
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
@@ -127,14 +145,43 @@ class Broker:
                 args, kwargs = call, {}
             job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload)
             ids.append(job_id)
-            by_queue.setdefault(q, []).append(payload)
+            by_queue.setdefault(q, []).append((job_id, payload))
         with self.r.pipeline(transaction=False) as pipe:
-            for q, payloads in by_queue.items():
-                for i in range(0, len(payloads), batch):
-                    self._enqueue(keys=[self.keys.queue(q), self.keys.queues],
-                                  args=[self.keys.prefix, q, *payloads[i:i + batch]], client=pipe)
+            for q, items in by_queue.items():
+                for i in range(0, len(items), batch):
+                    chunk = items[i:i + batch]
+                    # the batch's dedupe key is its first job's id: one key per script call
+                    self._call_enqueue(q, chunk[0][0], "", [p for _, p in chunk], client=pipe)
             pipe.execute()
         return ids
+
+    def _call_enqueue(self, q: str, dedupe_id: str, when: str, payloads: list, client=None):
+        k = self.keys
+        return self._enqueue(keys=[k.queue(q), k.queues, k.scheduled, k.enqueued(dedupe_id)],
+                             args=[k.prefix, q, self.dedupe_ttl_ms, when, *payloads], client=client)
+
+    @property
+    def dedupe_ttl_ms(self) -> int:
+        """How long an enqueue call is remembered (``P:enq:<id>``): well past every retry redis-py makes of it
+        (3 retries, each bounded by REDIS_TIMEOUT for connect and reply, plus at most 1 s of backoff)."""
+        return int(max(ENQUEUE_DEDUPE_MIN, 10 * self.cfg.redis_timeout) * 1000)
+
+    def check_server(self) -> Optional[str]:
+        """A warning to log at worker start if the server may lose the runtime's keys, else None.
+
+        Any ``maxmemory-policy`` but ``noeviction`` lets Redis evict keys under memory pressure: the worker
+        registry, a processing list or a queue could vanish, orphaning or losing jobs (Sidekiq warns likewise).
+        Uses ``INFO memory`` (``CONFIG`` may be disabled on hosted Redis)."""
+        try:
+            info = self.r.info("memory")
+        except redis.ResponseError:
+            return None
+        policy = info.get("maxmemory_policy")
+        if policy in (None, "", "noeviction"):
+            return None
+        return (f"Redis maxmemory-policy is {policy!r}: under memory pressure Redis may evict queues, processing "
+                f"lists or the worker registry and lose or orphan jobs; set it to 'noeviction' "
+                f"(Heroku: heroku redis:maxmemory --policy noeviction)")
 
     # --- the worker's side ---
     def register(self, worker: str, info: dict) -> None:

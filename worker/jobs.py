@@ -14,13 +14,14 @@ import hashlib
 import importlib
 import inspect
 import json
+import math
 import time
 import uuid
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
-from .config import ConfigError
+from .config import QUEUE_RULE, ConfigError, valid_queue_name
 
 DEFAULT_QUEUE = "default"
 
@@ -67,8 +68,9 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f))
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
-        f.enqueue_in = lambda seconds, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
-        f.enqueue_at = lambda when, *a, **kw: enqueue_at(when, job_name, *a, **kw)
+        # positional-only: a job's own parameters may be called name, seconds or when
+        f.enqueue_in = lambda seconds, /, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
+        f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
         return f
     return register(fn) if fn is not None else register
 
@@ -104,8 +106,8 @@ def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: in
     for a worker, not a chosen delay."""
     spec = _REGISTRY.get(name)
     q = queue or (spec.queue if spec else DEFAULT_QUEUE)
-    if not q or len(q) > 100 or any(c.isspace() for c in q):
-        raise ValueError(f"invalid queue name {q!r}")
+    if not valid_queue_name(q):
+        raise ValueError(f"invalid queue name {q!r}: expected {QUEUE_RULE} (the QUEUES rule)")
     job_id = uuid.uuid4().hex
     doc = {"id": job_id, "name": name, "queue": q, "args": list(args), "kwargs": dict(kwargs),
            "enqueued_at": round(at or time.time(), 6), "attempts": 0}
@@ -113,10 +115,25 @@ def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: in
         payload = json_dumps(doc)
     except (TypeError, ValueError) as exc:
         raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
+    if "\\ud" in payload:  # escapes of surrogates: pairs (emoji) are fine, lone ones are not
+        _refuse_lone_surrogates(name, doc)
     size = _size(payload, max_payload)
     if size > max_payload:
         raise ValueError(f"job {name!r}: payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
     return job_id, q, payload
+
+
+def _refuse_lone_surrogates(name, doc) -> None:
+    """Redis's cjson cannot read a lone surrogate escape (``"\\udce9"``, e.g. from ``os.fsdecode`` of a Latin-1
+    file name), so the scripts that move scheduled and orphaned jobs could not find the job's queue: refuse it here
+    rather than let it land in the wrong queue later."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[max(0, exc.start - 20):exc.end + 20]
+        raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
+                         f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
+                         f"or base64)") from None
 
 
 def _size(text: str, limit: int) -> int:
@@ -222,22 +239,27 @@ def _check_name(name):
         raise TypeError("job name must be a non-empty string")
 
 
-def enqueue(name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+def enqueue(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Put job ``name`` on its queue (or ``queue``) with JSON arguments; returns the job id.
 
-    ``queue`` is reserved for the runtime; pass a job argument named ``queue`` through ``enqueue_many``.
+    ``queue`` is reserved for the runtime; pass a job argument named ``queue`` through ``enqueue_many``. Every
+    other keyword (``name``, ``seconds``, ``when`` included) goes to the job.
     """
     _check_name(name)
     return _broker().push(name, args, kwargs, queue=queue)
 
 
-def enqueue_in(seconds: float, name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
-    """Schedule job ``name`` to be queued ``seconds`` from now; returns the job id."""
+def enqueue_in(seconds: float, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """Schedule job ``name`` to be queued ``seconds`` from now (on the Redis clock, the one that moves scheduled
+    jobs; 0 or less: now); returns the job id."""
     _check_name(name)
-    return _broker().push(name, args, kwargs, queue=queue, due=time.time() + float(seconds))
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    return _broker().push(name, args, kwargs, queue=queue, delay=seconds)
 
 
-def enqueue_at(when: datetime, name: str, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued at ``when`` (naive datetimes are taken as UTC); returns the job id."""
     _check_name(name)
     if when.tzinfo is None:

@@ -16,6 +16,9 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
     P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
     P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)
+    P:enq:<id>              STRING  dedupe marker of one enqueue call (<id>: its first job's id), so a call redis-py
+                                    re-sends after a timeout enqueues nothing twice; expires after 60 s or
+                                    10 x REDIS_TIMEOUT
     P:paused                SET     queue names paused through `python -m worker pause` (`*` pauses all)
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
@@ -49,6 +52,9 @@ class Keys:
 
     def wake(self, name: str) -> str:
         return f"{self.prefix}:wake:{name}"
+
+    def enqueued(self, dedupe_id: str) -> str:
+        return f"{self.prefix}:enq:{dedupe_id}"
 
     def processing(self, worker: str) -> str:
         return f"{self.prefix}:processing:{worker}"

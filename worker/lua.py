@@ -39,9 +39,23 @@ local function record_failure(id, record, max_n, ttl_ms)
 end
 """
 
-# KEYS: queue, queues-set.  ARGV: prefix, queue name, payload...
+# KEYS: queue, queues-set, scheduled, dedupe key (P:enq:<id>).  ARGV: prefix, queue name, dedupe ttl ms,
+#   when ('' = now, '+<ms>' = that long after Redis's clock, '@<ms>' = at that unix time), payload...
+# A call that redis-py re-sends after a timeout (its first copy may already have run, or may still be buffered in
+# a stalled server) finds its dedupe key and does nothing: one key per call, not per job, so enqueue_many pays one
+# SET per batch. Due times are computed here on the Redis clock, the one that moves scheduled jobs.
 ENQUEUE = PRELUDE + r"""
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 3))
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+local when, due = ARGV[4], nil
+if when ~= '' then
+  due = tonumber(string.sub(when, 2))
+  if string.sub(when, 1, 1) == '+' then due = now + due end
+end
+if due and due > now then
+  for i = 5, #ARGV do redis.call('ZADD', KEYS[3], due, ARGV[i]) end
+  return 2
+end
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
 redis.call('SADD', KEYS[2], ARGV[2])
 wake(ARGV[2])
 return 1
@@ -93,7 +107,9 @@ end
 local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)
 for _, p in ipairs(due) do
   local ok, doc = pcall(cjson.decode, p)
-  local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue'] or 'default'
+  -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
+  local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue']
+    or string.match(p, '"queue":"([%w_%.:%-]+)"') or 'default'
   -- push first, and only then remove from the schedule: a queue key of the wrong type leaves the job scheduled
   -- (visible in status) instead of raising half-way through this script and losing it
   local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
@@ -154,6 +170,12 @@ return res
 # A worker's score in P:workers is its own deadline (last beat + its own HEARTBEAT_TTL, written by itself), so every
 # worker is judged by its own settings. Workers of an older version wrote their last beat instead and have no
 # 'ttl' field: for them the recovering worker's ttl_ms still applies.
+# Any producer can write a payload, so no value in one may make this script raise after its first write (an error
+# half-way keeps the earlier writes: the dead worker would never be removed, its earlier items would be pushed again
+# on every pass and later dead workers never recovered). Hence: every value read from a payload is checked before
+# use (attempts must be a finite integer), every encode is under pcall with a fallback that cannot fail, pushes and
+# wake-ups to keys a payload chooses use redis.pcall, and each item leaves the processing list (RPOP) right after
+# its outcome is written, so even an unforeseen error cannot duplicate what was already handled.
 RECOVER = PRELUDE + r"""
 local late = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
 local dead = {}
@@ -163,7 +185,24 @@ for n = 1, #late, 2 do
     dead[#dead + 1] = w
   end
 end
+local max_attempts = tonumber(ARGV[3])
 local out = {}
+local function safe_wake(q)
+  local k = prefix .. ':wake:' .. q
+  if redis.pcall('LLEN', k) == 0 then redis.pcall('RPUSH', k, '1') end
+end
+-- the queue a payload names, read without cjson (which refuses e.g. lone surrogate escapes): queue names
+-- follow the QUEUES rule, so the first "queue":"<name>" at the top level of a payload we wrote is it
+local function raw_queue(p)
+  local q = string.match(p, '"queue":"([%w_%.:%-]+)"')
+  if q and #q <= 100 then return q end
+  return ''
+end
+local function encode(v, fallback)
+  local ok, s = pcall(cjson.encode, v)
+  if ok then return s end
+  return fallback
+end
 for _, w in ipairs(dead) do
   if w ~= ARGV[6] then
     local pk = prefix .. ':processing:' .. w
@@ -172,44 +211,56 @@ for _, w in ipairs(dead) do
       local p = items[i]
       local ok, doc = pcall(cjson.decode, p)
       if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
-        if type(doc['queue']) ~= 'string' or doc['queue'] == '' then doc['queue'] = 'default' end
-        doc['attempts'] = (tonumber(doc['attempts']) or 0) + 1
+        local id = doc['id']
+        local q = doc['queue']
+        if type(q) ~= 'string' or q == '' then q = 'default' end
+        -- attempts: an integer >= 0 (else 0, as the worker reads it), at most MAX_ATTEMPTS: inf, NaN, 2.5 or
+        -- "7" cannot leak into string concatenation or cjson.encode
+        local a = doc['attempts']
+        if type(a) ~= 'number' or a ~= a or a < 0 or a ~= math.floor(a) then a = 0 end
+        if a > max_attempts then a = max_attempts end
+        a = a + 1
+        local astr = string.format('%d', a)
         local hist = doc['errors']
         if type(hist) ~= 'table' then hist = {} end
         hist[#hist + 1] = {at = now / 1000, worker = w, cause = 'lost',
                            message = 'worker vanished (heartbeat expired) while running the job'}
         while #hist > 10 do table.remove(hist, 1) end
-        -- a script that errors half-way keeps its earlier writes, so nothing below may raise: history that cannot
-        -- be encoded (NaN from a foreign producer) is replaced rather than allowed to abort the recovery
-        local hok, hjson = pcall(cjson.encode, hist)
-        if not hok then
-          hist = {{at = now / 1000, worker = w, cause = 'lost', message = 'worker vanished; history unreadable'}}
-          hjson = cjson.encode(hist)
-        end
+        local lost = '[{"at":' .. string.format('%.3f', now / 1000) .. ',"worker":' .. encode(w, '""') ..
+                     ',"cause":"lost","message":"worker vanished; history unreadable"}]'
+        local hjson = encode(hist, lost)
+        if hjson == lost then hist = cjson.decode(lost) end
         local pushed = false
-        if doc['attempts'] < tonumber(ARGV[3]) then
-          pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. doc['queue'],
-                   with_fields(p, '"attempts":' .. doc['attempts'] .. ',"errors":' .. hjson))) == 'number'
+        if a < max_attempts then
+          pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. q,
+                   with_fields(p, '"attempts":' .. astr .. ',"errors":' .. hjson))) == 'number'
         end
         if pushed then
-          wake(doc['queue'])
-          out[#out + 1] = 'requeued:' .. doc['id']
+          safe_wake(q)
+          out[#out + 1] = 'requeued:' .. id
         else  -- out of attempts (or its queue key is unusable): the failed registry keeps it
-          local rec = cjson.encode({id = doc['id'], name = tostring(doc['name']), queue = doc['queue'], payload = p,
-            cause = 'lost', type = 'WorkerLost', worker = w, attempts = doc['attempts'], failed_at = now / 1000,
-            message = 'worker vanished ' .. doc['attempts'] .. ' times while running the job (MAX_ATTEMPTS)',
-            traceback = '', history = hist})  -- every field here is a string, number or the checked history
-          record_failure(doc['id'], rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
-          out[#out + 1] = 'failed:' .. doc['id']
+          local msg = 'worker vanished ' .. astr .. ' times while running the job (MAX_ATTEMPTS)'
+          local rec = encode({id = id, name = tostring(doc['name']), queue = q, payload = p,
+            cause = 'lost', type = 'WorkerLost', worker = w, attempts = a, failed_at = now / 1000,
+            message = msg, traceback = '', history = hist}, nil)
+          if not rec then  -- cannot happen with the checks above; never abort on it
+            rec = encode({id = id, name = '', queue = q, payload = p, cause = 'lost', type = 'WorkerLost',
+              worker = w, attempts = a, failed_at = now / 1000, message = msg, traceback = '', history = {}},
+              '{"id":' .. encode(id, '""') .. ',"cause":"lost","type":"WorkerLost","message":"unencodable"}')
+          end
+          record_failure(id, rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
+          out[#out + 1] = 'failed:' .. id
         end
       else
         local id = redis.sha1hex(p)
-        local rec = cjson.encode({id = id, name = '', queue = '', payload = p, cause = 'bad_payload',
+        local rec = encode({id = id, name = '', queue = raw_queue(p), payload = p, cause = 'bad_payload',
           type = 'BadJob', worker = w, attempts = 1, failed_at = now / 1000, traceback = '', history = {},
-          message = 'unreadable payload left by a vanished worker'})
+          message = 'unreadable payload left by a vanished worker'},
+          '{"id":"' .. id .. '","cause":"bad_payload","type":"BadJob","message":"unreadable payload"}')
         record_failure(id, rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
         out[#out + 1] = 'failed:' .. id
       end
+      redis.call('RPOP', pk)  -- handled: items[i] is the list's tail
     end
     redis.call('DEL', pk, prefix .. ':worker:' .. w)
     redis.call('ZREM', KEYS[1], w)

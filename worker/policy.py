@@ -113,8 +113,8 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
                         dict(outcome="requeued", **base))
     attempts = int(doc.get("attempts") or 0) + 1
     history = list(doc.get("errors") or [])[-9:] + [{
-        "at": time.time(), "worker": worker, "cause": result.status.value, "type": result.type,
-        "message": result.message}]
+        "at": time.time(), "worker": worker, "cause": result.status.value, "type": _clean(result.type),
+        "message": _clean(result.message)}]
     if result.status is Status.BAD:
         return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
     if attempts <= retries:
@@ -125,6 +125,12 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
     rec = failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(), history)
     return Decision(Outcome.fail(raw, job_id, rec, slot), "job.failed", "warning",
                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+
+
+def _clean(text: Optional[str]) -> Optional[str]:
+    """Text safe to put in a payload: a lone surrogate (an exception message quoting an undecodable file name)
+    would make the payload unreadable to Redis's cjson, which must read a retried job's queue."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8") if text else text
 
 
 def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:

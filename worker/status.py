@@ -50,7 +50,7 @@ import sys
 import time
 
 from .client import connect
-from .config import Config, redact_url
+from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
 from .keys import Keys
 from .lua import WAKE
 
@@ -219,8 +219,8 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
     within about a second without any message to them. A resume also rings the wake list of the resumed queue(s),
     so idle workers blocked on it claim at once instead of at their next poll.
     """
-    if queue != "*" and (not queue or len(queue) > 100 or any(c.isspace() for c in queue)):
-        print(f"error: invalid queue name {queue!r}: expected * or 1-100 characters without spaces", file=sys.stderr)
+    if queue != "*" and not valid_queue_name(queue):
+        print(f"error: invalid queue name {queue!r}: expected * or {QUEUE_RULE} (the QUEUES rule)", file=sys.stderr)
         return 2
     k = Keys(cfg.key_prefix)
     r = connect(cfg, name="status")

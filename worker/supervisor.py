@@ -176,6 +176,9 @@ class Supervisor:
         try:
             if not self._registered:
                 self._register()
+                warning = self.broker.check_server()
+                if warning:
+                    self.log.warning("redis.eviction_policy", note=warning)
                 self._recover()
             if self._resync:
                 self._adopt()
