@@ -1,10 +1,10 @@
 """The distribution as a user gets it: build the wheel, install it into a fresh venv outside the repo, run a job.
 
 Offline and quick (~10 s): the wheel is built with the setuptools of the running venv (``--no-build-isolation``;
-requirements-dev.txt asks for it) from a copy of the sources in a temp dir, and the fresh venv gets its
-dependencies by copying the installed ``redis`` and ``python-dotenv`` distributions of the running venv into it
-(their files, as pip would have written them), then the wheel is installed with ``--no-index`` *with* dependency
-resolution, so pip checks the wheel's ``Requires-Dist`` against those versions. Under ``make test-min`` they are the
+requirements-dev.txt asks for it) from a copy of the sources in a temp dir. The fresh venv gets its dependencies
+by copying the running venv's installed ``redis`` and ``python-dotenv`` (and what they need on this interpreter),
+their files as pip wrote them; then the wheel is installed with ``--no-index`` *with* dependency resolution, so pip
+checks the wheel's ``Requires-Dist`` against those versions. Under ``make test-min`` they are the
 declared minimums. Nothing is imported from the repo: no PYTHONPATH, cwd outside the repo.
 """
 from __future__ import annotations
@@ -52,6 +52,24 @@ def _setuptools_can_build() -> bool:
     return major >= 77
 
 
+def _runtime_closure(names) -> list:
+    """The distributions ``names`` need on this interpreter, transitively (redis needs async-timeout on Python
+    before 3.11.3, Debian 12's 3.11.2 included)."""
+    from packaging.requirements import Requirement  # pytest depends on packaging
+    seen, todo = [], list(names)
+    while todo:
+        name = todo.pop()
+        key = name.lower().replace("_", "-")
+        if key in seen:
+            continue
+        seen.append(key)
+        for spec in md.distribution(name).requires or ():
+            req = Requirement(spec)
+            if req.marker is None or req.marker.evaluate({"extra": ""}):
+                todo.append(req.name)
+    return seen
+
+
 def _copy_distribution(name: str, site_packages: Path):
     """Copy an installed distribution's files (package and dist-info) into another venv's site-packages."""
     dist = md.distribution(name)
@@ -90,7 +108,7 @@ def venv(wheel, tmp_path_factory) -> Path:
     python = root / "venv" / "bin" / "python"
     purelib = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
                         env=_clean_env()).stdout.strip())
-    for name in DEPENDENCIES:
+    for name in _runtime_closure(DEPENDENCIES):
         _copy_distribution(name, purelib)
     _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-index", "--disable-pip-version-check",
           "-q", wheel], env=_clean_env(), timeout=180)
