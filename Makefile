@@ -1,40 +1,65 @@
 # One-command entry points. `make demo` runs the main job; `make test` passes the tests (what CI runs).
 PY := .venv/bin/python
-STAMP := .venv/.installed
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+RUNTIME := .venv/.runtime
+DEV := .venv/.dev
+# The minimum dependency versions pyproject.toml declares, in a venv of their own (`make test-min`).
+PY_MIN := .venv-min/bin/python
+MIN := .venv-min/.installed
+# The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
+MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test bench bench-shutdown bench-throughput redis clean
+.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput redis clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+# Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
+$(RUNTIME): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
-	$(PY) -m pip install -q --disable-pip-version-check -r requirements-dev.txt
-	touch $(STAMP)
+	$(PIP) -r requirements.txt
+	touch $(RUNTIME)
 
-setup: $(STAMP)
+# Everything the tests and benchmarks need on top.
+$(DEV): $(RUNTIME) requirements-dev.txt
+	$(PIP) -r requirements-dev.txt
+	touch $(DEV)
+
+setup: $(DEV)
 
 # The classic demonstration: local redis-server, a worker, sample_work, SIGTERM after 3 s, a printed timeline.
 # `make demo TERM_TIMEOUT=1` shows the cleanup cut short and the job put back.
-demo: $(STAMP)
+demo: $(RUNTIME)
 	$(PY) scripts/demo.py
 
 # A worker against $REDIS_URL (default redis://localhost:6379/0); `make redis` starts a local server first.
-run: $(STAMP)
+run: $(RUNTIME)
 	$(PY) -m worker
 
 redis:
 	redis-cli ping >/dev/null 2>&1 || redis-server --daemonize yes --save '' --appendonly no
 
-test: $(STAMP)
+test: $(DEV)
 	$(PY) -m pytest
+
+# The dependency floors are true only if they are tested: same dev tools, redis and python-dotenv pinned to the
+# minimums declared in pyproject.toml (scripts/min_requirements.py turns `>=X` into `==X`).
+$(MIN): pyproject.toml requirements.txt requirements-dev.txt scripts/min_requirements.py
+	test -x $(PY_MIN) || python3 -m venv .venv-min
+	python3 scripts/min_requirements.py > .venv-min/constraints.txt
+	$(PY_MIN) -m pip install -q --disable-pip-version-check -r requirements-dev.txt -c .venv-min/constraints.txt
+	touch $(MIN)
+
+test-min: $(MIN)
+	$(PY_MIN) -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(redis|python-dotenv) '
+	$(PY_MIN) -m pytest $(MIN_TESTS)
 
 bench: bench-shutdown bench-throughput
 
-bench-shutdown: $(STAMP)
+bench-shutdown: $(DEV)
 	$(PY) bench/shutdown.py
 
-bench-throughput: $(STAMP)
+bench-throughput: $(DEV)
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
 	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	bench/.venv/bin/python bench/throughput.py
 
 clean:
-	rm -rf .venv bench/.venv .pytest_cache
+	rm -rf .venv .venv-min bench/.venv .pytest_cache build dist *.egg-info

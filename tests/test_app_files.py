@@ -37,7 +37,6 @@ def test_runtime_txt():
 def test_app_json_metadata(app):
     assert isinstance(app.get("name"), str) and 0 < len(app["name"]) <= 30, app.get("name")
     assert isinstance(app.get("description"), str) and app["description"].strip()
-    assert isinstance(app.get("repository"), str) and app["repository"].startswith("https://")
     keywords = app.get("keywords")
     assert isinstance(keywords, list) and keywords and all(isinstance(k, str) and k for k in keywords)
 
@@ -66,12 +65,56 @@ def test_app_json_leaves_platform_variables_alone(app):
     assert not PLATFORM_VARS & set(app.get("env", {})), "REDIS_URL/DYNO are set by the add-on / platform"
 
 
+# Dyno sizes on which `heroku ps:scale worker=N` accepts N > 1 (Eco and Basic allow one dyno per process type).
+SCALABLE_SIZES = {"standard-1x", "standard-2x", "performance-m", "performance-l", "performance-l-ram",
+                  "performance-xl", "performance-2xl", "private-s", "private-m", "private-l", "shield-s", "shield-m",
+                  "shield-l"}
+
+
 def test_app_json_formation_addon_buildpack(app):
     worker = app.get("formation", {}).get("worker")
     assert isinstance(worker, dict) and isinstance(worker.get("quantity"), int) and worker["quantity"] >= 1
+    assert str(worker.get("size", "")).lower() in SCALABLE_SIZES, \
+        f"formation.worker.size={worker.get('size')!r}: ps:scale worker=N needs standard-1x or larger"
     plans = [a if isinstance(a, str) else a.get("plan", "") for a in app.get("addons", [])]
     assert any(p == "heroku-redis" or p.startswith("heroku-redis:") for p in plans), plans
     assert {"url": "heroku/python"} in app.get("buildpacks", []), app.get("buildpacks")
+
+
+def _strings(node):
+    if isinstance(node, str):
+        yield node
+    elif isinstance(node, dict):
+        for k, v in node.items():
+            yield k
+            yield from _strings(v)
+    elif isinstance(node, list):
+        for v in node:
+            yield from _strings(v)
+
+
+# URLs the project owns and may put in app.json (a repository, website, logo, success_url). None yet: the project
+# has no public home, and an invented one sends Heroku Button users to a 404.
+OWNED_URL_PREFIXES: tuple = ()
+
+
+def test_app_json_holds_no_url_the_project_does_not_own(app):
+    urls = [s for s in _strings(app) if re.search(r"(?i)\b(https?|git|ssh)://|\bgit@|\bwww\.", s)]
+    foreign = [u for u in urls if not u.startswith(OWNED_URL_PREFIXES or ("\0",))]
+    assert not foreign, f"app.json names URLs the project does not own: {foreign}"
+    for key in ("repository", "website", "logo", "success_url"):
+        assert key not in app or app[key].startswith(OWNED_URL_PREFIXES or ("\0",)), key
+
+
+def test_slugignore_keeps_tests_bench_docs_and_images_out_of_the_slug():
+    lines = [ln.strip() for ln in (REPO / ".slugignore").read_text().splitlines()
+             if ln.strip() and not ln.lstrip().startswith("#")]
+    for folder in ("tests", "bench", "docs"):
+        assert folder in lines or f"/{folder}" in lines or f"{folder}/" in lines or f"/{folder}/" in lines, folder
+    assert "*.png" in lines
+    assert not [ln for ln in lines if ln.startswith("!")], "Heroku's .slugignore has no ! negations"
+    needed = ("worker", "Procfile", "requirements.txt", "runtime.txt")
+    assert not [ln for ln in lines if ln.strip("/").split("/")[0] in needed or ln in ("*", "*.py", "*.txt")], lines
 
 
 def test_requirements_only_redis_and_dotenv_with_bounds():
