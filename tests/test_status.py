@@ -87,7 +87,7 @@ def test_status_shows_queued_running_failed_scheduled_and_paused_work(r, cli, sp
     assert wk["host"] == socket.gethostname() and wk["queues"] == ["slow"]
     assert wk["state"] == "busy"
     assert wk["job"]["id"] == job_id and wk["job"]["name"] == "term_probe" and wk["job"]["queue"] == "slow"
-    assert wk["concurrency"] == 1 and wk["slots"] == [{"slot": 0, "job": wk["job"]}]
+    assert wk["concurrency"] == 1 and wk["slots"] == [{"slot": 0, "job": wk["job"], "checkpoint": None}]
     assert 0 <= wk["job"]["running_for"] < 60
     assert 0 <= wk["heartbeat_age"] < 30
     assert doc["failed"] == 1 and doc["scheduled"] == 1

@@ -11,8 +11,9 @@ Public API::
 
 Run workers with ``python -m worker`` (see the README for configuration and the SIGTERM contract).
 """
-from .child import TermException, shutdown_requested
+from .child import TermException, checkpoint, last_checkpoint, shutdown_requested
 from .jobs import enqueue, enqueue_at, enqueue_in, enqueue_many, job
 
-__all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested"]
+__all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
+           "checkpoint", "last_checkpoint"]
 __version__ = "0.1.0"

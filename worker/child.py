@@ -21,8 +21,10 @@ import ctypes
 import json
 import os
 import signal
+import struct
 import sys
 import traceback
+from typing import Any
 
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
@@ -43,9 +45,55 @@ class _ChildState:
     raise_asked = False  # the worker's RAISE signal arrived (possibly before the job started)
     running = False    # the job function is on the stack; outside it a signal only sets flags
     grace = 0.0
+    report_fd = -1     # the report pipe, while a job runs
+    writing = False    # a frame is being written: TermException waits until it is whole
+    deferred = False   # ... and is raised right after
+    resume = None      # the checkpoint an earlier, interrupted run left ("checkpoint" in the payload)
+    has_resume = False
 
 
 _state = _ChildState()
+
+#: Largest checkpoint (JSON bytes). It travels in the job's payload when the job is put back.
+MAX_CHECKPOINT = 64 * 1024
+_FRAME = struct.Struct(">cI")  # report pipe: kind (C checkpoint, R final report), length, JSON body
+
+
+def checkpoint(value: Any) -> None:
+    """Record ``value`` (JSON: an offset, the last id, a dict) as this job's progress.
+
+    Cheap (one write to the pipe the worker reads; no Redis call), so it may be called after every item. If the
+    run is interrupted (``TermException``, the TERM_TIMEOUT kill, a timeout or USR1 kill, or the whole dyno killed),
+    the job goes back with the last value recorded (for a dyno killed outright: as of the worker's last heartbeat),
+    and :func:`last_checkpoint` returns it in the next run. A job that finishes or fails discards it.
+    """
+    if _state.report_fd < 0:
+        raise RuntimeError("checkpoint() works only inside a job run by the worker")
+    data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
+    if len(data) > MAX_CHECKPOINT:
+        raise ValueError(f"checkpoint is {len(data)} bytes of JSON, over {MAX_CHECKPOINT}: save a cursor, not data")
+    _write_frame(b"C", data)
+
+
+def last_checkpoint(default: Any = None) -> Any:
+    """The value an earlier, interrupted run of this job passed to :func:`checkpoint` last; ``default`` on the
+    first run (or outside a job)."""
+    return _state.resume if _state.has_resume else default
+
+
+def _write_frame(kind: bytes, data: bytes) -> None:
+    """One whole frame on the report pipe. A TermException that arrives meanwhile is raised once it is written,
+    so the worker never reads half a frame."""
+    _state.writing = True
+    try:
+        view = memoryview(_FRAME.pack(kind, len(data)) + data)
+        while view:
+            view = view[os.write(_state.report_fd, view):]
+    finally:
+        _state.writing = False
+    if _state.deferred:
+        _state.deferred = False
+        _raise_once()
 
 
 def shutdown_requested() -> bool:
@@ -54,6 +102,9 @@ def shutdown_requested() -> bool:
 
 
 def _raise_once():
+    if _state.writing:
+        _state.deferred = True
+        return
     if _state.running and not _state.raised:
         _state.raised = True
         raise TermException("worker is shutting down")
@@ -133,6 +184,9 @@ def run_payload(data: bytes, report_fd: int) -> None:
 def run(spec, doc, report_fd: int) -> None:
     """Run the job and exit. Never returns."""
     report = None  # success: the constant _OK, no encoding on the hot path
+    _state.report_fd = report_fd
+    if "checkpoint" in doc:
+        _state.resume, _state.has_resume = doc["checkpoint"], True
     try:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
@@ -150,13 +204,17 @@ def run(spec, doc, report_fd: int) -> None:
     _finish(report, report_fd)
 
 
-_OK = b'{"status":"ok"}'
+_OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
 
 
 def _finish(report, fd):
     code = 0
     try:
-        data = memoryview(_OK if report is None else json.dumps(report, default=str).encode())
+        if report is None:
+            data = memoryview(_OK)
+        else:
+            body = json.dumps(report, default=str).encode()
+            data = memoryview(_FRAME.pack(b"R", len(body)) + body)
         while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
             data = data[os.write(fd, data):]
     except BaseException:

@@ -77,6 +77,7 @@ class Config:
     dyno: Optional[str] = None
     concurrency: int = 1
     job_max_memory_mb: int = 0
+    max_interruptions: int = 0
 
     @property
     def all_queues(self) -> bool:
@@ -241,6 +242,7 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         dyno=dyno,
         concurrency=concurrency,
         job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
+        max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
     )
 
 

@@ -48,7 +48,7 @@ class Outcome:
     slot: int = 0
     job_id: str = ""
     record: str = ""        # FAIL: the failure record (JSON)
-    new_payload: str = ""   # RETRY: the payload to run next time
+    new_payload: str = ""   # RETRY: the payload to run next time; REQUEUE: the payload to put back ('' = as is)
     delay_ms: int = 0       # RETRY: backoff before it is due
     queue: str = ""         # REQUEUE: where it goes back
 
@@ -57,9 +57,10 @@ class Outcome:
         return cls(Op.ACK, payload, slot)
 
     @classmethod
-    def requeue(cls, payload, queue, slot=0):
-        """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt)."""
-        return cls(Op.REQUEUE, payload, slot, queue=queue)
+    def requeue(cls, payload, queue, slot=0, new_payload=""):
+        """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt), as
+        ``new_payload`` if given (it carries the job's checkpoint and interruption count)."""
+        return cls(Op.REQUEUE, payload, slot, queue=queue, new_payload=new_payload)
 
     @classmethod
     def fail(cls, payload, job_id, record: dict, slot=0):
@@ -73,7 +74,7 @@ class Outcome:
     def wire(self) -> tuple:
         """The five CYCLE arguments of this outcome: op, slot, payload, a, b (see ``lua.CYCLE``)."""
         a, b = {Op.ACK: ("", ""), Op.FAIL: (self.job_id, self.record), Op.RETRY: (self.new_payload, self.delay_ms),
-                Op.REQUEUE: (self.queue, "")}[self.op]
+                Op.REQUEUE: (self.queue, self.new_payload)}[self.op]
         return self.op.value, self.slot, self.payload, a, b
 
 
@@ -193,15 +194,19 @@ class Broker:
             pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
             pipe.execute()
 
-    def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "") -> Cycle:
+    def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "", checkpoints=()) -> Cycle:
         """Record ``outcomes``, refresh the heartbeat, move due scheduled jobs and claim a job for each slot number
         in ``claim``, in one round trip (``lua.CYCLE``). ``busy``: slots still running besides new claims; ``mode``:
-        a state to show instead of the derived one. ``Cycle.held`` counts what the processing list holds
+        a state to show instead of the derived one; ``checkpoints``: ``(slot, JSON)`` of running jobs whose progress
+        changed, kept for recovery. ``Cycle.held`` counts what the processing list holds
         afterwards: more than the caller knows of means an earlier call's reply was lost after it claimed."""
         k, c = self.keys, self.cfg
         queues = [] if c.all_queues else list(c.queues)
         args = [k.prefix, worker, int(c.heartbeat_ttl * 1000), c.failed_max, int(c.failed_ttl * 1000),
-                "1" if c.all_queues else "0", mode, busy, len(queues), *queues, len(outcomes)]
+                "1" if c.all_queues else "0", mode, busy, len(queues), *queues, len(checkpoints)]
+        for slot, value in checkpoints:
+            args += [slot, value]
+        args.append(len(outcomes))
         for o in outcomes:
             args.extend(o.wire())
         args.extend(claim)

@@ -36,6 +36,7 @@ class JobSpec:
     timeout: Optional[float]
     retries: Optional[int]
     signature: inspect.Signature
+    max_interruptions: Optional[int] = None
 
 
 _REGISTRY: dict = {}
@@ -46,13 +47,15 @@ class BadJob(Exception):
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
-        retries: Optional[int] = None):
+        retries: Optional[int] = None, max_interruptions: Optional[int] = None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
     as a plain call and gains ``.enqueue(*args, **kwargs)``, ``.enqueue_in(seconds, ...)`` and
     ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
     ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
+    ``max_interruptions`` (put-backs after a stop before the job counts as failed; 0 = no limit) defaults to
+    ``MAX_INTERRUPTIONS``.
     """
     def register(f):
         job_name = name or f.__name__
@@ -65,7 +68,9 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError("job timeout must be >= 0 seconds")
         if retries is not None and retries < 0:
             raise ValueError("job retries must be >= 0")
-        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f))
+        if max_interruptions is not None and max_interruptions < 0:
+            raise ValueError("job max_interruptions must be >= 0")
+        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -187,7 +192,8 @@ def decode(raw: str, max_payload: int) -> tuple:
 
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
-    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries} for name, s in _REGISTRY.items()}
+    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
+                   "max_interruptions": s.max_interruptions} for name, s in _REGISTRY.items()}
 
 
 def queue_of(raw: str, fallback: str) -> str:

@@ -70,8 +70,11 @@ return 1
 #   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] wildcard ('1': every known queue, in name order)
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
 #   still running after this call, not counting new claims)   ARGV[9] nq, then nq queue names in priority order
+#   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
+#   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress
 #   then nout, then nout outcomes of 5 fields each: op, slot, payload, a, b
-#       ack: -   fail: a = job id, b = failure record   retry: a = new payload, b = delay ms   requeue: a = queue
+#       ack: -   fail: a = job id, b = failure record   retry: a = new payload, b = delay ms
+#       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint)
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
 # Returns {held, next_due, nclaims, slot1, payload1, queue1, ..., queue names considered...}
 CYCLE = PRELUDE + r"""
@@ -81,13 +84,19 @@ local failed_max, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local wildcard, mode, busy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
 local nq = tonumber(ARGV[9])
 local at = 10 + nq
-local nout = tonumber(ARGV[at])
+local nck = tonumber(ARGV[at])
 at = at + 1
 redis.call('ZADD', workers, now + ttl_ms, worker)
+for n = 1, nck do
+  redis.call('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+local nout = tonumber(ARGV[at])
+at = at + 1
 for n = 1, nout do
   local op, slot, payload, a, b = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
   at = at + 5
-  redis.call('HDEL', wh, 'job:' .. slot, 'started:' .. slot)
+  redis.call('HDEL', wh, 'job:' .. slot, 'started:' .. slot, 'ckpt:' .. slot)
   -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
   -- recovered by another worker, records nothing twice.
   if redis.call('LREM', processing, -1, payload) == 1 then
@@ -98,7 +107,8 @@ for n = 1, nout do
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
     elseif op == 'requeue' then
-      local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, payload)
+      local back = (b ~= '') and b or payload
+      local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
       if type(pushed) == 'number' then wake(a) else redis.call('RPUSH', processing, payload) end
     end
   end
@@ -206,6 +216,17 @@ end
 for _, w in ipairs(dead) do
   if w ~= ARGV[6] then
     local pk = prefix .. ':processing:' .. w
+    -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
+    local ckpt = {}
+    local info = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
+    if type(info) == 'table' then
+      local f = {}
+      for n = 1, #info, 2 do f[info[n]] = info[n + 1] end
+      for k, v in pairs(f) do
+        local slot = string.match(k, '^job:(%d+)$')
+        if slot and f['ckpt:' .. slot] then ckpt[v] = f['ckpt:' .. slot] end
+      end
+    end
     local items = redis.call('LRANGE', pk, 0, -1)
     for i = #items, 1, -1 do
       local p = items[i]
@@ -233,7 +254,8 @@ for _, w in ipairs(dead) do
         local pushed = false
         if a < max_attempts then
           pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. q,
-                   with_fields(p, '"attempts":' .. astr .. ',"errors":' .. hjson))) == 'number'
+                   with_fields(p, '"attempts":' .. astr .. ',"errors":' .. hjson ..
+                               (ckpt[p] and (',"checkpoint":' .. ckpt[p]) or '')))) == 'number'
         end
         if pushed then
           safe_wake(q)

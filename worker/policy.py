@@ -100,17 +100,21 @@ class Decision:
     event: str        # the log event: job.done, job.retry, job.failed, job.bad, shutdown.job_put_back
     level: str        # info or warning
     fields: dict
+    notes: tuple = ()  # further log lines: (level, event, fields)
 
 
-def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str) -> Decision:
-    """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload."""
+def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str,
+           checkpoint: Optional[str] = None, max_interruptions: int = 0) -> Decision:
+    """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload;
+    ``checkpoint``: the last progress the run reported (JSON text), which goes back with the job if it runs again
+    (put back, retried) and into its failure record, and is discarded when it is done."""
     job_id, name = doc["id"], doc["name"]
     base = dict(job=job_id, name=name, queue=queue, duration=result.duration)
     if result.status is Status.DONE:
         return Decision(Outcome.ack(raw, slot), "job.done", "info", dict(outcome="done", **base))
+    progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
-        return Decision(Outcome.requeue(raw, queue, slot), "shutdown.job_put_back", "info",
-                        dict(outcome="requeued", **base))
+        return _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base)
     attempts = int(doc.get("attempts") or 0) + 1
     history = list(doc.get("errors") or [])[-9:] + [{
         "at": time.time(), "worker": worker, "cause": result.status.value, "type": _clean(result.type),
@@ -119,12 +123,45 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
         return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
     if attempts <= retries:
         delay = backoff_delay(attempts)
-        new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6))
+        new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6), **progress)
         return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot), "job.retry", "warning",
                         dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
-    rec = failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(), history)
+    rec = dict(failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(),
+                             history), **progress)
     return Decision(Outcome.fail(raw, job_id, rec, slot), "job.failed", "warning",
                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+
+
+def _progress(doc: dict, checkpoint: Optional[str]) -> dict:
+    """``{"checkpoint": value}`` to carry on: the run's last one, else the one it was given, else nothing."""
+    if checkpoint is not None:
+        try:
+            return {"checkpoint": json.loads(checkpoint)}
+        except ValueError:
+            pass
+    return {"checkpoint": doc["checkpoint"]} if "checkpoint" in doc else {}
+
+
+def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base) -> Decision:
+    """Put back with its progress, counting an interruption (not an attempt); past ``max_interruptions`` failed."""
+    prev = doc.get("interruptions")
+    n = (prev if isinstance(prev, int) and not isinstance(prev, bool) and prev >= 0 else 0) + 1
+    notes = []
+    if checkpoint is not None:
+        notes.append(("info", "job.checkpointed", dict(job=doc["id"], checkpoint=checkpoint[:200])))
+    if "checkpoint" in doc and progress.get("checkpoint") == doc["checkpoint"]:
+        notes.append(("warning", "job.no_progress", dict(job=doc["id"], interruptions=n,
+                                                         note="same checkpoint as when this run started")))
+    if max_interruptions and n > max_interruptions:
+        message = f"interrupted {n} times without finishing; make it resumable or shorter"
+        rec = dict(failed_record(raw, doc["id"], doc["name"], queue, worker, int(doc.get("attempts") or 0),
+                                 "interrupted", {"type": "TooManyInterruptions", "message": message},
+                                 list(doc.get("errors") or [])), interruptions=n, **progress)
+        return Decision(Outcome.fail(raw, doc["id"], rec, slot), "job.failed", "warning",
+                        dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
+    new = jobs.json_dumps(dict(doc, interruptions=n, **progress))
+    return Decision(Outcome.requeue(raw, queue, slot, new), "shutdown.job_put_back", "info",
+                    dict(outcome="requeued", interruptions=n, **base), tuple(notes))
 
 
 def _clean(text: Optional[str]) -> Optional[str]:

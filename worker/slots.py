@@ -15,11 +15,13 @@ Kills go to the child's process group, so what a job started dies with it.
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import time
 from typing import Optional
 
+from .child import _FRAME
 from .forkserver import ForkServer, ForkServerError
 from .policy import Kill, Result, Status, result_of
 from .signals import RAISE_SIGNAL, kill_job
@@ -58,9 +60,13 @@ class Slot:
         self.queue = ""
         self.timeout = 0.0
         self.retries = 0
+        self.max_interruptions = 0
         self.pid = 0
         self.r = -1
-        self.chunks: list = []
+        self.buf = bytearray()               # unparsed bytes of the report pipe
+        self.report = b""                    # the child's final report (JSON), if it sent one
+        self.checkpoint: Optional[str] = None  # the last checkpoint it sent (JSON text)
+        self.saved: Optional[str] = None     # the checkpoint last written to Redis (for a dyno killed outright)
         self.eof = False
         self.status: Optional[int] = None   # wait status from the fork server
         self.killed: Optional[Kill] = None
@@ -78,10 +84,26 @@ class Slot:
                 data = os.read(self.r, 65536)
                 if not data:
                     self.eof = True
-                    return
-                self.chunks.append(data)
+                    break
+                self.buf += data
         except BlockingIOError:
             pass
+        self._frames()
+
+    def _frames(self) -> None:
+        """Take the complete frames (kind, 4-byte length, JSON) out of the buffer: checkpoints and the report."""
+        buf, at, head = self.buf, 0, _FRAME.size
+        while len(buf) - at >= head:
+            kind, n = _FRAME.unpack_from(buf, at)
+            if len(buf) - at - head < n:
+                break
+            body = bytes(buf[at + head:at + head + n])
+            at += head + n
+            if kind == b"C":
+                self.checkpoint = body.decode("utf-8", "replace")
+            elif kind == b"R":
+                self.report = body
+        del buf[:at]
 
     def kill(self, why: Kill) -> None:
         if self.killed is None:
@@ -91,8 +113,7 @@ class Slot:
 
     def result(self, limit_mb: int) -> Result:
         duration = time.monotonic() - self.started
-        return result_of(b"".join(self.chunks), self.status, self.killed, self.termed, self.timeout, limit_mb,
-                         duration)
+        return result_of(self.report, self.status, self.killed, self.termed, self.timeout, limit_mb, duration)
 
 
 class SlotTable:
@@ -129,13 +150,15 @@ class SlotTable:
     def busy(self) -> int:
         return sum(1 for s in self.slots if s.busy)
 
-    def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int) -> None:
+    def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int,
+              max_interruptions: int = 0) -> None:
         """Hand a claimed job to the fork server for slot ``index``. Raises :class:`ForkServerError`; the slot is
         then marked ``unstarted`` and :meth:`collect` returns it."""
         slot = self.slots[index]
         self._seq += 1
         slot.seq, slot.raw, slot.doc, slot.queue = self._seq, raw, doc, queue
         slot.timeout, slot.retries, slot.started = timeout, retries, time.monotonic()
+        slot.max_interruptions = max_interruptions
         r, w = os.pipe()
         slot.r = r
         fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
@@ -143,6 +166,24 @@ class SlotTable:
             self.forks.send(slot.seq, raw, w)
         finally:
             os.close(w)
+
+    def progress(self) -> list:
+        """``(slot, checkpoint JSON)`` of running jobs whose checkpoint changed since it was last saved (valid JSON
+        only: the child is the app's code, and recovery splices this text into a payload)."""
+        out = []
+        for s in self.slots:
+            if s.busy and s.status is None and s.checkpoint is not None and s.checkpoint != s.saved:
+                try:
+                    json.loads(s.checkpoint)
+                except ValueError:
+                    s.saved = s.checkpoint
+                    continue
+                out.append((s.index, s.checkpoint))
+        return out
+
+    def saved(self, progress: list) -> None:
+        for index, value in progress:
+            self.slots[index].saved = value
 
     def fds(self) -> list:
         out = [s.r for s in self.slots if s.busy and not s.eof and s.r >= 0]

@@ -31,7 +31,8 @@ change of type or unit bumps ``schema``)::
           "job": {                           the job claimed into that slot
             "id": "9c1e...", "name": "send_email", "queue": "default",   str|null each (null: unreadable payload)
             "running_for": 3.2        float|null  seconds since it was claimed (Redis clock)
-          }
+          },
+          "checkpoint": 1200          any|null  its last checkpoint() value as of the worker's last heartbeat
         }],
         "job": {...},                 object|null  the first busy slot's job (as "slots"[0].job), null when idle
         "heartbeat_age": 0.4          float  seconds since the last heartbeat (Redis clock)
@@ -96,9 +97,10 @@ def _worker(name: str, score: float, info: dict, now_ms: float, cfg: Config) -> 
     for field, raw in info.items():
         if field.startswith("job:"):
             slot = _num(field[4:], int)
-            slots.append({"slot": slot, "job": _job(raw, info.get(f"started:{field[4:]}"), now_ms)})
+            slots.append({"slot": slot, "job": _job(raw, info.get(f"started:{field[4:]}"), now_ms),
+                          "checkpoint": _checkpoint(info.get(f"ckpt:{field[4:]}"))})
     if info.get("job"):  # an older worker's single job
-        slots.append({"slot": 0, "job": _job(info["job"], info.get("job_started"), now_ms)})
+        slots.append({"slot": 0, "job": _job(info["job"], info.get("job_started"), now_ms), "checkpoint": None})
     slots.sort(key=lambda s: s["slot"] if s["slot"] is not None else -1)
     return {
         "name": name, "dyno": info.get("dyno") or None, "host": info.get("host") or None,
@@ -106,6 +108,16 @@ def _worker(name: str, score: float, info: dict, now_ms: float, cfg: Config) -> 
         "started": _num(info.get("started")), "state": state, "concurrency": _num(info.get("concurrency"), int) or 1,
         "job": slots[0]["job"] if slots else None, "slots": slots,
         "heartbeat_age": round(max(0.0, now_ms - seen) / 1000.0, 3)}
+
+
+def _checkpoint(raw):
+    """A running job's last checkpoint as the worker saved it (at its last heartbeat), or None."""
+    if raw is None:
+        return None
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
+        return None
 
 
 def _latency(head, now: float):
@@ -163,6 +175,14 @@ def _dur(seconds) -> str:
     return f"{s // 86400}d{s % 86400 // 3600:02d}h"
 
 
+def _short(value) -> str:
+    """A checkpoint in one table cell: compact JSON, no spaces, at most 24 characters."""
+    if value is None:
+        return "-"
+    text = json.dumps(value, separators=(",", ":"), ensure_ascii=True).replace(" ", "_")
+    return text if len(text) <= 24 else text[:23] + "~"
+
+
 def _table(headers, rows, right=()) -> list:
     """Aligned columns; numeric columns (indexes in ``right``) are right-aligned."""
     widths = [max(len(str(c)) for c in col) for col in zip(headers, *rows)]
@@ -184,16 +204,15 @@ def render(doc: dict, url: str) -> str:
     out += (_table(("QUEUE", "DEPTH", "LATENCY", "PAUSED"), rows, right=(1, 2)) if rows else ["no queues"]) + [""]
     rows = []
     for w in doc["workers"]:
-        jobs = [s["job"] for s in w["slots"]] or [None]
-        for n, j in enumerate(jobs):
-            j = j or {}
+        for n, sl in enumerate(w["slots"] or [{}]):
+            j = sl.get("job") or {}
             head = (w["name"], w["state"], f"{len(w['slots'])}/{w['concurrency']}", ",".join(w["queues"]) or "-") \
                 if n == 0 else ("", "", "", "")  # further jobs of the same worker: one row each
             rows.append((*head, j.get("name") or "-", (j.get("id") or "-")[:8],
-                         _dur(j["running_for"]) if j else "-", _dur(w["heartbeat_age"]) if n == 0 else "",
-                         (w["host"] or "-") if n == 0 else ""))
-    out += (_table(("WORKER", "STATE", "SLOTS", "QUEUES", "JOB", "ID", "RUNNING", "HEARTBEAT", "HOST"), rows,
-                   right=(6, 7)) if rows else ["no workers"]) + [""]
+                         _dur(j["running_for"]) if j else "-", _short(sl.get("checkpoint")),
+                         _dur(w["heartbeat_age"]) if n == 0 else "", (w["host"] or "-") if n == 0 else ""))
+    out += (_table(("WORKER", "STATE", "SLOTS", "QUEUES", "JOB", "ID", "RUNNING", "CHECKPOINT", "HEARTBEAT", "HOST"),
+                   rows, right=(6, 8)) if rows else ["no workers"]) + [""]
     t = doc["totals"]
     out += _table(("FAILED", "SCHEDULED", "PROCESSED_TOTAL", "FAILED_TOTAL"),
                   [(doc["failed"], doc["scheduled"], t["processed"], t["failed"])], right=(0, 1, 2, 3))

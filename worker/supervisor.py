@@ -133,7 +133,7 @@ class Supervisor:
             self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
         else:
             d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
-                       slot.retries, self.name)
+                       slot.retries, self.name, slot.checkpoint, slot.max_interruptions)
             if d.event == "job.done":
                 self.processed += 1
             if d.event == "shutdown.job_put_back":
@@ -142,6 +142,8 @@ class Supervisor:
         slot.clear()
 
     def _note(self, d: Decision) -> None:
+        for level, event, fields in d.notes:
+            getattr(self.log, level)(event, **fields)
         getattr(self.log, d.level)(d.event, **d.fields)
         self.pending.append(d.outcome)
 
@@ -157,9 +159,11 @@ class Supervisor:
             return
         timeout = meta["timeout"] if meta["timeout"] is not None else self.cfg.job_timeout
         retries = meta["retries"] if meta["retries"] is not None else self.cfg.job_retries
+        limit = meta.get("max_interruptions")
+        limit = limit if limit is not None else self.cfg.max_interruptions
         self.log.debug("job.start", job=doc["id"], name=doc["name"], queue=queue, slot=index)
         try:
-            self.slots.start(index, raw, doc, queue, timeout, retries)
+            self.slots.start(index, raw, doc, queue, timeout, retries, limit)
         except ForkServerError:
             pass  # collect() writes it off as unstarted: put back
 
@@ -210,8 +214,10 @@ class Supervisor:
         mode = "stopping" if sig.stopping else ("paused" if sig.paused and not self.slots.busy() else "")
         outcomes = self.pending
         busy = self.slots.busy()
-        c = self.broker.cycle(self.name, outcomes, claim, busy, mode)
+        progress = self.slots.progress()  # running jobs' checkpoints not yet in Redis (for recovery after a kill)
+        c = self.broker.cycle(self.name, outcomes, claim, busy, mode, progress)
         self.pending = []
+        self.slots.saved(progress)
         self._shown_stop = sig.stopping or sig.quit
         self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
         if c.held > busy + len(c.claims):
