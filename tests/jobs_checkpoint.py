@@ -1,0 +1,53 @@
+"""Resumable test jobs (JOB_MODULES=worker.sample,tests.jobs,tests.jobs_checkpoint): they record each item they
+process to a Redis list, so a test can check that no item was skipped and count the ones done twice."""
+import time
+
+from tests.jobs import event, r
+from worker import TermException, checkpoint, job, last_checkpoint
+
+
+@job
+def ck_items(key, n=200, delay=0.05, stubborn=False):
+    """Items ``last_checkpoint(0) .. n-1``: sleep, record the item, checkpoint past it. ``stubborn`` swallows
+    TermException and carries on (killed at the TERM deadline)."""
+    start = last_checkpoint(0)
+    event(key + ":runs", "started", at=start)
+    i = start
+    while i < n:
+        try:
+            time.sleep(delay)
+            r().rpush(key, i)
+            checkpoint(i + 1)
+            i += 1
+        except TermException:
+            if not stubborn:
+                raise
+
+
+@job
+def ck_then_hang(key, count=1):
+    """``checkpoint(0 .. count-1)`` as fast as it can, say so, then wait to be stopped (ignoring TermException)."""
+    for i in range(count):
+        checkpoint(i)
+    event(key, "ready", resumed_from=last_checkpoint())
+    while True:
+        try:
+            time.sleep(60)
+        except TermException:
+            pass
+
+
+@job(max_interruptions=2)
+def ck_limited(key):
+    """Checkpoints, says so, and waits for TermException (propagated: put back, or failed past the limit)."""
+    checkpoint({"cursor": (last_checkpoint({"cursor": 0})["cursor"] + 1)})
+    event(key, "ready")
+    time.sleep(60)
+
+
+@job
+def ck_then_fail(key):
+    checkpoint({"at": 7})
+    event(key, "ready")
+    r().blpop(key + ":go", 30)  # the test looks at the saved checkpoint, then lets it fail
+    raise RuntimeError("gave up")
