@@ -77,8 +77,8 @@ class Supervisor:
             if self._done():
                 break
             if (self.sig.stopping or self.sig.quit) and self.adopted:  # quiet: claims not started go back
-                self.pending += [Outcome.requeue(raw, jobs.queue_of(raw, self._fallback_queue())) for raw in
-                                 self.adopted]
+                self.pending += [Outcome.requeue(raw, jobs.queue_of(raw, self._fallback_queue()), -1)  # no slot
+                                 for raw in self.adopted]
                 self.adopted = []
             if self.slots.server_late():
                 self._fatal("cannot start jobs: the fork server did not start in time")
@@ -280,7 +280,9 @@ class Supervisor:
     # --- waiting ---
     def _wait(self) -> None:
         now = time.monotonic()
-        at = min(now + self.slots.due(), self._next_beat, max(self._retry_at, now))
+        at = min(now + self.slots.due(), self._next_beat)
+        if self._retry_at > now:  # Redis is down: the next attempt
+            at = min(at, self._retry_at)
         if self._registered and now >= self._quiet_until:
             at = min(at, self._next_recover)
         if self._can_claim() and not self.waiter.armed:
