@@ -123,3 +123,36 @@ def flaky(key, failures):
 @job(queue="high")
 def on_high(key, value):
     r().rpush(key, value)
+
+
+# --- concurrency and core-defect tests (tests/test_concurrency.py, tests/test_core_defects.py) ---
+
+@job
+def cc_span(key, tag, seconds=0.5, again=None):
+    """Records ``start`` and ``end`` (with its pid and ``tag``) around a sleep of ``seconds``, so tests can see two
+    runs of one job overlap. Runs are counted per tag; with ``again`` set, later runs sleep that long instead."""
+    n = r().incr(f"{key}:runs:{tag}")
+    event(key, "start", tag=tag, run=n)
+    time.sleep(seconds if n == 1 or again is None else again)
+    event(key, "end", tag=tag, run=n)
+
+
+@job
+def cc_alloc(key, mb, hold=30.0):
+    """Allocates ``mb`` MB and writes every page (private memory, not the fork server's shared pages), then holds it."""
+    event(key, "started")
+    buf = bytearray(mb * 1024 * 1024)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    event(key, "allocated")
+    time.sleep(hold)
+    del buf
+
+
+@job
+def cc_subprocess(key, seconds=60.0):
+    """Starts ``sleep 300`` (a subprocess the job owns), reports its pid, then blocks."""
+    import subprocess
+    p = subprocess.Popen(["sleep", "300"])
+    event(key, "started", child=p.pid)
+    time.sleep(seconds)

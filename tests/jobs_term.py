@@ -27,3 +27,11 @@ def tt_reraise(key, seconds=60, cleanup=0.0):
             except BaseException as exc:  # noqa: B902 - a second exception would break the contract: record it
                 event(key, "term_again", type=type(exc).__name__)
         raise
+
+
+# A slow application import, on demand (tests/test_core_defects.py, fork-server restart with a slow import): when the
+# file named by CC_SLOW_IMPORT_MARKER exists, importing this module takes CC_SLOW_IMPORT_SECONDS (default 6).
+import os as _os  # noqa: E402
+
+if _os.environ.get("CC_SLOW_IMPORT_MARKER") and _os.path.exists(_os.environ["CC_SLOW_IMPORT_MARKER"]):
+    time.sleep(float(_os.environ.get("CC_SLOW_IMPORT_SECONDS", "6")))

@@ -74,3 +74,64 @@ def start_redis_server(port: int, workdir) -> subprocess.Popen:
                 time.sleep(0.02)
     finally:
         client.close()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def forkserver_of(worker_pid: int) -> list:
+    """The fork server(s) of a worker: its direct children whose command line runs ``worker.forkserver``."""
+    out = []
+    for pid in descendants(worker_pid):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == worker_pid and "worker.forkserver" in cmdline(pid):
+            out.append(pid)
+    return out
+
+
+def events(r, key) -> list:
+    """Every event a test job recorded on ``key`` (tests/jobs.py ``event``), oldest first, as dicts."""
+    import json
+    return [json.loads(x) for x in r.lrange(key, 0, -1)]
+
+
+def runs(evs) -> dict:
+    """``{tag: [(start_t, end_t or None, pid), ...]}`` from cc_span's start/end events (matched by pid)."""
+    out: dict = {}
+    for e in evs:
+        if e.get("event") == "start":
+            out.setdefault(e["tag"], []).append([e["t"], None, e["pid"]])
+        elif e.get("event") == "end":
+            for run in out.get(e["tag"], []):
+                if run[2] == e["pid"] and run[1] is None:
+                    run[1] = e["t"]
+    return {tag: [tuple(x) for x in v] for tag, v in out.items()}
+
+
+def overlaps(evs) -> list:
+    """Pairs of runs of one tag that were in flight at the same time (an unfinished run lasts forever)."""
+    bad = []
+    for tag, rs in runs(evs).items():
+        rs = sorted(rs)
+        for a, b in zip(rs, rs[1:]):
+            if a[1] is None or b[0] < a[1]:
+                bad.append((tag, a, b))
+    return bad
+
+
+def client_pause(url: str, ms: int) -> None:
+    """``CLIENT PAUSE ms ALL`` from a connection of its own, closed at once (a stalled Redis for everyone else)."""
+    c = redis.Redis.from_url(url)
+    try:
+        c.execute_command("CLIENT", "PAUSE", str(int(ms)), "ALL")
+    finally:
+        c.close()

@@ -1,0 +1,306 @@
+"""WORKER_CONCURRENCY > 1 end to end (issue 9): the SIGTERM contract for every slot at once on every platform, the
+whole tree killed with N jobs in flight, USR1/QUIT/pause per slot, the memory limit, status per slot, and a killed
+job's subprocess dying with it.
+
+Real redis-server, real forks and signals, the dyno emulator (tests/dyno.py). Jobs record events to Redis lists
+(tests/jobs.py ``event``); tests BLPOP them.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from tests import dyno
+from tests.support import events, runs, wait_until
+from worker.config import from_mapping
+from worker.fetch import Broker
+
+MODULES = "worker.sample,tests.jobs,tests.jobs_term"
+QUEUE = "worker:queue:default"
+FAST = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2"}
+
+
+@pytest.fixture
+def enqueue(r, redis_server):
+    broker = Broker(r, from_mapping({"REDIS_URL": redis_server.url}))
+    return lambda name, *args, **kwargs: broker.push(name, args, kwargs)
+
+
+def pop(r, key, timeout=15.0):
+    """BLPOP in 1 s slices (a longer BLPOP would hit redis-py's socket timeout)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        item = r.blpop(key, 1)
+        if item is not None:
+            return json.loads(item[1])
+        assert time.monotonic() < deadline, f"no event on {key!r} within {timeout}s"
+
+
+def expect(r, key, kind, timeout=15.0) -> dict:
+    ev = pop(r, key, timeout)
+    assert ev["event"] == kind, ev
+    return ev
+
+
+def seen(r, key, kind, n, timeout=15.0) -> None:
+    """Wait until ``key`` holds ``n`` events of ``kind``, without consuming them (the test reads them all later)."""
+    wait_until(lambda: sum(e["event"] == kind for e in events(r, key)) >= n, timeout, f"{n} {kind!r} on {key}")
+
+
+def queued_ids(r) -> list:
+    return [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)]
+
+
+def processing(r) -> dict:
+    return {k: r.lrange(k, 0, -1) for k in r.keys("worker:processing:*") if r.llen(k)}
+
+
+def wait_sleeping(w, n, timeout=10.0) -> list:
+    """Block until ``n`` job children sleep inside their jobs (past the Redis call of their "started" event)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = dyno.sleeping(w.pid)
+        if len(pids) >= n:
+            return pids
+        assert time.monotonic() < deadline, f"only {len(pids)} of {n} jobs sleeping; output:\n{w.output}"
+        time.sleep(0.01)
+
+
+def failure(r, job_id, timeout=15.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = r.hget("worker:failed:data", job_id)
+        if raw:
+            return json.loads(raw)
+        assert time.monotonic() < deadline, f"no failure record for {job_id}"
+        time.sleep(0.02)
+
+
+# --- 1. the SIGTERM contract, four slots at once ---
+
+STOP_WINDOW, STOP_TIMEOUT = 4.0, 1.5  # TERM_GRACE 0: the deadline is 1.5 s after the first signal
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode,signum,times", [
+    pytest.param("dyno", signal.SIGTERM, 3, id="heroku-3x"),
+    pytest.param("parent", signal.SIGTERM, 1, id="foreman"),
+    pytest.param("group", signal.SIGINT, 1, id="ctrl-c"),
+])
+def test_four_slots_stop_together_on_every_platform(r, spawn, enqueue, mode, signum, times):
+    """Four jobs: one returns at once on TermException, one cleans up 0.3 s and returns, one cleans up 0.3 s and
+    re-raises (put back), one ignores it (killed at the deadline, put back). Two more jobs wait in the queue."""
+    jobs = {
+        "quick": enqueue("term_probe", "ev:quick"),
+        "cleanup": enqueue("term_probe", "ev:cleanup", cleanup=0.3),
+        "reraise": enqueue("tt_reraise", "ev:reraise", cleanup=0.3),
+        "stubborn": enqueue("term_probe", "ev:stubborn", swallow=True),
+    }
+    fillers = [enqueue("push", "out", "filler1"), enqueue("push", "out", "filler2")]
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=4, SHUTDOWN_WINDOW=STOP_WINDOW, TERM_TIMEOUT=STOP_TIMEOUT)
+    pids = {k: expect(r, f"ev:{k}", "started")["pid"] for k in jobs}
+    wait_sleeping(w, 4)
+    assert queued_ids(r) == fillers
+
+    rep = dyno.shutdown(w.pid, mode=mode, signum=signum, window=STOP_WINDOW, times=times, interval=0.2)
+
+    assert not rep.sigkilled, f"{rep}\n{w.output}"
+    assert rep.last_exit < STOP_WINDOW - 0.5, rep
+    assert w.wait(5) == 0, w.output
+    seen = {k: [e["event"] for e in events(r, f"ev:{k}")] for k in jobs}
+    assert seen == {"quick": ["term", "cleaned"], "cleanup": ["term", "cleaned"], "reraise": ["term"],
+                    "stubborn": ["term"]}, f"{seen}\n{w.output}"  # exactly one TermException each, nothing more
+    # the stubborn one: killed at the deadline, neither early nor late (both clocks: the worker's and the kernel's)
+    killed = re.findall(r"event=shutdown\.child_killed pid=(\d+) .*elapsed=([\d.]+)", w.output)
+    assert [int(p) for p, _ in killed] == [pids["stubborn"]], w.output
+    assert STOP_TIMEOUT <= float(killed[0][1]) <= STOP_TIMEOUT + 0.3, w.output
+    assert STOP_TIMEOUT - 0.05 <= rep.exits[pids["stubborn"]] <= STOP_TIMEOUT + 0.3, rep
+    for k in ("quick", "cleanup", "reraise"):
+        assert rep.exits[pids[k]] < STOP_TIMEOUT - 0.5, (k, rep)
+    # put back at the head of the queue, ahead of the jobs that were waiting; nothing left claimed
+    queued = queued_ids(r)
+    assert sorted(queued[:2]) == sorted([jobs["reraise"], jobs["stubborn"]]) and queued[2:] == fillers, queued
+    assert processing(r) == {}
+    assert r.get("worker:stat:processed") == "2" and r.zcard("worker:failed") == 0
+    assert r.zcard("worker:workers") == 0
+
+
+# --- 2. the whole tree killed with N jobs in flight ---
+
+@pytest.mark.timeout(60)
+def test_tree_killed_with_three_jobs_in_flight_all_three_recovered(r, spawn, enqueue):
+    ids = [enqueue("cc_span", "ev", f"j{i}", seconds=60, again=0.1) for i in range(3)]
+    a = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3, **FAST)
+    seen(r, "ev", "start", 3)
+    wait_sleeping(a, 3)
+    assert r.llen(QUEUE) == 0
+    b = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3, QUEUES="default", **FAST)
+    b.wait_for(r"event=worker\.start")
+    a.kill_tree()
+    for job_id in ids:
+        b.wait_for(rf"event=recovery\.requeued job={job_id}", timeout=20)
+    wait_until(lambda: r.get("worker:stat:processed") == "3", 20, "the three recovered jobs done")
+    done = runs(events(r, "ev"))
+    assert sorted(done) == ["j0", "j1", "j2"]
+    for tag, rs in done.items():
+        assert len(rs) == 2 and rs[1][1] is not None, (tag, rs)  # killed once, then ran to the end once
+    assert processing(r) == {} and r.llen(QUEUE) == 0
+
+
+# --- 3. USR1, QUIT, pause with N > 1 ---
+
+@pytest.mark.timeout(60)
+def test_usr1_kills_every_running_child_and_the_worker_keeps_working(r, spawn, enqueue):
+    ids = [enqueue("term_probe", f"ev{i}") for i in range(3)]
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3)
+    for i in range(3):
+        expect(r, f"ev{i}", "started")
+    wait_sleeping(w, 3)
+    w.signal(signal.SIGUSR1)
+    for job_id in ids:
+        rec = failure(r, job_id)
+        assert rec["cause"] == "killed" and "SIGUSR1" in rec["message"], rec
+    for i in range(3):
+        assert [e["event"] for e in events(r, f"ev{i}")] == [], "a killed job saw an exception or finished"
+    enqueue("push", "out", "after")  # the worker goes on claiming
+    assert r.blpop("out", 15) == ("out", "after"), w.output
+    wait_until(lambda: processing(r) == {}, 10, "the last job's ack")
+    assert w.popen.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_usr1_retries_killed_jobs_that_have_retries_left(r, spawn, enqueue):
+    ids = [enqueue("term_probe", f"ev{i}") for i in range(2)]
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=2, JOB_RETRIES=1)
+    for i in range(2):
+        expect(r, f"ev{i}", "started")
+    wait_sleeping(w, 2)
+    w.signal(signal.SIGUSR1)
+    for job_id in ids:
+        w.wait_for(rf"event=job\.retry outcome=killed .*job={job_id}")
+    for i in range(2):  # the retry runs each job again (backoff 1-2 s)
+        expect(r, f"ev{i}", "started", timeout=20)
+    assert r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(60)
+def test_quit_lets_every_running_job_finish_and_claims_nothing_more(r, spawn, enqueue):
+    ids = [enqueue("cc_span", "ev", f"j{i}", seconds=1.0) for i in range(3)]
+    waiting = [enqueue("push", "out", "x") for _ in range(2)]
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3)
+    seen(r, "ev", "start", 3)
+    wait_sleeping(w, 3)
+    w.signal(signal.SIGQUIT)
+    assert w.wait(15) == 0, w.output
+    done = runs(events(r, "ev"))
+    assert sorted(done) == ["j0", "j1", "j2"] and all(len(v) == 1 and v[0][1] for v in done.values()), done
+    for job_id in ids:
+        assert re.search(rf"event=job\.done outcome=done job={job_id}", w.output), w.output
+    assert queued_ids(r) == waiting and r.llen("out") == 0
+    assert processing(r) == {} and r.zcard("worker:workers") == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["usr2", "cli"])
+def test_pause_with_two_slots_claims_nothing_while_running_jobs_finish(r, spawn, cli, enqueue, how):
+    for i in range(2):
+        enqueue("cc_span", "ev", f"j{i}", seconds=1.0)
+    waiting = enqueue("push", "out", "x")
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=2)
+    name = re.search(r"worker=(\S+)", w.wait_for(r"event=worker\.start")).group(1)
+    for _ in range(2):
+        expect(r, "ev", "start")
+    if how == "usr2":
+        w.signal(signal.SIGUSR2)
+    else:
+        assert cli("pause").returncode == 0
+    for _ in range(2):
+        expect(r, "ev", "end")
+    # both jobs recorded, the worker shows itself paused, and the waiting job is still waiting
+    wait_until(lambda: r.get("worker:stat:processed") == "2", 10, "both running jobs done")
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "the worker's paused state")
+    time.sleep(1.5)  # longer than the idle poll (1 s): a worker that would claim has had its chance
+    assert queued_ids(r) == [waiting] and r.llen("out") == 0 and processing(r) == {}, w.output
+    if how == "usr2":
+        w.signal(signal.SIGCONT)
+    else:
+        assert cli("resume").returncode == 0
+    assert r.blpop("out", 15) == ("out", "x"), w.output
+
+
+# --- 4. memory limit ---
+
+@pytest.mark.timeout(60)
+def test_memory_limit_kills_the_hog_only(r, spawn, enqueue):
+    hog = enqueue("cc_alloc", "ev:hog", 200)
+    other = enqueue("cc_span", "ev", "steady", seconds=2.0)
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=2, JOB_MAX_MEMORY_MB=100)
+    expect(r, "ev:hog", "started")
+    expect(r, "ev", "start")
+    rec = failure(r, hog)
+    assert rec["cause"] == "memory" and "exceeded 100 MB" in rec["message"], rec
+    w.wait_for(rf"event=job\.memory_exceeded job={hog}")
+    expect(r, "ev", "end")  # the other slot ran to its end
+    w.wait_for(rf"event=job\.done outcome=done job={other}")
+    assert r.zcard("worker:failed") == 1 and processing(r) == {}
+
+
+# --- 5. status per slot ---
+
+@pytest.mark.timeout(60)
+def test_status_shows_each_slot_and_its_job(r, spawn, cli, enqueue):
+    ids = [enqueue("term_probe", f"ev{i}") for i in range(3)]
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3)
+    for i in range(3):
+        expect(r, f"ev{i}", "started")
+    res = cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)
+    [me] = [x for x in doc["workers"] if x["pid"] == w.pid]
+    assert me["concurrency"] == 3 and me["state"] == "busy"
+    assert sorted(s["slot"] for s in me["slots"]) == [0, 1, 2]
+    assert sorted(s["job"]["id"] for s in me["slots"]) == sorted(ids)
+    assert all(s["job"]["name"] == "term_probe" and s["job"]["queue"] == "default" for s in me["slots"])
+    human = cli("status")
+    assert human.returncode == 0, human.stderr
+    assert "3/3" in human.stdout, human.stdout
+    for job_id in ids:
+        assert job_id[:8] in human.stdout, human.stdout
+
+
+# --- 6. a killed job's subprocess dies with it (issue 10 #7) ---
+
+def gone(pid, timeout=5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while dyno.alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["timeout", "usr1"])
+def test_killed_jobs_subprocess_dies_with_it(r, spawn, enqueue, how):
+    job_id = enqueue("cc_subprocess", "ev")
+    extra = {"JOB_TIMEOUT": "1"} if how == "timeout" else {}
+    w = spawn(JOB_MODULES=MODULES, **extra)
+    ev = expect(r, "ev", "started")
+    sleeper = ev["child"]
+    assert dyno.alive(sleeper)
+    try:
+        if how == "usr1":
+            wait_sleeping(w, 1)
+            w.signal(signal.SIGUSR1)
+        rec = failure(r, job_id)
+        assert rec["cause"] == ("timeout" if how == "timeout" else "killed"), rec
+        assert gone(ev["pid"]), "the job child outlived its kill"
+        assert gone(sleeper), f"the job's `sleep 300` (pid {sleeper}) outlived the job"
+    finally:
+        if dyno.alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
