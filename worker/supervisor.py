@@ -85,6 +85,8 @@ class Supervisor:
             if self.slots.broken:
                 self._fatal(self.slots.broken)
             self._redis_turn()
+            if self._done():  # e.g. a burst worker that just found the queues empty
+                break
             self._wait()
         return self._exit()
 
