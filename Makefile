@@ -9,7 +9,7 @@ MIN := .venv-min/.installed
 # The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput redis clean
+.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -61,5 +61,18 @@ bench-throughput: $(DEV)
 	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
 	bench/.venv/bin/python bench/throughput.py
 
+# WORKER_CONCURRENCY: jobs/s scaling (N = 1..8, vs rq worker-pool), CPU and Redis cost per job, PSS of the dyno with a
+# 200 MB app; prints and writes bench/results/concurrency.{txt,json}. `make bench-concurrency ARGS=--quick` for a
+# one-minute check. Celery's row in the memory table appears once `make bench-concurrency-celery` made its venv.
+bench-concurrency: $(DEV)
+	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
+	bench/.venv/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements.txt
+	bench/.venv/bin/python bench/concurrency.py $(ARGS)
+
+# Celery 5.5 in a venv of its own: kombu's redis extra pins redis-py below the runtime's floor (redis>=5.3).
+bench-concurrency-celery:
+	test -x bench/.venv-celery/bin/python || python3 -m venv bench/.venv-celery
+	bench/.venv-celery/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements-celery.txt
+
 clean:
-	rm -rf .venv .venv-min bench/.venv .pytest_cache build dist *.egg-info
+	rm -rf .venv .venv-min bench/.venv bench/.venv-celery .pytest_cache build dist *.egg-info
