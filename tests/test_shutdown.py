@@ -20,6 +20,7 @@ import pytest
 
 from tests import dyno
 from tests.conftest import PYTHON, REPO, descendants
+from tests.support import InProcessWorker
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -265,33 +266,82 @@ def test_term_grace_lets_the_job_run_on_before_the_exception(r, worker, enqueue)
     assert queued_ids(r) == [job_id]
 
 
-# --- races: the signal lands while the worker claims or forks ---
+# --- races: the signal lands while the worker claims or forks (made deterministic in-process) ---
 
-@pytest.mark.timeout(90)
-def test_sigterm_during_claim_or_fork_never_loses_the_job(r, worker, enqueue):
-    outcomes = []
-    for i in range(16):
-        r.flushall()
-        w = worker()
-        name = re.search(r"worker=(\S+)", w.wait_for(r"event=worker\.start")).group(1)
-        enqueue("push", "out", "x")
-        if i % 2:  # right after the claim: the job sits in the processing list, the fork is under way
-            deadline = time.monotonic() + 10
-            while not r.llen(f"worker:processing:{name}") and time.monotonic() < deadline:
-                pass
-        else:  # 0..7 ms after the enqueue: before, during or after the claim
-            until = time.perf_counter() + i * 0.0005
-            while time.perf_counter() < until:
-                pass
-        burst = (i // 2) % 2  # every other pair: a burst of SIGTERMs, 1 ms apart, through the claim and fork
-        rep = dyno.shutdown(w.pid, window=WINDOW, times=30 if burst else 1, interval=0.001)
-        w.wait(5)
-        done, waiting = processed(r), r.llen(QUEUE)
-        assert done + waiting == 1, f"job lost or doubled (done={done}, queued={waiting})\n{w.output}"
-        assert r.zcard("worker:failed") == 0
-        assert_clean_exit(w, rep, r)
-        outcomes.append("done" if done else "queued")
-    print("outcomes:", outcomes)
+@pytest.fixture
+def inproc(redis_server, r, monkeypatch):
+    """``inproc(**env)``: a Supervisor run in this process (tests/support.py), closed at teardown."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)  # for the job children (tests/jobs.py connects with it)
+    made = []
+
+    def _make(**env):
+        w = InProcessWorker(redis_server.url, **env)
+        made.append(w)
+        return w
+    before = set(descendants(os.getpid()))
+    yield _make
+    for w in made:
+        w.close()
+    left = set(descendants(os.getpid())) - before  # the fork server and its spare child must be gone
+    deadline = time.monotonic() + 5
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left &= set(descendants(os.getpid()))
+    assert not left, f"processes left behind: {left}"
+
+
+def _stop_when(w, obj, attr, pred):
+    """Wrap ``obj.attr`` so that the stop lands right after the first call for which ``pred(result)`` holds."""
+    real = getattr(obj, attr)
+    hits = []
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not hits and pred(args, result):
+            hits.append(time.monotonic())
+            w.stop()
+        return result
+    setattr(obj, attr, wrapped)
+    return hits
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="issue 15: since the concurrency rewrite, Supervisor._cycle starts every claim "
+                   "its call returns even if a stop arrived during the call (the old loop's 'claimed while a stop "
+                   "arrived: hand it straight back' branch is gone); strict, so the fix makes this marker fail")
+def test_stop_right_after_a_claim_hands_the_job_back_unforked(r, inproc):
+    """The stop arrives while the record-and-claim call is in flight (its reply brings a claim): the claimed job
+    goes straight back to the head of its queue, nothing reaches a child, the processing list is empty."""
+    w = inproc()
+    first = w.broker.push("push", ["out", "first"], {})
+    second = w.broker.push("push", ["out", "second"], {})
+    hits = _stop_when(w, w.broker, "cycle", lambda args, c: bool(c.claims))
+    forked = []
+    real_start = w.sup.slots.start
+    w.sup.slots.start = lambda *a: forked.append(a) or real_start(*a)
+    assert w.run() == 0, w.output
+    assert len(hits) == 1, w.output  # the claim happened, and the stop landed right after it
+    assert queued_ids(r) == [first, second], w.output  # back at the head, in order
+    assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0
+    assert r.lrange("out", 0, -1) == [], "a job child ran"
+    assert forked == [] and "event=job.start" not in w.output, w.output  # nothing handed to the fork server
+    assert processed(r) == 0 and r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(30)
+def test_stop_while_the_job_is_being_forked_puts_it_back_once(r, inproc):
+    """The stop arrives just after the job was handed to the fork server, before its child's pid is known: the
+    child gets its TermException as it starts (or before), the job goes back to the head of its queue, once."""
+    w = inproc()
+    job_id = w.broker.push("term_probe", ["ev"], {})
+    behind = w.broker.push("push", ["out", "behind"], {})
+    hits = _stop_when(w, w.sup.slots, "start", lambda args, _: True)
+    assert w.run() == 0, w.output
+    assert len(hits) == 1 and "event=shutdown.job_put_back" in w.output, w.output
+    assert queued_ids(r) == [job_id, behind], w.output
+    assert rest(r, "ev") in ([], ["started", "term"], ["term"]), w.output  # at most one TermException
+    assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0
+    assert r.lrange("out", 0, -1) == [] and processed(r) == 0 and r.zcard("worker:failed") == 0
 
 
 # --- real process managers ---
