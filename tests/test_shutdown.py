@@ -3,8 +3,10 @@
 Each platform is played by tests/dyno.py: Heroku (SIGTERM to every process, maybe repeated, SIGKILL at the window),
 foreman (SIGTERM to the worker only), a terminal's Ctrl-C (SIGINT to the process group), and the real honcho and
 foreman binaries. Tests assert outcomes (where the job ended up, how many TermExceptions it saw, that the platform
-never had to SIGKILL, exit code 0); latencies are measured in bench/shutdown.py, not asserted here. Windows are
-small (SHUTDOWN_WINDOW=4: TermException budget 2.5 s) to keep the suite fast.
+never had to SIGKILL, exit code 0) and that each stage of the escalation comes on time from both sides (never early,
+at most ``LATE`` late: read from the worker's ``elapsed=`` log fields and the emulator's exit times); typical
+latencies are measured in bench/shutdown.py. Windows are small (SHUTDOWN_WINDOW=4: TermException budget 2.5 s) to
+keep the suite fast.
 """
 from __future__ import annotations
 
@@ -130,6 +132,23 @@ def processed(r) -> int:
     return int(r.get("worker:stat:processed") or 0)
 
 
+# How late a shutdown stage may come and still pass: enough for a loaded 2-core machine, little enough that a
+# stage 0.5 s late fails. Early is never allowed. Measured latencies are bench/shutdown.py's business.
+LATE = 0.25
+
+
+def stage(output: str, event: str) -> float:
+    """The ``elapsed=`` (seconds after the worker saw the first stop signal) of the first ``event`` log line."""
+    m = re.search(rf"event={re.escape(event)} .*?elapsed=([\d.]+)", output)
+    assert m, f"no {event} line with elapsed=; output:\n{output}"
+    return float(m.group(1))
+
+
+def on_time(at: float, due: float, late: float = LATE, ctx="") -> None:
+    """Assert ``at`` is no sooner than ``due`` and at most ``late`` after it (seconds after the stop)."""
+    assert due - 0.001 <= at <= due + late, f"at {at:.3f}s, due at {due:g}s (at most {late:g}s late)\n{ctx}"
+
+
 # --- the emulator itself: it must be able to see a failure, or "did not SIGKILL" proves nothing ---
 
 @pytest.mark.timeout(30)
@@ -175,12 +194,16 @@ def test_sample_job_graceful_shutdown(r, worker, enqueue):
 def test_term_timeout_cuts_cleanup_short_and_puts_job_back_at_head(r, worker, enqueue):
     w = worker(TERM_TIMEOUT=1)
     first = enqueue("term_probe", "ev", cleanup=30)
-    started(r, w)
+    child = started(r, w)["pid"]
     second = enqueue("push", "out", "second")  # queued behind the running job
     rep = dyno.shutdown(w.pid, window=WINDOW)
     assert_clean_exit(w, rep, r)
     assert rest(r, "ev") == ["term"]  # one exception, and the cleanup never finished
-    assert "event=shutdown.child_killed" in w.output
+    out = w.output
+    on_time(stage(out, "shutdown.exception_delivered"), 0.0, ctx=out)
+    on_time(stage(out, "shutdown.child_killed"), 1.0, ctx=out)  # TERM_TIMEOUT, neither early nor late
+    on_time(rep.exits[child], 1.0, ctx=rep)  # the kernel's exit time of the child, seen by the emulator
+    on_time(stage(out, "worker.exit"), 1.0, ctx=out)
     assert queued_ids(r) == [first, second]  # LINDEX 0 is the interrupted job
     assert processed(r) == 0 and r.zcard("worker:failed") == 0  # put back is neither done nor failed
 
@@ -189,13 +212,18 @@ def test_term_timeout_cuts_cleanup_short_and_puts_job_back_at_head(r, worker, en
 def test_stubborn_job_is_killed_at_deadline_and_worker_exits_before_window(r, worker, enqueue):
     w = worker()
     job_id = enqueue("stubborn", "ev")
-    started(r, w)
+    child = started(r, w)["pid"]
     rep = dyno.shutdown(w.pid, window=WINDOW, times=3, interval=0.3)
     assert_clean_exit(w, rep, r)
     swallowed = [json.loads(x) for x in r.lrange("ev", 0, -1)]
     assert [e["type"] for e in swallowed] == ["TermException"], swallowed
-    killed = re.search(r"event=shutdown\.child_killed .*elapsed=([\d.]+)", w.output)
-    assert killed and float(killed.group(1)) >= 2.5, w.output  # repeated SIGTERMs did not shorten the budget
+    out = w.output
+    # every stage on time, from both sides: repeated SIGTERMs neither shorten the budget nor delay the kill
+    on_time(stage(out, "shutdown.exception_delivered"), 0.0, ctx=out)
+    on_time(stage(out, "shutdown.child_killed"), 2.5, ctx=out)
+    on_time(rep.exits[child], 2.5, ctx=rep)
+    on_time(stage(out, "worker.exit"), 2.5, ctx=out)
+    on_time(rep.exits[w.pid], 2.5, late=2 * LATE, ctx=rep)  # log line to process gone: interpreter exit
     assert queued_ids(r) == [job_id]
     assert r.zcard("worker:failed") == 0
 
@@ -256,12 +284,16 @@ def test_idle_worker_exits_at_once(r, worker, mode, signum, times):
 def test_term_grace_lets_the_job_run_on_before_the_exception(r, worker, enqueue):
     w = worker(TERM_GRACE=1)  # window 4: TERM_TIMEOUT defaults to 1.5
     job_id = enqueue("wait_shutdown_flag", "ev")
-    started(r, w)
+    child = started(r, w)["pid"]
     rep = dyno.shutdown(w.pid, window=WINDOW)
     assert_clean_exit(w, rep, r)
     flag, term = next_event(r, "ev"), next_event(r, "ev")
     assert (flag["event"], term["event"]) == ("flag", "term")
-    assert term["t"] - rep.signal_wall >= 0.95  # never before the grace is over
+    on_time(flag["t"] - rep.signal_wall, 0.0, ctx=flag)  # shutdown_requested() at once
+    on_time(term["t"] - rep.signal_wall, 1.0, ctx=term)  # the exception at the end of the grace, not before
+    on_time(stage(w.output, "shutdown.exception_delivered"), 1.0, ctx=w.output)
+    on_time(rep.exits[child], 1.0, ctx=rep)  # it let the exception propagate: gone at once, never killed
+    assert "event=shutdown.child_killed" not in w.output
     assert rest(r, "ev") == []
     assert queued_ids(r) == [job_id]
 
