@@ -9,7 +9,7 @@ MIN := .venv-min/.installed
 # The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery redis clean
+.PHONY: setup demo run test test-fast test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -38,6 +38,11 @@ redis:
 
 test: $(DEV)
 	$(PY) -m pytest
+
+# For development: everything but the tests marked `slow` (chaos, Redis outages, recovery at default heartbeat
+# settings), a few minutes less. CI runs `make test`, slow tests included (docs/testing.md).
+test-fast: $(DEV)
+	$(PY) -m pytest -m "not slow"
 
 # The dependency floors are true only if they are tested: same dev tools, redis and python-dotenv pinned to the
 # minimums declared in pyproject.toml (scripts/min_requirements.py turns `>=X` into `==X`).

@@ -135,3 +135,63 @@ def client_pause(url: str, ms: int) -> None:
         c.execute_command("CLIENT", "PAUSE", str(int(ms)), "ALL")
     finally:
         c.close()
+
+
+class InProcessWorker:
+    """A :class:`worker.supervisor.Supervisor` run in the test process (main thread), so a test can wrap its
+    broker or slot table and make a stop land at an exact point of the loop. Stops are made by setting what the
+    TERM handler sets (``stop_at`` and the wake-up pipe) without arming the watchdog's timer, whose hard exit
+    would end the test process. :meth:`close` restores every signal disposition ``run()`` changed and kills the
+    fork server if it is still there; call it in a ``finally``."""
+
+    SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGUSR1", "SIGUSR2", "SIGCONT", "SIGCHLD", "SIGALRM")
+
+    def __init__(self, url: str, **env):
+        import io
+
+        import worker.config
+        from worker.fetch import Broker
+        from worker.log import Logger
+        from worker.supervisor import Supervisor
+        self.cfg = worker.config.from_mapping({"REDIS_URL": url, "JOB_MODULES": "worker.sample,tests.jobs",
+                                               "SHUTDOWN_WINDOW": "2", **env})
+        self.broker = Broker(redis.Redis.from_url(url, decode_responses=True), self.cfg)
+        self.stream = io.StringIO()
+        self.sup = Supervisor(self.cfg, self.broker, Logger("DEBUG", stream=self.stream))
+        import signal
+        self._saved = {name: signal.getsignal(getattr(signal, name)) for name in self.SIGNALS}
+
+    @property
+    def output(self) -> str:
+        return self.stream.getvalue()
+
+    def stop(self) -> None:
+        """What ``SignalState._on_stop`` does for a first SIGTERM, minus the watchdog timer."""
+        import signal
+        sig = self.sig
+        sig.stop_count += 1
+        if sig.stop_at is None:
+            sig.stop_at, sig.stop_signal = time.monotonic(), signal.SIGTERM
+        os.write(sig._wake_w, b"\x0f")
+
+    @property
+    def sig(self):
+        return self.sup.sig
+
+    def run(self) -> int:
+        return self.sup.run()
+
+    def close(self) -> None:
+        import signal
+        signal.set_wakeup_fd(-1)
+        for name, handler in self._saved.items():
+            signal.signal(getattr(signal, name), handler if handler is not None else signal.SIG_DFL)
+        for fd in (self.sig.wake_r, self.sig._wake_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self.sup.slots.forks.kill()
+        self.sup.waiter.close()
+        self.broker.r.close()

@@ -50,6 +50,36 @@ def default_broker():
     jobs.use(None)
 
 
+# --- issue 15, blind spot 2: an outcome recorded twice (a call repeated after its reply was lost) ---
+
+@pytest.mark.parametrize("op", ["ack", "fail", "retry", "requeue"])
+def test_an_outcome_recorded_twice_takes_effect_once(r, op):
+    """The supervisor re-sends its pending outcomes when a CYCLE call's reply is lost (the call may have run).
+    "Only if the job is still ours" (LREM == 1) is what keeps at-least-once from becoming at-least-twice: the
+    second copy must count nothing, push nothing, schedule nothing and record no second failure."""
+    from worker.fetch import Outcome
+    b = _broker(r)
+    payload = _job("j1", attempts=0)
+    r.rpush("worker:queue:default", payload, _job("behind"))
+    (claim,) = b.cycle("w:1", claim=[0]).claims
+    assert claim.payload == payload
+    retried = _job("j1", attempts=1)
+    outcome = {"ack": Outcome.ack(payload, 0),
+               "fail": Outcome.fail(payload, "j1", {"id": "j1", "cause": "error", "payload": payload}, 0),
+               "retry": Outcome.retry(payload, retried, 0.0, 0),  # due at once: moved to its queue by the call
+               "requeue": Outcome.requeue(payload, "default", 0)}[op]
+    first = b.cycle("w:1", [outcome])
+    second = b.cycle("w:1", [outcome])  # the same call again, as after a lost reply
+    assert first.held == second.held == 0 and r.llen("worker:processing:w:1") == 0
+    assert int(r.get("worker:stat:processed") or 0) == (op == "ack")
+    assert int(r.get("worker:stat:failed") or 0) == (op == "fail")
+    assert r.zcard("worker:failed") == r.hlen("worker:failed:data") == (op == "fail")
+    assert r.zcard("worker:scheduled") == 0
+    behind = _job("behind")  # a requeue goes back to the head, a due retry to the tail: each exactly once
+    expected = {"requeue": [payload, behind], "retry": [behind, retried]}.get(op, [behind])
+    assert r.lrange("worker:queue:default", 0, -1) == expected
+
+
 # --- #2: one hostile payload must not stop orphan recovery ---
 
 HOSTILE_ATTEMPTS = ["1e400", "-1e400", "NaN", "1e300", "-3", "2.5", '"7"', "[]", "true"]

@@ -3,7 +3,6 @@ import json
 import shutil
 import signal
 import subprocess
-import time
 
 import pytest
 
@@ -55,10 +54,19 @@ def test_nan_and_deeply_nested_payloads_are_failed_not_fatal(r, spawn):
 
 @pytest.mark.timeout(60)
 def test_usr1_while_idle_does_not_kill_the_next_job(r, cli, spawn):
-    w = spawn()
+    w = spawn(HEARTBEAT_INTERVAL="0.5")
     w.wait_for(r"event=worker.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
+    name = r.zrange("worker:workers", 0, 0)[0]
+    # Wait for the worker to have taken the USR1, not for a guessed time: a USR2 sent after it (the kernel delivers
+    # and Python runs pending handlers in signal-number order, USR1 first) shows up as state=paused, written by a
+    # loop turn that had both; the CONT that follows is taken in a later turn, whose first step (slots.service)
+    # consumes the USR1 before anything can be claimed.
     w.signal(signal.SIGUSR1)
-    time.sleep(0.3)  # let the (idle) worker take the signal; the assertion below is about the next job
+    w.signal(signal.SIGUSR2)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "the paused state")
+    w.signal(signal.SIGCONT)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "idle", 10, "the idle state")
     assert cli("enqueue", "push", "--args", '["out", "survived"]').returncode == 0
     got = r.blpop("out", 15)
     assert got and got[1] == "survived", w.output

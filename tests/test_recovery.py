@@ -100,6 +100,32 @@ def test_sigkilled_worker_job_runs_on_a_live_worker(r, spawn):
     assert r.get("ev:runs") == "2"
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("dead", ["deadline", "legacy"])
+def test_burst_worker_recovers_a_dead_workers_job_at_start_up(r, spawn, dead):
+    """A --burst worker started beside a dead worker's processing list runs the recoverable job before it exits:
+    recovery happens at start-up, before the first claim, not only on the periodic pass (which a burst worker
+    that finds its queues empty never reaches). Dead means its P:workers score, a deadline it wrote itself, is
+    in the past (its hash has ``ttl``), or, for a worker of an older version (no ``ttl``: its score was its last
+    beat), that score is older than our own HEARTBEAT_TTL."""
+    name = "worker.9:4242"
+    if dead == "deadline":
+        r.zadd(WORKERS, {name: redis_ms(r) - 1000})
+        r.hset(f"worker:worker:{name}", mapping={"ttl": 2000, "state": "busy"})
+    else:
+        r.zadd(WORKERS, {name: redis_ms(r) - 3_600_000})
+        r.hset(f"worker:worker:{name}", mapping={"state": "busy"})
+    job = json.dumps({"id": "orphan", "name": "push", "queue": "default", "args": ["out", "recovered"],
+                      "kwargs": {}, "attempts": 0})
+    r.rpush(f"worker:processing:{name}", job)
+    w = spawn("--burst", **FAST)
+    assert w.wait(30) == 0, w.output
+    assert r.lrange("out", 0, -1) == ["recovered"], w.output
+    assert "event=recovery.requeued job=orphan" in w.output
+    assert live_processing(r) == {} and r.llen("worker:queue:default") == 0
+    assert r.zscore(WORKERS, name) is None and not r.exists(f"worker:worker:{name}")
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(110)
 def test_recovery_time_with_default_heartbeat_settings(r, spawn):

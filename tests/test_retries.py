@@ -100,14 +100,21 @@ def test_job_retries_env_sets_the_default(r, spawn, broker):
 # --- delayed jobs ---
 
 def test_enqueue_in_and_enqueue_at_run_no_sooner_than_asked(r, spawn, broker):
-    spawn(JOB_MODULES=MODULES)
     t0 = time.time()
     worker.enqueue_in(2, "nl_stamp", "ev", "in")
-    worker.enqueue_at(datetime.now(timezone.utc) + timedelta(seconds=2.5), "nl_stamp", "ev", "at")
+    at = datetime.now(timezone.utc) + timedelta(seconds=2.5)
+    worker.enqueue_at(at, "nl_stamp", "ev", "at")
     naive_utc = datetime.now(timezone.utc).replace(tzinfo=None) + timedelta(seconds=1.5)
     worker.enqueue_at(naive_utc, "nl_stamp", "ev", "naive")  # naive datetimes are UTC
-    if time.time() < t0 + 1.0:  # (only meaningful if the test process was not stalled)
-        assert r.zcard("worker:scheduled") == 3 and r.llen(QUEUE) == 0
+    # No worker yet, so nothing can have moved them: all three are scheduled, at the times asked (an absolute
+    # time to the ms; enqueue_in on the Redis clock, which the test cannot read at the same instant: bounded).
+    assert r.llen(QUEUE) == 0
+    due = {json.loads(p)["args"][1]: score for p, score in r.zrange("worker:scheduled", 0, -1, withscores=True)}
+    assert set(due) == {"in", "at", "naive"}, due
+    assert due["at"] == int(at.timestamp() * 1000)
+    assert due["naive"] == int(naive_utc.replace(tzinfo=timezone.utc).timestamp() * 1000)
+    assert t0 + 2 - 0.001 <= due["in"] / 1000 <= time.time() + 2.1, (t0, due)  # Redis runs on this machine (ms)
+    spawn(JOB_MODULES=MODULES)
     ran = {e["tag"]: e["t"] for e in events(r, "ev", 3)}
     assert ran["naive"] >= t0 + 1.5 and ran["in"] >= t0 + 2 and ran["at"] >= t0 + 2.5, (t0, ran)
     assert max(ran.values()) < t0 + 15  # and it did not wait for something else (generous)

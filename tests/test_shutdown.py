@@ -3,8 +3,10 @@
 Each platform is played by tests/dyno.py: Heroku (SIGTERM to every process, maybe repeated, SIGKILL at the window),
 foreman (SIGTERM to the worker only), a terminal's Ctrl-C (SIGINT to the process group), and the real honcho and
 foreman binaries. Tests assert outcomes (where the job ended up, how many TermExceptions it saw, that the platform
-never had to SIGKILL, exit code 0); latencies are measured in bench/shutdown.py, not asserted here. Windows are
-small (SHUTDOWN_WINDOW=4: TermException budget 2.5 s) to keep the suite fast.
+never had to SIGKILL, exit code 0) and that each stage of the escalation comes on time from both sides (never early,
+at most ``LATE`` late: read from the worker's ``elapsed=`` log fields and the emulator's exit times); typical
+latencies are measured in bench/shutdown.py. Windows are small (SHUTDOWN_WINDOW=4: TermException budget 2.5 s) to
+keep the suite fast.
 """
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ import pytest
 
 from tests import dyno
 from tests.conftest import PYTHON, REPO, descendants
+from tests.support import InProcessWorker
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -129,6 +132,23 @@ def processed(r) -> int:
     return int(r.get("worker:stat:processed") or 0)
 
 
+# How late a shutdown stage may come and still pass: enough for a loaded 2-core machine, little enough that a
+# stage 0.5 s late fails. Early is never allowed. Measured latencies are bench/shutdown.py's business.
+LATE = 0.25
+
+
+def stage(output: str, event: str) -> float:
+    """The ``elapsed=`` (seconds after the worker saw the first stop signal) of the first ``event`` log line."""
+    m = re.search(rf"event={re.escape(event)} .*?elapsed=([\d.]+)", output)
+    assert m, f"no {event} line with elapsed=; output:\n{output}"
+    return float(m.group(1))
+
+
+def on_time(at: float, due: float, late: float = LATE, ctx="") -> None:
+    """Assert ``at`` is no sooner than ``due`` and at most ``late`` after it (seconds after the stop)."""
+    assert due - 0.001 <= at <= due + late, f"at {at:.3f}s, due at {due:g}s (at most {late:g}s late)\n{ctx}"
+
+
 # --- the emulator itself: it must be able to see a failure, or "did not SIGKILL" proves nothing ---
 
 @pytest.mark.timeout(30)
@@ -174,12 +194,16 @@ def test_sample_job_graceful_shutdown(r, worker, enqueue):
 def test_term_timeout_cuts_cleanup_short_and_puts_job_back_at_head(r, worker, enqueue):
     w = worker(TERM_TIMEOUT=1)
     first = enqueue("term_probe", "ev", cleanup=30)
-    started(r, w)
+    child = started(r, w)["pid"]
     second = enqueue("push", "out", "second")  # queued behind the running job
     rep = dyno.shutdown(w.pid, window=WINDOW)
     assert_clean_exit(w, rep, r)
     assert rest(r, "ev") == ["term"]  # one exception, and the cleanup never finished
-    assert "event=shutdown.child_killed" in w.output
+    out = w.output
+    on_time(stage(out, "shutdown.exception_delivered"), 0.0, ctx=out)
+    on_time(stage(out, "shutdown.child_killed"), 1.0, ctx=out)  # TERM_TIMEOUT, neither early nor late
+    on_time(rep.exits[child], 1.0, ctx=rep)  # the kernel's exit time of the child, seen by the emulator
+    on_time(stage(out, "worker.exit"), 1.0, ctx=out)
     assert queued_ids(r) == [first, second]  # LINDEX 0 is the interrupted job
     assert processed(r) == 0 and r.zcard("worker:failed") == 0  # put back is neither done nor failed
 
@@ -188,13 +212,18 @@ def test_term_timeout_cuts_cleanup_short_and_puts_job_back_at_head(r, worker, en
 def test_stubborn_job_is_killed_at_deadline_and_worker_exits_before_window(r, worker, enqueue):
     w = worker()
     job_id = enqueue("stubborn", "ev")
-    started(r, w)
+    child = started(r, w)["pid"]
     rep = dyno.shutdown(w.pid, window=WINDOW, times=3, interval=0.3)
     assert_clean_exit(w, rep, r)
     swallowed = [json.loads(x) for x in r.lrange("ev", 0, -1)]
     assert [e["type"] for e in swallowed] == ["TermException"], swallowed
-    killed = re.search(r"event=shutdown\.child_killed .*elapsed=([\d.]+)", w.output)
-    assert killed and float(killed.group(1)) >= 2.5, w.output  # repeated SIGTERMs did not shorten the budget
+    out = w.output
+    # every stage on time, from both sides: repeated SIGTERMs neither shorten the budget nor delay the kill
+    on_time(stage(out, "shutdown.exception_delivered"), 0.0, ctx=out)
+    on_time(stage(out, "shutdown.child_killed"), 2.5, ctx=out)
+    on_time(rep.exits[child], 2.5, ctx=rep)
+    on_time(stage(out, "worker.exit"), 2.5, ctx=out)
+    on_time(rep.exits[w.pid], 2.5, late=2 * LATE, ctx=rep)  # log line to process gone: interpreter exit
     assert queued_ids(r) == [job_id]
     assert r.zcard("worker:failed") == 0
 
@@ -255,43 +284,96 @@ def test_idle_worker_exits_at_once(r, worker, mode, signum, times):
 def test_term_grace_lets_the_job_run_on_before_the_exception(r, worker, enqueue):
     w = worker(TERM_GRACE=1)  # window 4: TERM_TIMEOUT defaults to 1.5
     job_id = enqueue("wait_shutdown_flag", "ev")
-    started(r, w)
+    child = started(r, w)["pid"]
     rep = dyno.shutdown(w.pid, window=WINDOW)
     assert_clean_exit(w, rep, r)
     flag, term = next_event(r, "ev"), next_event(r, "ev")
     assert (flag["event"], term["event"]) == ("flag", "term")
-    assert term["t"] - rep.signal_wall >= 0.95  # never before the grace is over
+    on_time(flag["t"] - rep.signal_wall, 0.0, ctx=flag)  # shutdown_requested() at once
+    on_time(term["t"] - rep.signal_wall, 1.0, ctx=term)  # the exception at the end of the grace, not before
+    on_time(stage(w.output, "shutdown.exception_delivered"), 1.0, ctx=w.output)
+    on_time(rep.exits[child], 1.0, ctx=rep)  # it let the exception propagate: gone at once, never killed
+    assert "event=shutdown.child_killed" not in w.output
     assert rest(r, "ev") == []
     assert queued_ids(r) == [job_id]
 
 
-# --- races: the signal lands while the worker claims or forks ---
+# --- races: the signal lands while the worker claims or forks (made deterministic in-process) ---
 
-@pytest.mark.timeout(90)
-def test_sigterm_during_claim_or_fork_never_loses_the_job(r, worker, enqueue):
-    outcomes = []
-    for i in range(16):
-        r.flushall()
-        w = worker()
-        name = re.search(r"worker=(\S+)", w.wait_for(r"event=worker\.start")).group(1)
-        enqueue("push", "out", "x")
-        if i % 2:  # right after the claim: the job sits in the processing list, the fork is under way
-            deadline = time.monotonic() + 10
-            while not r.llen(f"worker:processing:{name}") and time.monotonic() < deadline:
-                pass
-        else:  # 0..7 ms after the enqueue: before, during or after the claim
-            until = time.perf_counter() + i * 0.0005
-            while time.perf_counter() < until:
-                pass
-        burst = (i // 2) % 2  # every other pair: a burst of SIGTERMs, 1 ms apart, through the claim and fork
-        rep = dyno.shutdown(w.pid, window=WINDOW, times=30 if burst else 1, interval=0.001)
-        w.wait(5)
-        done, waiting = processed(r), r.llen(QUEUE)
-        assert done + waiting == 1, f"job lost or doubled (done={done}, queued={waiting})\n{w.output}"
-        assert r.zcard("worker:failed") == 0
-        assert_clean_exit(w, rep, r)
-        outcomes.append("done" if done else "queued")
-    print("outcomes:", outcomes)
+@pytest.fixture
+def inproc(redis_server, r, monkeypatch):
+    """``inproc(**env)``: a Supervisor run in this process (tests/support.py), closed at teardown."""
+    monkeypatch.setenv("REDIS_URL", redis_server.url)  # for the job children (tests/jobs.py connects with it)
+    made = []
+
+    def _make(**env):
+        w = InProcessWorker(redis_server.url, **env)
+        made.append(w)
+        return w
+    before = set(descendants(os.getpid()))
+    yield _make
+    for w in made:
+        w.close()
+    left = set(descendants(os.getpid())) - before  # the fork server and its spare child must be gone
+    deadline = time.monotonic() + 5
+    while left and time.monotonic() < deadline:
+        time.sleep(0.02)
+        left &= set(descendants(os.getpid()))
+    assert not left, f"processes left behind: {left}"
+
+
+def _stop_when(w, obj, attr, pred):
+    """Wrap ``obj.attr`` so that the stop lands right after the first call for which ``pred(result)`` holds."""
+    real = getattr(obj, attr)
+    hits = []
+
+    def wrapped(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if not hits and pred(args, result):
+            hits.append(time.monotonic())
+            w.stop()
+        return result
+    setattr(obj, attr, wrapped)
+    return hits
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.xfail(strict=True, reason="issue 15: since the concurrency rewrite, Supervisor._cycle starts every claim "
+                   "its call returns even if a stop arrived during the call (the old loop's 'claimed while a stop "
+                   "arrived: hand it straight back' branch is gone); strict, so the fix makes this marker fail")
+def test_stop_right_after_a_claim_hands_the_job_back_unforked(r, inproc):
+    """The stop arrives while the record-and-claim call is in flight (its reply brings a claim): the claimed job
+    goes straight back to the head of its queue, nothing reaches a child, the processing list is empty."""
+    w = inproc()
+    first = w.broker.push("push", ["out", "first"], {})
+    second = w.broker.push("push", ["out", "second"], {})
+    hits = _stop_when(w, w.broker, "cycle", lambda args, c: bool(c.claims))
+    forked = []
+    real_start = w.sup.slots.start
+    w.sup.slots.start = lambda *a: forked.append(a) or real_start(*a)
+    assert w.run() == 0, w.output
+    assert len(hits) == 1, w.output  # the claim happened, and the stop landed right after it
+    assert queued_ids(r) == [first, second], w.output  # back at the head, in order
+    assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0
+    assert r.lrange("out", 0, -1) == [], "a job child ran"
+    assert forked == [] and "event=job.start" not in w.output, w.output  # nothing handed to the fork server
+    assert processed(r) == 0 and r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(30)
+def test_stop_while_the_job_is_being_forked_puts_it_back_once(r, inproc):
+    """The stop arrives just after the job was handed to the fork server, before its child's pid is known: the
+    child gets its TermException as it starts (or before), the job goes back to the head of its queue, once."""
+    w = inproc()
+    job_id = w.broker.push("term_probe", ["ev"], {})
+    behind = w.broker.push("push", ["out", "behind"], {})
+    hits = _stop_when(w, w.sup.slots, "start", lambda args, _: True)
+    assert w.run() == 0, w.output
+    assert len(hits) == 1 and "event=shutdown.job_put_back" in w.output, w.output
+    assert queued_ids(r) == [job_id, behind], w.output
+    assert rest(r, "ev") in ([], ["started", "term"], ["term"]), w.output  # at most one TermException
+    assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0
+    assert r.lrange("out", 0, -1) == [] and processed(r) == 0 and r.zcard("worker:failed") == 0
 
 
 # --- real process managers ---
