@@ -56,7 +56,7 @@ test-min: $(MIN)
 	$(PY_MIN) -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(redis|python-dotenv) '
 	$(PY_MIN) -m pytest $(MIN_TESTS)
 
-bench: bench-shutdown bench-throughput
+bench: bench-shutdown bench-throughput bench-concurrency bench-checkpoint
 
 bench-shutdown: $(DEV)
 	$(PY) bench/shutdown.py
@@ -81,3 +81,7 @@ bench-concurrency-celery:
 
 clean:
 	rm -rf .venv .venv-min bench/.venv bench/.venv-celery .pytest_cache build dist *.egg-info
+
+# What checkpoint() costs per call, and no-op drain rates with and without one checkpoint per job (issue 13).
+bench-checkpoint: $(DEV)
+	$(PY) bench/checkpoint.py

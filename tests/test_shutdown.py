@@ -338,9 +338,6 @@ def _stop_when(w, obj, attr, pred):
 
 
 @pytest.mark.timeout(30)
-@pytest.mark.xfail(strict=True, reason="issue 15: since the concurrency rewrite, Supervisor._cycle starts every claim "
-                   "its call returns even if a stop arrived during the call (the old loop's 'claimed while a stop "
-                   "arrived: hand it straight back' branch is gone); strict, so the fix makes this marker fail")
 def test_stop_right_after_a_claim_hands_the_job_back_unforked(r, inproc):
     """The stop arrives while the record-and-claim call is in flight (its reply brings a claim): the claimed job
     goes straight back to the head of its queue, nothing reaches a child, the processing list is empty."""

@@ -26,6 +26,8 @@ import sys
 import traceback
 from typing import Any
 
+from . import hooks
+from .log import context as log_context
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -182,26 +184,66 @@ def run_payload(data: bytes, report_fd: int) -> None:
 
 
 def run(spec, doc, report_fd: int) -> None:
-    """Run the job and exit. Never returns."""
+    """Run the job (with the hooks of ``worker.hooks``, if any) and exit. Never returns."""
     report = None  # success: the constant _OK, no encoding on the hot path
     _state.report_fd = report_fd
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
+    log_context.update(job=doc["id"], name=spec.name)  # on every logging record of the job's own code
+    info = hooks.JobInfo(doc["id"], spec.name, doc.get("queue") or "", doc["args"], doc["kwargs"],
+                         doc.get("attempts") or 0) if hooks.active() else None
+    outcome = None
     try:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
             _state.running = True
             if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
-            spec.fn(*doc["args"], **doc["kwargs"])
+            if info is not None:
+                hooks.run(hooks._BEFORE, info)
+            value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
-    except TermException:
+        if value is not None:
+            report = _returned(value)
+        if info is not None:
+            if report is not None and report["status"] == "error":  # a return value that cannot be kept
+                failure = ValueError(report["message"])
+                hooks.run(hooks._FAILURE, info, failure)
+                outcome = hooks.HookOutcome("failed", error=failure)
+            else:
+                outcome = hooks.HookOutcome("done", result=value)
+    except TermException as exc:
         report = {"status": "interrupted"}
+        outcome = hooks.HookOutcome("interrupted", error=exc)
     except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
         report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
                   "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
+        if info is not None:
+            if not _state.raised:
+                hooks.run(hooks._FAILURE, info, exc)
+            outcome = hooks.HookOutcome("interrupted" if _state.raised else "failed", error=exc)
+    if info is not None:
+        hooks.run(hooks._AFTER, info, outcome)
     _finish(report, report_fd)
+
+
+MAX_RESULT = 512 * 1024  # JSON bytes of a return value kept for get_job (RESULT_TTL)
+
+
+def _returned(value) -> dict:
+    """The report of a job that returned ``value``: kept as its result if it is JSON, else a failure saying so."""
+    try:
+        text = json.dumps(value, separators=(",", ":"), allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return {"status": "error", "type": "ResultNotJSON",
+                "message": f"the job's return value is not JSON ({type(exc).__name__}: {exc}); return JSON data "
+                           f"(dict, list, str, int, float, bool or None)"}
+    if len(text) > MAX_RESULT:
+        return {"status": "error", "type": "ResultTooLarge",
+                "message": f"the job's return value is {len(text)} bytes of JSON, over {MAX_RESULT}; store large "
+                           f"results elsewhere and return a reference"}
+    return {"status": "ok", "result": value}
 
 
 _OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'

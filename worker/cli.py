@@ -1,4 +1,4 @@
-"""``python -m worker [run|enqueue|status|failed|pause|resume] ...``
+"""``python -m worker [run|enqueue|status|job|failed|pause|resume] ...``
 
 Every command reads the configuration first and exits 2 with a one-line message on a bad value, before connecting
 anywhere. No command prints the Redis password.
@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--json", action="store_true")
     fl.add_argument("--limit", type=int, default=50)
 
+    jb = sub.add_parser("job", help="what happened to a job: status, result or error")
+    jb.add_argument("id")
+    jb.add_argument("--json", action="store_true", help="one JSON object (the fields of worker.get_job)")
+
     for cmd in ("pause", "resume"):
         c = sub.add_parser(cmd, help=f"{cmd} claiming from a queue (or every queue) for all workers")
         c.add_argument("--queue", default="*", help="queue name (default: every queue)")
@@ -82,6 +86,9 @@ def main(argv=None) -> int:
         if command == "status":
             from . import status
             return status.main(cfg, as_json=args.json)
+        if command == "job":
+            from . import results
+            return results.main(cfg, args.id, as_json=args.json)
         if command == "failed":
             from . import failed
             return failed.main(cfg, args)
@@ -96,8 +103,9 @@ def main(argv=None) -> int:
 def _run(cfg, burst: bool) -> int:
     from .client import connect
     from .fetch import Broker
-    from .log import Logger
+    from .log import Logger, setup
     from .supervisor import Supervisor
+    setup(cfg.log_level, stamp=cfg.dyno is None)  # the fork server does the same; job children inherit it
     log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
     broker = Broker(connect(cfg), cfg)
     return Supervisor(cfg, broker, log, burst=burst).run()

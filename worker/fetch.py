@@ -41,7 +41,8 @@ class Op(str, Enum):
 
 @dataclass(frozen=True)
 class Outcome:
-    """How a claimed job ended, recorded by the next :meth:`Broker.cycle` (the unit of work's ack/requeue)."""
+    """How a claimed job ended, recorded by the next :meth:`Broker.cycle` (the unit of work's ack/requeue).
+    ``job_id`` names the job's status record (``P:job:<id>``); '' keeps none."""
 
     op: Op
     payload: str
@@ -51,31 +52,42 @@ class Outcome:
     new_payload: str = ""   # RETRY: the payload to run next time; REQUEUE: the payload to put back ('' = as is)
     delay_ms: int = 0       # RETRY: backoff before it is due
     queue: str = ""         # REQUEUE: where it goes back
+    result: str = ""        # ACK: the job's return value (JSON), '' for None
+    keep_ms: Optional[int] = None  # ACK: how long its status record (and result) is kept; None = RESULT_TTL
+    attempts: int = 0       # FAIL, RETRY: failed attempts so far
 
     @classmethod
-    def ack(cls, payload, slot=0):
-        return cls(Op.ACK, payload, slot)
+    def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None):
+        return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms)
 
     @classmethod
-    def requeue(cls, payload, queue, slot=0, new_payload=""):
+    def requeue(cls, payload, queue, slot=0, new_payload="", job_id=""):
         """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt), as
         ``new_payload`` if given (it carries the job's checkpoint and interruption count)."""
-        return cls(Op.REQUEUE, payload, slot, queue=queue, new_payload=new_payload)
+        return cls(Op.REQUEUE, payload, slot, job_id=job_id, queue=queue, new_payload=new_payload)
 
     @classmethod
-    def fail(cls, payload, job_id, record: dict, slot=0):
-        return cls(Op.FAIL, payload, slot, job_id=job_id,
+    def fail(cls, payload, job_id, record: dict, slot=0, attempts=0):
+        return cls(Op.FAIL, payload, slot, job_id=job_id, attempts=attempts,
                    record=json.dumps(record, separators=(",", ":"), default=str))
 
     @classmethod
-    def retry(cls, payload, new_payload: str, delay: float, slot=0):
-        return cls(Op.RETRY, payload, slot, new_payload=new_payload, delay_ms=int(delay * 1000))
+    def retry(cls, payload, new_payload: str, delay: float, slot=0, job_id="", attempts=0):
+        return cls(Op.RETRY, payload, slot, job_id=job_id, new_payload=new_payload, delay_ms=int(delay * 1000),
+                   attempts=attempts)
 
-    def wire(self) -> tuple:
-        """The five CYCLE arguments of this outcome: op, slot, payload, a, b (see ``lua.CYCLE``)."""
-        a, b = {Op.ACK: ("", ""), Op.FAIL: (self.job_id, self.record), Op.RETRY: (self.new_payload, self.delay_ms),
-                Op.REQUEUE: (self.queue, self.new_payload)}[self.op]
-        return self.op.value, self.slot, self.payload, a, b
+    def wire(self, cfg: Config) -> tuple:
+        """The seven CYCLE arguments of this outcome: op, slot, payload, job id, a, b, c (see ``lua.CYCLE``)."""
+        if self.op is Op.ACK:
+            keep = self.keep_ms if self.keep_ms is not None else int(cfg.result_ttl * 1000)
+            a, b, c = self.result, keep, ""
+        elif self.op is Op.FAIL:
+            a, b, c = self.record, int(cfg.failed_ttl * 1000), self.attempts
+        elif self.op is Op.RETRY:
+            a, b, c = self.new_payload, self.delay_ms, self.attempts
+        else:
+            a, b, c = self.queue, self.new_payload, ""
+        return self.op.value, self.slot, self.payload, self.job_id, a, b, c
 
 
 class Claim(NamedTuple):
@@ -134,7 +146,7 @@ class Broker:
         else:
             when, at = "", None
         job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
-        self._call_enqueue(q, job_id, when, [payload])
+        self._call_enqueue(q, job_id, when, [(job_id, name, payload)])
         return job_id
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
@@ -152,14 +164,17 @@ class Broker:
                 for i in range(0, len(items), batch):
                     chunk = items[i:i + batch]
                     # the batch's dedupe key is its first job's id: one key per script call
-                    self._call_enqueue(q, chunk[0][0], "", [p for _, p in chunk], client=pipe)
+                    self._call_enqueue(q, chunk[0][0], "", [(i, name, p) for i, p in chunk], client=pipe)
             pipe.execute()
         return ids
 
-    def _call_enqueue(self, q: str, dedupe_id: str, when: str, payloads: list, client=None):
+    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None):
+        """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
         k = self.keys
+        ids = [j[0] for j in jobs_]
         return self._enqueue(keys=[k.queue(q), k.queues, k.scheduled, k.enqueued(dedupe_id)],
-                             args=[k.prefix, q, self.dedupe_ttl_ms, when, *payloads], client=client)
+                             args=[k.prefix, q, self.dedupe_ttl_ms, when, jobs_[0][1], len(ids), *ids,
+                                   *[j[2] for j in jobs_]], client=client)
 
     @property
     def dedupe_ttl_ms(self) -> int:
@@ -208,7 +223,7 @@ class Broker:
             args += [slot, value]
         args.append(len(outcomes))
         for o in outcomes:
-            args.extend(o.wire())
+            args.extend(o.wire(c))
         args.extend(claim)
         res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
                                        k.queues], args)

@@ -73,7 +73,8 @@ class ForkServer:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
         args = [sys.executable, "-m", "worker.forkserver", str(theirs.fileno()), str(os.getpid()),
-                repr(self.cfg.term_grace), ",".join(self.cfg.job_modules)]
+                repr(self.cfg.term_grace), ",".join(self.cfg.job_modules), self.cfg.log_level,
+                "0" if self.cfg.dyno else "1"]
         self.proc = subprocess.Popen(args, pass_fds=[theirs.fileno()], env=env, close_fds=True)
         theirs.close()
         mine.set_inheritable(False)
@@ -213,12 +214,13 @@ def _watch(pid: int):
         return None
 
 
-def serve(fd: int, parent: int, grace: float, modules) -> int:
+def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", stamp: bool = True) -> int:
     """The fork server's loop (runs in the exec'd process): hand each job to the spare child, fork the next spare,
     and report each child's exit, for any number of children at once."""
     signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
-    from . import child, jobs
+    from . import child, jobs, log
     from .config import ConfigError
+    log.setup(log_level, stamp)  # before the app's import: its own logging lines come out formatted too
     if child._libc is not None:
         child._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
     if os.getppid() != parent:
@@ -293,4 +295,5 @@ def serve(fd: int, parent: int, grace: float, modules) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(",")))
+    sys.exit(serve(int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4].split(","), sys.argv[5],
+                   sys.argv[6] == "1"))

@@ -37,6 +37,7 @@ class JobSpec:
     retries: Optional[int]
     signature: inspect.Signature
     max_interruptions: Optional[int] = None
+    result_ttl: Optional[float] = None
 
 
 _REGISTRY: dict = {}
@@ -47,7 +48,7 @@ class BadJob(Exception):
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
-        retries: Optional[int] = None, max_interruptions: Optional[int] = None):
+        retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -55,7 +56,8 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
     ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
     ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
     ``max_interruptions`` (put-backs after a stop before the job counts as failed; 0 = no limit) defaults to
-    ``MAX_INTERRUPTIONS``.
+    ``MAX_INTERRUPTIONS``; ``result_ttl`` (seconds its return value and status stay readable with ``get_job``
+    once it is done; 0 = none) defaults to ``RESULT_TTL``.
     """
     def register(f):
         job_name = name or f.__name__
@@ -70,7 +72,10 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError("job retries must be >= 0")
         if max_interruptions is not None and max_interruptions < 0:
             raise ValueError("job max_interruptions must be >= 0")
-        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions)
+        if result_ttl is not None and not result_ttl >= 0:
+            raise ValueError("job result_ttl must be >= 0 seconds")
+        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
+                                      result_ttl)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -193,7 +198,8 @@ def decode(raw: str, max_payload: int) -> tuple:
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
-                   "max_interruptions": s.max_interruptions} for name, s in _REGISTRY.items()}
+                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl}
+            for name, s in _REGISTRY.items()}
 
 
 def queue_of(raw: str, fallback: str) -> str:

@@ -10,9 +10,16 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:processing:<w>        LIST    the job worker <w> has claimed and not yet acknowledged. A job is moved here
                                     from its queue in the same atomic script that claims it and leaves only in
                                     the script that records its outcome: it always exists in Redis somewhere.
-    P:workers               ZSET    worker name -> last heartbeat (ms, Redis clock). A member older than
-                                    HEARTBEAT_TTL is dead: its processing list is requeued by whoever notices.
-    P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, state, job, job_started, started
+    P:workers               ZSET    worker name -> its deadline (ms, Redis clock): last beat + its own
+                                    HEARTBEAT_TTL. A member past it is dead: its processing list is requeued by
+                                    whoever notices.
+    P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
+                                    beat, ms), ttl (ms), started, and per busy slot s: job:<s> (payload),
+                                    started:<s> (ms), ckpt:<s> (its last checkpoint, saved at heartbeats)
+    P:job:<id>              HASH    a job's status record (get_job): status queued|scheduled|running|done|failed,
+                                    name, queue, enqueued_at, started_at, ended_at (ms), attempts, worker, result
+                                    (JSON). Written at enqueue, claim and outcome; expires RESULT_TTL after the job
+                                    is done (FAILED_TTL after it failed); a failure's error is its failed record
     P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
     P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
     P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)
@@ -58,6 +65,9 @@ class Keys:
 
     def processing(self, worker: str) -> str:
         return f"{self.prefix}:processing:{worker}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
 
     def worker(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"

@@ -1,4 +1,4 @@
-"""One line per event on stdout, ``key=value`` pairs, unbuffered.
+"""One line per event on stdout, ``key=value`` pairs, unbuffered; Python ``logging`` records in the same format.
 
 Without ``$DYNO`` each line starts with a UTC timestamp; on Heroku (``$DYNO`` set) it does not, because the
 platform stamps every log line itself. Values are never a Redis URL with its password: callers pass
@@ -6,6 +6,7 @@ platform stamps every log line itself. Values are never a Redis URL with its pas
 """
 from __future__ import annotations
 
+import logging
 import re
 import sys
 import time
@@ -73,3 +74,42 @@ class Logger:
 
     def enabled(self, level: str) -> bool:
         return LEVELS[level] >= self.threshold
+
+
+#: Fields added to every ``logging`` record's line in this process (a job child sets ``job`` and ``name``).
+context: dict = {}
+
+_CONFIGURED = []
+
+
+class KeyValueFormatter(logging.Formatter):
+    """``logging`` records in the runtime's own line format: ``level=… event=log logger=… msg="…"`` plus the job's
+    ``job=``/``name=`` inside a job, and the traceback (escaped onto the line) when there is one."""
+
+    def __init__(self, stamp: bool = True):
+        super().__init__()
+        self.stamp = stamp
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = {"logger": record.name, "msg": record.getMessage(), **context}
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info)
+        level = "warning" if record.levelname == "WARN" else record.levelname.lower()
+        return fmt("log", fields, level, self.stamp)
+
+
+def setup(level: str = "INFO", stamp: bool = True, stream=None) -> None:
+    """Configure the root logger once per process: one handler on stdout with :class:`KeyValueFormatter`, at
+    ``LOG_LEVEL``. The worker and the fork server call it; job children inherit it. Third-party loggers (redis-py's
+    warnings among them) and the app's own ``logging.getLogger(__name__)`` lines then come out in the same format."""
+    if _CONFIGURED:
+        return
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(KeyValueFormatter(stamp))
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(LEVELS.get(level.upper(), 20))
+    logging.captureWarnings(True)
+    _CONFIGURED.append(handler)

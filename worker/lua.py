@@ -23,6 +23,10 @@ local function with_fields(p, fragment)
   if not body then return p end
   return body .. ',' .. fragment .. '}'
 end
+-- A job's status record (P:job:<id>): written with pcall, so a key of the wrong type never aborts a script.
+local function jset(id, ...)
+  if id and id ~= '' then redis.pcall('HSET', prefix .. ':job:' .. id, ...) end
+end
 local function record_failure(id, record, max_n, ttl_ms)
   local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
   redis.call('ZADD', fz, now, id)
@@ -40,7 +44,10 @@ end
 """
 
 # KEYS: queue, queues-set, scheduled, dedupe key (P:enq:<id>).  ARGV: prefix, queue name, dedupe ttl ms,
-#   when ('' = now, '+<ms>' = that long after Redis's clock, '@<ms>' = at that unix time), payload...
+#   when ('' = now, '+<ms>' = that long after Redis's clock, '@<ms>' = at that unix time), job name, n,
+#   n job ids, then their n payloads (in the same order)
+# Each job gets its status record P:job:<id> (status, name, queue, enqueued_at ms, attempts), without expiry until
+# the job ends (the worker sets it then: RESULT_TTL, or FAILED_TTL for a failure).
 # A call that redis-py re-sends after a timeout (its first copy may already have run, or may still be buffered in
 # a stalled server) finds its dedupe key and does nothing: one key per call, not per job, so enqueue_many pays one
 # SET per batch. Due times are computed here on the Redis clock, the one that moves scheduled jobs.
@@ -51,11 +58,18 @@ if when ~= '' then
   due = tonumber(string.sub(when, 2))
   if string.sub(when, 1, 1) == '+' then due = now + due end
 end
-if due and due > now then
-  for i = 5, #ARGV do redis.call('ZADD', KEYS[3], due, ARGV[i]) end
+local n = tonumber(ARGV[6])
+local scheduled = due and due > now
+local status = scheduled and 'scheduled' or 'queued'
+for i = 7, 6 + n do
+  jset(ARGV[i], 'status', status, 'name', ARGV[5], 'queue', ARGV[2], 'enqueued_at', scheduled and due or now,
+       'attempts', 0)
+end
+if scheduled then
+  for i = 7 + n, #ARGV do redis.call('ZADD', KEYS[3], due, ARGV[i]) end
   return 2
 end
-redis.call('RPUSH', KEYS[1], unpack(ARGV, 5))
+redis.call('RPUSH', KEYS[1], unpack(ARGV, 7 + n))
 redis.call('SADD', KEYS[2], ARGV[2])
 wake(ARGV[2])
 return 1
@@ -72,9 +86,12 @@ return 1
 #   still running after this call, not counting new claims)   ARGV[9] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
 #   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress
-#   then nout, then nout outcomes of 5 fields each: op, slot, payload, a, b
-#       ack: -   fail: a = job id, b = failure record   retry: a = new payload, b = delay ms
+#   then nout, then nout outcomes of 7 fields each: op, slot, payload, job id ('' = keep no status), a, b, c
+#       ack: a = result JSON ('' = none), b = ms to keep the status record (0 = delete it now)
+#       fail: a = failure record, b = ms to keep the status record, c = attempts
+#       retry: a = new payload, b = delay ms, c = attempts
 #       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint)
+# Status records (P:job:<id>, see keys.py) follow each step: running at claim, then done/failed/scheduled/queued.
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
 # Returns {held, next_due, nclaims, slot1, payload1, queue1, ..., queue names considered...}
 CYCLE = PRELUDE + r"""
@@ -94,22 +111,38 @@ end
 local nout = tonumber(ARGV[at])
 at = at + 1
 for n = 1, nout do
-  local op, slot, payload, a, b = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3], ARGV[at + 4]
-  at = at + 5
+  local op, slot, payload, id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  local a, b, c = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
+  at = at + 7
   redis.call('HDEL', wh, 'job:' .. slot, 'started:' .. slot, 'ckpt:' .. slot)
   -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
   -- recovered by another worker, records nothing twice.
   if redis.call('LREM', processing, -1, payload) == 1 then
+    local jk = prefix .. ':job:' .. id
     if op == 'ack' then
       redis.call('INCR', prefix .. ':stat:processed')
+      if id ~= '' then
+        if tonumber(b) > 0 then
+          jset(id, 'status', 'done', 'ended_at', now, 'result', a)
+          redis.call('PEXPIRE', jk, b)
+        else
+          redis.call('DEL', jk)
+        end
+      end
     elseif op == 'fail' then
-      record_failure(a, b, failed_max, failed_ttl)
+      record_failure(id, a, failed_max, failed_ttl)
+      if id ~= '' then
+        jset(id, 'status', 'failed', 'ended_at', now, 'attempts', c)
+        redis.call('PEXPIRE', jk, b)
+      end
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
+      jset(id, 'status', 'scheduled', 'attempts', c)
     elseif op == 'requeue' then
       local back = (b ~= '') and b or payload
       local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
       if type(pushed) == 'number' then wake(a) else redis.call('RPUSH', processing, payload) end
+      jset(id, 'status', 'queued')
     end
   end
 end
@@ -127,6 +160,7 @@ for _, p in ipairs(due) do
     redis.call('ZREM', scheduled, p)
     redis.call('SADD', known, q)
     wake(q)
+    jset(string.match(p, '^{"id":"([%w_%-]+)"'), 'status', 'queued')
   end
 end
 local queues = {}
@@ -148,6 +182,7 @@ while at <= #ARGV and qi <= #open do
   local v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
   if v then
     redis.call('HSET', wh, 'job:' .. ARGV[at], v, 'started:' .. ARGV[at], now)
+    jset(string.match(v, '^{"id":"([%w_%-]+)"'), 'status', 'running', 'started_at', now, 'worker', worker)
     res[#res + 1], res[#res + 2], res[#res + 3] = ARGV[at], v, q
     claimed = claimed + 1
     left[q] = true
@@ -259,6 +294,7 @@ for _, w in ipairs(dead) do
         end
         if pushed then
           safe_wake(q)
+          jset(id, 'status', 'queued', 'attempts', a)
           out[#out + 1] = 'requeued:' .. id
         else  -- out of attempts (or its queue key is unusable): the failed registry keeps it
           local msg = 'worker vanished ' .. astr .. ' times while running the job (MAX_ATTEMPTS)'
@@ -271,6 +307,8 @@ for _, w in ipairs(dead) do
               '{"id":' .. encode(id, '""') .. ',"cause":"lost","type":"WorkerLost","message":"unencodable"}')
           end
           record_failure(id, rec, tonumber(ARGV[4]), tonumber(ARGV[5]))
+          jset(id, 'status', 'failed', 'ended_at', now, 'attempts', a)
+          redis.pcall('PEXPIRE', prefix .. ':job:' .. id, ARGV[5])
           out[#out + 1] = 'failed:' .. id
         end
       else

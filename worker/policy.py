@@ -47,6 +47,7 @@ class Result:
     type: Optional[str] = None
     message: Optional[str] = None
     traceback: Optional[str] = None
+    value: str = ""  # DONE: the return value as JSON text ('' for None)
 
     def fields(self) -> dict:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
@@ -76,8 +77,9 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         except ValueError:
             report = None
     if isinstance(report, dict) and report.get("status") in _REPORTED:
+        value = report.get("result")
         return Result(_REPORTED[report["status"]], duration, report.get("type"), report.get("message"),
-                      report.get("traceback"))
+                      report.get("traceback"), "" if value is None else json.dumps(value, separators=(",", ":")))
     if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
         return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
     if killed is Kill.TIMEOUT:
@@ -104,14 +106,18 @@ class Decision:
 
 
 def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str,
-           checkpoint: Optional[str] = None, max_interruptions: int = 0) -> Decision:
+           checkpoint: Optional[str] = None, max_interruptions: int = 0,
+           result_ttl: Optional[float] = None) -> Decision:
     """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload;
     ``checkpoint``: the last progress the run reported (JSON text), which goes back with the job if it runs again
-    (put back, retried) and into its failure record, and is discarded when it is done."""
+    (put back, retried) and into its failure record, and is discarded when it is done; ``result_ttl``: the job's
+    own, or None for ``RESULT_TTL``."""
     job_id, name = doc["id"], doc["name"]
     base = dict(job=job_id, name=name, queue=queue, duration=result.duration)
     if result.status is Status.DONE:
-        return Decision(Outcome.ack(raw, slot), "job.done", "info", dict(outcome="done", **base))
+        keep = None if result_ttl is None else int(result_ttl * 1000)
+        return Decision(Outcome.ack(raw, slot, job_id, result.value, keep), "job.done", "info",
+                        dict(outcome="done", **base, **{f"measure#jobs.{name}.duration": _ms(result.duration)}))
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
         return _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base)
@@ -124,12 +130,18 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
     if attempts <= retries:
         delay = backoff_delay(attempts)
         new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6), **progress)
-        return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot), "job.retry", "warning",
+        return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot, job_id, attempts), "job.retry",
+                        "warning",
                         dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
     rec = dict(failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(),
                              history), **progress)
-    return Decision(Outcome.fail(raw, job_id, rec, slot), "job.failed", "warning",
+    return Decision(Outcome.fail(raw, job_id, rec, slot, attempts), "job.failed", "warning",
                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+
+
+def _ms(seconds: float) -> str:
+    """A duration in l2met's form (``measure#…=12.3ms``)."""
+    return f"{seconds * 1000:.1f}ms"
 
 
 def _progress(doc: dict, checkpoint: Optional[str]) -> dict:
@@ -157,10 +169,10 @@ def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, ma
         rec = dict(failed_record(raw, doc["id"], doc["name"], queue, worker, int(doc.get("attempts") or 0),
                                  "interrupted", {"type": "TooManyInterruptions", "message": message},
                                  list(doc.get("errors") or [])), interruptions=n, **progress)
-        return Decision(Outcome.fail(raw, doc["id"], rec, slot), "job.failed", "warning",
-                        dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
+        return Decision(Outcome.fail(raw, doc["id"], rec, slot, int(doc.get("attempts") or 0)), "job.failed",
+                        "warning", dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
     new = jobs.json_dumps(dict(doc, interruptions=n, **progress))
-    return Decision(Outcome.requeue(raw, queue, slot, new), "shutdown.job_put_back", "info",
+    return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"]), "shutdown.job_put_back", "info",
                     dict(outcome="requeued", interruptions=n, **base), tuple(notes))
 
 
@@ -173,5 +185,5 @@ def _clean(text: Optional[str]) -> Optional[str]:
 def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:
     """A queue entry that cannot run: straight to the failed registry (never retried), with the reason."""
     rec = failed_record(raw, job_id, name, queue, worker, 1, "bad_payload", {"type": "BadJob", "message": reason}, [])
-    return Decision(Outcome.fail(raw, job_id, rec, slot), "job.bad", "warning",
+    return Decision(Outcome.fail(raw, job_id, rec, slot, 1), "job.bad", "warning",
                     dict(job=job_id, queue=queue, reason=reason))

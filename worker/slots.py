@@ -61,6 +61,7 @@ class Slot:
         self.timeout = 0.0
         self.retries = 0
         self.max_interruptions = 0
+        self.result_ttl: Optional[float] = None
         self.pid = 0
         self.r = -1
         self.buf = bytearray()               # unparsed bytes of the report pipe
@@ -151,14 +152,14 @@ class SlotTable:
         return sum(1 for s in self.slots if s.busy)
 
     def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int,
-              max_interruptions: int = 0) -> None:
+              max_interruptions: int = 0, result_ttl: Optional[float] = None) -> None:
         """Hand a claimed job to the fork server for slot ``index``. Raises :class:`ForkServerError`; the slot is
         then marked ``unstarted`` and :meth:`collect` returns it."""
         slot = self.slots[index]
         self._seq += 1
         slot.seq, slot.raw, slot.doc, slot.queue = self._seq, raw, doc, queue
         slot.timeout, slot.retries, slot.started = timeout, retries, time.monotonic()
-        slot.max_interruptions = max_interruptions
+        slot.max_interruptions, slot.result_ttl = max_interruptions, result_ttl
         r, w = os.pipe()
         slot.r = r
         fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)

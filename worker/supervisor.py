@@ -135,7 +135,7 @@ class Supervisor:
             self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
         else:
             d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
-                       slot.retries, self.name, slot.checkpoint, slot.max_interruptions)
+                       slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl)
             if d.event == "job.done":
                 self.processed += 1
             if d.event == "shutdown.job_put_back":
@@ -165,7 +165,7 @@ class Supervisor:
         limit = limit if limit is not None else self.cfg.max_interruptions
         self.log.debug("job.start", job=doc["id"], name=doc["name"], queue=queue, slot=index)
         try:
-            self.slots.start(index, raw, doc, queue, timeout, retries, limit)
+            self.slots.start(index, raw, doc, queue, timeout, retries, limit, meta.get("result_ttl"))
         except ForkServerError:
             pass  # collect() writes it off as unstarted: put back
 
@@ -225,7 +225,10 @@ class Supervisor:
         if c.held > busy + len(c.claims):
             self._resync = True  # more in our list than we know of: a lost reply left a claim behind
         for cl in c.claims:
-            self._start(cl.slot, cl.payload, cl.queue)
+            if sig.stopping or sig.quit:  # claimed while a stop arrived: hand it straight back, never started
+                self.pending.append(Outcome.requeue(cl.payload, cl.queue, cl.slot))
+            else:
+                self._start(cl.slot, cl.payload, cl.queue)
         if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
             self._claim = False
             self._drained = not self.slots.busy()

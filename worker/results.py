@@ -1,0 +1,120 @@
+"""What happened to a job: ``get_job(job_id)`` and ``python -m worker job ID [--json]``.
+
+Every job has a status record ``P:job:<id>`` (``keys.py``), written in the same Lua calls that already enqueue,
+claim and record it (no extra round trip): ``queued`` or ``scheduled`` at enqueue, ``running`` at claim, then
+``done`` (with the return value), ``failed`` (the error is its failed-registry record), ``scheduled`` again for a
+retry, ``queued`` again when it is put back or recovered. It expires ``RESULT_TTL`` seconds after the job is done
+(``@job(result_ttl=…)``; 0 keeps none) and ``FAILED_TTL`` after it failed, so the number of keys stays flat.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict, dataclass
+from typing import Any, Optional
+
+STATUSES = ("queued", "scheduled", "running", "done", "failed")
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job's status as Redis has it now. Times are unix seconds (Redis clock); ``None`` where not yet known."""
+
+    id: str
+    name: Optional[str]
+    queue: Optional[str]
+    status: str                      # one of STATUSES
+    result: Any = None               # the return value (JSON) once done
+    error: Optional[dict] = None     # {"type", "message", "traceback", "cause"} once failed
+    attempts: int = 0                # failed or lost attempts so far
+    enqueued_at: Optional[float] = None
+    started_at: Optional[float] = None
+    ended_at: Optional[float] = None
+    worker: Optional[str] = None     # the worker that ran it last
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _seconds(ms) -> Optional[float]:
+    try:
+        return round(float(ms) / 1000.0, 3)
+    except (TypeError, ValueError):
+        return None
+
+
+def _json(text) -> Any:
+    try:
+        return json.loads(text) if text else None
+    except (ValueError, RecursionError):
+        return None
+
+
+def fetch(r, keys, job_id: str) -> Optional[Job]:
+    """The :class:`Job` for ``job_id`` read through client ``r`` (one round trip), or None if unknown/expired."""
+    with r.pipeline(transaction=False) as p:
+        p.hgetall(keys.job(job_id))
+        p.hget(keys.failed_data, job_id)
+        info, failure = p.execute()
+    if not info:
+        return None
+    error = None
+    if info.get("status") == "failed":
+        rec = _json(failure) or {}
+        error = {k: rec.get(k) for k in ("type", "message", "traceback", "cause")}
+    try:
+        attempts = int(info.get("attempts") or 0)
+    except ValueError:
+        attempts = 0
+    return Job(id=job_id, name=info.get("name"), queue=info.get("queue"), status=info.get("status") or "queued",
+               result=_json(info.get("result")), error=error, attempts=attempts,
+               enqueued_at=_seconds(info.get("enqueued_at")), started_at=_seconds(info.get("started_at")),
+               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"))
+
+
+def get_job(job_id: str) -> Optional[Job]:
+    """What happened to job ``job_id`` (the id ``enqueue`` returned): a :class:`Job`, or None if the id is unknown
+    or its record has expired (``RESULT_TTL`` after it was done). Uses the same connection as ``enqueue``; under
+    ``worker.testing.inline()`` it reports the jobs run in-process."""
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError("job id must be a non-empty string")
+    from . import jobs
+    try:
+        from .testing import lookup  # worker.testing.inline(): jobs run in-process, no Redis
+    except ImportError:
+        lookup = None
+    found = lookup(job_id) if lookup is not None else None
+    if found is not None:
+        return Job(**found)
+    broker = jobs._broker()
+    return fetch(broker.r, broker.keys, job_id)
+
+
+def main(cfg, job_id: str, as_json: bool = False) -> int:
+    """``python -m worker job ID [--json]``: exit 0 and print the job, or exit 1 if it is unknown or expired."""
+    from .client import connect
+    from .keys import Keys
+    r = connect(cfg, name="status")
+    try:
+        job = fetch(r, Keys(cfg.key_prefix), job_id)
+    finally:
+        r.close()
+    if job is None:
+        print(f"error: no job {job_id!r} (unknown, or its record expired: RESULT_TTL after it was done)",
+              file=sys.stderr)
+        return 1
+    if as_json:
+        print(json.dumps(job.to_dict(), separators=(",", ":")))
+        return 0
+    rows = [("id", job.id), ("name", job.name), ("queue", job.queue), ("status", job.status),
+            ("attempts", job.attempts), ("enqueued_at", job.enqueued_at), ("started_at", job.started_at),
+            ("ended_at", job.ended_at), ("worker", job.worker)]
+    if job.status == "done":
+        rows.append(("result", json.dumps(job.result)))
+    if job.error:
+        rows += [("error", f"{job.error.get('type')}: {job.error.get('message')}")]
+    for k, v in rows:
+        print(f"{k:<12} {'-' if v is None else v}")
+    if job.error and job.error.get("traceback"):
+        print(job.error["traceback"].rstrip())
+    return 0
