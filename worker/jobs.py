@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
+from . import schedule
 from .config import QUEUE_RULE, ConfigError, valid_queue_name
 
 DEFAULT_QUEUE = "default"
@@ -36,6 +37,7 @@ class JobSpec:
     timeout: Optional[float]
     retries: Optional[int]
     signature: inspect.Signature
+    schedule: Optional[dict] = None  # every=/cron= and fixed arguments (worker/schedule.py), None if not periodic
 
 
 _REGISTRY: dict = {}
@@ -46,14 +48,20 @@ class BadJob(Exception):
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
-        retries: Optional[int] = None):
+        retries: Optional[int] = None, every: Optional[float] = None, cron: Optional[str] = None,
+        tz: Optional[str] = None, misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
     as a plain call and gains ``.enqueue(*args, **kwargs)``, ``.enqueue_in(seconds, ...)`` and
     ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
     ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
+
+    Periodic: ``every=`` seconds or ``cron=`` (5 fields, UTC unless ``tz=``), called with ``schedule_args`` and
+    ``schedule_kwargs``; ``misfire_grace`` (seconds, default one interval): see ``worker/schedule.py``.
     """
+    sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
+
     def register(f):
         job_name = name or f.__name__
         existing = _REGISTRY.get(job_name)
@@ -65,7 +73,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError("job timeout must be >= 0 seconds")
         if retries is not None and retries < 0:
             raise ValueError("job retries must be >= 0")
-        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f))
+        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), sched)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -187,7 +195,8 @@ def decode(raw: str, max_payload: int) -> tuple:
 
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
-    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries} for name, s in _REGISTRY.items()}
+    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries, "schedule": schedule.check(s)}
+            for name, s in _REGISTRY.items()}
 
 
 def queue_of(raw: str, fallback: str) -> str:
