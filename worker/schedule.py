@@ -242,7 +242,7 @@ def render(rows: list, table, paused: list) -> list:
         return []
 
     def at(t):
-        return "-" if t is None else time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(t))
+        return "-" if t is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
     body = [(s["name"], s["queue"] or "-", at(s["last"]), at(s["next"]),
              "yes" if s["queue"] in paused or "*" in paused else "no", s["spec"] or "-") for s in rows]
     return table(("SCHEDULE", "QUEUE", "LAST_UTC", "NEXT_UTC", "PAUSED", "WHEN"), body) + [""]
