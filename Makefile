@@ -9,7 +9,7 @@ MIN := .venv-min/.installed
 # The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput redis clean
+.PHONY: setup demo run test test-min bench bench-shutdown bench-throughput bench-schedule redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -55,6 +55,10 @@ bench: bench-shutdown bench-throughput
 
 bench-shutdown: $(DEV)
 	$(PY) bench/shutdown.py
+
+# What checking periodic jobs costs: the SCHEDULE call next to the CYCLE call, and jobs/s with and without schedules.
+bench-schedule: $(DEV)
+	$(PY) bench/schedule.py
 
 bench-throughput: $(DEV)
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
