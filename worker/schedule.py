@@ -166,7 +166,7 @@ class Ticker:
         self.script = broker.r.register_script(SCHEDULE)
         self.offset = 0.0      # Redis's clock minus ours, seconds (learnt from every reply)
         self.next_check = 0.0  # monotonic
-        self._ticks: dict = {}  # name -> (latest tick, next tick) last computed
+        self._ticks: dict = {}  # name -> (latest tick, next tick, job id, payload) last computed
         for s in schedules:
             log.info("schedule.registered", schedule=s.name, queue=s.queue, when=s.spec)
 
@@ -186,10 +186,11 @@ class Ticker:
         now_ms = int((time.time() + self.offset) * 1000)
         args, sent = [k.prefix], []
         for s in self.schedules:
-            last, nxt = self._ticks.get(s.name, (1, 0))
+            last, nxt, job_id, payload = self._ticks.get(s.name, (1, 0, "", ""))
             if not last <= now_ms < nxt:  # cron's ticks cost ~0.1 ms to compute: only when the tick moved on
-                last, nxt = self._ticks[s.name] = s.ticks(now_ms)
-            job_id, payload = s.payload(last)
+                last, nxt = s.ticks(now_ms)
+                job_id, payload = s.payload(last)
+                self._ticks[s.name] = (last, nxt, job_id, payload)
             grace = s.grace(last, nxt)
             ttl = 2 * max(grace, nxt - last) + 60_000
             args += [s.name, s.queue, last, nxt, grace, ttl, s.spec, payload]
