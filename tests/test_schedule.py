@@ -4,6 +4,7 @@ exactly once by however many workers, through crashes; a missed tick once on res
 The scheduled test jobs (tests/jobs_schedule.py) go to queues no test worker consumes (QUEUES=default), so a queue's
 entries are exactly the enqueues, each carrying its ``tick``."""
 import json
+import signal
 import sys
 import time
 from collections import Counter
@@ -176,3 +177,16 @@ def test_a_bad_cron_string_stops_the_worker_at_start_with_one_line(cli, r):
     res = cli("run", JOB_MODULES="tests.jobs_schedule_bad")
     assert res.returncode == 2 and res.stdout == ""
     assert res.stderr.strip() == "error: config: job 'never': cron='61 * * * *' is not valid: Bad minute"
+
+
+
+@pytest.mark.timeout(60)
+def test_a_stopping_worker_enqueues_no_more_ticks_and_exits_in_time(r, spawn, cli):
+    w = spawn(JOB_MODULES="tests.jobs," + MODS)
+    w.wait_for("event=schedule.enqueued", 20)
+    assert cli("enqueue", "term_probe", "--args", '["probe", 60, 2.0]').returncode == 0
+    assert json.loads(r.blpop("probe", 20)[1])["event"] == "started"
+    w.signal(signal.SIGTERM)
+    assert [json.loads(r.blpop("probe", 10)[1])["event"] for _ in range(2)] == ["term", "cleaned"]
+    assert w.wait(15) == 0
+    assert "event=schedule.enqueued" not in w.output.split("event=shutdown.signal", 1)[1]

@@ -299,8 +299,8 @@ WAKE = "for _, k in ipairs(KEYS) do if redis.call('LLEN', k) == 0 then redis.cal
 #   ARGV[1] prefix, then 8 per schedule: name, queue, tick (ms: the latest tick at or before now, as the worker
 #   computed it), next (the tick after), grace ms, ttl ms of P:sched:<name>, spec (for status), payload
 # P:sched:<name> HASH: tick (highest tick claimed: only ever raised), last (last tick enqueued), skipped + reason
-#   (last tick not enqueued: 'late' = older than grace, 'paused'), next, spec, queue; expires ttl after a worker
-#   last wrote it. P:schedules is pruned of names no worker has written for 30 days.
+#   (last tick not enqueued: 'late' = older than grace, 'paused'), next, spec, queue; written, and its expiry set to
+#   ttl, by the call that claims a tick. P:schedules is pruned of names no worker has written for 30 days.
 # Returns {now, code per schedule}: enqueued | taken (claimed already) | late | paused | skew (the tick is not the
 #   latest by Redis's clock: nothing written, the worker retries with its estimate corrected) | an error text
 SCHEDULE = r"""
@@ -337,12 +337,14 @@ for i = 2, #ARGV, 8 do
       end
     end
     if code == 'late' or code == 'paused' then redis.call('HSET', h, 'tick', tick, 'skipped', tick, 'reason', code) end
-    redis.call('HSET', h, 'next', nxt, 'spec', spec, 'queue', q)
-    redis.call('PEXPIRE', h, ttl)
-    redis.call('ZADD', KEYS[3], now, name)
+    if code ~= 'taken' then  -- whoever claims a tick writes what status shows; a check that finds it taken writes nothing
+      redis.call('HSET', h, 'next', nxt, 'spec', spec, 'queue', q)
+      redis.call('PEXPIRE', h, ttl)
+      redis.call('ZADD', KEYS[3], now, name)
+      redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 30 * 86400000)
+    end
   end
   res[#res + 1] = code
 end
-redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 30 * 86400000)
 return res
 """

@@ -201,14 +201,15 @@ class Ticker:
         self.offset = redis_ms / 1000 - (sent_at + time.time()) / 2
         skew = False
         for (s, tick, job_id, _), code in zip(sent, res[1:]):
-            at = datetime.fromtimestamp(tick / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")[:-4] + "Z"
+            if code in ("taken", "skew"):
+                skew = skew or code == "skew"
+                continue
+            at = datetime.fromtimestamp(tick / 1000, timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%f")[:-3] + "Z"
             if code == "enqueued":
                 self.log.info("schedule.enqueued", schedule=s.name, job=job_id, queue=s.queue, tick=at)
             elif code in ("late", "paused"):
                 self.log.info("schedule.skipped", schedule=s.name, queue=s.queue, tick=at, reason=code)
-            elif code == "skew":
-                skew = True
-            elif code != "taken":
+            else:
                 self.log.error("schedule.error", schedule=s.name, queue=s.queue, tick=at, error=code)
         if skew and retry:  # our estimate of Redis's clock was off around a tick: again, with the new estimate
             return self.run(retry=False)

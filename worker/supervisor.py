@@ -185,7 +185,9 @@ class Supervisor:
                 self._recover()
             if self._resync:
                 self._adopt()
-            if self.ticker and self.ticker.due() and not (self.sig.stopping or self.sig.quit or self.fatal):
+            if self.ticker and (self.sig.stopping or self.sig.quit or self.fatal):
+                self.ticker = None  # a stopping worker enqueues no more ticks, and waits for none
+            elif self.ticker and self.ticker.due():
                 self.ticker.run()  # claims and enqueues the periodic jobs whose tick is due
             while self.adopted and self._can_claim():
                 raw = self.adopted.pop(0)
