@@ -9,7 +9,7 @@ MIN := .venv-min/.installed
 # The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test test-fast test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint redis clean
+.PHONY: setup demo run test test-fast test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint bench-schedule redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -60,6 +60,10 @@ bench: bench-shutdown bench-throughput bench-concurrency bench-checkpoint
 
 bench-shutdown: $(DEV)
 	$(PY) bench/shutdown.py
+
+# What checking periodic jobs costs: the SCHEDULE call next to the CYCLE call, and jobs/s with and without schedules.
+bench-schedule: $(DEV)
+	$(PY) bench/schedule.py
 
 bench-throughput: $(DEV)
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv

@@ -11,7 +11,7 @@ from worker import config, status
 from worker.keys import Keys
 
 K = Keys("worker")
-SCHEMA_KEYS = {"schema", "time", "paused", "queues", "workers", "failed", "scheduled", "totals"}
+SCHEMA_KEYS = {"schema", "time", "paused", "queues", "workers", "failed", "scheduled", "totals", "schedules"}
 QUEUE_KEYS = {"name", "depth", "latency", "paused"}
 WORKER_KEYS = {"name", "dyno", "host", "pid", "queues", "started", "state", "job", "heartbeat_age", "concurrency",
                "slots"}

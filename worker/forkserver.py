@@ -228,13 +228,14 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
     sock = socket.socket(fileno=fd)
     try:
         jobs.import_modules(modules)
+        registry = jobs.meta()  # checks the schedules too: a bad one is a config error, like a bad module
     except ConfigError as exc:
         _frame(sock, b"E", 0, 0, str(exc))
         return 2
     child.install(grace)  # blocked here; inherited by every child
     gc.freeze()  # the app is imported: keep its objects out of the children's collections (fewer pages touched)
     me = os.getpid()
-    _frame(sock, b"R", 0, me, jobs.meta())
+    _frame(sock, b"R", 0, me, registry)
 
     def fork_spare():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)

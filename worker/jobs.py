@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Callable, Optional
 
+from . import schedule
 from .config import QUEUE_RULE, ConfigError, valid_queue_name
 
 DEFAULT_QUEUE = "default"
@@ -38,6 +39,7 @@ class JobSpec:
     signature: inspect.Signature
     max_interruptions: Optional[int] = None
     result_ttl: Optional[float] = None
+    schedule: Optional[dict] = None  # every=/cron= and fixed arguments (worker/schedule.py), None if not periodic
 
 
 _REGISTRY: dict = {}
@@ -48,7 +50,9 @@ class BadJob(Exception):
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
-        retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None):
+        retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
+        every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
+        misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -58,7 +62,12 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
     ``max_interruptions`` (put-backs after a stop before the job counts as failed; 0 = no limit) defaults to
     ``MAX_INTERRUPTIONS``; ``result_ttl`` (seconds its return value and status stay readable with ``get_job``
     once it is done; 0 = none) defaults to ``RESULT_TTL``.
+
+    Periodic: ``every=`` seconds or ``cron=`` (5 fields, UTC unless ``tz=``), called with ``schedule_args`` and
+    ``schedule_kwargs``; ``misfire_grace`` (seconds, default one interval): see ``worker/schedule.py``.
     """
+    sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
+
     def register(f):
         job_name = name or f.__name__
         existing = _REGISTRY.get(job_name)
@@ -75,7 +84,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         if result_ttl is not None and not result_ttl >= 0:
             raise ValueError("job result_ttl must be >= 0 seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl)
+                                      result_ttl, sched)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -198,7 +207,7 @@ def decode(raw: str, max_payload: int) -> tuple:
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
-                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl}
+                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s)}
             for name, s in _REGISTRY.items()}
 
 

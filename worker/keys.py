@@ -27,6 +27,9 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     re-sends after a timeout enqueues nothing twice; expires after 60 s or
                                     10 x REDIS_TIMEOUT
     P:paused                SET     queue names paused through `python -m worker pause` (`*` pauses all)
+    P:sched:<name>          HASH    periodic job <name>: tick (highest tick claimed, ms), last/next tick, spec, queue;
+                                    expires 2 intervals (or 2 x misfire_grace) + 60 s after a worker last wrote it
+    P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
 

@@ -352,3 +352,59 @@ redis.call('HSET', KEYS[2], 'seen', now)
 
 # KEYS: wake lists.  One token at most per list: a wake list is a doorbell, not a counter.
 WAKE = "for _, k in ipairs(KEYS) do if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end end"
+
+# Periodic jobs (``schedule.py``): claim the due tick of each schedule and enqueue its job, in one atomic call, so
+# any number of workers calling it for the same tick enqueue it once.
+#   KEYS[1] paused P:paused   KEYS[2] queues P:queues   KEYS[3] schedules P:schedules (name -> last seen, ms)
+#   ARGV[1] prefix, then 8 per schedule: name, queue, tick (ms: the latest tick at or before now, as the worker
+#   computed it), next (the tick after), grace ms, ttl ms of P:sched:<name>, spec (for status), payload
+# P:sched:<name> HASH: tick (highest tick claimed: only ever raised), last (last tick enqueued), skipped + reason
+#   (last tick not enqueued: 'late' = older than grace, 'paused'), next, spec, queue; written, and its expiry set to
+#   ttl, by the call that claims a tick. P:schedules is pruned of names no worker has written for 30 days.
+# Returns {now, code per schedule}: enqueued | taken (claimed already) | late | paused | skew (the tick is not the
+#   latest by Redis's clock: nothing written, the worker retries with its estimate corrected) | an error text
+SCHEDULE = r"""
+local prefix = ARGV[1]
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local all_paused = redis.call('SISMEMBER', KEYS[1], '*') == 1
+local res = {now}
+for i = 2, #ARGV, 8 do
+  local name, q, tick, nxt = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), tonumber(ARGV[i + 3])
+  local grace, ttl, spec, payload = tonumber(ARGV[i + 4]), ARGV[i + 5], ARGV[i + 6], ARGV[i + 7]
+  local h = prefix .. ':sched:' .. name
+  local code
+  if tick > now or nxt <= now then
+    code = 'skew'
+  else
+    local prev = tonumber(redis.call('HGET', h, 'tick') or '-1') or -1
+    if tick <= prev then
+      code = 'taken'
+    elseif all_paused or redis.call('SISMEMBER', KEYS[1], q) == 1 then
+      code = 'paused'
+    elseif now - tick > grace then
+      code = 'late'
+    else
+      local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, payload)
+      if type(pushed) == 'number' then
+        code = 'enqueued'
+        redis.call('SADD', KEYS[2], q)
+        local k = prefix .. ':wake:' .. q
+        if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
+        redis.call('HSET', h, 'tick', tick, 'last', tick)
+      else
+        code = 'cannot push to ' .. q .. ': ' .. tostring(pushed.err)
+      end
+    end
+    if code == 'late' or code == 'paused' then redis.call('HSET', h, 'tick', tick, 'skipped', tick, 'reason', code) end
+    if code ~= 'taken' then  -- whoever claims a tick writes what status shows; a check that finds it taken writes nothing
+      redis.call('HSET', h, 'next', nxt, 'spec', spec, 'queue', q)
+      redis.call('PEXPIRE', h, ttl)
+      redis.call('ZADD', KEYS[3], now, name)
+      redis.call('ZREMRANGEBYSCORE', KEYS[3], '-inf', now - 30 * 86400000)
+    end
+  end
+  res[#res + 1] = code
+end
+return res
+"""

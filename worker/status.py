@@ -40,6 +40,12 @@ change of type or unit bumps ``schema``)::
       "failed": 1,                    int    jobs in the failed registry now (ZCARD P:failed)
       "scheduled": 0,                 int    retries and enqueue_in/at jobs not yet due (ZCARD P:scheduled)
       "totals": {"processed": 10, "failed": 2}   int  all-time counters P:stat:processed, P:stat:failed
+      "schedules": [{                        periodic jobs, sorted by name, as workers last wrote them (added in 1.x)
+        "name": "report", "queue": "default", "spec": "cron */5 * * * * UTC",   str each
+        "last": 1714560000.0,         float|null  unix seconds of the last tick enqueued
+        "next": 1714560300.0,         float|null  unix seconds of the next tick
+        "skipped": null, "skip_reason": null     float|null, "late"|"paused"|null: the last tick not enqueued
+      }]
     }
 
 No output of this module contains the Redis password (the human header shows the redacted URL).
@@ -52,6 +58,7 @@ import time
 
 from .client import connect
 from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
+from . import schedule
 from .keys import Keys
 from .lua import WAKE
 
@@ -157,7 +164,8 @@ def collect(r, cfg: Config) -> dict:
     out_workers = [_worker(w, score, info, now_ms, cfg) for (w, score), info in zip(workers, res[2 * len(names):])]
     return {"schema": SCHEMA, "time": round(now, 6), "paused": sorted(paused), "queues": queues,
             "workers": sorted(out_workers, key=lambda w: w["name"]), "failed": n_failed, "scheduled": n_scheduled,
-            "totals": {"processed": _num(processed, int) or 0, "failed": _num(failed_total, int) or 0}}
+            "totals": {"processed": _num(processed, int) or 0, "failed": _num(failed_total, int) or 0},
+            "schedules": schedule.collect(r, cfg.key_prefix, now_ms)}
 
 
 def _dur(seconds) -> str:
@@ -213,6 +221,7 @@ def render(doc: dict, url: str) -> str:
                          _dur(w["heartbeat_age"]) if n == 0 else "", (w["host"] or "-") if n == 0 else ""))
     out += (_table(("WORKER", "STATE", "SLOTS", "QUEUES", "JOB", "ID", "RUNNING", "CHECKPOINT", "HEARTBEAT", "HOST"),
                    rows, right=(6, 8)) if rows else ["no workers"]) + [""]
+    out += schedule.render(doc.get("schedules") or [], _table, doc["paused"])
     t = doc["totals"]
     out += _table(("FAILED", "SCHEDULED", "PROCESSED_TOTAL", "FAILED_TOTAL"),
                   [(doc["failed"], doc["scheduled"], t["processed"], t["failed"])], right=(0, 1, 2, 3))

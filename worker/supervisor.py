@@ -23,7 +23,7 @@ from typing import Optional
 
 import redis
 
-from . import client, jobs
+from . import client, jobs, schedule
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
@@ -58,6 +58,7 @@ class Supervisor:
         self._outage = 0
         self._shown_stop = False
         self._paused = False
+        self.ticker: Optional[schedule.Ticker] = None  # periodic jobs this worker checks (none in burst mode)
 
     # --- main loop ---
     def run(self) -> int:
@@ -65,6 +66,8 @@ class Supervisor:
         self.broker.link = client.Link(self.broker.r, self.sig.wake_r, self.slots.service, self.slots.due)
         if not self._start_server():
             return self._exit()
+        if not self.burst:
+            self.ticker = schedule.Ticker.from_meta(self.slots.meta, self.broker, self.log)
         cfg = self.cfg
         self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
                       pid=os.getpid(), concurrency=cfg.concurrency, window=cfg.shutdown_window,
@@ -188,6 +191,10 @@ class Supervisor:
                 self._recover()
             if self._resync:
                 self._adopt()
+            if self.ticker and (self.sig.stopping or self.sig.quit or self.fatal):
+                self.ticker = None  # a stopping worker enqueues no more ticks, and waits for none
+            elif self.ticker and self.ticker.due():
+                self.ticker.run()  # claims and enqueues the periodic jobs whose tick is due
             while self.adopted and self._can_claim():
                 raw = self.adopted.pop(0)
                 queue = jobs.queue_of(raw, self._fallback_queue())
@@ -294,6 +301,8 @@ class Supervisor:
             at = min(at, self._idle_until)
         if self.pending and now >= self._retry_at:
             at = now
+        if self.ticker:
+            at = min(at, max(self.ticker.next_check, self._retry_at))
         if self.waiter.armed and now > self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout:
             self.waiter.cancel()  # its answer never came (a dead connection): poll again, and treat it as a stall
             self._claim = True

@@ -1,0 +1,192 @@
+"""Periodic jobs (worker/schedule.py, lua.SCHEDULE) on a real redis-server with real workers: each tick enqueued
+exactly once by however many workers, through crashes; a missed tick once on restart; pause; status; config errors.
+
+The scheduled test jobs (tests/jobs_schedule.py) go to queues no test worker consumes (QUEUES=default), so a queue's
+entries are exactly the enqueues, each carrying its ``tick``."""
+import json
+import signal
+import sys
+import time
+from collections import Counter
+
+import pytest
+
+from tests.support import wait_until
+from worker import config, jobs, schedule
+from worker.config import ConfigError
+from worker.fetch import Broker
+from worker.keys import Keys
+
+K = Keys("worker")
+MODS = "tests.jobs_schedule"
+
+
+def ticks(r, queue):
+    return [json.loads(p)["tick"] for p in r.lrange(K.queue(queue), 0, -1)]
+
+
+# --- parsing and ticks (no Redis) ---
+
+def test_every_and_cron_ticks_on_the_given_clock():
+    s = schedule.build("j", "q", schedule.declare(300, None, None, None, None, None))
+    assert s.ticks(1_000_000_123) == (999_900_000, 1_000_200_000) and s.grace(*s.ticks(1_000_000_123)) == 300_000
+    c = schedule.build("j", "q", schedule.declare(None, "*/5 * * * *", None, 30, ["a"], {"b": 1}))
+    t = 1_700_000_000_000  # 2023-11-14T22:13:20Z
+    assert c.ticks(t) == (1_699_999_800_000, 1_700_000_100_000) and c.grace(0, 1) == 30_000
+    assert c.ticks(1_699_999_800_000)[0] == 1_699_999_800_000  # a tick is its own latest tick
+    paris = schedule.build("j", "q", schedule.declare(None, "0 9 * * *", "Europe/Paris", None, None, None))
+    assert paris.ticks(t) == (1_699_948_800_000, 1_700_035_200_000)  # 09:00 in Paris = 08:00 UTC in November
+    assert paris.spec == "cron 0 9 * * * Europe/Paris"
+
+
+@pytest.mark.parametrize("sched, words", [
+    ((None, "61 * * * *", None, None, None, None), "cron='61 * * * *' is not valid: Bad minute"),
+    ((None, "0 * * * * *", None, None, None, None), "expected 5 fields"),
+    ((None, "* * * * *", "Mars/Olympus", None, None, None), "not a known time zone"),
+    ((0.5, None, None, None, None, None), "every=0.5 is not valid"),
+    ((60, None, None, -1, None, None), "misfire_grace=-1 is not valid"),
+])
+def test_bad_schedules_are_one_line_config_errors(sched, words):
+    with pytest.raises(ConfigError) as err:
+        schedule.build("j", "q", schedule.declare(*sched))
+    assert words in str(err.value) and "\n" not in str(err.value)
+
+
+def test_cron_without_cronsim_names_the_package(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cronsim", None)  # import fails as if not installed
+    with pytest.raises(ConfigError, match=r"pip install cronsim"):
+        schedule.build("j", "q", schedule.declare(None, "* * * * *", None, None, None, None))
+    schedule.build("j", "q", schedule.declare(60, None, None, None, None, None))  # every= needs no library
+
+
+def test_decorator_refuses_ambiguous_schedules_and_meta_checks_arguments():
+    with pytest.raises(ValueError, match="not both"):
+        jobs.job(every=60, cron="* * * * *", name="t_both")(lambda: None)
+    with pytest.raises(ValueError, match="need every= or cron="):
+        jobs.job(schedule_args=[1], name="t_args")(lambda: None)
+    spec = jobs.JobSpec("t_bind", lambda a: None, "q", None, None, jobs.inspect.signature(lambda a: None),
+                        schedule=schedule.declare(60, None, None, None, [], {"b": 1}))
+    with pytest.raises(ConfigError, match="do not fit"):
+        schedule.check(spec)
+
+
+# --- the claim script ---
+
+class Log:
+    def __init__(self):
+        self.lines = []
+
+    def info(self, event, **f):
+        self.lines.append((event, f))
+    error = warning = debug = info
+
+
+def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r, redis_server):
+    cfg = config.from_mapping({"REDIS_URL": redis_server.url})
+    broker = Broker(r, cfg)
+    s = schedule.build("every_hour", "hq", schedule.declare(3600, None, None, None, ["x"], None))
+    run = broker.r.register_script(__import__("worker.lua", fromlist=["SCHEDULE"]).SCHEDULE)
+    now = int(r.time()[0]) * 1000
+
+    def claim(tick, nxt, grace=3_600_000, name="every_hour"):
+        return run(keys=[K.paused, K.queues, "worker:schedules"],
+                   args=["worker", name, "hq", tick, nxt, grace, 10_000_000, s.spec, s.payload(tick)[1]])[1]
+
+    last, nxt = s.ticks(now)
+    assert claim(last + 3_600_000, nxt + 3_600_000) == "skew" and claim(last - 3_600_000, last) == "skew"
+    assert [claim(last, nxt) for _ in range(3)] == ["enqueued", "taken", "taken"]
+    assert ticks(r, "hq") == [last / 1000] and r.sismember(K.queues, "hq") and r.llen(K.wake("hq")) == 1
+    assert claim(last, nxt, grace=0, name="late_one") in ("late", "enqueued")  # "enqueued" only within the same ms
+    r.sadd(K.paused, "hq")
+    assert claim(last, nxt, name="paused_one") == "paused" and claim(last, nxt, name="paused_one") == "taken"
+    assert r.llen(K.queue("hq")) <= 2 and r.pttl("worker:sched:every_hour") > 0
+    assert r.hget("worker:sched:paused_one", "reason") == "paused"
+
+
+# --- real workers ---
+
+@pytest.mark.timeout(90)
+def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, spawn):
+    workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
+    wait_until(lambda: r.llen(K.queue("sched")) >= 1, 20, "the first tick")
+    t0 = ticks(r, "sched")[0]
+    for n, victim in ((3, 0), (6, 1)):  # SIGKILL a whole worker tree mid-run, then start it again
+        wait_until(lambda: max(ticks(r, "sched")) >= t0 + n, 20, f"tick {n}")
+        workers[victim].kill_tree()
+        workers[victim] = spawn(JOB_MODULES=MODS)
+    wait_until(lambda: max(ticks(r, "sched")) >= t0 + 10, 30, "ten ticks")
+    seen = Counter(ticks(r, "sched"))
+    assert [t for t, c in seen.items() if c > 1] == [], "a tick was enqueued twice"
+    assert sorted(t for t in seen if t < t0 + 10) == [t0 + i for i in range(10)], "a tick was missed"
+    enqueued = [line for w in workers for line in w.output.splitlines()
+                if "event=schedule.enqueued schedule=every_second" in line]
+    assert len({line.split("tick=")[1].split()[0] for line in enqueued}) == len(enqueued)
+
+
+@pytest.mark.timeout(60)
+def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r, spawn, cli):
+    now = int(r.time()[0])
+    latest = now // 3600 * 3600
+    if now - latest < 3:
+        pytest.skip("too close to the hour for the 1 s misfire_grace case")
+    # The last tick enqueued before every worker went away was the previous hour's.
+    r.hset("worker:sched:hourly", mapping={"tick": (latest - 3600) * 1000, "last": (latest - 3600) * 1000})
+    workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
+    for w in workers:
+        w.wait_for("event=worker.start", 20)
+    wait_until(lambda: r.hget("worker:sched:hourly_strict", "reason") == "late", 10, "the strict schedule's skip")
+    assert ticks(r, "hourly") == [latest], "one catch-up, the latest tick, not a burst"
+    assert ticks(r, "strict") == [], "older than misfire_grace: skipped"
+    for w in workers:
+        w.kill_tree()
+    w = spawn(JOB_MODULES=MODS)
+    w.wait_for("event=worker.start", 20)
+    w.wait_for("event=schedule.enqueued schedule=every_second", 10)  # it has checked every schedule since
+    assert ticks(r, "hourly") == [latest], "the tick was already enqueued: not again"
+
+
+@pytest.mark.timeout(60)
+def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, spawn, cli):
+    w = spawn(JOB_MODULES=MODS)
+    wait_until(lambda: r.llen(K.queue("sched")) >= 2, 20, "two ticks")
+    assert cli("pause", "--queue", "sched").returncode == 0
+    n = w.output.count("event=schedule.skipped schedule=every_second")
+    wait_until(lambda: w.output.count("event=schedule.skipped schedule=every_second") >= n + 1, 10, "a paused tick")
+    before = r.llen(K.queue("sched"))
+    wait_until(lambda: w.output.count("reason=paused") >= n + 3, 10, "three paused ticks")
+    assert r.llen(K.queue("sched")) == before, "a paused queue's schedule still enqueued"
+
+    res = cli("status", "--json")
+    assert res.returncode == 0, res.stderr
+    doc = {s["name"]: s for s in json.loads(res.stdout)["schedules"]}
+    assert set(doc) == {"every_second", "hourly", "hourly_strict", "minutely"}
+    es = doc["every_second"]
+    assert es["queue"] == "sched" and es["spec"] == "every 1s" and es["skip_reason"] == "paused"
+    assert es["last"] == max(ticks(r, "sched")) and es["skipped"] > es["last"] and es["next"] > es["skipped"]
+    assert doc["minutely"]["spec"] == "cron * * * * * UTC" and doc["minutely"]["next"] % 60 == 0
+    human = cli("status").stdout
+    row = next(line for line in human.splitlines() if line.startswith("every_second"))
+    assert row.split()[1] == "sched" and row.split()[4] == "yes" and "LAST_UTC" in human and "NEXT_UTC" in human
+
+    assert cli("resume", "--queue", "sched").returncode == 0
+    wait_until(lambda: r.llen(K.queue("sched")) > before, 10, "enqueues after resume")
+
+
+@pytest.mark.timeout(30)
+def test_a_bad_cron_string_stops_the_worker_at_start_with_one_line(cli, r):
+    res = cli("run", JOB_MODULES="tests.jobs_schedule_bad")
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.strip() == "error: config: job 'never': cron='61 * * * *' is not valid: Bad minute"
+
+
+
+@pytest.mark.timeout(60)
+def test_a_stopping_worker_enqueues_no_more_ticks_and_exits_in_time(r, spawn, cli):
+    w = spawn(JOB_MODULES="tests.jobs," + MODS)
+    w.wait_for("event=schedule.enqueued", 20)
+    assert cli("enqueue", "term_probe", "--args", '["probe", 60, 2.0]').returncode == 0
+    assert json.loads(r.blpop("probe", 20)[1])["event"] == "started"
+    w.signal(signal.SIGTERM)
+    assert [json.loads(r.blpop("probe", 10)[1])["event"] for _ in range(2)] == ["term", "cleaned"]
+    assert w.wait(15) == 0
+    assert "event=schedule.enqueued" not in w.output.split("event=shutdown.signal", 1)[1]
