@@ -1,0 +1,60 @@
+"""Jobs and hooks for tests/test_job_api.py (JOB_MODULES=worker.sample,tests.jobs,tests.jobs_api). The hooks record
+what they saw to the Redis list ``hooks``; one of them raises, to show a hook's error changes no outcome."""
+import json
+import logging
+
+from tests.jobs import r
+from worker import job
+from worker.hooks import after_job, before_job, on_failure
+
+log = logging.getLogger("tests.jobs_api")
+
+
+@job(result_ttl=60)
+def api_add(a, b):
+    return {"sum": a + b}
+
+
+@job
+def api_none():
+    return None
+
+
+@job
+def api_set():
+    return {1, 2}
+
+
+@job(retries=1)
+def api_fail(message):
+    raise ValueError(message)
+
+
+@job(result_ttl=0)
+def api_forget():
+    return "not kept"
+
+
+@job
+def api_log(text):
+    log.info("job says %s", text)
+    log.debug("a debug line")
+    r().rpush("api_log", "done")
+
+
+@before_job
+def _before(job):
+    r().rpush("hooks", json.dumps({"hook": "before", "job": job.id, "name": job.name}))
+
+
+@on_failure
+def _failure(job, exc):
+    r().rpush("hooks", json.dumps({"hook": "failure", "job": job.id, "error": repr(exc)}))
+
+
+@after_job
+def _after(job, outcome):
+    r().rpush("hooks", json.dumps({"hook": "after", "job": job.id, "status": outcome.status,
+                                   "result": outcome.result}))
+    if job.name == "api_add":
+        raise RuntimeError("a broken hook")
