@@ -77,7 +77,8 @@ def test_whole_tree_sigkill_redoes_at_most_a_heartbeat_of_work(r, cli, spawn):
     wait_until(lambda: r.hget(key, "ckpt:0") is not None, 5, "a checkpoint saved with a heartbeat")
     kill_tree(a)  # the dyno dies outright: no put-back, no cleanup
     done_before = len(items(r, "it"))
-    b = spawn("--burst", **FAST)  # recovers a's job once a's own deadline (1.5 s) has passed
+    wait_until(lambda: all_dead_expired(r), 10, "a's own deadline (1.5 s after its last beat)")
+    b = spawn("--burst", **FAST)  # recovers a's job at start
     assert b.wait(60) == 0, b.output
     assert "event=recovery.requeued" in b.output, b.output
     done = items(r, "it")

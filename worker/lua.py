@@ -85,13 +85,15 @@ return 1
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
 #   still running after this call, not counting new claims)   ARGV[9] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
-#   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress
+#   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress;
+#   '' clears the slot's (its job ended)
 #   then nout, then nout outcomes of 7 fields each: op, slot, payload, job id ('' = keep no status), a, b, c
 #       ack: a = result JSON ('' = none), b = ms to keep the status record (0 = delete it now)
 #       fail: a = failure record, b = ms to keep the status record, c = attempts
 #       retry: a = new payload, b = delay ms, c = attempts
 #       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint)
-# Status records (P:job:<id>, see keys.py) follow each step: running at claim, then done/failed/scheduled/queued.
+# Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
+# in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
 # Returns {held, next_due, nclaims, slot1, payload1, queue1, ..., queue names considered...}
 CYCLE = PRELUDE + r"""
@@ -105,16 +107,22 @@ local nck = tonumber(ARGV[at])
 at = at + 1
 redis.call('ZADD', workers, now + ttl_ms, worker)
 for n = 1, nck do
-  redis.call('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
+  if ARGV[at + 1] == '' then
+    redis.call('HDEL', wh, 'ckpt:' .. ARGV[at])
+  else
+    redis.call('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
+  end
   at = at + 2
 end
 local nout = tonumber(ARGV[at])
 at = at + 1
+local ended = {}  -- slots whose job ended: their job:/started: fields go, unless this call claims into them
 for n = 1, nout do
   local op, slot, payload, id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
   local a, b, c = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
   at = at + 7
-  redis.call('HDEL', wh, 'job:' .. slot, 'started:' .. slot, 'ckpt:' .. slot)
+  local started = (id ~= '' and (op == 'ack' or op == 'fail')) and redis.call('HGET', wh, 'started:' .. slot) or false
+  ended[#ended + 1] = slot
   -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
   -- recovered by another worker, records nothing twice.
   if redis.call('LREM', processing, -1, payload) == 1 then
@@ -123,7 +131,7 @@ for n = 1, nout do
       redis.call('INCR', prefix .. ':stat:processed')
       if id ~= '' then
         if tonumber(b) > 0 then
-          jset(id, 'status', 'done', 'ended_at', now, 'result', a)
+          jset(id, 'status', 'done', 'ended_at', now, 'result', a, 'worker', worker, 'started_at', started or now)
           redis.call('PEXPIRE', jk, b)
         else
           redis.call('DEL', jk)
@@ -132,7 +140,7 @@ for n = 1, nout do
     elseif op == 'fail' then
       record_failure(id, a, failed_max, failed_ttl)
       if id ~= '' then
-        jset(id, 'status', 'failed', 'ended_at', now, 'attempts', c)
+        jset(id, 'status', 'failed', 'ended_at', now, 'attempts', c, 'worker', worker, 'started_at', started or now)
         redis.call('PEXPIRE', jk, b)
       end
     elseif op == 'retry' then
@@ -176,13 +184,14 @@ if at <= #ARGV and redis.call('SISMEMBER', paused, '*') == 0 then
     if redis.call('SISMEMBER', paused, q) == 0 then open[#open + 1] = q end
   end
 end
-local qi, claimed, left = 1, 0, {}
+local qi, claimed, left, wf, into = 1, 0, {}, {}, {}  -- wf: the worker hash's fields, written once at the end
 while at <= #ARGV and qi <= #open do
   local q = open[qi]
   local v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
   if v then
-    redis.call('HSET', wh, 'job:' .. ARGV[at], v, 'started:' .. ARGV[at], now)
-    jset(string.match(v, '^{"id":"([%w_%-]+)"'), 'status', 'running', 'started_at', now, 'worker', worker)
+    -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
+    wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. ARGV[at], v, 'started:' .. ARGV[at], now
+    into[ARGV[at]] = true
     res[#res + 1], res[#res + 2], res[#res + 3] = ARGV[at], v, q
     claimed = claimed + 1
     left[q] = true
@@ -201,7 +210,13 @@ if state == '' then
   elseif #queues > 0 and #open == 0 and at <= #ARGV then state = 'paused'
   else state = 'idle' end
 end
-redis.call('HSET', wh, 'state', state, 'seen', now)
+wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'state', state, 'seen', now
+local freed = {}
+for _, slot in ipairs(ended) do
+  if not into[slot] then freed[#freed + 1], freed[#freed + 2] = 'job:' .. slot, 'started:' .. slot end
+end
+if #freed > 0 then redis.call('HDEL', wh, unpack(freed)) end
+redis.call('HSET', wh, unpack(wf))
 res[1], res[3] = redis.call('LLEN', processing), claimed
 if claimed == 0 then
   local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')

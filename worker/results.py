@@ -50,14 +50,37 @@ def _json(text) -> Any:
         return None
 
 
+def _running(r, keys, job_id: str) -> Optional[tuple]:
+    """``(worker, started_ms)`` if a worker holds ``job_id`` in one of its slots now. The claim writes no status
+    (that would cost every job a write): a running job is found where its worker shows it."""
+    workers = r.zrange(keys.workers, 0, -1)
+    if not workers:
+        return None
+    with r.pipeline(transaction=False) as p:
+        for w in workers:
+            p.hgetall(keys.worker(w))
+        infos = p.execute()
+    needle = f'{{"id":"{job_id}"'
+    for w, info in zip(workers, infos):
+        for field, value in info.items():
+            if field.startswith("job:") and value.startswith(needle):
+                return w, info.get("started:" + field[4:])
+    return None
+
+
 def fetch(r, keys, job_id: str) -> Optional[Job]:
-    """The :class:`Job` for ``job_id`` read through client ``r`` (one round trip), or None if unknown/expired."""
+    """The :class:`Job` for ``job_id`` read through client ``r`` (two round trips while it is not finished), or
+    None if unknown/expired."""
     with r.pipeline(transaction=False) as p:
         p.hgetall(keys.job(job_id))
         p.hget(keys.failed_data, job_id)
         info, failure = p.execute()
     if not info:
         return None
+    if info.get("status") in ("queued", "scheduled"):
+        held = _running(r, keys, job_id)
+        if held is not None:
+            info = dict(info, status="running", worker=held[0], started_at=held[1])
     error = None
     if info.get("status") == "failed":
         rec = _json(failure) or {}

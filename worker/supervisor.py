@@ -47,6 +47,7 @@ class Supervisor:
         self.waiter = client.Waiter(client.connect(cfg, timeout=cfg.redis_timeout + IDLE_POLL, retries=0,
                                                    name="worker-wait"))
         self.pending: list = []        # outcomes not yet recorded
+        self._cleared: list = []       # slots whose saved checkpoint goes with their finished job
         self.adopted: list = []        # claims found in our processing list (reply lost), not yet running
         self.fatal: Optional[str] = None
         self.exit_code = 0
@@ -134,6 +135,8 @@ class Supervisor:
 
     # --- outcomes ---
     def _finished(self, slot) -> None:
+        if slot.saved is not None:
+            self._cleared.append(slot.index)
         if slot.unstarted:  # never reached a child: it goes back as it was
             self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
         else:
@@ -224,8 +227,8 @@ class Supervisor:
         outcomes = self.pending
         busy = self.slots.busy()
         progress = self.slots.progress()  # running jobs' checkpoints not yet in Redis (for recovery after a kill)
-        c = self.broker.cycle(self.name, outcomes, claim, busy, mode, progress)
-        self.pending = []
+        c = self.broker.cycle(self.name, outcomes, claim, busy, mode, [(i, "") for i in self._cleared] + progress)
+        self.pending, self._cleared = [], []
         self.slots.saved(progress)
         self._shown_stop = sig.stopping or sig.quit
         self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
