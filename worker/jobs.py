@@ -46,6 +46,21 @@ class BadJob(Exception):
     """A queue entry that cannot be run; the message is the reason recorded in the failed registry."""
 
 
+# --- the types type checkers see for @job (runtime: the plain decorator below; see jobtypes.py) ---
+from typing import overload  # noqa: E402
+
+from .jobtypes import JobFunction, P, R  # noqa: E402
+
+
+@overload
+def job(fn: Callable[P, R], /) -> JobFunction[P, R]: ...
+
+
+@overload
+def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None,
+        timeout: Optional[float] = None, retries: Optional[int] = None,
+        max_interruptions: Optional[int] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None):
