@@ -78,6 +78,7 @@ class Config:
     concurrency: int = 1
     job_max_memory_mb: int = 0
     max_interruptions: int = 0
+    metrics_interval: float = 60.0
 
     @property
     def all_queues(self) -> bool:
@@ -243,6 +244,7 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         concurrency=concurrency,
         job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
         max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
+        metrics_interval=_number(env, "METRICS_INTERVAL", Config.metrics_interval),
     )
 
 
