@@ -18,6 +18,7 @@ from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
 from tests.support import wait_until
+import tests.jobs_chaos  # noqa: F401,E402  (registers nl_stamp: enqueue by name needs the job's module imported)
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
 QUEUE = "worker:queue:default"

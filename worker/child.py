@@ -52,6 +52,7 @@ class _ChildState:
     deferred = False   # ... and is raised right after
     resume = None      # the checkpoint an earlier, interrupted run left ("checkpoint" in the payload)
     has_resume = False
+    inline = False     # worker.testing.inline() is active: checkpoint() is a no-op
 
 
 _state = _ChildState()
@@ -70,6 +71,8 @@ def checkpoint(value: Any) -> None:
     and :func:`last_checkpoint` returns it in the next run. A job that finishes or fails discards it.
     """
     if _state.report_fd < 0:
+        if _state.inline:
+            return
         raise RuntimeError("checkpoint() works only inside a job run by the worker")
     data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     if len(data) > MAX_CHECKPOINT:

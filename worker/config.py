@@ -79,6 +79,7 @@ class Config:
     job_max_memory_mb: int = 0
     max_interruptions: int = 0
     result_ttl: float = 500.0
+    metrics_interval: float = 60.0
 
     @property
     def all_queues(self) -> bool:
@@ -245,6 +246,7 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
         max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
         result_ttl=_number(env, "RESULT_TTL", Config.result_ttl),
+        metrics_interval=_number(env, "METRICS_INTERVAL", Config.metrics_interval),
     )
 
 

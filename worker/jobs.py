@@ -49,6 +49,25 @@ class BadJob(Exception):
     """A queue entry that cannot be run; the message is the reason recorded in the failed registry."""
 
 
+# --- the types type checkers see for @job (runtime: the plain decorator below; see jobtypes.py) ---
+from typing import overload  # noqa: E402
+
+from .jobtypes import JobFunction, P, R  # noqa: E402
+
+
+@overload
+def job(fn: Callable[P, R], /) -> JobFunction[P, R]: ...
+
+
+@overload
+def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None,
+        timeout: Optional[float] = None, retries: Optional[int] = None,
+        max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
+        every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
+        misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
+        schedule_kwargs: Optional[dict] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+
+
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
@@ -255,34 +274,43 @@ def use(broker) -> None:
     _default = broker
 
 
-def _check_name(name):
+def _check_name(name, queue=None):
+    """A non-empty name, and a known destination: ``queue`` given, or the name registered in this process (its
+    ``@job(queue=)``). Otherwise the job would silently go to ``default``, or to no worker that knows it."""
     if not isinstance(name, str) or not name:
         raise TypeError("job name must be a non-empty string")
+    if queue is None and name not in _REGISTRY:
+        raise ValueError(f"job {name!r} is not registered in this process, so its queue is unknown: import the "
+                         f"module that defines it (e.g. `import myapp.jobs`, the module named in JOB_MODULES) or "
+                         f"pass queue=\"...\" explicitly")
 
 
 def enqueue(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Put job ``name`` on its queue (or ``queue``) with JSON arguments; returns the job id.
 
+    A name that is not registered in this process (its module not imported) needs ``queue``: ``ValueError``
+    otherwise.
+
     ``queue`` is reserved for the runtime; pass a job argument named ``queue`` through ``enqueue_many``. Every
     other keyword (``name``, ``seconds``, ``when`` included) goes to the job.
     """
-    _check_name(name)
+    _check_name(name, queue)
     return _broker().push(name, args, kwargs, queue=queue)
 
 
 def enqueue_in(seconds: float, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued ``seconds`` from now (on the Redis clock, the one that moves scheduled
     jobs; 0 or less: now); returns the job id."""
-    _check_name(name)
     seconds = float(seconds)
     if not math.isfinite(seconds):
         raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    _check_name(name, queue)
     return _broker().push(name, args, kwargs, queue=queue, delay=seconds)
 
 
 def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued at ``when`` (naive datetimes are taken as UTC); returns the job id."""
-    _check_name(name)
+    _check_name(name, queue)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
     return _broker().push(name, args, kwargs, queue=queue, due=when.timestamp())
@@ -291,5 +319,5 @@ def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = 
 def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
     """Enqueue many calls of one job in a few round trips. ``calls`` yields ``(args, kwargs)`` pairs or argument
     lists; returns the job ids in order."""
-    _check_name(name)
+    _check_name(name, queue)
     return _broker().push_many(name, calls, queue=queue)

@@ -101,14 +101,10 @@ def get_job(job_id: str) -> Optional[Job]:
     ``worker.testing.inline()`` it reports the jobs run in-process."""
     if not isinstance(job_id, str) or not job_id:
         raise TypeError("job id must be a non-empty string")
-    from . import jobs
-    try:
-        from .testing import lookup  # worker.testing.inline(): jobs run in-process, no Redis
-    except ImportError:
-        lookup = None
-    found = lookup(job_id) if lookup is not None else None
-    if found is not None:
-        return Job(**found)
+    from . import jobs, testing
+    if testing.active():  # worker.testing.inline(): jobs run in-process, no Redis
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
     broker = jobs._broker()
     return fetch(broker.r, broker.keys, job_id)
 

@@ -23,7 +23,7 @@ from typing import Optional
 
 import redis
 
-from . import client, jobs, schedule
+from . import client, jobs, metrics, schedule
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
@@ -41,6 +41,7 @@ class Supervisor:
     def __init__(self, cfg: Config, broker: Broker, log, burst: bool = False):
         self.cfg, self.burst, self.log = cfg, burst, log
         self.name = cfg.worker_name()
+        self.metrics = metrics.Sampler(cfg, self.name)  # l2met sample# lines, one worker per METRICS_INTERVAL
         self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
         self.slots = SlotTable(cfg, self.sig, log)
         self.broker = broker
@@ -214,6 +215,7 @@ class Supervisor:
                 self._cycle(claim)
             if now >= self._next_recover and now >= self._quiet_until:
                 self._recover()
+            self.metrics.maybe_sample(self.broker, self.log, now, self.name)
             if time.monotonic() - t0 > STALL:
                 self._quiet_until = time.monotonic() + self.cfg.heartbeat_ttl
             self._outage_over()

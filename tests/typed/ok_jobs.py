@@ -1,0 +1,21 @@
+"""Checked by mypy in tests/test_job_api_typing.py: every line here must type-check."""
+from datetime import datetime, timezone
+
+from worker import job
+
+
+@job
+def add(x: int, y: int = 1) -> int:
+    return x + y
+
+
+@job(queue="mail", retries=3)
+def send_welcome(user_id: int, *, subject: str = "Welcome") -> None:
+    pass
+
+
+total: int = add(1, y=2)                       # still a plain call, with its own return type
+job_id: str = add.enqueue(1, y=2)
+later: str = send_welcome.enqueue_in(30, 7, subject="Hi")
+at: str = send_welcome.enqueue_at(datetime(2030, 1, 1, tzinfo=timezone.utc), 7)
+name: str = add.job_name

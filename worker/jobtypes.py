@@ -1,0 +1,40 @@
+"""Static types of the ``@job`` API (for type checkers; nothing here runs on the hot path).
+
+``@job`` returns the decorated function itself, with three attributes added. :class:`JobFunction` describes that
+object so a type checker (mypy, pyright) keeps the function's own signature for plain calls and checks the
+arguments of ``.enqueue``/``.enqueue_in``/``.enqueue_at`` against it::
+
+    @job(queue="mail")
+    def send_welcome(user_id: int) -> None: ...
+
+    send_welcome.enqueue(7)          # ok: returns the job id (str)
+    send_welcome.enqueue("seven")    # error: "str" is not "int"
+
+To send a job to another queue than its own, use ``worker.enqueue("send_welcome", 7, queue="other")``: ``queue=``
+is not part of the function's parameters, so the typed ``.enqueue`` does not accept it.
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import ParamSpec, Protocol, TypeVar
+
+P = ParamSpec("P")
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class JobFunction(Protocol[P, R_co]):
+    """A function registered with ``@job``: callable as before, plus the enqueue methods (each returns the job id)."""
+
+    job_name: str
+
+    def __call__(self, *args: P.args, **kwargs: P.kwargs) -> R_co: ...
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    def enqueue_in(self, seconds: float, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+
+__all__ = ["JobFunction", "P", "R"]

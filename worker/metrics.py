@@ -1,0 +1,145 @@
+"""Queue depth and latency for autoscalers and dashboards, and Heroku log metrics (l2met ``sample#`` lines).
+
+:func:`queue_depth` and :func:`queue_latency` read every queue in one round trip (one read-only Lua script), with
+latency on the Redis clock exactly as ``python -m worker status`` computes it: the age of the head (oldest) job's
+``enqueued_at`` (for scheduled jobs and retries: when they became due), 0.0 for an empty queue, ``None`` when the
+head cannot be read. ``queues=None`` means every queue Redis knows (``P:queues``) plus the configured ``QUEUES``.
+
+:class:`Sampler` is what the worker runs: every ``METRICS_INTERVAL`` seconds (default 60; 0 = off) exactly one of
+the running workers logs one line::
+
+    level=info event=metrics sample#queue.default.depth=3 sample#queue.default.latency=12.500s ... worker=worker.1:4
+
+There is no leader: each interval (``floor(redis_time / interval)``) has a key ``P:metrics:<index>`` that the first
+worker to look in that interval sets (``SET NX``, expiring after two intervals); only that worker logs. Every
+worker looks once per interval, so some worker logs in every interval as long as one runs.
+"""
+from __future__ import annotations
+
+from typing import Dict, Iterable, Optional
+
+import redis
+
+from .status import _latency
+
+#: KEYS: none (the prefix builds them, as in lua.py). ARGV: prefix, interval_ms ('0' = read only, no claim),
+#: worker, '1' to add every known queue (P:queues), then queue names. Reply: {sec, usec, won, name, depth, head, ...}
+#: or {sec, usec, 0} when another worker has this interval. The interval is claimed on the Redis clock, so every
+#: worker agrees on its number whatever its own clock says.
+STATS = """
+local prefix, interval, worker, all = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
+local t = redis.call('TIME')
+if interval > 0 then
+  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  local key = prefix .. ':metrics:' .. math.floor(ms / interval)
+  if not redis.call('SET', key, worker, 'NX', 'PX', 2 * interval) then
+    return {t[1], t[2], 0}
+  end
+end
+local names, seen = {}, {}
+local function add(q)
+  if not seen[q] then seen[q] = true; names[#names + 1] = q end
+end
+for i = 5, #ARGV do add(ARGV[i]) end
+if all == '1' then
+  for _, q in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do add(q) end
+end
+table.sort(names)
+local out = {t[1], t[2], 1}
+for _, q in ipairs(names) do
+  local key = prefix .. ':queue:' .. q
+  out[#out + 1] = q
+  out[#out + 1] = redis.call('LLEN', key)
+  out[#out + 1] = redis.call('LINDEX', key, 0)  -- false (nil) when empty
+end
+return out
+"""
+
+
+def _parse(res) -> tuple:
+    """``(won, redis_now, {queue: (depth, latency)})`` from a STATS reply."""
+    now = int(res[0]) + int(res[1]) / 1e6
+    stats = {}
+    for i in range(3, len(res), 3):
+        stats[res[i]] = (int(res[i + 1]), _latency(res[i + 2], now))
+    return bool(int(res[2])), now, stats
+
+
+def _names(queues, cfg) -> tuple:
+    """``(all_known, names)``: ``queues=None`` is every known queue plus the configured ones."""
+    if queues is None:
+        return True, [q for q in cfg.queues if q != "*"]
+    if isinstance(queues, str):
+        queues = [queues]
+    return False, list(queues)
+
+
+def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[str, tuple]:
+    """``{queue: (depth, latency_seconds)}`` in one round trip (see the module docstring). ``broker``: a
+    ``worker.fetch.Broker`` (default: the one the enqueue API uses, from ``REDIS_URL``)."""
+    from . import jobs
+    b = broker or jobs._broker()
+    all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
+    if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
+        return {q: (0, 0.0) for q in sorted(set(names))}
+    res = b.r.register_script(STATS)(keys=[], args=[b.keys.prefix, 0, "", "1" if all_known else "0", *names])
+    return _parse(res)[2]
+
+
+def queue_depth(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[str, int]:
+    """``{queue: number of waiting jobs}`` for ``queues`` (default: every queue), in one round trip."""
+    return {q: d for q, (d, _) in queue_stats(queues, broker=broker).items()}
+
+
+def queue_latency(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[str, Optional[float]]:
+    """``{queue: seconds the oldest waiting job has waited}`` (Redis clock; 0.0 when empty, ``None`` when its head
+    is unreadable), for ``queues`` (default: every queue), in one round trip."""
+    return {q: lat for q, (_, lat) in queue_stats(queues, broker=broker).items()}
+
+
+def _no_cfg():
+    from .config import Config
+    return Config()
+
+
+class Sampler:
+    """The worker's side: ``maybe_sample`` from the supervisor's loop logs the l2met line when this worker wins the
+    interval. Costs one comparison when not due, one script call when due (once per interval per worker)."""
+
+    def __init__(self, cfg, worker: str):
+        self.cfg = cfg
+        self.worker = worker
+        self.interval = float(cfg.metrics_interval)
+        self._next = float("-inf") if self.interval > 0 else float("inf")  # -inf: look on the first turn
+        self._script = None
+
+    def maybe_sample(self, broker, log, now_monotonic: float, worker: Optional[str] = None) -> bool:
+        """Log ``sample#queue.<q>.depth=N sample#queue.<q>.latency=Xs`` for every queue if due and this worker
+        wins the interval; returns True when it logged. A Redis error is logged at debug level and waits for the
+        next interval (the worker's own Redis handling deals with outages)."""
+        if now_monotonic < self._next:
+            return False
+        # one interval after the previous look was due, not after now: late loop turns do not drift
+        after = self._next + self.interval
+        self._next = after if after > now_monotonic else now_monotonic + self.interval
+        all_known, names = _names(None, self.cfg)
+        if self._script is None or self._script.registered_client is not broker.r:
+            self._script = broker.r.register_script(STATS)
+        try:
+            res = broker._call(self._script, [], [broker.keys.prefix, int(self.interval * 1000),
+                                                  worker or self.worker, "1" if all_known else "0", *names])
+        except redis.RedisError as exc:
+            log.debug("metrics.skipped", error=f"{type(exc).__name__}: {exc}")
+            return False
+        won, _, stats = _parse(res)
+        if not won:
+            return False
+        fields = {}
+        for q, (depth, latency) in stats.items():
+            fields[f"sample#queue.{q}.depth"] = depth
+            fields[f"sample#queue.{q}.latency"] = None if latency is None else f"{latency:.3f}s"
+        log.info("metrics", **fields)
+        return True
+
+
+__all__ = ["queue_depth", "queue_latency", "queue_stats", "Sampler"]

@@ -1,0 +1,231 @@
+"""Test helpers for apps that use the worker: run jobs inline in unit tests, or a real burst worker in integration
+tests.
+
+**Inline mode** (unit tests, no Redis, no fork)::
+
+    from worker import testing
+
+    def test_signup_sends_welcome():
+        with testing.inline() as jobs_run:
+            signup(...)                          # app code that calls send_welcome.enqueue(user.pk)
+        (j,) = jobs_run.jobs                     # every job enqueued inside the block, in order
+        assert j["name"] == "send_welcome" and j["status"] == "done"
+
+Under ``inline()`` every ``enqueue``/``enqueue_in``/``enqueue_at``/``enqueue_many`` (and ``f.enqueue``) runs the
+job at once, in the calling process and thread, and returns its id; no connection to Redis is ever made. What stays
+as in production: the name must be registered (the job module imported), the arguments go through the same JSON
+encoding (a ``datetime`` argument fails at enqueue with the same ``TypeError``; a tuple arrives as a list), the
+arguments must fit the function, and a return value that is not JSON fails the job. What differs: no retries (one
+attempt), no timeout, no fork (a job's global side effects stay in the test process).
+
+* **Exceptions** of the job propagate out of the enqueue call (like RQ's ``is_async=False``), after the outcome is
+  recorded; ``inline(raise_errors=False)`` only records them (like Celery's eager mode with
+  ``task_eager_propagates`` off): ``status`` ``failed`` and ``error`` ``{type, message, traceback}``.
+* **Scheduled jobs** (``enqueue_in``/``enqueue_at``) run at once by default. ``inline(run_scheduled=False)``
+  records them as ``scheduled`` instead; ``.run_scheduled()`` on the context object runs them (in enqueue order).
+* ``worker.get_job(id)`` answers from the inline records while the block is active (see :func:`lookup`);
+  ``checkpoint()`` is a no-op and ``last_checkpoint(default)`` returns ``default``.
+
+**Burst worker** (integration tests against a real Redis): :func:`run_burst` runs ``python -m worker --burst``
+as a subprocess, which works every queue until it is empty, then exits; it returns the exit code and output.
+
+Interface for ``worker.get_job``: :func:`active` tells whether inline mode is on; :func:`lookup` returns a dict
+with the fields of a job record (``id, name, queue, status, result, error, attempts, enqueued_at, started_at,
+ended_at``) or ``None`` for an id not enqueued in the current inline block.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import traceback
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Optional, Sequence
+
+from . import jobs
+
+#: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
+_stack: list = []
+
+#: Largest payload accepted in inline mode (the MAX_PAYLOAD_BYTES default; the environment is not read).
+_MAX_PAYLOAD = 512 * 1024
+
+
+def active() -> bool:
+    """True inside :func:`inline`."""
+    return bool(_stack)
+
+
+def lookup(job_id: str) -> Optional[dict]:
+    """The record of a job enqueued in the active inline block (innermost first, then enclosing ones), as a dict
+    with the fields of ``worker.get_job``'s result; ``None`` when inline mode is off or the id is unknown.
+    The dict is a copy: changing it changes nothing."""
+    for ctx in reversed(_stack):
+        rec = ctx._by_id.get(job_id)
+        if rec is not None:
+            return dict(rec)
+    return None
+
+
+class InlineJobs:
+    """What :func:`inline` yields: the jobs enqueued in the block, and the broker the enqueue API uses meanwhile.
+
+    ``jobs`` lists every record (dicts, see :func:`lookup`) in enqueue order; ``get(id)`` returns one."""
+
+    inline = True  # worker.metrics: nothing waits in a queue in inline mode
+
+    def __init__(self, raise_errors: bool, run_scheduled: bool):
+        self.raise_errors = raise_errors
+        self.run_at_once = run_scheduled
+        self._by_id: dict = {}
+        self._held: list = []
+
+    @property
+    def jobs(self) -> list:
+        return [dict(rec) for rec in self._by_id.values()]
+
+    def get(self, job_id: str) -> Optional[dict]:
+        rec = self._by_id.get(job_id)
+        return dict(rec) if rec is not None else None
+
+    def run_scheduled(self) -> list:
+        """Run the jobs held as ``scheduled`` (``run_scheduled=False``), in enqueue order; returns their ids."""
+        held, self._held = self._held, []
+        for job_id, doc in held:
+            self._run(doc)
+        return [job_id for job_id, _ in held]
+
+    # --- the broker interface of worker.jobs (push / push_many) ---
+    def push(self, name, args, kwargs, queue=None, due=None, delay=None, **_ignored) -> str:
+        later = (delay is not None and float(delay) > 0) or (due is not None and float(due) > time.time())
+        at = None if not later else (time.time() + float(delay) if delay is not None else float(due))
+        doc = self._record(name, args, kwargs, queue, at)
+        if later and not self.run_at_once:
+            self._by_id[doc["id"]]["status"] = "scheduled"
+            self._held.append((doc["id"], doc))
+        else:
+            self._run(doc)
+        return doc["id"]
+
+    def push_many(self, name, calls, queue=None, **_ignored) -> list:
+        docs = []
+        for call in calls:  # every payload is built (and checked) before any job runs, as in a real bulk enqueue
+            if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
+                args, kwargs = call
+            else:
+                args, kwargs = call, {}
+            docs.append(self._record(name, args, kwargs, queue, None))
+        for doc in docs:
+            self._run(doc)
+        return [d["id"] for d in docs]
+
+    # --- internals ---
+    def _record(self, name, args, kwargs, queue, at) -> dict:
+        if jobs.registered(name) is None:
+            raise ValueError(f"job {name!r} is not registered in this process: inline mode runs jobs in the test "
+                             f"process, so import the module that defines it (e.g. `import myapp.jobs`)")
+        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, _MAX_PAYLOAD, at=at)
+        doc = json.loads(payload)  # the job sees what a worker would: the arguments after a JSON round trip
+        self._by_id[job_id] = {"id": job_id, "name": name, "queue": q, "status": "queued", "result": None,
+                               "error": None, "attempts": 0, "enqueued_at": doc["enqueued_at"], "started_at": None,
+                               "ended_at": None}
+        return doc
+
+    def _run(self, doc) -> None:
+        rec = self._by_id[doc["id"]]
+        spec = jobs.registered(doc["name"])
+        rec.update(status="running", attempts=rec["attempts"] + 1, started_at=round(time.time(), 6))
+        try:
+            try:
+                spec.signature.bind(*doc["args"], **doc["kwargs"])
+            except TypeError as exc:
+                raise jobs.BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
+            result = spec.fn(*doc["args"], **doc["kwargs"])
+            try:
+                result = json.loads(jobs.json_dumps(result))
+            except (TypeError, ValueError) as exc:
+                raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
+                                f"(dict, list, str, number, bool, None) or nothing") from None
+        except Exception as exc:
+            rec.update(status="failed", ended_at=round(time.time(), 6),
+                       error={"type": type(exc).__name__, "message": str(exc)[:2000],
+                              "traceback": traceback.format_exc()[-20000:]})
+            if self.raise_errors:
+                raise
+            return
+        rec.update(status="done", result=result, ended_at=round(time.time(), 6))
+
+
+@contextmanager
+def inline(*, raise_errors: bool = True, run_scheduled: bool = True) -> Iterator[InlineJobs]:
+    """Run every job enqueued inside the block synchronously, in this process, without Redis (see the module
+    docstring). Nests; the enqueue API's previous broker is restored on exit."""
+    from . import child
+    ctx = InlineJobs(raise_errors, run_scheduled)
+    previous = jobs._default
+    _stack.append(ctx)
+    jobs.use(ctx)
+    child._state.inline = True
+    try:
+        yield ctx
+    finally:
+        _stack.remove(ctx)
+        jobs.use(_stack[-1] if _stack else previous)
+        child._state.inline = bool(_stack)
+
+
+# --- integration tests: a real worker in burst mode ---
+
+@dataclass
+class BurstResult:
+    """How a :func:`run_burst` worker ended: its exit code (0 = every queue drained) and its log (stdout+stderr)."""
+
+    returncode: int
+    output: str
+
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0
+
+
+def run_burst(redis_url: str, *, queues: Optional[Sequence[str]] = None, job_modules: Optional[Sequence[str]] = None,
+              env: Optional[Mapping[str, str]] = None, timeout: float = 60.0, cwd: Optional[str] = None,
+              python: Optional[str] = None) -> BurstResult:
+    """Run ``python -m worker --burst`` against ``redis_url`` until every queue it works is empty.
+
+    The worker's environment is this process's, with ``REDIS_URL``, ``QUEUES`` (comma-joined ``queues``) and
+    ``JOB_MODULES`` (comma-joined ``job_modules``) set when given, then ``env`` on top (e.g. ``{"KEY_PREFIX":
+    "test"}``). ``cwd`` (default: the current directory) is where ``python -m`` finds your modules. Jobs run as in
+    production: forked, with retries (a retry's backoff delays the end of the burst) and the failed registry.
+
+    Returns a :class:`BurstResult`; raises ``TimeoutError`` (with the output so far) if the worker is still running
+    after ``timeout`` seconds, after killing it and every process it started.
+    """
+    e = dict(os.environ)
+    e["REDIS_URL"] = redis_url
+    if queues is not None:
+        e["QUEUES"] = ",".join(queues)
+    if job_modules is not None:
+        e["JOB_MODULES"] = ",".join(job_modules)
+    e.update(env or {})
+    e.setdefault("PYTHONUNBUFFERED", "1")
+    proc = subprocess.Popen([python or sys.executable, "-m", "worker", "--burst"], env=e, cwd=cwd,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except OSError:
+            pass
+        out, _ = proc.communicate()
+        raise TimeoutError(f"burst worker still running after {timeout:g}s (killed); output:\n{out}") from None
+    return BurstResult(proc.returncode, out)
+
+
+__all__ = ["inline", "InlineJobs", "active", "lookup", "run_burst", "BurstResult"]
