@@ -1,7 +1,6 @@
 """The job API (issue 12): status and result by id (get_job, `python -m worker job`), RESULT_TTL and keys that
 expire, non-JSON results, hooks (a raising one included), and job code's logging lines carrying the job's id."""
 import json
-import time
 
 import pytest
 

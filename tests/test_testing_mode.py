@@ -184,9 +184,7 @@ def test_blocks_nest_and_restore_the_previous_broker(no_redis):
 
 
 def test_get_job_answers_from_inline_mode(no_redis):
-    get_job = getattr(worker, "get_job", None)
-    if get_job is None:
-        pytest.skip("worker.get_job is issue 12 item 1 (another branch); it consults testing.lookup when merged")
+    get_job = worker.get_job
     with testing.inline(raise_errors=False):
         ok, bad = tm_add.enqueue(1), tm_boom.enqueue("x")
         assert get_job(ok).status == "done" and get_job(ok).result == {"sum": 2}

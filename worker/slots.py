@@ -23,7 +23,7 @@ from typing import Optional
 
 from .child import _FRAME
 from .forkserver import ForkServer, ForkServerError
-from .policy import Kill, Result, Status, result_of
+from .policy import Kill, Result, result_of
 from .signals import RAISE_SIGNAL, kill_job
 
 SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
