@@ -23,6 +23,7 @@ import os
 import signal
 import struct
 import sys
+import threading
 import traceback
 from typing import Any
 
@@ -86,17 +87,25 @@ def last_checkpoint(default: Any = None) -> Any:
     return _state.resume if _state.has_resume else default
 
 
+_lock = threading.Lock()
+
+
 def _write_frame(kind: bytes, data: bytes) -> None:
-    """One whole frame on the report pipe. A TermException that arrives meanwhile is raised once it is written,
-    so the worker never reads half a frame."""
-    _state.writing = True
-    try:
-        view = memoryview(_FRAME.pack(kind, len(data)) + data)
-        while view:
-            view = view[os.write(_state.report_fd, view):]
-    finally:
-        _state.writing = False
-    if _state.deferred:
+    """One whole frame on the report pipe, one writer at a time (jobs may checkpoint from threads). A TermException
+    that arrives while the main thread writes is raised once the frame is whole, so the worker never reads half a
+    frame (the signal handler runs in the main thread only)."""
+    main = threading.current_thread() is threading.main_thread()
+    with _lock:
+        if main:
+            _state.writing = True
+        try:
+            view = memoryview(_FRAME.pack(kind, len(data)) + data)
+            while view:
+                view = view[os.write(_state.report_fd, view):]
+        finally:
+            if main:
+                _state.writing = False
+    if main and _state.deferred:
         _state.deferred = False
         _raise_once()
 
@@ -255,6 +264,8 @@ _OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
 def _finish(report, fd):
     code = 0
     try:
+        if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
+            raise TimeoutError("report pipe busy")
         if report is None:
             data = memoryview(_OK)
         else:

@@ -107,7 +107,7 @@ def _run(cfg, burst: bool) -> int:
     from .supervisor import Supervisor
     setup(cfg.log_level, stamp=cfg.dyno is None)  # the fork server does the same; job children inherit it
     log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
-    broker = Broker(connect(cfg), cfg)
+    broker = Broker(connect(cfg, retries=0), cfg)  # the loop retries (with backoff) and never blocks on it
     return Supervisor(cfg, broker, log, burst=burst).run()
 
 

@@ -44,6 +44,7 @@ from .signals import RAISE_SIGNAL
 FRAME = struct.Struct(">cqq")
 _HEAD = struct.Struct(">IQ")
 _LEN = struct.Struct(">I")
+SEND_TIMEOUT = 2.0  # a payload the server does not take this fast (it is stalled): the server is replaced
 BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, RAISE_SIGNAL}
 
 
@@ -83,7 +84,13 @@ class ForkServer:
     def send(self, seq: int, raw: str, report_w: int) -> None:
         """Hand job ``seq`` to the server (its ``P`` frame follows). Raises :class:`ForkServerError`."""
         try:
-            _send_job(self.sock, seq, raw.encode("utf-8", "surrogateescape"), report_w)
+            self.sock.settimeout(SEND_TIMEOUT)  # a payload larger than the socket buffer waits for the server
+            try:
+                _send_job(self.sock, seq, raw.encode("utf-8", "surrogateescape"), report_w)
+            finally:
+                self.sock.settimeout(None)  # frames are read with MSG_DONTWAIT on a blocking socket
+        except socket.timeout:
+            raise ForkServerError(f"fork server took no job for {SEND_TIMEOUT:g} s (stalled)") from None
         except (OSError, AttributeError) as exc:
             raise ForkServerError(f"fork server unavailable: {exc}") from None
 
@@ -206,6 +213,13 @@ def _frame(sock, kind: bytes, seq: int, value: int, body=None) -> None:
     sock.sendall(data)
 
 
+def _end_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass  # no group left (the child had not set it up yet, or nothing else was in it)
+
+
 def _watch(pid: int):
     """A file descriptor that becomes readable when child ``pid`` exits (pidfd), or None where there is none."""
     try:
@@ -264,12 +278,16 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
             if w >= 0:
                 if w not in ready:
                     continue
+                # it has exited but is not reaped yet, so its process group id cannot be reused: end whatever
+                # the job started and left behind, then reap (a job's processes never outlive it)
+                _end_group(pid)
                 status = os.waitpid(pid, 0)[1]
                 os.close(w)
             else:
-                done, status = os.waitpid(pid, os.WNOHANG)
-                if not done:
+                if os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
                     continue
+                _end_group(pid)
+                status = os.waitpid(pid, 0)[1]
             del running[w]
             _frame(sock, b"S", seq, status)
         if sock not in ready:

@@ -53,6 +53,13 @@ class Result:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
 
 
+KEEP_BAD = 64 * 1024  # characters of an unreadable entry kept in its failure record
+
+
+def _text(value) -> Optional[str]:
+    return None if value is None else str(value)[:20000]
+
+
 def describe_status(status: int) -> str:
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
@@ -74,12 +81,16 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
     if data:
         try:
             report = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # the child is the app's code: whatever it wrote, never trusted
             report = None
     if isinstance(report, dict) and report.get("status") in _REPORTED:
-        value = report.get("result")
-        return Result(_REPORTED[report["status"]], duration, report.get("type"), report.get("message"),
-                      report.get("traceback"), "" if value is None else json.dumps(value, separators=(",", ":")))
+        try:
+            value = report.get("result")
+            text = "" if value is None else json.dumps(value, separators=(",", ":"))
+        except (ValueError, TypeError, RecursionError):
+            return Result(Status.ERROR, duration, "ResultNotJSON", "the job's return value could not be kept")
+        return Result(_REPORTED[report["status"]], duration, _text(report.get("type")), _text(report.get("message")),
+                      _text(report.get("traceback")), text)
     if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
         return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
     if killed is Kill.TIMEOUT:
@@ -149,7 +160,7 @@ def _progress(doc: dict, checkpoint: Optional[str]) -> dict:
     if checkpoint is not None:
         try:
             return {"checkpoint": json.loads(checkpoint)}
-        except ValueError:
+        except (ValueError, RecursionError):
             pass
     return {"checkpoint": doc["checkpoint"]} if "checkpoint" in doc else {}
 
@@ -184,6 +195,9 @@ def _clean(text: Optional[str]) -> Optional[str]:
 
 def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:
     """A queue entry that cannot run: straight to the failed registry (never retried), with the reason."""
-    rec = failed_record(raw, job_id, name, queue, worker, 1, "bad_payload", {"type": "BadJob", "message": reason}, [])
+    rec = failed_record(raw[:KEEP_BAD], job_id, name, queue, worker, 1, "bad_payload",
+                        {"type": "BadJob", "message": reason}, [])
+    if len(raw) > KEEP_BAD:  # a huge entry: keep its head for diagnosis, not the whole of it
+        rec["payload_truncated"] = len(raw)
     return Decision(Outcome.fail(raw, job_id, rec, slot, 1), "job.bad", "warning",
                     dict(job=job_id, queue=queue, reason=reason))

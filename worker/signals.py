@@ -7,8 +7,10 @@ Redis BLPOP is pending.
 
 Signals (Resque's set):
 
-* TERM, INT  - shut down: stop claiming, TermException in the job, kill at the deadline, put back, exit 0.
-              Only the first one counts: repeats never move the deadline.
+* TERM, INT  - shut down: stop claiming, TermException in the jobs, kill at the deadline, put back, exit 0.
+              Only the first one counts: repeats never move the deadline. The first one is also forwarded to the
+              running children by the handler itself (``os.kill``, async-signal-safe), so the exception never
+              waits for a loop that is blocked on a slow Redis call; everything else waits for the loop.
 * QUIT       - stop claiming, let the running jobs finish, then exit; no exception.
 * USR1       - kill every running job child at once (each recorded as failed); keep working.
 * USR2, CONT - pause claiming / resume.
@@ -42,8 +44,9 @@ WATCHDOG_EXIT = 3
 class SignalState:
     """What the signals said. Written only by the handlers (and reset by the loop for ``kill_child``)."""
 
-    def __init__(self, hard_exit_after: Optional[float] = None):
+    def __init__(self, hard_exit_after: Optional[float] = None, grace: float = 0.0):
         self.hard_exit_after = hard_exit_after
+        self.grace = grace
         self.child_pids: set = set()           # pids of running job children (for the watchdog)
         self.stop_at: Optional[float] = None   # time.monotonic() of the first TERM/INT
         self.stop_signal: Optional[int] = None
@@ -63,6 +66,12 @@ class SignalState:
             self.stop_signal = signum
             if self.hard_exit_after:
                 signal.setitimer(signal.ITIMER_REAL, self.hard_exit_after)
+            # Forward the stop at once (foreman signals only us): a loop waiting on a slow Redis call must not
+            # delay the TermException. The loop sends the same signals again when it acts; the child raises once.
+            for pid in list(self.child_pids):
+                _send(pid, signal.SIGTERM)
+                if self.grace <= 0:
+                    _send(pid, RAISE_SIGNAL)
 
     def _on_alarm(self, signum, frame):
         for pid in list(self.child_pids):
@@ -130,6 +139,13 @@ class SignalState:
         except BlockingIOError:
             pass
 
+
+
+def _send(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except OSError:
+        pass
 
 
 def kill_job(pid: int, signum: int) -> None:

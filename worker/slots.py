@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import select
 import signal
 import time
 from typing import Optional
@@ -27,8 +28,10 @@ from .policy import Kill, Result, result_of
 from .signals import RAISE_SIGNAL, kill_job
 
 SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
+REAP_TIMEOUT = 10.0     # ... or that has not reported a child's exit this long after it exited
 START_TIMEOUT = 120.0   # importing the app (Django set-up and the like) may take this long
 MEMORY_POLL = 0.25      # how often a child's memory is read when JOB_MAX_MEMORY_MB is set
+MAX_FRAME = 2 << 20     # a report frame is at most a 512 KiB result plus a traceback; a checkpoint 64 KiB
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -54,6 +57,10 @@ class Slot:
         self.clear()
 
     def clear(self) -> None:
+        if getattr(self, "pidfd", -1) >= 0:
+            os.close(self.pidfd)
+        self.pidfd = -1                      # the worker's own watch on the child (it is the fork server's child)
+        self.exited_at = 0.0                 # when that watch saw it exit (monotonic), while the server says nothing
         self.seq = 0
         self.raw = ""
         self.doc: dict = {}
@@ -69,6 +76,7 @@ class Slot:
         self.checkpoint: Optional[str] = None  # the last checkpoint it sent (JSON text)
         self.saved: Optional[str] = None     # the checkpoint last written to Redis (for a dyno killed outright)
         self.eof = False
+        self.garbled = False                 # the report pipe carried something that is not our frames
         self.status: Optional[int] = None   # wait status from the fork server
         self.killed: Optional[Kill] = None
         self.termed = self.raised = False
@@ -93,9 +101,16 @@ class Slot:
 
     def _frames(self) -> None:
         """Take the complete frames (kind, 4-byte length, JSON) out of the buffer: checkpoints and the report."""
+        if self.garbled:
+            self.buf.clear()
+            return
         buf, at, head = self.buf, 0, _FRAME.size
         while len(buf) - at >= head:
             kind, n = _FRAME.unpack_from(buf, at)
+            if kind not in (b"C", b"R") or n > MAX_FRAME:  # not ours (the job wrote on the fd): ignore the rest
+                self.garbled = True
+                buf.clear()
+                return
             if len(buf) - at - head < n:
                 break
             body = bytes(buf[at + head:at + head + n])
@@ -153,8 +168,9 @@ class SlotTable:
 
     def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int,
               max_interruptions: int = 0, result_ttl: Optional[float] = None) -> None:
-        """Hand a claimed job to the fork server for slot ``index``. Raises :class:`ForkServerError`; the slot is
-        then marked ``unstarted`` and :meth:`collect` returns it."""
+        """Hand a claimed job to the fork server for slot ``index``. If the server cannot take it (gone, or stalled
+        past ``forkserver.SEND_TIMEOUT`` with a large payload), the server is replaced and the slot is marked
+        ``unstarted``: :meth:`collect` returns it, to be put back."""
         slot = self.slots[index]
         self._seq += 1
         slot.seq, slot.raw, slot.doc, slot.queue = self._seq, raw, doc, queue
@@ -165,6 +181,8 @@ class SlotTable:
         fcntl.fcntl(r, fcntl.F_SETFL, os.O_NONBLOCK)
         try:
             self.forks.send(slot.seq, raw, w)
+        except ForkServerError as exc:  # never re-sent on this server: it may hold half a message
+            self._server_failed(str(exc))
         finally:
             os.close(w)
 
@@ -176,7 +194,7 @@ class SlotTable:
             if s.busy and s.status is None and s.checkpoint is not None and s.checkpoint != s.saved:
                 try:
                     json.loads(s.checkpoint)
-                except ValueError:
+                except (ValueError, RecursionError):
                     s.saved = s.checkpoint
                     continue
                 out.append((s.index, s.checkpoint))
@@ -236,11 +254,16 @@ class SlotTable:
             if not s.pid:
                 at = min(at, s.started + SPAWN_TIMEOUT)
                 continue
-            if sig.stop_at is not None:
-                for step in (cfg.term_grace, cfg.term_grace + cfg.term_timeout):
-                    if sig.stop_at + step > now:
-                        at = min(at, sig.stop_at + step)
-                        break
+            if s.exited_at:
+                at = min(at, s.exited_at + REAP_TIMEOUT)
+                continue
+            if sig.stop_at is not None:  # each step at its time; a child whose pid came after the stop: at once
+                if not s.termed:
+                    at = now
+                elif not s.raised:
+                    at = min(at, sig.stop_at + cfg.term_grace)
+                elif s.killed is None:
+                    at = min(at, sig.stop_at + cfg.term_grace + cfg.term_timeout)
             if s.timeout and s.killed is None:
                 at = min(at, s.started + s.timeout)
             if cfg.job_max_memory_mb:
@@ -258,11 +281,17 @@ class SlotTable:
             except ForkServerError as exc:
                 failure = str(exc)
         now = time.monotonic()
+        watched = [s.pidfd for s in self.slots if s.busy and s.pidfd >= 0 and not s.exited_at and s.status is None]
+        gone = set(select.select(watched, [], [], 0)[0]) if watched else ()
         for s in self.slots:
             if s.busy and not s.eof and s.r >= 0:
                 s.read()
+            if s.pidfd in gone:
+                s.exited_at = now
             if failure is None and s.busy and not s.pid and now - s.started > SPAWN_TIMEOUT:
                 failure = f"fork server did not start a job in {SPAWN_TIMEOUT:g} s"
+            if failure is None and s.exited_at and s.status is None and now - s.exited_at > REAP_TIMEOUT:
+                failure = f"fork server did not report a finished job in {REAP_TIMEOUT:g} s"
         if failure is not None:
             self._server_failed(failure)
         done = []
@@ -282,6 +311,10 @@ class SlotTable:
         if kind == b"P":
             slot.pid = value
             self.sig.child_pids.add(value)
+            try:  # a stalled fork server cannot hide a child's end from us: we watch it too
+                slot.pidfd = os.pidfd_open(value)
+            except (AttributeError, OSError):
+                slot.pidfd = -1  # gone already (its S frame follows), or no pidfds here
         elif kind == b"S":
             slot.status = value
             if not slot.eof:
@@ -297,7 +330,11 @@ class SlotTable:
         for s in self.slots:
             if not s.busy or s.status is not None:
                 continue
-            if s.pid:
+            if s.exited_at:  # it ended on its own: what it reported stands
+                s.status = 0
+                s.read()
+                s.eof = True
+            elif s.pid:
                 s.kill(Kill.FORKSERVER)
                 s.status = 0
                 if not s.eof:

@@ -133,8 +133,10 @@ def _latency(head, now: float):
     try:
         doc = json.loads(head)
         at = float(doc["enqueued_at"])
-    except (ValueError, TypeError, KeyError, RecursionError):
-        return None
+        if at != at or at in (float("inf"), float("-inf")):
+            return None
+    except (ValueError, TypeError, KeyError, RecursionError, OverflowError, IndexError, AttributeError):
+        return None  # anyone can push anything to a queue: an unreadable head has an unknown latency
     # The producer's clock may run ahead of Redis's: a job cannot have waited less than nothing.
     return round(max(0.0, now - at), 3)
 

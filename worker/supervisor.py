@@ -42,7 +42,7 @@ class Supervisor:
         self.cfg, self.burst, self.log = cfg, burst, log
         self.name = cfg.worker_name()
         self.metrics = metrics.Sampler(cfg, self.name)  # l2met sample# lines, one worker per METRICS_INTERVAL
-        self.sig = SignalState(hard_exit_after=cfg.hard_exit_after)
+        self.sig = SignalState(hard_exit_after=cfg.hard_exit_after, grace=cfg.term_grace)
         self.slots = SlotTable(cfg, self.sig, log)
         self.broker = broker
         self.waiter = client.Waiter(client.connect(cfg, timeout=cfg.redis_timeout + IDLE_POLL, retries=0,
@@ -141,8 +141,14 @@ class Supervisor:
         if slot.unstarted:  # never reached a child: it goes back as it was
             self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
         else:
-            d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
-                       slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl)
+            try:
+                d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
+                           slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl)
+            except Exception as exc:  # a runtime bug (or data no check foresaw) costs this job, never the worker
+                job_id = jobs.loose_id(slot.raw)
+                self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
+                d = bad(slot.raw, job_id, slot.queue, self.name, f"worker could not record the outcome: "
+                        f"{type(exc).__name__}: {exc}", slot.index)
             if d.event == "job.done":
                 self.processed += 1
             if d.event == "shutdown.job_put_back":
@@ -165,6 +171,9 @@ class Supervisor:
                 raise jobs.BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
         except jobs.BadJob as exc:
             self._note(bad(raw, jobs.loose_id(raw), queue, self.name, str(exc), index))
+            return
+        if not self.slots.ready:  # the fork server was just replaced (a failed hand-over in this same turn)
+            self.pending.append(Outcome.requeue(raw, queue, index))
             return
         timeout = meta["timeout"] if meta["timeout"] is not None else self.cfg.job_timeout
         retries = meta["retries"] if meta["retries"] is not None else self.cfg.job_retries
@@ -198,7 +207,7 @@ class Supervisor:
             if self.ticker and (self.sig.stopping or self.sig.quit or self.fatal):
                 self.ticker = None  # a stopping worker enqueues no more ticks, and waits for none
             elif self.ticker and self.ticker.due():
-                self.ticker.run()  # claims and enqueues the periodic jobs whose tick is due
+                self._guarded(self.ticker.run)  # claims and enqueues the periodic jobs whose tick is due
             while self.adopted and self._can_claim():
                 raw = self.adopted.pop(0)
                 queue = jobs.queue_of(raw, self._fallback_queue())
@@ -213,15 +222,27 @@ class Supervisor:
             stop_news = (self.sig.stopping or self.sig.quit) and not self._shown_stop
             if self.pending or claim or now >= self._next_beat or stop_news:
                 self._cycle(claim)
+            now = time.monotonic()
+            if now - t0 > STALL:  # this turn's calls were slow: Redis stalled; owners get to beat first
+                self._quiet_until = now + self.cfg.heartbeat_ttl
             if now >= self._next_recover and now >= self._quiet_until:
                 self._recover()
-            self.metrics.maybe_sample(self.broker, self.log, now, self.name)
-            if time.monotonic() - t0 > STALL:
-                self._quiet_until = time.monotonic() + self.cfg.heartbeat_ttl
+            self._guarded(self.metrics.maybe_sample, self.broker, self.log, now, self.name)
             self._outage_over()
         except redis.RedisError as exc:
             self._resync = True  # the failed call may have run: check our processing list when Redis is back
             self._redis_down(exc)
+
+    def _guarded(self, fn, *args) -> None:
+        """Run an extra (metrics, schedules) so that nothing but a Redis error escapes it: a bug or odd data there
+        is logged and costs that extra, never the loop that runs the jobs."""
+        try:
+            fn(*args)
+        except redis.RedisError:
+            raise
+        except Exception as exc:
+            self.log.error("worker.extra_failed", what=getattr(fn, "__qualname__", str(fn)),
+                           error=f"{type(exc).__name__}: {exc}")
 
     def _cycle(self, claim: list) -> None:
         sig = self.sig
