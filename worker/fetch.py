@@ -100,8 +100,8 @@ ENQUEUE_DEDUPE_MIN = 60.0
 
 
 class Cycle(NamedTuple):
-    """What :meth:`Broker.cycle` found: the claims made (one per slot at most), the next scheduled due time (ms,
-    when nothing was claimed), the queue names considered (when nothing was claimed), and how many jobs the
+    """What :meth:`Broker.cycle` found: the claims made (one per slot at most), the milliseconds until the next
+    scheduled job is due on Redis's clock (when nothing was claimed), the queue names considered (when nothing was claimed), and how many jobs the
     processing list holds afterwards."""
 
     claims: list

@@ -95,7 +95,8 @@ return 1
 # Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
 # in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
-# Returns {held, next_due, nclaims, slot1, payload1, queue1, ..., queue names considered...}
+# Returns {held, ms until the next scheduled job is due ('' if none; only when nothing was claimed), nclaims,
+#          slot1, payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
 CYCLE = PRELUDE + r"""
 local processing, workers, wh, scheduled, paused, known = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local worker, ttl_ms = ARGV[2], tonumber(ARGV[3])
@@ -220,7 +221,7 @@ redis.call('HSET', wh, unpack(wf))
 res[1], res[3] = redis.call('LLEN', processing), claimed
 if claimed == 0 then
   local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
-  res[2] = nxt[2] or ''
+  res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
   for _, q in ipairs(queues) do res[#res + 1] = q end
 end
 return res

@@ -265,7 +265,8 @@ class Supervisor:
         if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
             self._claim = False
             self._drained = not self.slots.busy()
-            wait = IDLE_POLL if c.next_due is None else min(IDLE_POLL, max(0.01, c.next_due / 1000 - time.time()))
+            # next_due is counted on Redis's clock (the one that moves scheduled jobs), never against ours
+            wait = IDLE_POLL if c.next_due is None else min(IDLE_POLL, max(0.01, c.next_due / 1000))
             self._idle_until = time.monotonic() + wait
             queues = c.queues if self.cfg.all_queues else self.cfg.queues
             if queues and not self.burst:
