@@ -13,8 +13,27 @@ Run workers with ``python -m worker`` (see the README for configuration and the 
 """
 from .child import TermException, checkpoint, last_checkpoint, shutdown_requested
 from .jobs import enqueue, enqueue_at, enqueue_in, enqueue_many, job
-from .metrics import queue_depth, queue_latency
-from .results import Job, get_job
+
+# Imported on first use: the fork server (and every job child it forks) imports this package, and stays lean only
+# if redis-py and the status code are not pulled in with it (each imported module is pages every fork copies).
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # what type checkers see; at run time these load on first use (below)
+    from .metrics import queue_depth, queue_latency
+    from .results import Job, get_job
+
+_LAZY = {"get_job": "results", "Job": "results", "queue_depth": "metrics", "queue_latency": "metrics"}
+
+
+def __getattr__(name):
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'worker' has no attribute {name!r}")
+    import importlib
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value
+    return value
+
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
            "checkpoint", "last_checkpoint", "get_job", "Job", "queue_depth", "queue_latency"]
