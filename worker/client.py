@@ -1,8 +1,8 @@
 """Redis connections built from the config: TLS for ``rediss://``, bounded timeouts, redis-py's own retry/backoff.
 
-A worker process holds one connection (single-threaded parent; children never touch Redis), plus a short-lived one
-only while it writes its last bookkeeping during shutdown. Heroku's small Redis plans cap connections, so nothing
-here opens a connection per job.
+A worker process holds two connections whatever WORKER_CONCURRENCY is: its commands (through a :class:`Link`) and
+its idle BLPOP (a :class:`Waiter`); children never touch Redis. A short-lived third replaces the first only for the
+last bookkeeping of a shutdown. Heroku's small Redis plans cap connections, so nothing here opens one per job.
 """
 from __future__ import annotations
 

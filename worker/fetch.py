@@ -116,7 +116,8 @@ def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float
 
 
 class Broker:
-    """All Redis operations of the runtime on one client (one connection in a single-threaded process)."""
+    """All Redis operations of the runtime on one client (one connection in a single-threaded process). In the
+    worker, ``link`` makes the script calls wait in the loop's ``select`` (see :class:`worker.client.Link`)."""
 
     def __init__(self, redis_client, cfg: Config, link=None):
         self.r = redis_client
