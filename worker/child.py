@@ -28,7 +28,8 @@ import traceback
 from typing import Any
 
 from . import hooks
-from .log import context as log_context
+from . import jobs as _jobs
+from . import log as _log
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -53,6 +54,8 @@ class _ChildState:
     deferred = False   # ... and is raised right after
     resume = None      # the checkpoint an earlier, interrupted run left ("checkpoint" in the payload)
     has_resume = False
+    hooks_on = False   # worker.hooks has hooks (known in the fork server, before any fork)
+    log_fields = None  # job=/name= for the job's logging records
     inline = False     # worker.testing.inline() is active: checkpoint() is a no-op
 
 
@@ -150,6 +153,8 @@ def install(grace: float) -> None:
     the blocked mask, and :func:`run` unblocks. Doing this once saves each child a dozen calls on the hot path.
     """
     _state.grace = grace
+    _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
+    _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
     _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
     _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
     _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # job code may use alarm()
@@ -179,17 +184,19 @@ def setup(parent_pid: int) -> None:
 def run_payload(data: bytes, report_fd: int) -> None:
     """Decode the payload the worker claimed (it checked the JSON's shape), bind its arguments and run it. A job the
     worker could not check (arguments that do not fit the function) is reported as ``bad``. Never returns."""
-    from . import jobs
     doc = json.loads(data.decode("utf-8", "surrogateescape"))
-    spec = jobs.registered(doc["name"])
+    spec = _jobs.registered(doc["name"])
     problem = None
     if spec is None:
         problem = f"job name {doc['name']!r} is not registered (JOB_MODULES)"
     else:
         try:
-            spec.signature.bind(*doc["args"], **doc["kwargs"])
+            if spec.fits is not None:
+                spec.fits(*doc["args"], **doc["kwargs"])
+            else:
+                spec.signature.bind(*doc["args"], **doc["kwargs"])
         except TypeError as exc:
-            problem = f"arguments do not fit {spec.name}{spec.signature}: {exc}"
+            problem = f"arguments do not fit {spec.name}{spec.signature}: {str(exc).replace('fits()', 'the job')}"
     if problem is not None:
         _finish({"status": "bad", "type": "BadJob", "message": problem}, report_fd)
     run(spec, doc, report_fd)
@@ -201,9 +208,9 @@ def run(spec, doc, report_fd: int) -> None:
     _state.report_fd = report_fd
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
-    log_context.update(job=doc["id"], name=spec.name)  # on every logging record of the job's own code
+    _state.log_fields = {"job": doc["id"], "name": spec.name}  # on every logging record of the job's own code
     info = hooks.JobInfo(doc["id"], spec.name, doc.get("queue") or "", doc["args"], doc["kwargs"],
-                         doc.get("attempts") or 0) if hooks.active() else None
+                         doc.get("attempts") or 0) if _state.hooks_on else None
     outcome = None
     try:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now

@@ -40,6 +40,7 @@ class JobSpec:
     max_interruptions: Optional[int] = None
     result_ttl: Optional[float] = None
     schedule: Optional[dict] = None  # every=/cron= and fixed arguments (worker/schedule.py), None if not periodic
+    fits: Optional[Callable] = None  # raises TypeError if the arguments do not fit (see arity_checker)
 
 
 _REGISTRY: dict = {}
@@ -103,7 +104,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         if result_ttl is not None and not result_ttl >= 0:
             raise ValueError("job result_ttl must be >= 0 seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl, sched)
+                                      result_ttl, sched, arity_checker(f))
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -111,6 +112,25 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
         return f
     return register(fn) if fn is not None else register
+
+
+def arity_checker(fn: Callable) -> Optional[Callable]:
+    """A do-nothing function with ``fn``'s parameters (defaults and annotations dropped): calling it raises
+    ``TypeError`` exactly when ``fn`` would refuse the arguments, through the interpreter's own argument parsing.
+    The job child checks a payload's arguments with it before running the job: ``inspect.Signature.bind`` would
+    touch dozens of the app's shared pages per job (each a copy-on-write fault). None if ``fn`` has no signature."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return None
+    params = [p.replace(annotation=p.empty, default=None if p.default is not p.empty else p.empty)
+              for p in sig.parameters.values()]
+    ns: dict = {}
+    try:
+        exec(f"def fits{sig.replace(parameters=params, return_annotation=sig.empty)}:\n    pass", ns)
+    except SyntaxError:
+        return None
+    return ns["fits"]
 
 
 def registered(name: str) -> Optional[JobSpec]:

@@ -76,8 +76,10 @@ class Logger:
         return LEVELS[level] >= self.threshold
 
 
-#: Fields added to every ``logging`` record's line in this process (a job child sets ``job`` and ``name``).
+#: Fields added to every ``logging`` record's line in this process; ``context_source``, if set, supplies more
+#: (a job child's ``job`` and ``name``, read only when a record is formatted).
 context: dict = {}
+context_source = None
 
 _CONFIGURED = []
 
@@ -92,6 +94,9 @@ class KeyValueFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = {"logger": record.name, "msg": record.getMessage(), **context}
+        extra = context_source() if context_source is not None else None
+        if extra:
+            fields.update(extra)
         if record.exc_info:
             fields["exc"] = self.formatException(record.exc_info)
         level = "warning" if record.levelname == "WARN" else record.levelname.lower()
