@@ -182,7 +182,7 @@ class Bench:
         if not n:
             return
         if runtime == "ours":
-            enqueue_many(name, [list(args)] * n)
+            enqueue_many(name, [list(args)] * n, queue="default")
             return
         from rq import Queue
         import concurrency_jobs
@@ -597,7 +597,7 @@ def memory(b: Bench, args, tmp: str) -> dict:
                 log(f"   (fork server's own RSS: {fs[0].get('rss', 0):.0f} MB, PSS {fs[0].get('pss', 0):.0f} MB)")
             row(f"idle, WORKER_CONCURRENCY={n}", tree_memory(p.pid), idle_limit, root=p.pid)
             if n == 4:
-                enqueue_many("hold", [[args.job_mb, f"t{i}"] for i in range(4)])
+                enqueue_many("hold", [[args.job_mb, f"t{i}"] for i in range(4)], queue="default")
                 wait_for(lambda: b.r.llen("bench:ready") >= 4, 60, "4 jobs holding their memory")
                 settle(p.pid, 6)
                 row(f"4 jobs x {args.job_mb} MB running, N=4", tree_memory(p.pid), run_limit, root=p.pid)
