@@ -195,3 +195,30 @@ class InProcessWorker:
         self.sup.slots.forks.kill()
         self.sup.waiter.close()
         self.broker.r.close()
+
+
+def failure(r, job_id, timeout=15.0) -> dict:
+    """The failure record of ``job_id`` once written (the log line comes first: the record is written by the
+    worker's next Redis call)."""
+    import json
+    deadline = time.monotonic() + timeout
+    while True:
+        raw = r.hget("worker:failed:data", job_id)
+        if raw:
+            return json.loads(raw)
+        assert time.monotonic() < deadline, f"no failure record for {job_id}"
+        time.sleep(0.02)
+
+
+def children(pid: int) -> list:
+    """Live direct children of ``pid`` (by parent pid in /proc)."""
+    return [c for c in descendants(pid) if _ppid(c) == pid]
+
+
+def _ppid(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return -1
+    return int(stat[stat.rindex(")") + 2:].split()[1])

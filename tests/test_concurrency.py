@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import events, runs, wait_until
+from tests.support import events, failure, runs, wait_until
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -71,14 +71,6 @@ def wait_sleeping(w, n, timeout=10.0) -> list:
         time.sleep(0.01)
 
 
-def failure(r, job_id, timeout=15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = r.hget("worker:failed:data", job_id)
-        if raw:
-            return json.loads(raw)
-        assert time.monotonic() < deadline, f"no failure record for {job_id}"
-        time.sleep(0.02)
 
 
 # --- 1. the SIGTERM contract, four slots at once ---

@@ -18,7 +18,7 @@ import pytest
 import tests.jobs  # noqa: F401  (registers push etc. for Broker.push)
 import tests.jobs_review  # noqa: F401
 from tests.dyno import sleeping
-from tests.support import forkserver_of, wait_until
+from tests.support import children, forkserver_of, wait_until
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -386,19 +386,6 @@ def test_parent_only_stop_reaches_a_running_job_at_once(r, spawn, enqueue):
     assert w.wait(10) == 0
 
 
-def children(pid: int) -> list:
-    out = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            fields = stat[stat.rindex(")") + 2:].split()
-            if int(fields[1]) == pid and fields[0] not in "ZX":
-                out.append(int(entry))
-    return out
 
 
 @pytest.mark.timeout(30)

@@ -22,7 +22,7 @@ import pytest
 
 from tests import dyno
 from tests.conftest import PYTHON, REPO, descendants
-from tests.support import InProcessWorker
+from tests.support import InProcessWorker, failure
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -116,16 +116,6 @@ def started(r, w, key="ev") -> dict:
     return ev
 
 
-def failure(r, job_id, timeout=15.0) -> dict:
-    """The failure record of ``job_id`` once written (the log line comes first: the record is written by the
-    worker's next Redis call)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        raw = r.hget("worker:failed:data", job_id)
-        if raw:
-            return json.loads(raw)
-        assert time.monotonic() < deadline, f"no failure record for {job_id}"
-        time.sleep(0.02)
 
 
 def processed(r) -> int:
