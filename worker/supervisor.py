@@ -121,8 +121,6 @@ class Supervisor:
                 return False
             if self.slots.server_late():
                 self._fatal("cannot start jobs: the fork server did not start in time")
-            if self.slots.broken:
-                self._fatal(self.slots.broken)
                 return False
             if not self.slots.ready:
                 self._select([self.slots.forks.fileno()], 1.0)
