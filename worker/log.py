@@ -116,5 +116,8 @@ def setup(level: str = "INFO", stamp: bool = True, stream=None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(LEVELS.get(level.upper(), 20))
+    # redis-py's own DEBUG chatter (one line per connection about server features) says nothing to a user of this
+    # runtime; its INFO and above still come through, formatted like everything else
+    logging.getLogger("redis").setLevel(max(LEVELS.get(level.upper(), 20), LEVELS["INFO"]))
     logging.captureWarnings(True)
     _CONFIGURED.append(handler)
