@@ -29,9 +29,12 @@ def ck_then_hang(key, count=1):
     """``checkpoint(0 .. count-1)`` as fast as it can, say so, then wait to be stopped (ignoring TermException)."""
     for i in range(count):
         checkpoint(i)
-    event(key, "ready", resumed_from=last_checkpoint())
-    while True:
+    ready = False
+    while True:  # stubborn from here on, the readiness event included: a stop can never end it early
         try:
+            if not ready:
+                ready = True
+                event(key, "ready", resumed_from=last_checkpoint())
             time.sleep(60)
         except TermException:
             pass

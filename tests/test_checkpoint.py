@@ -57,7 +57,8 @@ def test_a_200_item_job_stopped_three_times_finishes_with_nothing_skipped(r, cli
         assert not report.sigkilled and w.wait(5) == 0, w.output
         assert f"interruptions={stop}" in w.output, w.output
         head = json.loads(r.lindex(K.queue("default"), 0))
-        assert head["interruptions"] == stop and head["checkpoint"] == max(items(r, "it")) + 1
+        # the item is recorded, then checkpointed: a stop between the two leaves it to be done again (once)
+        assert head["interruptions"] == stop and head["checkpoint"] in (max(items(r, "it")) + 1, max(items(r, "it")))
     w = spawn("--burst", **FAST)
     assert w.wait(30) == 0, w.output
     done = items(r, "it")
