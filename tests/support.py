@@ -30,6 +30,19 @@ def wait_until(pred, timeout, what):
         time.sleep(0.05)
 
 
+_SEEN_LATE = """
+for _, w in ipairs(ARGV) do
+  local s = redis.call('ZSCORE', KEYS[1], w)
+  if s then redis.call('HSET', KEYS[2], w, s .. '@0') end
+end"""
+
+
+def seen_late_long_ago(r, *names, prefix: str = "worker") -> None:
+    """Mark workers (fakes registered with a past score) as first seen late at the epoch, as a recovery pass long
+    ago would have (``lua.RECOVER``): the next pass finds them dead at once instead of giving them their grace."""
+    r.eval(_SEEN_LATE, 2, f"{prefix}:workers", f"{prefix}:suspects", *names)
+
+
 def descendants(pid: int) -> list:
     """Every live process below ``pid`` (by parent pid, so children that left the process group count too)."""
     children = {}

@@ -20,6 +20,7 @@ import signal
 import time
 
 import pytest
+import redis
 
 from tests import dyno
 from tests.support import client_pause, events, forkserver_of, overlaps, runs, wait_until
@@ -138,12 +139,6 @@ def test_fast_heartbeat_worker_never_recovers_a_default_workers_job(r, spawn, en
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.xfail(strict=False, reason=(
-    "known race, issue 10 left open: a RECOVER call sent just as Redis pauses runs, when the pause ends, before the "
-    "owners' queued heartbeats, so it sees their deadlines passed (seen once in 4 fresh-clone CI runs). The "
-    "recovering worker's own stall check cannot see a stall its call was already queued in; the fix is a "
-    "server-side gap detector (CYCLE records the time of the last script; RECOVER spares workers for their own "
-    "TTL after a gap). Kept as a live reproduction: it reports XPASS whenever the race is not hit."))
 def test_workers_with_different_heartbeats_through_a_stall_never_run_a_job_twice(r, spawn, enqueue, redis_server):
     """Issue 10's "done when": two busy workers with different heartbeat settings and an idle third one, and a
     Redis stall longer than the shorter TTL (and than the longer one): every job runs once."""
@@ -164,6 +159,56 @@ def test_workers_with_different_heartbeats_through_a_stall_never_run_a_job_twice
     assert_ran_once(r, "ev", ["a", "b"])
     for w in (a, b, c):
         assert "event=recovery." not in w.output, w.output
+
+
+@pytest.mark.timeout(60)
+def test_a_recovery_call_queued_in_a_stall_spares_the_owner(r, spawn, enqueue, redis_server):
+    """The race the test above can hit by chance, made certain: a recovery pass sent while Redis is paused runs
+    first when it resumes (Redis resumes paused clients in order), before the owner's queued heartbeat, and finds
+    the owner's deadline passed. It must only mark it late; the owner beats within its grace, and its job runs
+    once."""
+    a = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="1", HEARTBEAT_TTL="3")
+    a_name = name_of(a)
+    enqueue("cc_span", "ev", "a", seconds=7)
+    wait_event(r, "ev", "start", "a")
+    recoverer = Broker(redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=30),
+                       from_mapping({"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.5",
+                                     "HEARTBEAT_TTL": "2"}))
+    recoverer.r.ping()
+    client_pause(redis_server.url, 4000)  # longer than A's TTL: its deadline passes inside the stall
+    first = recoverer.recover(skip="test")  # queued behind the pause, ahead of A's next beat
+    assert first == [] and first.wait is not None, (first, a.output)  # A was seen late, and only marked
+    assert recoverer.r.hget("worker:suspects", a_name) is not None
+    while count(r, "ev", "end", "a") == 0:  # every later pass finds A alive (it beat within its grace)
+        assert recoverer.recover(skip="test") == [], a.output
+        time.sleep(0.05)
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
+    assert_ran_once(r, "ev", ["a"])
+    assert not r.hexists("worker:suspects", a_name), "the mark goes once A beat again"
+
+
+def test_a_late_worker_is_dead_only_after_its_grace_from_the_first_sighting(r, redis_server):
+    """lua.RECOVER's rule on a registered worker, step by step (no processes): late -> marked; beats -> mark
+    dropped; late again -> marked afresh (an old mark never counts); late for its grace -> recovered."""
+    cfg = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.1", "HEARTBEAT_TTL": "0.7"}
+    owner, other = Broker(r, from_mapping(cfg)), Broker(r, from_mapping(cfg))
+    owner.register("w:1", {"state": "busy"})
+    r.rpush("worker:processing:w:1", worker_jobs.build_payload("push", ["out", 1], {}, None, 1024)[2])
+    assert r.hget("worker:worker:w:1", "interval") == "100"
+    r.zadd(WORKERS, {"w:1": redis_ms(r) - 1})  # its deadline just passed
+    seen = other.recover()
+    assert seen == [] and 0 < seen.wait <= 1.1, seen.wait  # grace: its interval (0.1 s) + 1 s
+    assert other.recover() == []  # still within its grace
+    owner.heartbeat("w:1")
+    again = other.recover()
+    assert again == [] and again.wait is None and not r.exists("worker:suspects")
+    r.zadd(WORKERS, {"w:1": redis_ms(r) - 1})
+    fresh = other.recover()
+    assert fresh == [] and fresh.wait > 1.0, fresh.wait  # marked afresh: the grace starts over
+    time.sleep(fresh.wait + 0.05)
+    done = other.recover()
+    assert len(done) == 1 and done[0].startswith("requeued:") and done.wait is None
+    assert r.llen(QUEUE) == 1 and not r.exists("worker:suspects", "worker:processing:w:1")
 
 
 # --- #3c a fork-server restart with a slow import ---

@@ -22,7 +22,7 @@ from worker import client, jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
-from tests.support import free_port, start_redis_server
+from tests.support import free_port, seen_late_long_ago, start_redis_server
 
 WORKERS = "worker:workers"
 
@@ -95,6 +95,7 @@ def test_hostile_attempts_do_not_stop_recovery_of_any_worker(r, attempts):
     # recovery walks a list from its tail: g2 is handled before the hostile entry, g1 after it
     r.rpush("worker:processing:dead:1", _job("g1"), hostile, _job("g2"))
     r.rpush("worker:processing:dead:2", _job("g3", queue="mail"))
+    seen_late_long_ago(r, "dead:1", "dead:2")
     results = [b.recover() for _ in range(3)]
     assert results[1] == [] and results[2] == [], results
     assert _queued_ids(r, "mail") == ["g3"]
@@ -119,6 +120,7 @@ def test_recovery_survives_a_wake_key_of_the_wrong_type(r):
     r.zadd(WORKERS, {"dead:1": 0, "dead:2": 1})
     r.rpush("worker:processing:dead:1", _job("g1"), _job("o", queue="odd"), _job("g2"))
     r.rpush("worker:processing:dead:2", _job("g3"))
+    seen_late_long_ago(r, "dead:1", "dead:2")
     for _ in range(3):
         b.recover()
     assert _queued_ids(r) == ["g1", "g2", "g3"]
@@ -132,6 +134,7 @@ def test_recovery_records_the_queue_of_a_payload_cjson_cannot_read(r):
     b = _broker(r)
     r.zadd(WORKERS, {"dead:1": 0})
     r.rpush("worker:processing:dead:1", '{"id":"s","name":"push","queue":"mail","args":["\\udce9"],"kwargs":{}}')
+    seen_late_long_ago(r, "dead:1")
     assert len(b.recover()) == 1
     (rec,) = [json.loads(x) for x in r.hvals("worker:failed:data")]
     assert rec["queue"] == "mail"

@@ -6,7 +6,7 @@ import subprocess
 
 import pytest
 
-from tests.support import wait_until
+from tests.support import seen_late_long_ago, wait_until
 from worker.config import from_mapping, redact_url
 from worker.fetch import Broker
 
@@ -24,6 +24,7 @@ def test_recovery_survives_unencodable_history_and_requeues_each_job_once(r):
     good = json.dumps({"id": "g", "name": "push", "queue": "default", "args": [], "kwargs": {}})
     r.zadd("worker:workers", {"dead:1": 0})
     r.rpush("worker:processing:dead:1", poison, good)
+    seen_late_long_ago(r, "dead:1")
     assert sorted(b.recover()) == ["requeued:g", "requeued:p"]
     assert b.recover() == [] and b.recover() == []
     ids = sorted(json.loads(x.replace("NaN", "0"))["id"] for x in r.lrange("worker:queue:default", 0, -1))
@@ -34,6 +35,7 @@ def test_recovery_without_a_queue_field_goes_to_default(r):
     b = _broker(r)
     r.zadd("worker:workers", {"dead:2": 0})
     r.rpush("worker:processing:dead:2", '{"id":"q","name":"push","args":[],"kwargs":{}}')
+    seen_late_long_ago(r, "dead:2")
     assert b.recover() == ["requeued:q"]
     assert json.loads(r.lindex("worker:queue:default", 0))["id"] == "q"
 

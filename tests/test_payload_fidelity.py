@@ -1,6 +1,7 @@
 """Lua bookkeeping must never change a job's own arguments (cjson turns [] into {} if it re-encodes)."""
 import json
 
+from tests.support import seen_late_long_ago
 from worker.config import from_mapping
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
@@ -23,6 +24,7 @@ def test_recovery_keeps_arguments_and_counts_the_attempt(r):
     b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
     r.zadd("worker:workers", {"dead:1": 0})  # heartbeat at the epoch: long expired
     r.rpush("worker:processing:dead:1", _payload())
+    seen_late_long_ago(r, "dead:1")
     assert b.recover() == ["requeued:j1"]
     doc = json.loads(r.lindex("worker:queue:default", 0))
     assert doc["args"] == ARGS and doc["kwargs"] == KWARGS
@@ -33,6 +35,7 @@ def test_recovery_keeps_arguments_and_counts_the_attempt(r):
     r.delete("worker:queue:default")
     r.zadd("worker:workers", {"dead:2": 0})
     r.rpush("worker:processing:dead:2", json.dumps(doc))
+    seen_late_long_ago(r, "dead:2")
     b.recover()
     doc2 = json.loads(r.lindex("worker:queue:default", 0))
     assert doc2["attempts"] == 2 and len(doc2["errors"]) == 2 and doc2["args"] == ARGS

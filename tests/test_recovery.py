@@ -20,7 +20,7 @@ import worker.jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
-from tests.support import wait_until
+from tests.support import seen_late_long_ago, wait_until
 
 from .conftest import PYTHON, REPO
 
@@ -155,6 +155,7 @@ def _dead_worker(r, name, n, key):
     r.rpush(f"worker:processing:{name}", *payloads)
     r.zadd(WORKERS, {name: redis_ms(r) - 10_000})
     r.hset(f"worker:worker:{name}", mapping={"state": "busy"})
+    seen_late_long_ago(r, name)  # and seen late by a recovery pass long ago: the next pass finds it dead
     return [json.loads(p)["id"] for p in payloads]
 
 

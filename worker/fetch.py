@@ -55,6 +55,7 @@ class Outcome:
     result: str = ""        # ACK: the job's return value (JSON), '' for None
     keep_ms: Optional[int] = None  # ACK: how long its status record (and result) is kept; None = RESULT_TTL
     attempts: int = 0       # FAIL, RETRY: failed attempts so far
+    started_ms: int = 0     # when it was claimed (ms, Redis clock, from Claim.at); 0 = unknown (read from Redis)
 
     @classmethod
     def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None):
@@ -77,7 +78,7 @@ class Outcome:
                    attempts=attempts)
 
     def wire(self, cfg: Config) -> tuple:
-        """The seven CYCLE arguments of this outcome: op, slot, payload, job id, a, b, c (see ``lua.CYCLE``)."""
+        """The eight CYCLE arguments of this outcome: op, slot, payload, job id, a, b, c, started (``lua.CYCLE``)."""
         if self.op is Op.ACK:
             keep = self.keep_ms if self.keep_ms is not None else int(cfg.result_ttl * 1000)
             a, b, c = self.result, keep, ""
@@ -87,13 +88,14 @@ class Outcome:
             a, b, c = self.new_payload, self.delay_ms, self.attempts
         else:
             a, b, c = self.queue, self.new_payload, ""
-        return self.op.value, self.slot, self.payload, self.job_id, a, b, c
+        return self.op.value, self.slot, self.payload, self.job_id, a, b, c, self.started_ms or ""
 
 
 class Claim(NamedTuple):
     slot: int
     payload: str
     queue: str
+    at: int = 0  # when it was claimed (ms, Redis clock): the job's started_at, handed back with its outcome
 
 #: Seconds an enqueue call's dedupe key lives at least (``P:enq:<id>``, see :attr:`Broker.dedupe_ttl_ms`).
 ENQUEUE_DEDUPE_MIN = 60.0
@@ -113,6 +115,18 @@ class Cycle(NamedTuple):
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
     """Exponential backoff for retry number ``attempt`` (1-based), jittered to 50-100% of the step."""
     return random.uniform(0.5, 1.0) * min(cap, base * (2 ** max(0, attempt - 1)))
+
+
+RECOVER_SLACK_MS = 1000  # a late worker's grace is its own interval + this: time to beat again after a stall
+
+
+class Recovered(list):
+    """What :meth:`Broker.recover` did (``'requeued:<id>'`` / ``'failed:<id>'`` items), and ``wait``: seconds until
+    the grace of a worker seen late (not yet dead) ends, when another pass may find it dead; ``None`` if none."""
+
+    def __init__(self, items, wait: Optional[float] = None):
+        super().__init__(items)
+        self.wait = wait
 
 
 class Broker:
@@ -206,20 +220,23 @@ class Broker:
         k, ttl = self.keys, int(self.cfg.heartbeat_ttl * 1000)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(k.worker(worker))
-            pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl))
+            pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl, interval=int(self.cfg.heartbeat_interval * 1000)))
             pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
             pipe.execute()
 
-    def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "", checkpoints=()) -> Cycle:
-        """Record ``outcomes``, refresh the heartbeat, move due scheduled jobs and claim a job for each slot number
-        in ``claim``, in one round trip (``lua.CYCLE``). ``busy``: slots still running besides new claims; ``mode``:
-        a state to show instead of the derived one; ``checkpoints``: ``(slot, JSON)`` of running jobs whose progress
-        changed, kept for recovery. ``Cycle.held`` counts what the processing list holds
-        afterwards: more than the caller knows of means an earlier call's reply was lost after it claimed."""
+    def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "", checkpoints=(),
+              beat: bool = True, tidy: bool = True) -> Cycle:
+        """Record ``outcomes``, refresh the heartbeat (``beat``), move due scheduled jobs (``tidy``) and claim a job
+        for each slot number in ``claim``, in one round trip (``lua.CYCLE``). ``busy``: slots still running besides
+        new claims; ``mode``: a state to show instead of the derived one; ``checkpoints``: ``(slot, JSON)`` of
+        running jobs whose progress changed, kept for recovery. ``Cycle.held`` counts what the processing list holds
+        afterwards (-1 when not beating): more than the caller knows of means an earlier call's reply was lost after
+        it claimed."""
         k, c = self.keys, self.cfg
         queues = [] if c.all_queues else list(c.queues)
-        args = [k.prefix, worker, int(c.heartbeat_ttl * 1000), c.failed_max, int(c.failed_ttl * 1000),
-                "1" if c.all_queues else "0", mode, busy, len(queues), *queues, len(checkpoints)]
+        args = [k.prefix, worker, int(c.heartbeat_ttl * 1000) if beat else "", c.failed_max,
+                int(c.failed_ttl * 1000), "1" if c.all_queues else "0", mode, busy, "1" if tidy else "0",
+                len(queues), *queues, len(checkpoints)]
         for slot, value in checkpoints:
             args += [slot, value]
         args.append(len(outcomes))
@@ -228,9 +245,9 @@ class Broker:
         args.extend(claim)
         res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
                                        k.queues], args)
-        n = int(res[2])
-        claims = [Claim(int(res[3 + 3 * i]), res[4 + 3 * i], res[5 + 3 * i]) for i in range(n)]
-        return Cycle(claims, float(res[1]) if res[1] else None, list(res[3 + 3 * n:]), int(res[0]))
+        now, n = int(res[2]), int(res[3])
+        claims = [Claim(int(res[4 + 3 * i]), res[5 + 3 * i], res[6 + 3 * i], now) for i in range(n)]
+        return Cycle(claims, float(res[1]) if res[1] else None, list(res[4 + 3 * n:]), int(res[0]))
 
     def _call(self, script, keys, args):
         if self.link is not None:
@@ -262,12 +279,14 @@ class Broker:
         k = self.keys
         self.r.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, int(self.cfg.heartbeat_ttl * 1000))
 
-    def recover(self, skip: str = "") -> list:
-        """Requeue the jobs of workers whose heartbeat expired; returns ``['requeued:<id>' | 'failed:<id>', ...]``."""
-        c = self.cfg
-        return self._call(self._recover, [self.keys.workers], [self.keys.prefix, int(c.heartbeat_ttl * 1000),
-                                                               c.max_attempts, c.failed_max, int(c.failed_ttl * 1000),
-                                                               skip])
+    def recover(self, skip: str = "") -> "Recovered":
+        """Requeue the jobs of dead workers (late past their grace, see ``lua.RECOVER``); returns
+        ``['requeued:<id>' | 'failed:<id>', ...]`` with ``.wait``: seconds until a late worker's grace ends."""
+        c, k = self.cfg, self.keys
+        res = self._call(self._recover, [k.workers, k.suspects],
+                         [k.prefix, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max,
+                          int(c.failed_ttl * 1000), skip, RECOVER_SLACK_MS])
+        return Recovered(res[1:], float(res[0]) / 1000 if res[0] else None)
 
     def unregister(self, worker: str) -> bool:
         k = self.keys

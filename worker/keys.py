@@ -11,10 +11,13 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     from its queue in the same atomic script that claims it and leaves only in
                                     the script that records its outcome: it always exists in Redis somewhere.
     P:workers               ZSET    worker name -> its deadline (ms, Redis clock): last beat + its own
-                                    HEARTBEAT_TTL. A member past it is dead: its processing list is requeued by
-                                    whoever notices.
+                                    HEARTBEAT_TTL. A member past it is late; once it has stayed late (the same
+                                    score) for its grace (its interval + 1 s) since a live worker first saw it
+                                    late, it is dead and its processing list is requeued by whoever notices.
+    P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (lua.RECOVER); an entry
+                                    whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
-                                    beat, ms), ttl (ms), started, and per busy slot s: job:<s> (payload),
+                                    beat, ms), ttl and interval (ms), started, and per busy slot s: job:<s> (payload),
                                     started:<s> (ms), ckpt:<s> (its last checkpoint, saved at heartbeats)
     P:job:<id>              HASH    a job's status record (get_job): status queued|scheduled|running|done|failed,
                                     name, queue, enqueued_at, started_at, ended_at (ms), attempts, worker, result
@@ -44,7 +47,7 @@ class Keys:
     """Key builder for one prefix. Cheap to construct; holds only strings."""
 
     __slots__ = ("prefix", "queues", "workers", "scheduled", "failed", "failed_data", "paused",
-                 "processed", "failed_count")
+                 "processed", "failed_count", "suspects")
 
     def __init__(self, prefix: str = "worker"):
         self.prefix = prefix
@@ -56,6 +59,7 @@ class Keys:
         self.paused = f"{prefix}:paused"
         self.processed = f"{prefix}:stat:processed"
         self.failed_count = f"{prefix}:stat:failed"
+        self.suspects = f"{prefix}:suspects"
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"

@@ -75,19 +75,23 @@ wake(ARGV[2])
 return 1
 """
 
-# One call per turn of the supervisor's loop: record the outcomes of finished jobs, refresh the heartbeat, move due
-# scheduled jobs, and claim up to one job for each free slot.
+# One call per turn of the supervisor's loop: record the outcomes of finished jobs, refresh the heartbeat (when
+# due), move due scheduled jobs (when asked: 'tidy'), and claim up to one job for each free slot.
+# The hot path (a job's outcome plus the next claim) runs in this one call; what need not happen on every call is
+# asked for by the worker: the beat every HEARTBEAT_INTERVAL, tidying at most every 100 ms and whenever it is idle.
 #   KEYS[1] processing  P:processing:<w>      KEYS[2] workers   P:workers (score: this worker's deadline, ms)
 #   KEYS[3] worker      P:worker:<w>          KEYS[4] scheduled P:scheduled
 #   KEYS[5] paused      P:paused              KEYS[6] queues    P:queues
-#   ARGV[1] prefix   ARGV[2] worker name   ARGV[3] ttl_ms (the worker's own HEARTBEAT_TTL)
+#   ARGV[1] prefix   ARGV[2] worker name   ARGV[3] ttl_ms (the worker's own HEARTBEAT_TTL; '' = no beat this call)
 #   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] wildcard ('1': every known queue, in name order)
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
-#   still running after this call, not counting new claims)   ARGV[9] nq, then nq queue names in priority order
+#   still running after this call, not counting new claims)   ARGV[9] tidy ('1': move due scheduled jobs, and
+#   ring the wake list of a queue this call left work in)   ARGV[10] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
 #   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress;
 #   '' clears the slot's (its job ended)
-#   then nout, then nout outcomes of 7 fields each: op, slot, payload, job id ('' = keep no status), a, b, c
+#   then nout, then nout outcomes of 8 fields each: op, slot, payload, job id ('' = keep no status), a, b, c,
+#       started (ms, Redis clock: when it was claimed, as this script returned it; '' = read started:<slot>)
 #       ack: a = result JSON ('' = none), b = ms to keep the status record (0 = delete it now)
 #       fail: a = failure record, b = ms to keep the status record, c = attempts
 #       retry: a = new payload, b = delay ms, c = attempts
@@ -95,18 +99,18 @@ return 1
 # Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
 # in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
-# Returns {held, ms until the next scheduled job is due ('' if none; only when nothing was claimed), nclaims,
-#          slot1, payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
+# Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was claimed), now (ms),
+#          nclaims, slot1, payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
 CYCLE = PRELUDE + r"""
 local processing, workers, wh, scheduled, paused, known = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
 local worker, ttl_ms = ARGV[2], tonumber(ARGV[3])
 local failed_max, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local wildcard, mode, busy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8])
-local nq = tonumber(ARGV[9])
-local at = 10 + nq
+local wildcard, mode, busy, tidy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8]), ARGV[9] == '1'
+local nq = tonumber(ARGV[10])
+local at = 11 + nq
 local nck = tonumber(ARGV[at])
 at = at + 1
-redis.call('ZADD', workers, now + ttl_ms, worker)
+if ttl_ms then redis.call('ZADD', workers, now + ttl_ms, worker) end
 for n = 1, nck do
   if ARGV[at + 1] == '' then
     redis.call('HDEL', wh, 'ckpt:' .. ARGV[at])
@@ -120,9 +124,11 @@ at = at + 1
 local ended = {}  -- slots whose job ended: their job:/started: fields go, unless this call claims into them
 for n = 1, nout do
   local op, slot, payload, id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local a, b, c = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6]
-  at = at + 7
-  local started = (id ~= '' and (op == 'ack' or op == 'fail')) and redis.call('HGET', wh, 'started:' .. slot) or false
+  local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
+  at = at + 8
+  if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
+    started = redis.call('HGET', wh, 'started:' .. slot)
+  end
   ended[#ended + 1] = slot
   -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
   -- recovered by another worker, records nothing twice.
@@ -156,7 +162,7 @@ for n = 1, nout do
   end
 end
 -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
-local due = redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)
+local due = tidy and redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100) or {}
 for _, p in ipairs(due) do
   local ok, doc = pcall(cjson.decode, p)
   -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
@@ -176,13 +182,16 @@ local queues = {}
 if wildcard then
   queues = redis.call('SORT', known, 'ALPHA')
 else
-  for n = 10, 9 + nq do queues[#queues + 1] = ARGV[n] end
+  for n = 11, 10 + nq do queues[#queues + 1] = ARGV[n] end
 end
-local res = {0, '', 0}
+local res = {0, '', now, 0}
 local open = {}
-if at <= #ARGV and redis.call('SISMEMBER', paused, '*') == 0 then
-  for _, q in ipairs(queues) do
-    if redis.call('SISMEMBER', paused, q) == 0 then open[#open + 1] = q end
+if at <= #ARGV and #queues > 0 then  -- one look at the pause set: '*' (all) and each queue
+  local p = redis.call('SMISMEMBER', paused, '*', unpack(queues))
+  if p[1] == 0 then
+    for i, q in ipairs(queues) do
+      if p[i + 1] == 0 then open[#open + 1] = q end
+    end
   end
 end
 local qi, claimed, left, wf, into = 1, 0, {}, {}, {}  -- wf: the worker hash's fields, written once at the end
@@ -202,8 +211,8 @@ while at <= #ARGV and qi <= #open do
     qi = qi + 1
   end
 end
-for q in pairs(left) do  -- we took work and left some behind: ring for the next idle worker
-  if redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(q) end
+for q in pairs(left) do  -- we took work and left some behind: ring for the next idle worker (when tidying)
+  if tidy and redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(q) end
 end
 local state = mode
 if state == '' then
@@ -211,14 +220,15 @@ if state == '' then
   elseif #queues > 0 and #open == 0 and at <= #ARGV then state = 'paused'
   else state = 'idle' end
 end
-wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'state', state, 'seen', now
+wf[#wf + 1], wf[#wf + 2] = 'state', state
+if ttl_ms then wf[#wf + 1], wf[#wf + 2] = 'seen', now end
 local freed = {}
 for _, slot in ipairs(ended) do
   if not into[slot] then freed[#freed + 1], freed[#freed + 2] = 'job:' .. slot, 'started:' .. slot end
 end
 if #freed > 0 then redis.call('HDEL', wh, unpack(freed)) end
 redis.call('HSET', wh, unpack(wf))
-res[1], res[3] = redis.call('LLEN', processing), claimed
+res[1], res[4] = ttl_ms and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
 if claimed == 0 then
   local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
   res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
@@ -227,10 +237,20 @@ end
 return res
 """
 
-# KEYS: workers.  ARGV: prefix, ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip (our own name)
+# Recovery of dead workers' jobs.
+#   KEYS[1] workers P:workers   KEYS[2] suspects P:suspects
+#   ARGV[1] prefix   ARGV[2] ttl_ms (ours: only for workers of an older version, see below)   ARGV[3] max_attempts
+#   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] skip (our own name)   ARGV[7] slack_ms (see below)
 # A worker's score in P:workers is its own deadline (last beat + its own HEARTBEAT_TTL, written by itself), so every
 # worker is judged by its own settings. Workers of an older version wrote their last beat instead and have no
 # 'ttl' field: for them the recovering worker's ttl_ms still applies.
+# Late is not yet dead. A worker past its deadline is first marked (P:suspects: its score and when it was first
+# seen late) and is dead only once it has stayed late, with the same score, for its grace: its own interval
+# (field 'interval', 0 if unknown) + slack_ms. This is what keeps a live worker's job from running twice after a
+# Redis stall: a RECOVER call queued while Redis was paused runs the moment it resumes, possibly before the owners'
+# queued heartbeats, and everyone's deadline looks past; marking costs nothing, and the owners beat within their
+# interval of the resumption. The same holds however long the stall, since grace counts from the first sighting.
+# Returns {wait, 'requeued:<id>' | 'failed:<id>' ...}: wait = ms until the earliest mark's grace ends ('' if none).
 # Any producer can write a payload, so no value in one may make this script raise after its first write (an error
 # half-way keeps the earlier writes: the dead worker would never be removed, its earlier items would be pushed again
 # on every pass and later dead workers never recovered). Hence: every value read from a payload is checked before
@@ -238,12 +258,28 @@ return res
 # wake-ups to keys a payload chooses use redis.pcall, and each item leaves the processing list (RPOP) right after
 # its outcome is written, so even an unforeseen error cannot duplicate what was already handled.
 RECOVER = PRELUDE + r"""
-local late = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
-local dead = {}
+local workers, suspects, skip, slack = KEYS[1], KEYS[2], ARGV[6], tonumber(ARGV[7])
+local late = redis.call('ZRANGEBYSCORE', workers, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
+local dead, wait = {}, nil
 for n = 1, #late, 2 do
-  local w, score = late[n], tonumber(late[n + 1])
-  if redis.call('HEXISTS', prefix .. ':worker:' .. w, 'ttl') == 1 or score < now - tonumber(ARGV[2]) then
-    dead[#dead + 1] = w
+  local w, score = late[n], late[n + 1]
+  local f = redis.pcall('HMGET', prefix .. ':worker:' .. w, 'ttl', 'interval')
+  if type(f) ~= 'table' then f = {} end
+  if w ~= skip and (f[1] or tonumber(score) < now - tonumber(ARGV[2])) then
+    local grace = (tonumber(f[2]) or 0) + slack
+    local mark = redis.call('HGET', suspects, w)
+    local marked, first = nil, nil
+    if mark then marked, first = string.match(mark, '^(.*)@(%d+)$') end
+    if marked ~= score then
+      first = now
+      redis.call('HSET', suspects, w, score .. '@' .. now)
+    end
+    local left = tonumber(first) + grace - now
+    if left <= 0 then
+      dead[#dead + 1] = w
+    elseif not wait or left < wait then
+      wait = left
+    end
   end
 end
 local max_attempts = tonumber(ARGV[3])
@@ -265,7 +301,7 @@ local function encode(v, fallback)
   return fallback
 end
 for _, w in ipairs(dead) do
-  if w ~= ARGV[6] then
+  do
     local pk = prefix .. ':processing:' .. w
     -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
     local ckpt = {}
@@ -339,9 +375,18 @@ for _, w in ipairs(dead) do
       redis.call('RPOP', pk)  -- handled: items[i] is the list's tail
     end
     redis.call('DEL', pk, prefix .. ':worker:' .. w)
-    redis.call('ZREM', KEYS[1], w)
+    redis.call('ZREM', workers, w)
   end
 end
+-- drop marks that no longer hold: the worker beat again (a new score), left, or was recovered just now
+if redis.call('HLEN', suspects) > 0 then
+  local marks = redis.call('HGETALL', suspects)
+  for n = 1, #marks, 2 do
+    local score = redis.call('ZSCORE', workers, marks[n])
+    if not score or string.match(marks[n + 1], '^(.*)@') ~= score then redis.call('HDEL', suspects, marks[n]) end
+  end
+end
+table.insert(out, 1, wait and tostring(wait) or '')
 return out
 """
 

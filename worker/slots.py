@@ -63,6 +63,7 @@ class Slot:
         self.exited_at = 0.0                 # when that watch saw it exit (monotonic), while the server says nothing
         self.seq = 0
         self.raw = ""
+        self.claimed_ms = 0                  # when Redis handed it over (ms, its clock): the job's started_at
         self.doc: dict = {}
         self.queue = ""
         self.timeout = 0.0

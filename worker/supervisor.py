@@ -15,6 +15,7 @@ started), ``wait_for`` (every running job gets the same escalation from the same
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import select
 import socket
@@ -33,6 +34,7 @@ from .slots import SlotTable
 
 IDLE_POLL = 1.0  # longest idle block: entries pushed without a wake token, and pause changes, are seen this fast
 STALL = 1.0      # a Redis call slower than this (or failing) means Redis stalled: recovery waits a full TTL after
+TIDY_EVERY = 0.1  # while jobs flow, CYCLE moves due scheduled jobs and rings for idle workers at most this often
 
 
 class Supervisor:
@@ -53,10 +55,11 @@ class Supervisor:
         self.fatal: Optional[str] = None
         self.exit_code = 0
         self.processed = 0
-        self._registered = self._resync = self._drained = False
+        self._registered = self._resync = self._drained = self._suspects = False
         self._claim = True             # a claim is worth trying now (startup, a wake token, a poll, a resume)
         self._next_beat = self._next_recover = self._retry_at = self._quiet_until = 0.0
-        self._idle_until = 0.0
+        self._idle_until = self._next_tidy = 0.0
+        self._short = True             # the last claim came up short (or none yet): idle, so every call tidies
         self._outage = 0
         self._shown_stop = False
         self._paused = False
@@ -100,7 +103,8 @@ class Supervisor:
             return False
         if self.sig.stopping or self.sig.quit or self.fatal:
             return True
-        return self.burst and self._drained and not self.pending and not self.adopted
+        # a burst worker that saw a late worker waits for its grace: its jobs may be ours to run
+        return self.burst and self._drained and not self.pending and not self.adopted and not self._suspects
 
     def _fallback_queue(self) -> str:
         return "default" if self.cfg.all_queues else self.cfg.queues[0]
@@ -147,6 +151,8 @@ class Supervisor:
                 self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
                 d = bad(slot.raw, job_id, slot.queue, self.name, f"worker could not record the outcome: "
                         f"{type(exc).__name__}: {exc}", slot.index)
+            if slot.claimed_ms:  # its started_at, as the claim's reply gave it (spares the script a read)
+                d = dataclasses.replace(d, outcome=dataclasses.replace(d.outcome, started_ms=slot.claimed_ms))
             if d.event == "job.done":
                 self.processed += 1
             if d.event == "shutdown.job_put_back":
@@ -160,7 +166,7 @@ class Supervisor:
         getattr(self.log, d.level)(d.event, **d.fields)
         self.pending.append(d.outcome)
 
-    def _start(self, index: int, raw: str, queue: str) -> None:
+    def _start(self, index: int, raw: str, queue: str, claimed_ms: int = 0) -> None:
         """Run a claimed entry in slot ``index``, or record why it cannot run."""
         try:
             doc = jobs.parse(raw, self.cfg.max_payload)
@@ -180,6 +186,7 @@ class Supervisor:
         self.log.debug("job.start", job=doc["id"], name=doc["name"], queue=queue, slot=index)
         try:
             self.slots.start(index, raw, doc, queue, timeout, retries, limit, meta.get("result_ttl"))
+            self.slots.slots[index].claimed_ms = claimed_ms
         except ForkServerError:
             pass  # collect() writes it off as unstarted: put back
 
@@ -248,18 +255,27 @@ class Supervisor:
         outcomes = self.pending
         busy = self.slots.busy()
         progress = self.slots.progress()  # running jobs' checkpoints not yet in Redis (for recovery after a kill)
-        c = self.broker.cycle(self.name, outcomes, claim, busy, mode, [(i, "") for i in self._cleared] + progress)
+        now = time.monotonic()
+        beat = now >= self._next_beat or mode != ""  # a stopping/paused worker's state goes out with a beat
+        tidy = self._short or now >= self._next_tidy
+        c = self.broker.cycle(self.name, outcomes, claim, busy, mode, [(i, "") for i in self._cleared] + progress,
+                              beat=beat, tidy=tidy)
         self.pending, self._cleared = [], []
         self.slots.saved(progress)
         self._shown_stop = sig.stopping or sig.quit
-        self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
-        if c.held > busy + len(c.claims):
+        if beat:
+            self._next_beat = now + self.cfg.heartbeat_interval
+        if tidy:
+            self._next_tidy = now + TIDY_EVERY
+        if claim:
+            self._short = len(c.claims) < len(claim)
+        if c.held > busy + len(c.claims):  # (-1 between beats: checked once per interval)
             self._resync = True  # more in our list than we know of: a lost reply left a claim behind
         for cl in c.claims:
             if sig.stopping or sig.quit:  # claimed while a stop arrived: hand it straight back, never started
                 self.pending.append(Outcome.requeue(cl.payload, cl.queue, cl.slot))
             else:
-                self._start(cl.slot, cl.payload, cl.queue)
+                self._start(cl.slot, cl.payload, cl.queue, cl.at)
         if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
             self._claim = False
             self._drained = not self.slots.busy()
@@ -294,11 +310,18 @@ class Supervisor:
     def _recover(self) -> None:
         self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
         try:
-            for item in self.broker.recover(skip=self.name):
-                what, _, job_id = item.partition(":")
-                self.log.warning("recovery." + what, job=job_id, reason="owner's deadline passed")
+            done = self.broker.recover(skip=self.name)
         except redis.ResponseError as exc:  # a script error: say so, and let the next pass try again
             self.log.error("recovery.error", error=f"{type(exc).__name__}: {exc}")
+            return
+        for item in done:
+            what, _, job_id = item.partition(":")
+            self.log.warning("recovery." + what, job=job_id, reason="owner's deadline and grace passed")
+        if done:  # jobs went back to the queues: worth a claim now (a burst worker runs them too)
+            self._claim, self._drained = True, False
+        self._suspects = done.wait is not None
+        if done.wait is not None:  # a late worker gets its grace; look again the moment it ends
+            self._next_recover = min(self._next_recover, time.monotonic() + done.wait + 0.01)
 
     def _redis_down(self, exc) -> None:
         self._outage += 1
