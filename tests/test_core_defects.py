@@ -211,6 +211,34 @@ def test_a_late_worker_is_dead_only_after_its_grace_from_the_first_sighting(r, r
     assert r.llen(QUEUE) == 1 and not r.exists("worker:suspects", "worker:processing:w:1")
 
 
+# --- hardening: Redis loses its data (a restart without persistence) while a job runs ---
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seen_at", ["beat", "stop"])
+def test_a_job_held_through_redis_data_loss_is_claimed_again_and_put_back_on_stop(r, spawn, enqueue, seen_at):
+    """Redis restarted empty under a running job: its claim, the worker's registration and the status record are
+    gone, and only the worker knows the job. At its next beat (or the stop's call, if that comes first) the worker
+    sees P:epoch gone, registers again and claims the job again, so the stop puts it back (before: the put-back
+    found no claim and dropped the job) and a dyno killed outright would leave it recoverable."""
+    interval, ttl = ("0.5", "2") if seen_at == "beat" else ("10", "30")
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL=interval, HEARTBEAT_TTL=ttl, SHUTDOWN_WINDOW="4")
+    name = name_of(w)
+    running = enqueue("tt_reraise", "ev")
+    wait_until(lambda: count(r, "ev", "started") == 1, 15, "the running job")
+    r.flushall()  # what a Key-Value Store restarted without persistence looks like
+    if seen_at == "beat":
+        w.wait_for(r"event=redis\.data_lost .*held=1")
+        wait_until(lambda: [json.loads(p)["id"] for p in r.lrange(f"worker:processing:{name}", 0, -1)] == [running],
+                   10, "the claim restored")
+        assert r.zscore(WORKERS, name) is not None and r.hget(f"worker:worker:{name}", "job:0")
+    rep = dyno.shutdown(w.pid, window=4)
+    assert not rep.sigkilled, rep
+    assert w.wait(5) == 0, w.output
+    assert [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)] == [running], w.output
+    assert processing(r) == {} and r.zscore(WORKERS, name) is None, w.output
+    assert "event=redis.data_lost" in w.output
+
+
 # --- #3c a fork-server restart with a slow import ---
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import time
 from dataclasses import dataclass
@@ -110,6 +111,7 @@ class Cycle(NamedTuple):
     next_due: Optional[float]
     queues: list
     held: int
+    lost: bool = False  # Redis lost its data since we registered (P:epoch): nothing was recorded; see Broker.restore
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -137,6 +139,7 @@ class Broker:
         self.r = redis_client
         self.cfg = cfg
         self.link = link  # a client.Link: script calls wait in the supervisor's select (see Supervisor)
+        self.epoch = ""   # P:epoch as :meth:`register` found it ('' = not registered: CYCLE does not check it)
         self.keys = Keys(cfg.key_prefix)
         self._enqueue = redis_client.register_script(ENQUEUE)
         self._cycle = redis_client.register_script(CYCLE)
@@ -222,6 +225,20 @@ class Broker:
             pipe.delete(k.worker(worker))
             pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl, interval=int(self.cfg.heartbeat_interval * 1000)))
             pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
+            pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
+            pipe.get(k.epoch)
+            self.epoch = pipe.execute()[-1] or ""
+
+    def restore(self, worker: str, info: dict, held: list) -> None:
+        """After Redis lost its data (:attr:`Cycle.lost`): register again and make the processing list hold exactly
+        ``held``, the payloads of the jobs this worker still holds (running, or finished and not yet recorded), so
+        that they can be recorded, put back, or recovered if this worker dies."""
+        self.register(worker, info)
+        k = self.keys
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.delete(k.processing(worker))
+            if held:
+                pipe.rpush(k.processing(worker), *held)
             pipe.execute()
 
     def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "", checkpoints=(),
@@ -236,7 +253,7 @@ class Broker:
         queues = [] if c.all_queues else list(c.queues)
         args = [k.prefix, worker, int(c.heartbeat_ttl * 1000) if beat else "", c.failed_max,
                 int(c.failed_ttl * 1000), "1" if c.all_queues else "0", mode, busy, "1" if tidy else "0",
-                len(queues), *queues, len(checkpoints)]
+                self.epoch if beat else "", len(queues), *queues, len(checkpoints)]
         for slot, value in checkpoints:
             args += [slot, value]
         args.append(len(outcomes))
@@ -244,7 +261,9 @@ class Broker:
             args.extend(o.wire(c))
         args.extend(claim)
         res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
-                                       k.queues], args)
+                                       k.queues, k.epoch], args)
+        if int(res[0]) == -2:
+            return Cycle([], None, [], -1, lost=True)
         now, n = int(res[2]), int(res[3])
         claims = [Claim(int(res[4 + 3 * i]), res[5 + 3 * i], res[6 + 3 * i], now) for i in range(n)]
         return Cycle(claims, float(res[1]) if res[1] else None, list(res[4 + 3 * n:]), int(res[0]))

@@ -33,6 +33,11 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:sched:<name>          HASH    periodic job <name>: tick (highest tick claimed, ms), last/next tick, spec, queue;
                                     expires 2 intervals (or 2 x misfire_grace) + 60 s after a worker last wrote it
     P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
+    P:epoch                 STRING  a random id, set by the first worker to register (SET NX) and never deleted
+                                    by the runtime. A worker remembers it; if, at a beat, it is gone or another,
+                                    Redis lost its data since (a restart without persistence, a stale replica
+                                    promoted): the worker registers again and puts the claims of the jobs it holds
+                                    back into its processing list, so they stay recoverable and can be put back
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
 
@@ -47,7 +52,7 @@ class Keys:
     """Key builder for one prefix. Cheap to construct; holds only strings."""
 
     __slots__ = ("prefix", "queues", "workers", "scheduled", "failed", "failed_data", "paused",
-                 "processed", "failed_count", "suspects")
+                 "processed", "failed_count", "suspects", "epoch")
 
     def __init__(self, prefix: str = "worker"):
         self.prefix = prefix
@@ -60,6 +65,7 @@ class Keys:
         self.processed = f"{prefix}:stat:processed"
         self.failed_count = f"{prefix}:stat:failed"
         self.suspects = f"{prefix}:suspects"
+        self.epoch = f"{prefix}:epoch"
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"

@@ -82,11 +82,13 @@ return 1
 #   KEYS[1] processing  P:processing:<w>      KEYS[2] workers   P:workers (score: this worker's deadline, ms)
 #   KEYS[3] worker      P:worker:<w>          KEYS[4] scheduled P:scheduled
 #   KEYS[5] paused      P:paused              KEYS[6] queues    P:queues
+#   KEYS[7] epoch       P:epoch
 #   ARGV[1] prefix   ARGV[2] worker name   ARGV[3] ttl_ms (the worker's own HEARTBEAT_TTL; '' = no beat this call)
 #   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] wildcard ('1': every known queue, in name order)
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
 #   still running after this call, not counting new claims)   ARGV[9] tidy ('1': move due scheduled jobs, and
-#   ring the wake list of a queue this call left work in)   ARGV[10] nq, then nq queue names in priority order
+#   ring the wake list of a queue this call left work in)   ARGV[10] epoch (P:epoch as the worker registered it;
+#   checked when beating, '' = not checked)   ARGV[11] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
 #   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress;
 #   '' clears the slot's (its job ended)
@@ -99,6 +101,8 @@ return 1
 # Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
 # in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
+# If the epoch differs, Redis lost its data since the worker registered: nothing is written and {-2} returned (the
+# worker restores its registration and its claims, then calls again).
 # Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was claimed), now (ms),
 #          nclaims, slot1, payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
 CYCLE = PRELUDE + r"""
@@ -106,10 +110,11 @@ local processing, workers, wh, scheduled, paused, known = KEYS[1], KEYS[2], KEYS
 local worker, ttl_ms = ARGV[2], tonumber(ARGV[3])
 local failed_max, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
 local wildcard, mode, busy, tidy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8]), ARGV[9] == '1'
-local nq = tonumber(ARGV[10])
-local at = 11 + nq
+local nq = tonumber(ARGV[11])
+local at = 12 + nq
 local nck = tonumber(ARGV[at])
 at = at + 1
+if ttl_ms and ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- before any write
 if ttl_ms then redis.call('ZADD', workers, now + ttl_ms, worker) end
 for n = 1, nck do
   if ARGV[at + 1] == '' then
@@ -182,7 +187,7 @@ local queues = {}
 if wildcard then
   queues = redis.call('SORT', known, 'ALPHA')
 else
-  for n = 11, 10 + nq do queues[#queues + 1] = ARGV[n] end
+  for n = 12, 11 + nq do queues[#queues + 1] = ARGV[n] end
 end
 local res = {0, '', now, 0}
 local open = {}

@@ -59,6 +59,7 @@ class Supervisor:
         self._claim = True             # a claim is worth trying now (startup, a wake token, a poll, a resume)
         self._next_beat = self._next_recover = self._retry_at = self._quiet_until = 0.0
         self._idle_until = self._next_tidy = 0.0
+        self._started = 0.0               # when we registered (time.time), shown by status
         self._short = True             # the last claim came up short (or none yet): idle, so every call tidies
         self._outage = 0
         self._shown_stop = False
@@ -260,6 +261,12 @@ class Supervisor:
         tidy = self._short or now >= self._next_tidy
         c = self.broker.cycle(self.name, outcomes, claim, busy, mode, [(i, "") for i in self._cleared] + progress,
                               beat=beat, tidy=tidy)
+        if c.lost:  # nothing was recorded: restore what Redis lost of ours, then the same call again
+            self._restore()
+            c = self.broker.cycle(self.name, outcomes, claim, busy, mode,
+                                  [(i, "") for i in self._cleared] + progress, beat=True, tidy=tidy)
+            if c.lost:
+                raise redis.ResponseError("Redis lost its data again while the worker restored its claims")
         self.pending, self._cleared = [], []
         self.slots.saved(progress)
         self._shown_stop = sig.stopping or sig.quit
@@ -300,12 +307,31 @@ class Supervisor:
         if self.broker.name_in_use(self.name):  # a previous incarnation with our $DYNO and pid: never share its keys
             self.name = f"{self.name}:{os.urandom(3).hex()}"
             self.log.bound["worker"] = self.name
-        cfg = self.cfg
-        self.broker.register(self.name, {
-            "host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "", "concurrency": cfg.concurrency,
-            "queues": ",".join(cfg.queues), "started": time.time(), "state": "idle"})
+        self._started = time.time()
+        self.broker.register(self.name, self._info())
         self._registered = True
-        self._next_beat = time.monotonic() + cfg.heartbeat_interval
+        self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
+
+    def _info(self) -> dict:
+        cfg = self.cfg
+        return {"host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
+                "concurrency": cfg.concurrency, "queues": ",".join(cfg.queues), "started": self._started,
+                "state": "busy" if self.slots.busy() else "idle"}
+
+    def _restore(self) -> None:
+        """Redis lost its data since we registered (P:epoch is gone or another): our registration and processing
+        list went with it, while we still hold jobs. Register again and put their claims back, so that they are
+        recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened."""
+        running = [s for s in self.slots.slots if s.busy]
+        held = [s.raw for s in running] + [o.payload for o in self.pending] + self.adopted
+        self.log.error("redis.data_lost", held=len(held),
+                       note="P:epoch changed: Redis restarted without persistence, or its data was replaced; "
+                            "jobs queued before are gone, the ones this worker holds are claimed again")
+        info = self._info()
+        for s in running:  # what status and get_job show of a running job; its checkpoint goes with the next call
+            info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
+            s.saved = None
+        self.broker.restore(self.name, info, held)
 
     def _recover(self) -> None:
         self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
@@ -407,9 +433,14 @@ class Supervisor:
             broker.r.close()
             broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
                             self.cfg)
+            broker.epoch = self.broker.epoch
         try:
             if self.pending and self._registered:
-                broker.cycle(self.name, self.pending, (), 0, "stopping" if sig.stopping else "")
+                mode = "stopping" if sig.stopping else ""
+                if broker.cycle(self.name, self.pending, (), 0, mode).lost:  # Redis lost our claims: put them back
+                    self.log.error("redis.data_lost", held=len(self.pending), note="putting back what we hold")
+                    broker.restore(self.name, self._info(), [o.payload for o in self.pending])
+                    broker.cycle(self.name, self.pending, (), 0, mode)
             if self._registered:
                 broker.unregister(self.name)
         except redis.RedisError as exc:
