@@ -23,3 +23,34 @@ def test_the_fork_server_side_imports_no_redis_client():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_the_package_has_no_import_cycle():
+    """Issue 9 asked to break fetch <-> jobs (the broker built payloads through the registry module, which imported
+    the broker back): the payload format lives in payload.py, which both use. No module of the package may import
+    itself back through others, lazy (function-level) imports included."""
+    import ast
+    import pathlib
+    root = pathlib.Path(__file__).resolve().parent.parent / "worker"
+    names = {p.stem for p in root.glob("*.py")}
+    graph = {}
+    for p in root.glob("*.py"):
+        deps = set()
+        for node in ast.walk(ast.parse(p.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level == 1 or (node.module or "").startswith("worker")):
+                parts = (node.module or "").split(".")
+                sub = parts[1] if parts[0] == "worker" and len(parts) > 1 else parts[0] if node.level else ""
+                deps.update([sub] if sub else [a.name for a in node.names])
+        graph[p.stem] = deps & names - {p.stem}
+    assert {"fetch", "jobs", "payload"} <= set(graph) and "payload" in graph["fetch"]
+
+    def reach(start):
+        seen, todo = set(), [start]
+        while todo:
+            for n in graph[todo.pop()]:
+                if n not in seen:
+                    seen.add(n)
+                    todo.append(n)
+        return seen
+    cyclic = sorted(m for m in graph if m in reach(m))
+    assert cyclic == [], {m: sorted(graph[m]) for m in cyclic}

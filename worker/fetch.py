@@ -25,7 +25,7 @@ from typing import Iterable, NamedTuple, Optional
 
 import redis
 
-from . import jobs
+from .payload import build_payload
 from .config import Config
 from .keys import Keys
 from .lua import CYCLE, ENQUEUE, HEARTBEAT, RECOVER, UNREGISTER, WAKE
@@ -163,7 +163,7 @@ class Broker:
             when, at = f"@{int(due * 1000)}", due
         else:
             when, at = "", None
-        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
+        job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
         self._call_enqueue(q, job_id, when, [(job_id, name, payload)])
         return job_id
 
@@ -174,7 +174,7 @@ class Broker:
                 args, kwargs = call
             else:
                 args, kwargs = call, {}
-            job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, self.cfg.max_payload)
+            job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload)
             ids.append(job_id)
             by_queue.setdefault(q, []).append((job_id, payload))
         with self.r.pipeline(transaction=False) as pipe:

@@ -1,0 +1,129 @@
+"""The job payload: the one JSON object stored in a queue, built by producers and checked by the worker.
+
+::
+
+    {"id": "<32 hex>", "name": "<registered name>", "queue": "<q>", "args": [...], "kwargs": {...},
+     "enqueued_at": <unix seconds>, "attempts": <failed or lost attempts so far>, "errors": [<history>]}
+
+Only JSON is ever written or read (never pickle). ``REGISTRY`` is the table of job names registered in this process
+(filled by :func:`worker.jobs.job`): a payload built for a registered name goes to that job's queue. This module
+imports nothing of the runtime but ``config``, so the broker (``fetch.py``) and the registry (``jobs.py``) both
+build on it without importing each other.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Optional
+
+from .config import QUEUE_RULE, valid_queue_name
+
+DEFAULT_QUEUE = "default"
+
+REGISTRY: dict = {}  # job name -> jobs.JobSpec, filled by @job
+
+
+class BadJob(Exception):
+    """A queue entry that cannot be run; the message is the reason recorded in the failed registry."""
+
+
+def json_dumps(doc) -> str:
+    """The one JSON encoding of payloads: compact, no NaN/Infinity (not JSON)."""
+    return json.dumps(doc, separators=(",", ":"), allow_nan=False)
+
+
+def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int,
+                  at: Optional[float] = None) -> tuple:
+    """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError.
+
+    ``enqueued_at`` is when the job becomes runnable (``at`` for scheduled jobs), so queue latency measures waiting
+    for a worker, not a chosen delay."""
+    spec = REGISTRY.get(name)
+    q = queue or (spec.queue if spec else DEFAULT_QUEUE)
+    if not valid_queue_name(q):
+        raise ValueError(f"invalid queue name {q!r}: expected {QUEUE_RULE} (the QUEUES rule)")
+    job_id = uuid.uuid4().hex
+    doc = {"id": job_id, "name": name, "queue": q, "args": list(args), "kwargs": dict(kwargs),
+           "enqueued_at": round(at or time.time(), 6), "attempts": 0}
+    try:
+        payload = json_dumps(doc)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
+    if "\\ud" in payload:  # escapes of surrogates: pairs (emoji) are fine, lone ones are not
+        _refuse_lone_surrogates(name, doc)
+    size = _size(payload, max_payload)
+    if size > max_payload:
+        raise ValueError(f"job {name!r}: payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    return job_id, q, payload
+
+
+def _refuse_lone_surrogates(name, doc) -> None:
+    """Redis's cjson cannot read a lone surrogate escape (``"\\udce9"``, e.g. from ``os.fsdecode`` of a Latin-1
+    file name), so the scripts that move scheduled and orphaned jobs could not find the job's queue: refuse it here
+    rather than let it land in the wrong queue later."""
+    try:
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = exc.object[max(0, exc.start - 20):exc.end + 20]
+        raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
+                         f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
+                         f"or base64)") from None
+
+
+def _size(text: str, limit: int) -> int:
+    """UTF-8 size of ``text``; encodes only when the character count cannot settle it (a UTF-8 character is at
+    most 4 bytes), so the hot path pays nothing for small payloads."""
+    n = len(text)
+    return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogateescape"))
+
+
+def _no_constant(name):
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse(raw: str, max_payload: int) -> dict:
+    """Parse and check the shape of a claimed queue entry, without the registry (the worker does not import the
+    app). Returns the payload dict; raises :class:`BadJob`."""
+    size = _size(raw, max_payload)
+    if size > max_payload:
+        raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    try:
+        doc = json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        raise BadJob(f"payload is not valid JSON ({str(exc)[:200]})") from None
+    if not isinstance(doc, dict):
+        raise BadJob(f"payload is JSON {type(doc).__name__}, expected an object")
+    for field, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict)):
+        if not isinstance(doc.get(field), kind):
+            raise BadJob(f"payload field {field!r} is missing or not a {kind.__name__}")
+    # Bookkeeping fields written by other producers may be off; they must not break the worker's accounting.
+    attempts = doc.get("attempts")
+    if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
+        doc["attempts"] = 0
+    if not isinstance(doc.get("errors", []), list):
+        doc["errors"] = []
+    return doc
+
+
+def queue_of(raw: str, fallback: str) -> str:
+    """The queue a payload names, else ``fallback`` (for claims re-adopted without their queue)."""
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("queue"), str) and doc["queue"]:
+            return doc["queue"]
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
+        pass
+    return fallback
+
+
+def loose_id(raw: str) -> str:
+    """The payload's own id when it has one, else a stable hash of the raw entry."""
+    try:
+        doc = json.loads(raw)
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
+            return doc["id"]
+    except (ValueError, RecursionError):  # RecursionError: absurdly nested input
+        pass
+    return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
