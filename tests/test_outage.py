@@ -114,6 +114,32 @@ def _term_during_outage(w):
     return took
 
 
+def cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_waits_quietly_through_an_outage(r, spawn, redis_server):
+    """Between attempts to reconnect (redis-py's backoff, up to 5 s) the loop sleeps. A heartbeat that fell due
+    while Redis was down used to make every wait time out at once: 100% of a core until the next attempt (found
+    on a worker an interrupted benchmark left behind, spinning for half an hour)."""
+    w = spawn(**FAST)
+    w.wait_for(r"event=worker\.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "the worker registered")
+    redis_down(redis_server)
+    try:
+        w.wait_for(r"event=redis\.unavailable")
+        before, t0 = cpu_seconds(w.pid), time.monotonic()
+        time.sleep(4)  # the window measured: several beats fall due, a few reconnect attempts are made
+        used, took = cpu_seconds(w.pid) - before, time.monotonic() - t0
+    finally:
+        redis_up(redis_server)
+    assert used < 0.25 * took, f"{used:.2f} CPU-s in {took:.1f} s of outage: the loop spins\n{w.output}"
+    w.wait_for(r"event=redis\.reconnected")
+
+
 @pytest.mark.timeout(90)
 def test_sigterm_during_outage_with_a_running_job(r, spawn, broker, redis_server, tmp_path):
     path = str(tmp_path / "notes")

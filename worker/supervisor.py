@@ -366,17 +366,18 @@ class Supervisor:
     # --- waiting ---
     def _wait(self) -> None:
         now = time.monotonic()
-        at = min(now + self.slots.due(), self._next_beat)
-        if self._retry_at > now:  # Redis is down: the next attempt
-            at = min(at, self._retry_at)
-        if self._registered and now >= self._quiet_until:
-            at = min(at, self._next_recover)
+        redis_at = self._next_beat  # the next thing to do in Redis: beat, recover, claim, record, tick
+        if self._registered:
+            redis_at = min(redis_at, max(self._next_recover, self._quiet_until))
         if self._can_claim() and not self.waiter.armed:
-            at = min(at, self._idle_until)
-        if self.pending and now >= self._retry_at:
-            at = now
+            redis_at = min(redis_at, self._idle_until)
+        if self.pending:
+            redis_at = now
         if self.ticker:
-            at = min(at, max(self.ticker.next_check, self._retry_at))
+            redis_at = min(redis_at, self.ticker.next_check)
+        # Redis is down until the next attempt: nothing there can happen sooner (a beat overdue through an outage
+        # must not turn this wait into a busy loop)
+        at = min(now + self.slots.due(), max(redis_at, self._retry_at))
         if self.waiter.armed and now > self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout:
             self.waiter.cancel()  # its answer never came (a dead connection): poll again, and treat it as a stall
             self._claim = True
