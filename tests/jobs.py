@@ -150,6 +150,18 @@ def cc_alloc(key, mb, hold=30.0):
 
 
 @job
+def cc_alloc_in_subprocess(key, mb, hold=30.0):
+    """Has a subprocess allocate ``mb`` MB (every page written) and hold it: the job's own memory stays small."""
+    import subprocess
+    import sys
+    code = f"import time; b = bytearray({mb} << 20); b[::4096] = b'\\1' * len(b[::4096]); print(1, flush=True); time.sleep({hold})"
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    p.stdout.readline()
+    event(key, "allocated", child=p.pid)
+    p.wait()
+
+
+@job
 def cc_subprocess(key, seconds=60.0):
     """Starts ``sleep 300`` (a subprocess the job owns), reports its pid, then blocks."""
     import subprocess

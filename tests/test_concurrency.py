@@ -242,6 +242,21 @@ def test_memory_limit_kills_the_hog_only(r, spawn, enqueue):
     assert r.zcard("worker:failed") == 1 and processing(r) == {}
 
 
+@pytest.mark.timeout(60)
+def test_memory_limit_counts_what_the_job_started(r, spawn, enqueue):
+    """A job's subprocess (an image converter, say) is part of the job: its memory counts toward the limit, and
+    the kill takes it down with the job (before, only the job's own process was measured)."""
+    hog = enqueue("cc_alloc_in_subprocess", "ev:sub", 150)
+    w = spawn(JOB_MODULES=MODULES, JOB_MAX_MEMORY_MB=100)
+    rec = failure(r, hog, timeout=30)
+    assert rec["cause"] == "memory" and "exceeded 100 MB" in rec["message"], rec
+    w.wait_for(rf"event=job\.memory_exceeded job={hog}")
+    [started] = [e for e in events(r, "ev:sub") if e["event"] == "allocated"]
+    wait_until(lambda: not os.path.exists(f"/proc/{started['child']}") or
+               open(f"/proc/{started['child']}/stat").read().rsplit(")", 1)[1].split()[0] == "Z", 10,
+               "the subprocess killed with the job")
+
+
 # --- 5. status per slot ---
 
 @pytest.mark.timeout(60)

@@ -49,6 +49,26 @@ def private_mb(pid: int) -> float:
         return 0.0
 
 
+def job_private_mb(pid: int) -> float:
+    """:func:`private_mb` of a job's child and every process below it (what it started: a converter, a shell
+    pipeline), found through /proc/<pid>/task/<tid>/children; a process that left the tree (daemonised) is not
+    counted, but dies with the job's process group at its end."""
+    total, todo, seen = 0.0, [pid], set()
+    while todo and len(seen) < 4096:
+        p = todo.pop()
+        if p in seen:
+            continue
+        seen.add(p)
+        total += private_mb(p)
+        try:
+            for tid in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{tid}/children", "rb") as f:
+                    todo.extend(int(x) for x in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return total
+
+
 class Slot:
     """One job in flight: claimed payload, child pid (0 until the fork server says), report pipe, kill state."""
 
@@ -241,7 +261,7 @@ class SlotTable:
         if limit and now >= self._next_memory:
             self._next_memory = now + MEMORY_POLL
             for s in self.slots:
-                if s.busy and s.pid and s.killed is None and s.status is None and private_mb(s.pid) > limit:
+                if s.busy and s.pid and s.killed is None and s.status is None and job_private_mb(s.pid) > limit:
                     s.kill(Kill.MEMORY)
                     self.log.warning("job.memory_exceeded", job=s.doc.get("id"), slot=s.index, limit_mb=limit)
 
