@@ -328,6 +328,29 @@ def _stop_when(w, obj, attr, pred):
 
 
 @pytest.mark.timeout(30)
+def test_stop_as_a_claim_is_adopted_puts_it_back(r, inproc):
+    """A claim whose reply was lost is found in the worker's processing list (adopted) in the very turn a stop
+    arrives, with no job running: it must go back to its queue. The loop used to leave at once, before giving
+    adopted claims back, and the exit left it for recovery as a lost attempt (the cause of a CI failure of
+    test_core_defects.py::test_adopted_claim_not_yet_started_is_put_back_on_stop)."""
+    w = inproc()
+    lost_id = w.broker.push("push", ["out", "lost"], {})
+    raw = r.lpop("worker:queue:default")
+    real = w.broker.claimed
+
+    def claimed(name):  # the lost reply's claim is there when the worker looks, and the stop lands with it
+        r.rpush(f"worker:processing:{name}", raw)
+        w.stop()
+        return real(name)
+    w.broker.claimed = claimed
+    w.sup._resync = True  # as after a failed call: look in our processing list in the first turn
+    assert w.run() == 0, w.output
+    assert "event=job.adopted" not in w.output  # never started
+    assert queued_ids(r) == [lost_id], w.output
+    assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0, w.output
+
+
+@pytest.mark.timeout(30)
 def test_stop_right_after_a_claim_hands_the_job_back_unforked(r, inproc):
     """The stop arrives while the record-and-claim call is in flight (its reply brings a claim): the claimed job
     goes straight back to the head of its queue, nothing reaches a child, the processing list is empty."""

@@ -83,12 +83,10 @@ class Supervisor:
             self.sig.announce(self.log)
             for slot in self.slots.collect():
                 self._finished(slot)
+            if self.sig.stopping or self.sig.quit:  # quiet: claims not started go back
+                self._give_back_adopted()
             if self._done():
                 break
-            if (self.sig.stopping or self.sig.quit) and self.adopted:  # quiet: claims not started go back
-                self.pending += [Outcome.requeue(raw, jobs.queue_of(raw, self._fallback_queue()), -1)  # no slot
-                                 for raw in self.adopted]
-                self.adopted = []
             if self.slots.server_late():
                 self._fatal("cannot start jobs: the fork server did not start in time")
             if self.slots.broken:
@@ -106,6 +104,12 @@ class Supervisor:
             return True
         # a burst worker that saw a late worker waits for its grace: its jobs may be ours to run
         return self.burst and self._drained and not self.pending and not self.adopted and not self._suspects
+
+    def _give_back_adopted(self) -> None:
+        """Claims found in our processing list (a lost reply) and never started go back to their queues."""
+        self.pending += [Outcome.requeue(raw, jobs.queue_of(raw, self._fallback_queue()), -1)  # no slot
+                         for raw in self.adopted]
+        self.adopted = []
 
     def _fallback_queue(self) -> str:
         return "default" if self.cfg.all_queues else self.cfg.queues[0]
@@ -435,6 +439,7 @@ class Supervisor:
             broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
                             self.cfg)
             broker.epoch = self.broker.epoch
+        self._give_back_adopted()  # adopted in the last turn (its reply arrived as the stop did): never started
         try:
             if self.pending and self._registered:
                 mode = "stopping" if sig.stopping else ""
