@@ -48,7 +48,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -71,6 +70,7 @@ from worker import jobs as wjobs  # noqa: E402
 from worker.client import connect  # noqa: E402
 from worker.fetch import Broker  # noqa: E402
 from tests.support import CONFIG_VARS, descendants, free_port, start_redis_server  # noqa: E402
+from latency_proxy import Proxy  # noqa: E402
 
 QUEUE_KEY = "worker:queue:default"
 PROCESSED_KEY = "worker:stat:processed"
@@ -335,42 +335,16 @@ class Bench:
                 "problem": f["problem"] or e["problem"]}
 
 
-class Proxy:
-    """bench/latency_proxy.py at 0 added delay: a counter of client commands and round trips."""
-
-    def __init__(self, target_port: int):
-        self.proc = subprocess.Popen([sys.executable, str(BENCH / "latency_proxy.py"), "--target-port",
-                                      str(target_port), "--delay-ms", "0", "--max-seconds", "3600"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        _live.append(self.proc)
-        self.port = int(self._readline(10).split()[1])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def _readline(self, timeout):
-        box = []
-        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(timeout)
-        if not box or not box[0]:
-            raise RuntimeError("latency proxy did not answer")
-        return box[0]
-
-    def command(self, cmd: str) -> str:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._readline(10).strip()
-
-    def stats(self) -> dict:
-        return json.loads(self.command("stats"))
-
-    def stop(self):
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()
-                self.proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
+def terminate(p, wait: float = 30.0) -> None:
+    """SIGTERM ``p``, wait for it, SIGKILL it if it is still there; forget it."""
+    p.send_signal(signal.SIGTERM)
+    try:
+        p.wait(wait)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        p.wait()
+    if p in _live:
+        _live.remove(p)
 
 
 # --- 1. scaling ---
@@ -414,8 +388,8 @@ def scaling(b: Bench, args, rq_runtime: str) -> dict:
 # --- 2. no-op cost ---
 
 def noop_cost(b: Bench, args, rq_runtime: str) -> dict:
-    log(f"\n2. NO-OP JOBS: CPU per job of the whole dyno (every process, from rusage) and of Redis; net of an "
-        f"empty-queue run")
+    log("\n2. NO-OP JOBS: CPU per job of the whole dyno (every process, from rusage) and of Redis; net of an "
+        "empty-queue run")
     out = {"ours": [], rq_runtime: [], "before": [], "check": None}
     spin = b.point("ours", "spin_ms", args.spin_jobs, 1, job_args=(args.spin_ms,))
     expect = args.spin_jobs * args.spin_ms / 1000
@@ -429,7 +403,8 @@ def noop_cost(b: Bench, args, rq_runtime: str) -> dict:
     log(f"   {'runtime':<24} {'N':>2} {'jobs':>5} {'jobs/s':>7} {'vs N=1':>6} {'CPU ms/job':>10} {'cores':>5} "
         f"{'redis µs/job':>12} {'cmdstat µs':>10} {'jobs/s/redis core':>17} {'cmds/job':>8} {'sent/job':>8} "
         f"{'RTs/job':>7}")
-    proxy = Proxy(b.port)
+    proxy = Proxy(b.port, 0)
+    _live.append(proxy.proc)
     try:
         before = [("before", [1], f"ours before #9 ({args.baseline_rev})", args.noop_jobs)] \
             if "before" in SOURCES else []
@@ -663,13 +638,7 @@ def memory(b: Bench, args, tmp: str) -> dict:
                     b.r.rpush(f"bench:go:t{i}", 1)
                 wait_for(lambda: int(b.r.get(PROCESSED_KEY) or 0) >= 4, 60, "the 4 jobs to finish")
         finally:
-            p.send_signal(signal.SIGTERM)
-            try:
-                p.wait(30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-            _live.remove(p)
+            terminate(p)
     if args.celery and CELERY_PY.exists():
         try:
             celery_rows(b, args, env, app_rss, row)
@@ -708,13 +677,7 @@ def celery_rows(b: Bench, args, env, app_rss, row) -> None:
         for i in range(4):
             b.r.rpush(f"bench:go:c{i}", 1)
     finally:
-        p.send_signal(signal.SIGTERM)
-        try:
-            p.wait(30)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
-        _live.remove(p)
+        terminate(p)
 
 
 def _interrupted(signum, frame):

@@ -21,9 +21,11 @@ import argparse
 import json
 import queue
 import socket
+import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 
 class RespCounter:
@@ -181,6 +183,46 @@ class DelayProxy:
                     state["answered"] = True
         chunks.put((0.0, None))
         w.join()
+
+
+class Proxy:
+    """This proxy in its own process (so its threads do not share the benchmark's GIL), driven over its stdin: the
+    benchmarks' handle on it (``command("reset")``, :meth:`stats`, :meth:`stop`)."""
+
+    def __init__(self, target_port: int, delay_ms: float):
+        self.proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), "--target-port", str(target_port),
+             "--delay-ms", str(delay_ms), "--max-seconds", "1800"],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self._readline(10)
+        self.port = int(line.split()[1])
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def _readline(self, timeout: float) -> str:
+        box = []
+        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(timeout)
+        if not box or not box[0]:
+            raise RuntimeError("latency proxy did not answer")
+        return box[0]
+
+    def command(self, cmd: str) -> str:
+        self.proc.stdin.write(cmd + "\n")
+        self.proc.stdin.flush()
+        return self._readline(10).strip()
+
+    def stats(self) -> dict:
+        return json.loads(self.command("stats"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()  # EOF on stdin ends the proxy
+                self.proc.wait(5)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
 
 
 def main(argv=None) -> int:

@@ -56,6 +56,7 @@ from worker import jobs as wjobs  # noqa: E402
 from worker.client import connect  # noqa: E402
 from worker.fetch import Broker  # noqa: E402
 from tests.support import free_port, start_redis_server  # noqa: E402
+from latency_proxy import Proxy  # noqa: E402
 import worker.sample  # noqa: E402,F401  (registers noop)
 
 # Config variables of the runtime: stripped from the environment of spawned workers, so a developer's shell (or a
@@ -103,45 +104,6 @@ class RedisServer:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(10)
-
-
-class Proxy:
-    """bench/latency_proxy.py in its own process (so its threads do not share this process's GIL)."""
-
-    def __init__(self, target_port: int, delay_ms: float):
-        self.proc = subprocess.Popen(
-            [sys.executable, str(BENCH / "latency_proxy.py"), "--target-port", str(target_port),
-             "--delay-ms", str(delay_ms), "--max-seconds", "1800"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        line = self._readline(10)
-        self.port = int(line.split()[1])
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-
-    def _readline(self, timeout: float) -> str:
-        box = []
-        t = threading.Thread(target=lambda: box.append(self.proc.stdout.readline()), daemon=True)
-        t.start()
-        t.join(timeout)
-        if not box or not box[0]:
-            raise RuntimeError("latency proxy did not answer")
-        return box[0]
-
-    def command(self, cmd: str) -> str:
-        self.proc.stdin.write(cmd + "\n")
-        self.proc.stdin.flush()
-        return self._readline(10).strip()
-
-    def stats(self) -> dict:
-        return json.loads(self.command("stats"))
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            try:
-                self.proc.stdin.close()  # EOF on stdin ends the proxy
-                self.proc.wait(5)
-            except (OSError, subprocess.TimeoutExpired):
-                self.proc.kill()
-                self.proc.wait(5)
 
 
 def ping_rtt_ms(url: str, n: int = 200) -> float:
