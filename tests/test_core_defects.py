@@ -211,6 +211,19 @@ def test_a_late_worker_is_dead_only_after_its_grace_from_the_first_sighting(r, r
     assert r.llen(QUEUE) == 1 and not r.exists("worker:suspects", "worker:processing:w:1")
 
 
+def test_a_mark_from_the_future_is_replaced(r, redis_server):
+    """A first-seen time ahead of Redis's clock (the clock stepped back, a failover to another host) must not
+    delay recovery by the size of the step: the mark is taken afresh."""
+    cfg = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.1", "HEARTBEAT_TTL": "0.7"}
+    owner, other = Broker(r, from_mapping(cfg)), Broker(r, from_mapping(cfg))
+    owner.register("w:2", {"state": "busy"})
+    score = redis_ms(r) - 1
+    r.zadd(WORKERS, {"w:2": score})
+    r.hset("worker:suspects", "w:2", f"{score}@{redis_ms(r) + 10 ** 12}")
+    seen = other.recover()
+    assert seen == [] and 0 < seen.wait <= 1.1, seen.wait
+
+
 # --- hardening: Redis loses its data (a restart without persistence) while a job runs ---
 
 @pytest.mark.timeout(60)
@@ -237,6 +250,23 @@ def test_a_job_held_through_redis_data_loss_is_claimed_again_and_put_back_on_sto
     assert [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)] == [running], w.output
     assert processing(r) == {} and r.zscore(WORKERS, name) is None, w.output
     assert "event=redis.data_lost" in w.output
+    assert r.smembers("worker:queues") == {"default"}, "a QUEUES=* worker must find the job put back"
+
+
+@pytest.mark.timeout(60)
+def test_an_outcome_between_beats_after_data_loss_is_recorded(r, spawn, enqueue):
+    """The data loss is first seen by a call that records an outcome, not by a beat (the interval is long): the
+    call must not drop it as "not ours" (its claim is gone with the data); the worker restores and records it."""
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="10", HEARTBEAT_TTL="30")
+    name_of(w)
+    job_id = enqueue("cc_span", "ev", "short", seconds=1.5)
+    wait_event(r, "ev", "start", "short")
+    r.flushall()  # a restart without persistence, while the job runs
+    w.wait_for(rf"event=job\.done .*job={job_id}")
+    w.wait_for(r"event=redis\.data_lost .*held=1")
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the outcome recorded after the restore")
+    assert r.hget(f"worker:job:{job_id}", "status") == "done"
+    assert processing(r) == {}
 
 
 # --- #3c a fork-server restart with a slow import ---

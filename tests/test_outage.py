@@ -140,6 +140,27 @@ def test_the_worker_waits_quietly_through_an_outage(r, spawn, redis_server):
     w.wait_for(r"event=redis\.reconnected")
 
 
+@pytest.mark.timeout(60)
+def test_after_an_outage_the_worker_is_back_within_its_interval(r, spawn, redis_server):
+    """Others give a late worker its interval + 1 s (lua.RECOVER) from when they first see it late, right after
+    Redis comes back. A worker in redis-py's backoff could wait up to 5 s before its next attempt, and its job
+    was recovered and run twice at once (reproduced with HEARTBEAT_INTERVAL=0.2 and a 6 s CLIENT PAUSE); it now
+    tries at least once per interval."""
+    w = spawn(HEARTBEAT_INTERVAL="0.2", HEARTBEAT_TTL="1", JOB_MODULES=MODULES)
+    w.wait_for(r"event=worker\.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "the worker registered")
+    redis_down(redis_server)
+    try:
+        w.wait_for(r"event=redis\.unavailable")
+        time.sleep(6)  # long enough for the backoff to grow to its 5 s cap
+    finally:
+        redis_up(redis_server)
+    back = time.monotonic()
+    w.wait_for(r"event=redis\.reconnected")
+    took = time.monotonic() - back
+    assert took < 1.2, f"back {took:.2f} s after Redis was: past the grace others give (0.2 s + 1 s)"
+
+
 @pytest.mark.timeout(90)
 def test_sigterm_during_outage_with_a_running_job(r, spawn, broker, redis_server, tmp_path):
     path = str(tmp_path / "notes")

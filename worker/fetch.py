@@ -253,7 +253,7 @@ class Broker:
         queues = [] if c.all_queues else list(c.queues)
         args = [k.prefix, worker, int(c.heartbeat_ttl * 1000) if beat else "", c.failed_max,
                 int(c.failed_ttl * 1000), "1" if c.all_queues else "0", mode, busy, "1" if tidy else "0",
-                self.epoch if beat else "", len(queues), *queues, len(checkpoints)]
+                self.epoch, len(queues), *queues, len(checkpoints)]
         for slot, value in checkpoints:
             args += [slot, value]
         args.append(len(outcomes))

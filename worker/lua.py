@@ -88,7 +88,7 @@ return 1
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
 #   still running after this call, not counting new claims)   ARGV[9] tidy ('1': move due scheduled jobs, and
 #   ring the wake list of a queue this call left work in)   ARGV[10] epoch (P:epoch as the worker registered it;
-#   checked when beating, '' = not checked)   ARGV[11] nq, then nq queue names in priority order
+#   checked on every call, '' = not checked)   ARGV[11] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
 #   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress;
 #   '' clears the slot's (its job ended)
@@ -114,7 +114,7 @@ local nq = tonumber(ARGV[11])
 local at = 12 + nq
 local nck = tonumber(ARGV[at])
 at = at + 1
-if ttl_ms and ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- before any write
+if ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- before any write
 if ttl_ms then redis.call('ZADD', workers, now + ttl_ms, worker) end
 for n = 1, nck do
   if ARGV[at + 1] == '' then
@@ -161,7 +161,12 @@ for n = 1, nout do
     elseif op == 'requeue' then
       local back = (b ~= '') and b or payload
       local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
-      if type(pushed) == 'number' then wake(a) else redis.call('RPUSH', processing, payload) end
+      if type(pushed) == 'number' then
+        wake(a)
+        redis.call('SADD', known, a)  -- a QUEUES=* worker finds it (P:queues may be gone with lost data)
+      else
+        redis.call('RPUSH', processing, payload)
+      end
       jset(id, 'status', 'queued')
     end
   end
@@ -275,7 +280,7 @@ for n = 1, #late, 2 do
     local mark = redis.call('HGET', suspects, w)
     local marked, first = nil, nil
     if mark then marked, first = string.match(mark, '^(.*)@(%d+)$') end
-    if marked ~= score then
+    if marked ~= score or tonumber(first) > now then  -- (a mark from the future: Redis's clock stepped back)
       first = now
       redis.call('HSET', suspects, w, score .. '@' .. now)
     end
@@ -351,6 +356,7 @@ for _, w in ipairs(dead) do
         end
         if pushed then
           safe_wake(q)
+          redis.pcall('SADD', prefix .. ':queues', q)
           jset(id, 'status', 'queued', 'attempts', a)
           out[#out + 1] = 'requeued:' .. id
         else  -- out of attempts (or its queue key is unusable): the failed registry keeps it

@@ -322,10 +322,11 @@ class Supervisor:
                 "concurrency": cfg.concurrency, "queues": ",".join(cfg.queues), "started": self._started,
                 "state": "busy" if self.slots.busy() else "idle"}
 
-    def _restore(self) -> None:
+    def _restore(self, broker: Optional[Broker] = None) -> None:
         """Redis lost its data since we registered (P:epoch is gone or another): our registration and processing
         list went with it, while we still hold jobs. Register again and put their claims back, so that they are
-        recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened."""
+        recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened. ``broker``: the
+        exit's own connection, in the last bookkeeping."""
         running = [s for s in self.slots.slots if s.busy]
         held = [s.raw for s in running] + [o.payload for o in self.pending] + self.adopted
         self.log.error("redis.data_lost", held=len(held),
@@ -335,7 +336,7 @@ class Supervisor:
         for s in running:  # what status and get_job show of a running job; its checkpoint goes with the next call
             info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
             s.saved = None
-        self.broker.restore(self.name, info, held)
+        (broker or self.broker).restore(self.name, info, held)
 
     def _recover(self) -> None:
         self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
@@ -355,7 +356,9 @@ class Supervisor:
 
     def _redis_down(self, exc) -> None:
         self._outage += 1
-        delay = client.outage_backoff().compute(self._outage)
+        # at least one attempt per HEARTBEAT_INTERVAL: after a stall, our beat must come within the grace others
+        # give us (lua.RECOVER: interval + 1 s), not after a backoff of several seconds
+        delay = min(client.outage_backoff().compute(self._outage), self.cfg.heartbeat_interval)
         if self._outage == 1 or self._outage % 10 == 0:
             self.log.error("redis.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in=delay,
                            attempt=self._outage)
@@ -444,8 +447,7 @@ class Supervisor:
             if self.pending and self._registered:
                 mode = "stopping" if sig.stopping else ""
                 if broker.cycle(self.name, self.pending, (), 0, mode).lost:  # Redis lost our claims: put them back
-                    self.log.error("redis.data_lost", held=len(self.pending), note="putting back what we hold")
-                    broker.restore(self.name, self._info(), [o.payload for o in self.pending])
+                    self._restore(broker)
                     broker.cycle(self.name, self.pending, (), 0, mode)
             if self._registered:
                 broker.unregister(self.name)
