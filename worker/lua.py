@@ -5,7 +5,26 @@ written so that nothing after its first write can raise on bad data (``pcall`` a
 to keys of unknown type).
 """
 
-# Shared Lua helpers; every script starts with these.
+# The failed registry (P:failed, P:failed:data): add a record, then trim what is past FAILED_TTL or beyond
+# FAILED_MAX. Needs `prefix` and `now` in scope.
+RECORD_FAILURE = r"""
+local function record_failure(id, record, max_n, ttl_ms)
+  local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
+  redis.call('ZADD', fz, now, id)
+  redis.call('HSET', fd, id, record)
+  redis.call('INCR', prefix .. ':stat:failed')
+  local old = redis.call('ZRANGEBYSCORE', fz, '-inf', now - ttl_ms, 'LIMIT', 0, 500)
+  for _, v in ipairs(old) do redis.call('HDEL', fd, v); redis.call('ZREM', fz, v) end
+  local n = redis.call('ZCARD', fz)
+  if n > max_n then
+    local extra = redis.call('ZRANGE', fz, 0, n - max_n - 1)
+    for _, v in ipairs(extra) do redis.call('HDEL', fd, v) end
+    redis.call('ZREMRANGEBYRANK', fz, 0, n - max_n - 1)
+  end
+end
+"""
+
+# Shared Lua helpers; every script but CYCLE starts with these.
 PRELUDE = r"""
 local prefix = ARGV[1]
 local t = redis.call('TIME')
@@ -27,21 +46,7 @@ end
 local function jset(id, ...)
   if id and id ~= '' then redis.pcall('HSET', prefix .. ':job:' .. id, ...) end
 end
-local function record_failure(id, record, max_n, ttl_ms)
-  local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
-  redis.call('ZADD', fz, now, id)
-  redis.call('HSET', fd, id, record)
-  redis.call('INCR', prefix .. ':stat:failed')
-  local old = redis.call('ZRANGEBYSCORE', fz, '-inf', now - ttl_ms, 'LIMIT', 0, 500)
-  for _, v in ipairs(old) do redis.call('HDEL', fd, v); redis.call('ZREM', fz, v) end
-  local n = redis.call('ZCARD', fz)
-  if n > max_n then
-    local extra = redis.call('ZRANGE', fz, 0, n - max_n - 1)
-    for _, v in ipairs(extra) do redis.call('HDEL', fd, v) end
-    redis.call('ZREMRANGEBYRANK', fz, 0, n - max_n - 1)
-  end
-end
-"""
+""" + RECORD_FAILURE
 
 # KEYS: queue, queues-set, scheduled, dedupe key (P:enq:<id>).  ARGV: prefix, queue name, dedupe ttl ms,
 #   when ('' = now, '+<ms>' = that long after Redis's clock, '@<ms>' = at that unix time), job name, n,
@@ -88,76 +93,88 @@ return 1
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
 #   still running after this call, not counting new claims)   ARGV[9] tidy ('1': move due scheduled jobs, and
 #   ring the wake list of a queue this call left work in)   ARGV[10] epoch (P:epoch as the worker registered it;
-#   checked on every call, '' = not checked)   ARGV[11] nq, then nq queue names in priority order
+#   '' = not checked)   ARGV[11] nq, then nq queue names in priority order
 #   then nck, then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in the worker hash
 #   (field ckpt:<slot>) so that recovery of a dyno killed outright can put them back with their progress;
 #   '' clears the slot's (its job ended)
 #   then nout, then nout outcomes of 8 fields each: op, slot, payload, job id ('' = keep no status), a, b, c,
 #       started (ms, Redis clock: when it was claimed, as this script returned it; '' = read started:<slot>)
-#       ack: a = result JSON ('' = none), b = ms to keep the status record (0 = delete it now)
+#       ack: a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
 #       fail: a = failure record, b = ms to keep the status record, c = attempts
 #       retry: a = new payload, b = delay ms, c = attempts
 #       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint)
 # Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
 # in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
-# If the epoch differs, Redis lost its data since the worker registered: nothing is written and {-2} returned (the
-# worker restores its registration and its claims, then calls again).
-# Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was claimed), now (ms),
-#          nclaims, slot1, payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
-CYCLE = PRELUDE + r"""
+# The epoch is checked before the first write: if it differs, Redis lost its data since the worker registered,
+# nothing is written and {-2} returned (the worker restores its registration and its claims, then calls again). The
+# check is skipped only when the first outcome's job was still in the processing list (LREM, which writes nothing
+# when it finds nothing, runs first): data lost since the claim would have taken the list with it.
+# Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was
+#          claimed), now (ms), nclaims, slot1, payload1, queue1, ..., queue names considered (only when nothing was
+#          claimed)...}
+# Cost: this runs once per job, so the hot path (one ack, one claim) is kept lean: no helper closures, few tables,
+# no number formatting (Redis's clock is kept as a string for writes), and no GET of the epoch (see above).
+CYCLE = r"""
+local prefix, worker = ARGV[1], ARGV[2]
 local processing, workers, wh, scheduled, paused, known = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], KEYS[6]
-local worker, ttl_ms = ARGV[2], tonumber(ARGV[3])
-local failed_max, failed_ttl = tonumber(ARGV[4]), tonumber(ARGV[5])
-local wildcard, mode, busy, tidy = ARGV[6] == '1', ARGV[7], tonumber(ARGV[8]), ARGV[9] == '1'
+local t = redis.call('TIME')
+local now_s = t[1] .. string.sub('000' .. string.sub(t[2], 1, -4), -3)  -- ms, from the strings TIME returns
+local now = tonumber(now_s)
 local nq = tonumber(ARGV[11])
-local at = 12 + nq
-local nck = tonumber(ARGV[at])
-at = at + 1
-if ARGV[10] ~= '' and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- before any write
-if ttl_ms then redis.call('ZADD', workers, now + ttl_ms, worker) end
-for n = 1, nck do
+local ck = 12 + nq                            -- ARGV[ck]: nck
+local oat = ck + 1 + 2 * tonumber(ARGV[ck])  -- ARGV[oat]: nout
+local nout = tonumber(ARGV[oat])
+local cat = oat + 1 + 8 * nout                -- ARGV[cat..]: slots to claim into
+local first = nout > 0 and redis.call('LREM', processing, -1, ARGV[oat + 3]) or 0
+if ARGV[10] ~= '' and first ~= 1 and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- no write yet
+local tidy = ARGV[9] == '1'
+local function wake(q)
+  local k = prefix .. ':wake:' .. q
+  if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
+end
+if ARGV[3] ~= '' then redis.call('ZADD', workers, now + tonumber(ARGV[3]), worker) end
+for at = ck + 1, oat - 1, 2 do
   if ARGV[at + 1] == '' then
     redis.call('HDEL', wh, 'ckpt:' .. ARGV[at])
   else
     redis.call('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
   end
-  at = at + 2
 end
-local nout = tonumber(ARGV[at])
-at = at + 1
-local ended = {}  -- slots whose job ended: their job:/started: fields go, unless this call claims into them
-for n = 1, nout do
+for at = oat + 1, cat - 1, 8 do
   local op, slot, payload, id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
-  local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
-  at = at + 8
-  if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
-    started = redis.call('HGET', wh, 'started:' .. slot)
-  end
-  ended[#ended + 1] = slot
   -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
   -- recovered by another worker, records nothing twice.
-  if redis.call('LREM', processing, -1, payload) == 1 then
+  local removed = first
+  if at > oat + 1 then removed = redis.call('LREM', processing, -1, payload) end
+  if removed == 1 then
+    local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
     local jk = prefix .. ':job:' .. id
+    if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
+      started = redis.call('HGET', wh, 'started:' .. slot) or now_s
+    end
+    -- status records are written with pcall: a key of the wrong type never aborts the script
     if op == 'ack' then
       redis.call('INCR', prefix .. ':stat:processed')
       if id ~= '' then
-        if tonumber(b) > 0 then
-          jset(id, 'status', 'done', 'ended_at', now, 'result', a, 'worker', worker, 'started_at', started or now)
+        if b ~= '0' then
+          redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker,
+                      'started_at', started)
           redis.call('PEXPIRE', jk, b)
         else
           redis.call('DEL', jk)
         end
       end
     elseif op == 'fail' then
-      record_failure(id, a, failed_max, failed_ttl)
+""" + RECORD_FAILURE + r"""      record_failure(id, a, tonumber(ARGV[4]), tonumber(ARGV[5]))
       if id ~= '' then
-        jset(id, 'status', 'failed', 'ended_at', now, 'attempts', c, 'worker', worker, 'started_at', started or now)
+        redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker,
+                    'started_at', started)
         redis.call('PEXPIRE', jk, b)
       end
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
-      jset(id, 'status', 'scheduled', 'attempts', c)
+      if id ~= '' then redis.pcall('HSET', jk, 'status', 'scheduled', 'attempts', c) end
     elseif op == 'requeue' then
       local back = (b ~= '') and b or payload
       local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
@@ -167,82 +184,89 @@ for n = 1, nout do
       else
         redis.call('RPUSH', processing, payload)
       end
-      jset(id, 'status', 'queued')
+      if id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
     end
   end
 end
--- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
-local due = tidy and redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100) or {}
-for _, p in ipairs(due) do
-  local ok, doc = pcall(cjson.decode, p)
-  -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
-  local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue']
-    or string.match(p, '"queue":"([%w_%.:%-]+)"') or 'default'
-  -- push first, and only then remove from the schedule: a queue key of the wrong type leaves the job scheduled
-  -- (visible in status) instead of raising half-way through this script and losing it
-  local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
-  if type(pushed) == 'number' then
-    redis.call('ZREM', scheduled, p)
-    redis.call('SADD', known, q)
-    wake(q)
-    jset(string.match(p, '^{"id":"([%w_%-]+)"'), 'status', 'queued')
-  end
-end
-local queues = {}
-if wildcard then
-  queues = redis.call('SORT', known, 'ALPHA')
-else
-  for n = 12, 11 + nq do queues[#queues + 1] = ARGV[n] end
-end
-local res = {0, '', now, 0}
-local open = {}
-if at <= #ARGV and #queues > 0 then  -- one look at the pause set: '*' (all) and each queue
-  local p = redis.call('SMISMEMBER', paused, '*', unpack(queues))
-  if p[1] == 0 then
-    for i, q in ipairs(queues) do
-      if p[i + 1] == 0 then open[#open + 1] = q end
+if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
+  for _, p in ipairs(redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)) do
+    local ok, doc = pcall(cjson.decode, p)
+    -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
+    local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue']
+      or string.match(p, '"queue":"([%w_%.:%-]+)"') or 'default'
+    -- push first, and only then remove from the schedule: a queue key of the wrong type leaves the job scheduled
+    -- (visible in status) instead of raising half-way through this script and losing it
+    local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
+    if type(pushed) == 'number' then
+      redis.call('ZREM', scheduled, p)
+      redis.call('SADD', known, q)
+      wake(q)
+      local id = string.match(p, '^{"id":"([%w_%-]+)"')
+      if id then redis.pcall('HSET', prefix .. ':job:' .. id, 'status', 'queued') end
     end
   end
 end
-local qi, claimed, left, wf, into = 1, 0, {}, {}, {}  -- wf: the worker hash's fields, written once at the end
-while at <= #ARGV and qi <= #open do
-  local q = open[qi]
-  local v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
-  if v then
-    -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
-    wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. ARGV[at], v, 'started:' .. ARGV[at], now
-    into[ARGV[at]] = true
-    res[#res + 1], res[#res + 2], res[#res + 3] = ARGV[at], v, q
-    claimed = claimed + 1
-    left[q] = true
-    at = at + 1
-  else
-    left[q] = nil
-    qi = qi + 1
+local queues = (ARGV[6] == '1') and redis.call('SORT', known, 'ALPHA') or nil  -- else ARGV[12 .. 11 + nq]
+local nqs = queues and #queues or nq
+local res, wf = {0, '', now, 0}, {}  -- wf: the worker hash's fields, written once at the end
+local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
+local first_claim = cat
+if cat <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
+  local p
+  if queues then p = redis.call('SMISMEMBER', paused, '*', unpack(queues))
+  else p = redis.call('SMISMEMBER', paused, '*', unpack(ARGV, 12, 11 + nq)) end
+  local i = 1
+  while p[1] == 0 and i <= nqs and cat <= #ARGV do
+    local q = queues and queues[i] or ARGV[11 + i]
+    local v = false
+    if p[i + 1] == 0 then
+      anyopen = true
+      v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
+    end
+    if v then
+      -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
+      local slot = ARGV[cat]
+      wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. slot, v, 'started:' .. slot, now_s
+      res[#res + 1], res[#res + 2], res[#res + 3] = slot, v, q
+      claimed, cat = claimed + 1, cat + 1
+      if tidy then left = left or {}; left[q] = true end
+    else
+      if left then left[q] = nil end
+      i = i + 1
+    end
   end
 end
-for q in pairs(left) do  -- we took work and left some behind: ring for the next idle worker (when tidying)
-  if tidy and redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(q) end
+if left then  -- we took work and left some behind: ring for the next idle worker (when tidying)
+  for q in pairs(left) do
+    if redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(q) end
+  end
 end
-local state = mode
+local state = ARGV[7]
 if state == '' then
-  if busy + claimed > 0 then state = 'busy'
-  elseif #queues > 0 and #open == 0 and at <= #ARGV then state = 'paused'
+  if claimed > 0 or ARGV[8] ~= '0' then state = 'busy'
+  elseif nqs > 0 and not anyopen and cat <= #ARGV then state = 'paused'
   else state = 'idle' end
 end
 wf[#wf + 1], wf[#wf + 2] = 'state', state
-if ttl_ms then wf[#wf + 1], wf[#wf + 2] = 'seen', now end
-local freed = {}
-for _, slot in ipairs(ended) do
-  if not into[slot] then freed[#freed + 1], freed[#freed + 2] = 'job:' .. slot, 'started:' .. slot end
+if ARGV[3] ~= '' then wf[#wf + 1], wf[#wf + 2] = 'seen', now_s end
+local freed = nil  -- slots whose job ended: their job:/started: fields go, unless this call claimed into them
+for at = oat + 2, first_claim - 1, 8 do
+  local slot, again = ARGV[at], false
+  for c = first_claim, cat - 1 do
+    if ARGV[c] == slot then again = true end
+  end
+  if not again then
+    freed = freed or {}
+    freed[#freed + 1], freed[#freed + 2] = 'job:' .. slot, 'started:' .. slot
+  end
 end
-if #freed > 0 then redis.call('HDEL', wh, unpack(freed)) end
+if freed then redis.call('HDEL', wh, unpack(freed)) end
 redis.call('HSET', wh, unpack(wf))
-res[1], res[4] = ttl_ms and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
+res[1], res[4] = (ARGV[3] ~= '') and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
 if claimed == 0 then
   local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
   res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
-  for _, q in ipairs(queues) do res[#res + 1] = q end
+  for i = 1, nqs do res[#res + 1] = queues and queues[i] or ARGV[11 + i] end
 end
 return res
 """
