@@ -294,6 +294,29 @@ class SlotTable:
     def collect(self) -> list:
         """Slots whose child is finished (reaped and its report read), plus, after a fork-server failure, every
         busy slot (``unstarted`` ones never reached a child). The caller records each and calls ``clear()``."""
+        failure = self._take_in()
+        if failure is not None:
+            self._server_failed(failure)
+        done = []
+        for s in self.slots:
+            if s.busy and (s.unstarted or (s.status is not None and s.eof)):
+                if s.r >= 0:
+                    os.close(s.r)
+                    s.r = -1
+                self.sig.child_pids.discard(s.pid)
+                done.append(s)
+        return done
+
+    def poll(self) -> bool:
+        """Take in what the fork server and the report pipes have to say now (never blocks). True if that is worth
+        a turn of the worker's loop: a slot finished, or the fork server failed (:meth:`collect` acts on both).
+        A job's start (its pid) and its report arriving before its exit status are not: the loop's wait goes on."""
+        if self._take_in() is not None:
+            return True
+        return any(s.busy and (s.unstarted or (s.status is not None and s.eof)) for s in self.slots)
+
+    def _take_in(self):
+        """Read the fork server's frames, the report pipes and the pidfds; the fork-server failure seen, if any."""
         failure = None
         if self.forks.sock is not None:
             try:
@@ -313,17 +336,7 @@ class SlotTable:
                 failure = f"fork server did not start a job in {SPAWN_TIMEOUT:g} s"
             if failure is None and s.exited_at and s.status is None and now - s.exited_at > REAP_TIMEOUT:
                 failure = f"fork server did not report a finished job in {REAP_TIMEOUT:g} s"
-        if failure is not None:
-            self._server_failed(failure)
-        done = []
-        for s in self.slots:
-            if s.busy and (s.unstarted or (s.status is not None and s.eof)):
-                if s.r >= 0:
-                    os.close(s.r)
-                    s.r = -1
-                self.sig.child_pids.discard(s.pid)
-                done.append(s)
-        return done
+        return failure
 
     def _frame(self, kind, seq, value) -> None:
         slot = next((s for s in self.slots if s.busy and s.seq == seq), None)

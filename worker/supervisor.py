@@ -384,17 +384,22 @@ class Supervisor:
             redis_at = min(redis_at, self.ticker.next_check)
         # Redis is down until the next attempt: nothing there can happen sooner (a beat overdue through an outage
         # must not turn this wait into a busy loop)
-        at = min(now + self.slots.due(), max(redis_at, self._retry_at))
+        redis_at = max(redis_at, self._retry_at)
         if self.waiter.armed and now > self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout:
             self.waiter.cancel()  # its answer never came (a dead connection): poll again, and treat it as a stall
             self._claim = True
             self._quiet_until = now + self.cfg.heartbeat_ttl
-        fds = self.slots.fds()
-        if self.waiter.armed:
-            fds.append(self.waiter.fileno())
-            at = min(at, self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout)
-        ready = self._select(fds, max(0.0, at - time.monotonic()))
-        if self.waiter.armed and (self.waiter.fileno() in ready or self.sig.stopping or self.sig.quit):
+        waiter = self.waiter.fileno() if self.waiter.armed else None
+        if waiter is not None:
+            redis_at = min(redis_at, self.waiter.since + self.waiter.timeout + self.cfg.redis_timeout)
+        while True:  # a job's start and its report before its exit status need no turn of the loop: wait on
+            at = min(time.monotonic() + self.slots.due(), redis_at)
+            fds = self.slots.fds() + ([waiter] if waiter is not None else [])
+            ready = self._select(fds, max(0.0, at - time.monotonic()))
+            if not ready or self.sig.wake_r in ready or waiter in ready or self.slots.poll() \
+                    or time.monotonic() >= at:
+                break
+        if self.waiter.armed and (waiter in ready or self.sig.stopping or self.sig.quit):
             self._woken()
 
     def _woken(self) -> None:
