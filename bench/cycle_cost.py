@@ -3,7 +3,8 @@
     bench/.venv/bin/python bench/cycle_cost.py            # or: .venv/bin/python bench/cycle_cost.py
 
 No worker process: this process plays the worker, calling CYCLE in a loop (record job k's outcome, claim job k+1:
-one call per job, as a single slot does; beating every 5 s and tidying every 100 ms, as the supervisor does) over 5,000 no-op payloads on a redis-server of its own, and reads
+one call per job, as a single slot does; beating every 5 s, tidying every 100 ms and registered with P:epoch, as
+the supervisor does) over 5,000 no-op payloads on a redis-server of its own, and reads
 ``INFO commandstats`` (EVALSHA usec per call, which includes the commands inside the script). Each runtime runs in
 a subprocess that imports its own ``worker`` package (the older one from ``git archive 9a39a1e``, as
 bench/concurrency.py does); rounds alternate, and the minimum and median per runtime are printed. With no other
@@ -35,6 +36,9 @@ if True:
         r = redis.Redis.from_url(url, decode_responses=True)
         b = Broker(redis.Redis.from_url(url, decode_responses=True), config.from_mapping({"REDIS_URL": url}))
         new = hasattr(Outcome, "wire")
+        if hasattr(b, "epoch"):  # registered, as a running worker is: CYCLE checks P:epoch when it needs to
+            r.set(b.keys.epoch, "bench-epoch")
+            b.epoch = "bench-epoch"
         prev = None
         c = b.cycle("w:1", [], [0], 0, "") if new else b.cycle("w:1", None, claim=True)  # loads the script
         r.config_resetstat()

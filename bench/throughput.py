@@ -15,6 +15,8 @@ Each drain is timed from process start to exit. The same command is also run on 
 N / (wall(N) - wall(empty)) - startup and shutdown removed, the same way for both runtimes - is the figure that the
 ratios and targets use; the raw rate is printed beside it. Then ours and RQ run again behind bench/latency_proxy.py
 (delay added each way, calibrated until the median PING round trip is the target RTT), for each RTT in ``--rtts``.
+Last, ``--before-rounds`` alternating local rounds of ours against our own runtime before issue 9 (``git archive`` of
+``--baseline-rev``, as bench/concurrency.py does): the same-run ratio says whether single-slot speed regressed.
 
 Per job: Redis calls from ``INFO commandstats`` (CONFIG RESETSTAT before each run; these count the commands a Lua
 script runs as well as the EVALSHA itself), and, behind the proxy, the commands clients actually sent and their
@@ -63,7 +65,8 @@ import worker.sample  # noqa: E402,F401  (registers noop)
 # .env, hence cwd = a temp dir) cannot change what is measured.
 CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
                "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
-               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT")
+               "MAX_PAYLOAD_BYTES", "KEY_PREFIX", "LOG_LEVEL", "DYNO", "REDIS_TLS_VERIFY", "REDIS_TIMEOUT",
+               "WORKER_CONCURRENCY", "JOB_MAX_MEMORY_MB", "RESULT_TTL", "MAX_INTERRUPTIONS", "METRICS_INTERVAL")
 
 TARGETS = {
     "local_vs_rq": 6.0,        # ours / RQ, local Redis
@@ -71,7 +74,9 @@ TARGETS = {
     "rtt_vs_rq": 10.0,         # ours / RQ at ~2 ms RTT
     "round_trips_per_job": 1.0,
     "enqueue_per_s": 20000.0,
+    "vs_before": 0.95,         # ours / the runtime before issue 9, same run: nothing regresses (within noise)
 }
+SOURCES: dict = {}  # runtime -> the directory its ``worker`` package is imported from (default: this checkout)
 
 FORK_LIMIT = r"""
 import os, sys, time
@@ -133,10 +138,10 @@ def calibrate(proxy: Proxy, target_ms: float) -> tuple:
     return delay, rtt
 
 
-def child_env(url: str) -> dict:
+def child_env(url: str, src=None) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
     env.update({"REDIS_URL": url, "QUEUES": "default", "JOB_MODULES": "worker.sample", "LOG_LEVEL": "INFO",
-                "PYTHONPATH": os.pathsep.join([str(REPO), str(BENCH)])})
+                "PYTHONPATH": os.pathsep.join([str(src or REPO), str(BENCH)])})
     return env
 
 
@@ -268,19 +273,20 @@ class Bench:
         """Enqueue ``n`` jobs (untimed for the drain), run the runtime's burst worker, measure and verify."""
         self.r.flushall()
         enqueue_s = None
+        ours_like = runtime in ("ours", "before")  # "before": our runtime as it was at --baseline-rev
         if n:
-            if runtime == "ours":
+            if ours_like:
                 enqueue_s = ours_enqueue(self.server.url, n)
             else:
                 rq_enqueue(self.server.url, n)
-        if runtime == "ours":
+        if ours_like:
             argv = [sys.executable, "-m", "worker", "--burst"]
         else:
             argv = [sys.executable, "-m", "rq.cli", "worker", "--burst", "--url", url, "default"]
         self.r.config_resetstat()
         if proxy:
             proxy.command("reset")
-        res = run_timed(argv, child_env(url), self.workdir, self.logs / f"{runtime}-{tag}-{n}.log",
+        res = run_timed(argv, child_env(url, SOURCES.get(runtime)), self.workdir, self.logs / f"{runtime}-{tag}-{n}.log",
                         self.args.run_timeout)
         res["calls"] = commandstats(self.r)
         res["proxy"] = proxy.stats() if proxy else None
@@ -288,7 +294,7 @@ class Bench:
         res["enqueue_s"] = enqueue_s
         problem = "" if res["code"] == 0 else f"exit code {res['code']}"
         if not problem and n:
-            problem = ours_check(self.r, n) if runtime == "ours" else rq_check(self.server.url, n)
+            problem = ours_check(self.r, n) if ours_like else rq_check(self.server.url, n)
         res["problem"] = problem or None
         if problem:
             log(f"  !! {runtime} {tag}: {problem} (log: {self.logs / f'{runtime}-{tag}-{n}.log'})")
@@ -330,6 +336,31 @@ class Bench:
             out["round_trips_per_job"] = (pf["turns"] - pe["turns"]) / n
             out["connections_per_job"] = (pf["connections"] - pe["connections"]) / n
         return out
+
+
+def same_run_before(bench: "Bench", args, url: str):
+    """Single-slot throughput against our runtime before issue 9 (``git archive`` of ``--baseline-rev``, as
+    bench/concurrency.py does), local Redis, in alternating rounds: this machine's load moves absolute rates by tens
+    of percent between runs, so only a same-run ratio can say whether anything regressed."""
+    if args.before_rounds <= 0:
+        return None
+    from concurrency import BASELINE_REV, baseline_source
+    rev = args.baseline_rev or BASELINE_REV
+    src = baseline_source(rev)
+    if src is None:
+        log(f"cannot extract git {rev} with git archive: no comparison with the runtime before issue 9")
+        return None
+    SOURCES["before"] = src
+    log(f"single slot against the runtime before issue 9 (git {rev}), {args.before_rounds} alternating rounds of "
+        f"{args.jobs} no-ops, local Redis ...")
+    rounds = []
+    for i in range(args.before_rounds):
+        order = ("before", "ours") if i % 2 == 0 else ("ours", "before")
+        pts = {rt: bench.point(rt, args.jobs, url, None, "pair") for rt in order}
+        r = {rt: pts[rt]["net_jobs_per_s"] for rt in order}
+        rounds.append(dict(r, ratio=r["ours"] / r["before"], problems=[pts[rt]["problem"] for rt in order]))
+        log(f"  round {i + 1}: before {r['before']:,.1f}/s  ours {r['ours']:,.1f}/s  ours/before {rounds[-1]['ratio']:.2f}")
+    return {"rev": rev, "rounds": rounds, "ratio_median": statistics.median(r["ratio"] for r in rounds)}
 
 
 def fmt_rate(x) -> str:
@@ -388,6 +419,9 @@ def main(argv=None) -> int:
     ap.add_argument("--enqueue-jobs", type=int, default=20000, help="jobs in the bulk-enqueue measurement")
     ap.add_argument("--local-repeat", type=int, default=3, help="runs per runtime with local Redis (median)")
     ap.add_argument("--run-timeout", type=float, default=300.0, help="seconds before a worker run is killed")
+    ap.add_argument("--before-rounds", type=int, default=3,
+                    help="alternating local rounds against the runtime before issue 9 (0 = skip)")
+    ap.add_argument("--baseline-rev", default=None, help="git revision of that runtime (default: bench/concurrency.py's)")
     args = ap.parse_args(argv)
     rtts = sorted({float(x) for x in args.rtts.split(",") if x.strip()})
     OUT.mkdir(parents=True, exist_ok=True)
@@ -451,6 +485,8 @@ def main(argv=None) -> int:
             if proxy:
                 proxy.stop()
 
+        before = same_run_before(bench, args, server.url)
+
         fork = statistics.median(forks + local_forks)
         fork_local = statistics.median(local_forks) if local_forks else fork
         # round trips per job implied by latency sensitivity: d(seconds per job) / d(RTT)
@@ -486,6 +522,10 @@ def main(argv=None) -> int:
             lines.append(check(f"RTT {head['rtt_ms']:.2f} ms: ours round trips per job (proxy)", rts, "<= ~1",
                                rts <= TARGETS["round_trips_per_job"] + 0.05))
             lines.append(f"  {'   (RQ round trips per job, same proxy)':<44} {head['rq']['round_trips_per_job']:10.2f}")
+        if before:
+            lines.append(check(f"local: ours / before #9 ({before['rev']}), same run", before["ratio_median"],
+                               f">= {TARGETS['vs_before']} (median of {len(before['rounds'])} rounds)",
+                               before["ratio_median"] >= TARGETS["vs_before"]))
         lines.append(check("bulk enqueue (worker.enqueue_many), jobs/s", enqueue_rate, ">= 20,000",
                            enqueue_rate >= TARGETS["enqueue_per_s"]))
         for line in lines:
@@ -498,11 +538,12 @@ def main(argv=None) -> int:
         meta["loadavg_end"] = os.getloadavg()
         result = {"meta": meta, "args": vars(args), "fork_limit_per_s": fork, "fork_limit_local_per_s": fork_local,
                   "fork_limit_samples": forks + local_forks, "enqueue_jobs_per_s": enqueue_rate,
-                  "rq_enqueue_jobs_per_s": rq_enq, "points": points, "targets": checks}
+                  "rq_enqueue_jobs_per_s": rq_enq, "points": points, "vs_before": before, "targets": checks}
         (OUT / "throughput.json").write_text(json.dumps(result, indent=2))
         plot(points, fork, OUT / "throughput.png")
         log(f"\nwrote {OUT / 'throughput.json'} and {OUT / 'throughput.png'}")
         problems = [p[rt]["problem"] for p in points for rt in ("ours", "rq") if p[rt]["problem"]]
+        problems += [x for r in (before or {}).get("rounds", []) for x in r["problems"] if x]
         return 1 if problems else 0
     finally:
         for p in list(_live):
