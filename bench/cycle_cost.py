@@ -1,18 +1,26 @@
-"""Redis's time per job in the claim/record script alone, ours against the runtime before issue 9, same run.
+"""Redis's time per job in the claim/record script alone, ours against the runtime before issue 9, same server.
 
-    bench/.venv/bin/python bench/cycle_cost.py            # or: .venv/bin/python bench/cycle_cost.py
+    .venv/bin/python bench/cycle_cost.py            # or bench/.venv/bin/python; --rounds R --batch B
 
-No worker process: this process plays the worker, calling CYCLE in a loop (record job k's outcome, claim job k+1:
-one call per job, as a single slot does; beating every 5 s, tidying every 100 ms and registered with P:epoch, as
-the supervisor does) over 5,000 no-op payloads on a redis-server of its own, and reads
-``INFO commandstats`` (EVALSHA usec per call, which includes the commands inside the script). Each runtime runs in
-a subprocess that imports its own ``worker`` package (the older one from ``git archive 9a39a1e``, as
-bench/concurrency.py does); rounds alternate, and the minimum and median per runtime are printed. With no other
-client and the server kept busy, this isolates the script's cost from the worker's rate, which the drain
-benchmark's per-job figures depend on.
+No worker process: one loop per runtime plays a single-slot worker, calling CYCLE once per job (record job k's
+outcome, claim job k+1; beating every 5 s, tidying every 100 ms and registered with P:epoch, as the supervisor
+does), over no-op payloads written by today's producer. Three loops, each in a subprocess importing its own
+``worker`` package and using a key prefix of its own, on one redis-server:
+
+* ``before #9``: the runtime before issue 9 (``git archive 9a39a1e``, as bench/concurrency.py does);
+* ``ours``: this checkout, as it runs (each job's status record, ``P:job:<id>``, updated at its outcome: issue 12);
+* ``ours, no status record``: the same script with the job ids left out of the outcomes (its "keep no status"
+  path), i.e. ours without what issue 12 added per job.
+
+They take turns of ``--batch`` calls (order alternating), ``--rounds`` times; the first round is a warm-up. The
+figure is ``INFO commandstats`` EVALSHA usec (which includes the commands inside the script) summed over each
+runtime's turns / its calls. Fine-grained turns on one server put machine drift on every runtime alike (sequential
+runs on this VM moved by ±10 %). Targets: ours ≤ 1.2 × before (#12: status records within +20 %); ours without
+the status record ≤ 1.0 × before (#9: the concurrency rewrite costs Redis nothing per job).
 """
 from __future__ import annotations
 
+import argparse
 import statistics
 import subprocess
 import sys
@@ -24,83 +32,103 @@ REPO = BENCH.parent
 sys.path.insert(0, str(BENCH))
 sys.path.insert(1, str(REPO))
 
-ONE = r"""
-import json, sys, time
+LOOP = r"""
+import json, sys, time, dataclasses
 sys.path.insert(0, sys.argv[1])
 import redis
 from worker import config
 from worker.fetch import Broker, Outcome
-url, n = sys.argv[2], int(sys.argv[3])
-if True:
-    if True:
-        r = redis.Redis.from_url(url, decode_responses=True)
-        b = Broker(redis.Redis.from_url(url, decode_responses=True), config.from_mapping({"REDIS_URL": url}))
-        new = hasattr(Outcome, "wire")
-        if hasattr(b, "epoch"):  # registered, as a running worker is: CYCLE checks P:epoch when it needs to
-            r.set(b.keys.epoch, "bench-epoch")
-            b.epoch = "bench-epoch"
-        prev = None
-        c = b.cycle("w:1", [], [0], 0, "") if new else b.cycle("w:1", None, claim=True)  # loads the script
-        r.config_resetstat()
-        prev = c.claims[0].payload if new else c.payload
-        import dataclasses
-        at = c.claims[0].at if new else 0
-        next_beat = next_tidy = time.monotonic()
-        for _ in range(n):
-            if new:  # as the supervisor calls it: beat when due (5 s), tidy every 100 ms, start time from the claim
-                now = time.monotonic()
-                beat, tidy = now >= next_beat, now >= next_tidy
-                next_beat, next_tidy = (now + 5 if beat else next_beat), (now + 0.1 if tidy else next_tidy)
-                ack = dataclasses.replace(Outcome.ack(prev, 0, json.loads(prev)["id"]), started_ms=at)
-                c = b.cycle("w:1", [ack], [0], 0, "", beat=beat, tidy=tidy)
-                prev, at = (c.claims[0].payload, c.claims[0].at) if c.claims else (None, 0)
-            else:
-                c = b.cycle("w:1", Outcome.ack(prev), claim=True)
-                prev = c.payload
-        print(json.dumps(r.info("commandstats")["cmdstat_evalsha"]["usec_per_call"]))
+url, rounds, batch, prefix, status = sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5], sys.argv[6] == "1"
+r = redis.Redis.from_url(url, decode_responses=True)
+b = Broker(redis.Redis.from_url(url, decode_responses=True),
+           config.from_mapping({"REDIS_URL": url, "KEY_PREFIX": prefix}))
+new = hasattr(Outcome, "wire")
+if new:  # registered, as a running worker is: CYCLE checks P:epoch when it needs to
+    r.set(b.keys.epoch, "bench-epoch")
+    b.epoch = "bench-epoch"
+c = b.cycle("w:1", [], [0], 0, "") if new else b.cycle("w:1", None, claim=True)  # loads the script
+prev, at = (c.claims[0].payload, c.claims[0].at) if new else (c.payload, 0)
+next_beat = next_tidy = time.monotonic()
+for _ in range(rounds):
+    r.blpop("go:" + prefix)
+    for _ in range(batch):
+        if new:  # as the supervisor calls it: beat when due (5 s), tidy every 100 ms, start time from the claim
+            now = time.monotonic()
+            beat, tidy = now >= next_beat, now >= next_tidy
+            next_beat, next_tidy = (now + 5 if beat else next_beat), (now + 0.1 if tidy else next_tidy)
+            ack = Outcome.ack(prev, 0, json.loads(prev)["id"] if status else "")
+            c = b.cycle("w:1", [dataclasses.replace(ack, started_ms=at)], [0], 0, "", beat=beat, tidy=tidy)
+            prev, at = (c.claims[0].payload, c.claims[0].at)
+        else:
+            prev = b.cycle("w:1", Outcome.ack(prev), claim=True).payload
+    r.rpush("done:" + prefix, 1)
 """
 
 
-def one(src: Path, n: int) -> float:
-    """A redis-server of its own, ``n`` no-ops enqueued by today's producer (payloads and status records, as a
-    user's app writes them), then the loop above run by the runtime in ``src``."""
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--rounds", type=int, default=21, help="turns per runtime (the first is a warm-up)")
+    ap.add_argument("--batch", type=int, default=500, help="CYCLE calls per turn")
+    args = ap.parse_args(argv)
     import redis
+    from concurrency import BASELINE_REV, baseline_source
     from tests.support import free_port, start_redis_server
     from worker import config
     from worker.fetch import Broker
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        srv = start_redis_server(port, tmp)
-        url = f"redis://127.0.0.1:{port}/0"
-        try:
-            Broker(redis.Redis.from_url(url, decode_responses=True),
-                   config.from_mapping({"REDIS_URL": url})).push_many("noop", [[] for _ in range(n)])
-            res = subprocess.run([sys.executable, "-c", ONE, str(src), url, str(n)], capture_output=True, text=True,
-                                 timeout=300)
-            if res.returncode != 0:
-                raise RuntimeError(res.stderr[-2000:])
-            return float(res.stdout.strip())
-        finally:
-            srv.kill()
-            srv.wait(10)
-
-
-def main() -> int:
-    from concurrency import baseline_source, BASELINE_REV
     base = baseline_source(BASELINE_REV)
     if base is None:
         print(f"cannot extract {BASELINE_REV} with git archive")
         return 1
-    runs = {"before #9 (" + BASELINE_REV + ")": base, "ours": REPO}
-    out = {k: [] for k in runs}
-    for i in range(5):
-        for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
-            out[name].append(one(runs[name], 5000))
-    for name, v in out.items():
-        print(f"{name:22s} EVALSHA µs per job: min {min(v):5.1f}  median {statistics.median(v):5.1f}  "
-              f"({', '.join(f'{x:.1f}' for x in v)})")
-    b, o = out["before #9 (" + BASELINE_REV + ")"], out["ours"]
-    print(f"ours / before: {min(o) / min(b):.2f}x (min), {statistics.median(o) / statistics.median(b):.2f}x (median)")
+    runs = [(f"before #9 ({BASELINE_REV})", base, True), ("ours", REPO, True),
+            ("ours, no status record", REPO, False)]
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        srv = start_redis_server(port, tmp)
+        url = f"redis://127.0.0.1:{port}/0"
+        r = redis.Redis(port=port, decode_responses=True)
+        procs = []
+        try:
+            for i, (_, src, status) in enumerate(runs):
+                Broker(redis.Redis(port=port, decode_responses=True),
+                       config.from_mapping({"REDIS_URL": url, "KEY_PREFIX": f"p{i}"})).push_many(
+                    "noop", [[] for _ in range(args.rounds * args.batch + 2)])
+                procs.append(subprocess.Popen([sys.executable, "-c", LOOP, str(src), url, str(args.rounds),
+                                               str(args.batch), f"p{i}", "1" if status else "0"]))
+
+            def evalsha():
+                s = r.info("commandstats")["cmdstat_evalsha"]
+                return s["calls"], s["usec"]
+
+            calls, usec, per_turn = [0] * len(runs), [0] * len(runs), [[] for _ in runs]
+            for k in range(args.rounds):
+                order = list(range(len(runs))) if k % 2 == 0 else list(range(len(runs)))[::-1]
+                for i in order:
+                    c0, u0 = evalsha()
+                    r.rpush(f"go:p{i}", 1)
+                    if r.blpop(f"done:p{i}", 120) is None:
+                        raise RuntimeError(f"{runs[i][0]}: no answer in 120 s")
+                    c1, u1 = evalsha()
+                    if k > 0:  # the first round warms up
+                        calls[i] += c1 - c0
+                        usec[i] += u1 - u0
+                        per_turn[i].append((u1 - u0) / (c1 - c0))
+            for p in procs:
+                if p.wait(60) != 0:
+                    raise RuntimeError("a loop failed")
+        finally:
+            for p in procs:
+                p.kill()
+            srv.kill()
+            srv.wait(10)
+    mean = [u / c for u, c in zip(usec, calls)]
+    print(f"EVALSHA µs per job (commandstats), {args.rounds - 1} turns of {args.batch} calls per runtime, "
+          f"alternating, one redis-server:")
+    for (name, _, _), m, t in zip(runs, mean, per_turn):
+        print(f"  {name:28s} mean {m:5.1f}   per-turn median {statistics.median(t):5.1f}   "
+              f"÷ before {m / mean[0]:.2f}x")
+    ours, bare = mean[1] / mean[0], mean[2] / mean[0]
+    print(f"  ours / before                 {ours:.2f}x   target <= 1.2x (#12)   {'MET' if ours <= 1.2 else 'MISSED'}")
+    print(f"  ours, no status / before      {bare:.2f}x   target <= 1.0x (#9)    {'MET' if bare <= 1.0 else 'MISSED'}")
     return 0
 
 
