@@ -1,9 +1,10 @@
 """What happened to a job: ``get_job(job_id)`` and ``python -m worker job ID [--json]``.
 
-Every job has a status record ``P:job:<id>`` (``keys.py``), written in the same Lua calls that already enqueue,
-claim and record it (no extra round trip): ``queued`` or ``scheduled`` at enqueue, ``running`` at claim, then
-``done`` (with the return value), ``failed`` (the error is its failed-registry record), ``scheduled`` again for a
-retry, ``queued`` again when it is put back or recovered. It expires ``RESULT_TTL`` seconds after the job is done
+Every job has a status record ``P:job:<id>`` (``keys.py``), written in the same Lua calls that already enqueue
+and record it (no extra round trip): ``queued`` or ``scheduled`` at enqueue, then ``done`` (with the return value),
+``failed`` (the error is its failed-registry record), ``scheduled`` again for a retry, ``queued`` again when it is
+put back or recovered. The claim writes nothing there (that would cost every job a write): a running job is found
+in its worker's slots (``P:worker:<w>``, fields ``job:<slot>`` and ``started:<slot>``). It expires ``RESULT_TTL`` seconds after the job is done
 (``@job(result_ttl=…)``; 0 keeps none) and ``FAILED_TTL`` after it failed, so the number of keys stays flat.
 """
 from __future__ import annotations
