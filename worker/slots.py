@@ -309,9 +309,11 @@ class SlotTable:
 
     def poll(self) -> bool:
         """Take in what the fork server and the report pipes have to say now (never blocks). True if that is worth
-        a turn of the worker's loop: a slot finished, or the fork server failed (:meth:`collect` acts on both).
-        A job's start (its pid) and its report arriving before its exit status are not: the loop's wait goes on."""
-        if self._take_in() is not None:
+        a turn of the worker's loop: a slot finished, the fork server failed (:meth:`collect` acts on both), or a
+        new fork server became ready (slots are free to claim into again). A job's start (its pid) and its report
+        arriving before its exit status are not: the loop's wait goes on."""
+        was_ready = self.forks.ready
+        if self._take_in() is not None or (self.forks.ready and not was_ready):
             return True
         return any(s.busy and (s.unstarted or (s.status is not None and s.eof)) for s in self.slots)
 
