@@ -373,15 +373,18 @@ def test_stop_right_after_a_claim_hands_the_job_back_unforked(r, inproc):
 @pytest.mark.timeout(30)
 def test_stop_while_the_job_is_being_forked_puts_it_back_once(r, inproc):
     """The stop arrives just after the job was handed to the fork server, before its child's pid is known: the
-    child gets its TermException as it starts (or before), the job goes back to the head of its queue, once."""
+    child gets its TermException as it starts (or before), the job goes back to the head of its queue, once.
+    The job lets the exception propagate wherever it lands (``term_probe``, which catches it and returns, made this
+    depend on the signal beating the job's first Redis call: under CI load it lost once, by 7 ms, and the job was
+    rightly recorded done)."""
     w = inproc()
-    job_id = w.broker.push("term_probe", ["ev"], {})
+    job_id = w.broker.push("wait_shutdown_flag", ["ev"], {})
     behind = w.broker.push("push", ["out", "behind"], {})
     hits = _stop_when(w, w.sup.slots, "start", lambda args, _: True)
     assert w.run() == 0, w.output
     assert len(hits) == 1 and "event=shutdown.job_put_back" in w.output, w.output
     assert queued_ids(r) == [job_id, behind], w.output
-    assert rest(r, "ev") in ([], ["started", "term"], ["term"]), w.output  # at most one TermException
+    assert rest(r, "ev") in ([], ["started"], ["started", "term"]), w.output  # at most one TermException
     assert r.keys("worker:processing:*") == [] and r.zcard("worker:workers") == 0
     assert r.lrange("out", 0, -1) == [] and processed(r) == 0 and r.zcard("worker:failed") == 0
 
