@@ -34,7 +34,8 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     expires 2 intervals (or 2 x misfire_grace) + 60 s after a worker last wrote it
     P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
     P:epoch                 STRING  a random id, set by the first worker to register (SET NX) and never deleted
-                                    by the runtime. A worker remembers it; if, at any of its calls, it is gone or another,
+                                    by the runtime. A worker remembers it; if, at a call of its (checked before
+                                    the first write; see lua.CYCLE for the one skip), it is gone or another,
                                     Redis lost its data since (a restart without persistence, a stale replica
                                     promoted): the worker registers again and puts the claims of the jobs it holds
                                     back into its processing list, so they stay recoverable and can be put back

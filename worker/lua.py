@@ -24,16 +24,20 @@ local function record_failure(id, record, max_n, ttl_ms)
 end
 """
 
+# Ring a queue's wake list for idle workers, once (a token already there is enough). Needs `prefix`.
+WAKE_FN = r"""
+local function wake(q)
+  local k = prefix .. ':wake:' .. q
+  if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
+end
+"""
+
 # Shared Lua helpers; every script but CYCLE starts with these.
 PRELUDE = r"""
 local prefix = ARGV[1]
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local function wake(q)
-  local k = prefix .. ':wake:' .. q
-  if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
-end
--- Set bookkeeping fields without re-encoding the payload: cjson cannot tell [] from {} and would change the
+""" + WAKE_FN + r"""-- Set bookkeeping fields without re-encoding the payload: cjson cannot tell [] from {} and would change the
 -- job's own arguments, so the fields are appended as duplicate keys, which JSON decoders (Python's, cjson) resolve
 -- to the last occurrence. Payloads are objects with at least an id, so the body before the final brace is never
 -- empty. Growth is bounded: only recovery (at most MAX_ATTEMPTS times) and failed-retry append.
@@ -129,11 +133,7 @@ local cat = oat + 1 + 8 * nout                -- ARGV[cat..]: slots to claim int
 local first = nout > 0 and redis.call('LREM', processing, -1, ARGV[oat + 3]) or 0
 if ARGV[10] ~= '' and first ~= 1 and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- no write yet
 local tidy = ARGV[9] == '1'
-local function wake(q)
-  local k = prefix .. ':wake:' .. q
-  if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
-end
-if ARGV[3] ~= '' then redis.call('ZADD', workers, now + tonumber(ARGV[3]), worker) end
+""" + WAKE_FN + r"""if ARGV[3] ~= '' then redis.call('ZADD', workers, now + tonumber(ARGV[3]), worker) end
 for at = ck + 1, oat - 1, 2 do
   if ARGV[at + 1] == '' then
     redis.call('HDEL', wh, 'ckpt:' .. ARGV[at])
