@@ -511,3 +511,25 @@ def test_check_server_warns_about_eviction(r):
     finally:
         r.config_set("maxmemory-policy", "noeviction")
     assert warning and "allkeys-lru" in warning and "noeviction" in warning
+
+
+@pytest.mark.parametrize("bad", ["workers", "worker_hash"])
+def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
+    """Chaos review of the lean CYCLE: its first write is now the outcome's LREM, so nothing after it may raise on
+    a key of the wrong type. A ``P:workers`` that is not a zset (the beat's ZADD) or a worker hash that is not a hash
+    (a checkpoint's HSET) made the call fail after the job had left the processing list: it was in no list at all.
+    Whatever else the call does with such keys, the job is either still claimed or back in its queue."""
+    from worker.fetch import Outcome
+    b = _broker(r)
+    job_id = b.push("push", ["out", "x"], {})
+    (claim,) = b.cycle("w:1", [], [0], 0, "").claims
+    key = WORKERS if bad == "workers" else "worker:worker:w:1"
+    r.delete(key)
+    r.set(key, "corrupt")
+    try:
+        b.cycle("w:1", [Outcome.requeue(claim.payload, "default", 0)], (), 0, "stopping",
+                checkpoints=[(0, '{"step":1}')], beat=True)
+    except redis.ResponseError:
+        pass  # a call may still fail on such a key, after its outcome took effect
+    held = r.lrange("worker:processing:w:1", 0, -1) + r.lrange("worker:queue:default", 0, -1)
+    assert [jobs.loose_id(p) for p in held] == [job_id]

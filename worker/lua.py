@@ -133,12 +133,14 @@ local cat = oat + 1 + 8 * nout                -- ARGV[cat..]: slots to claim int
 local first = nout > 0 and redis.call('LREM', processing, -1, ARGV[oat + 3]) or 0
 if ARGV[10] ~= '' and first ~= 1 and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- no write yet
 local tidy = ARGV[9] == '1'
-""" + WAKE_FN + r"""if ARGV[3] ~= '' then redis.call('ZADD', workers, now + tonumber(ARGV[3]), worker) end
+""" + WAKE_FN + r"""-- The first LREM above may already have written: from here on, a bookkeeping key of the wrong type must not make
+-- the script raise before the outcomes are recorded (pcall), or the job would be in no list at all.
+if ARGV[3] ~= '' then redis.pcall('ZADD', workers, now + tonumber(ARGV[3]), worker) end
 for at = ck + 1, oat - 1, 2 do
   if ARGV[at + 1] == '' then
-    redis.call('HDEL', wh, 'ckpt:' .. ARGV[at])
+    redis.pcall('HDEL', wh, 'ckpt:' .. ARGV[at])
   else
-    redis.call('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
+    redis.pcall('HSET', wh, 'ckpt:' .. ARGV[at], ARGV[at + 1])
   end
 end
 for at = oat + 1, cat - 1, 8 do
@@ -151,7 +153,8 @@ for at = oat + 1, cat - 1, 8 do
     local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
     local jk = prefix .. ':job:' .. id
     if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
-      started = redis.call('HGET', wh, 'started:' .. slot) or now_s
+      started = redis.pcall('HGET', wh, 'started:' .. slot)
+      if type(started) ~= 'string' then started = now_s end
     end
     -- status records are written with pcall: a key of the wrong type never aborts the script
     if op == 'ack' then
