@@ -162,6 +162,27 @@ def cc_alloc_in_subprocess(key, mb, hold=30.0):
 
 
 @job
+def print_tail(text, flush_s=0.5):
+    """Leaves ``text`` for the runtime's final flush of stdout, and makes that flush take ``flush_s`` (a slow pipe,
+    a log shipper behind it)."""
+    import sys
+
+    class SlowOut:
+        def __init__(self, out):
+            self.out = out
+
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            time.sleep(flush_s)
+            self.out.write(text + "\n")
+            self.out.flush()
+
+    sys.stdout = SlowOut(sys.stdout)
+
+
+@job
 def cc_subprocess(key, seconds=60.0):
     """Starts ``sleep 300`` (a subprocess the job owns), reports its pid, then blocks."""
     import subprocess

@@ -311,3 +311,34 @@ def test_killed_jobs_subprocess_dies_with_it(r, spawn, enqueue, how):
     finally:
         if dyno.alive(sleeper):
             os.kill(sleeper, signal.SIGKILL)
+
+
+# --- 7. a job ends with its report: the worker records it without waiting for the child's exit ---
+
+@pytest.mark.timeout(60)
+def test_a_finished_jobs_subprocess_is_ended_before_a_burst_worker_exits(r, spawn, enqueue):
+    """The worker records a job from its report and may exit before the fork server has reaped the child: the fork
+    server still ends what the job left running before it goes."""
+    enqueue("cc_subprocess", "ev", 0)
+    w = spawn("--burst", JOB_MODULES=MODULES)
+    sleeper = expect(r, "ev", "started")["child"]
+    try:
+        assert w.wait(30) == 0, w.output
+        assert "event=job.done" in w.output, w.output
+        assert gone(sleeper, 2.0), f"the finished job's `sleep 300` (pid {sleeper}) outlived the worker"
+    finally:
+        if dyno.alive(sleeper):
+            os.kill(sleeper, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+def test_a_jobs_last_output_comes_before_its_outcome(r, spawn, enqueue):
+    """The child flushes the job's output before its final report (which the worker records at once), so the job's
+    last lines precede job.done, however slow the flush."""
+    job_id = enqueue("print_tail", "last words of the job")
+    w = spawn("--burst", JOB_MODULES=MODULES)
+    assert w.wait(30) == 0, w.output
+    lines = [line for _, line in w.lines]
+    said = [i for i, line in enumerate(lines) if line == "last words of the job"]
+    done = [i for i, line in enumerate(lines) if "event=job.done" in line and job_id in line]
+    assert said and done and said[0] < done[0], w.output

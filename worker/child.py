@@ -269,7 +269,14 @@ _OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
 
 
 def _finish(report, fd):
+    """Flush the job's output, send the final report, exit. The report is the last thing the child does: the worker
+    records the job as soon as it has read it, without waiting for the exit."""
     code = 0
+    for stream in (sys.stdout, sys.stderr):  # before the report: the job's last lines come before its outcome's
+        try:
+            stream.flush()
+        except BaseException:
+            pass
     try:
         if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
             raise TimeoutError("report pipe busy")
@@ -282,9 +289,4 @@ def _finish(report, fd):
             data = data[os.write(fd, data):]
     except BaseException:
         code = 70
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except BaseException:
-            pass
     os._exit(code)

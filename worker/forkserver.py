@@ -15,7 +15,9 @@ Process tree::
 * The fork server blocks the stop signals: Heroku's or a group's TERM/INT/QUIT/USR1/USR2 stay pending and are never
   acted on. The job child inherits that mask, so a signal that reaches it before its handlers exist is delivered
   right after (``child.run`` unblocks), never lost.
-* It dies with the worker (parent-death signal, and end of file on its socket); job children die with it.
+* It dies with the worker (parent-death signal, and end of file on its socket); job children die with it. At end of
+  file it first ends and reaps the children still exiting after their final report (the worker records a job from
+  its report and does not wait for the exit), with whatever their jobs left running.
 * It keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next job
   overlaps the current ones; each child still runs exactly one job.
 
@@ -293,8 +295,15 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
         if sock not in ready:
             continue
         job = _recv_job(sock)
-        if job is None:
-            return 0  # the worker closed the socket: leave (spare and children die with us)
+        if job is None:  # the worker closed the socket: leave (the spare dies with us)
+            for pid, _ in running.values():  # children that sent their report and are exiting (the worker does
+                _end_group(pid)               # not wait for that): end what their jobs left behind, reap them
+                try:
+                    os.kill(pid, signal.SIGKILL)  # in case it left its own group: the wait must end
+                except OSError:
+                    pass
+                os.waitpid(pid, 0)
+            return 0
         seq, data, report_w = job
         pid, line = spare
         if os.waitpid(pid, os.WNOHANG)[0]:  # the spare died while waiting (killed from outside): replace it

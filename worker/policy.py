@@ -102,9 +102,10 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         return Result(Status.CRASH, duration, "ChildCrashed", "the fork server died during the job")
     if killed is Kill.USR1:
         return Result(Status.KILLED, duration, "Killed", "killed by SIGUSR1 to the worker")
+    how = "its final report could not be read" if status is None else describe_status(status)
     if termed:  # died some other way during a shutdown: it was interrupted, not broken
-        return Result(Status.INTERRUPTED, duration, message=describe_status(status or 0))
-    return Result(Status.CRASH, duration, "ChildCrashed", describe_status(status or 0))
+        return Result(Status.INTERRUPTED, duration, message=how)
+    return Result(Status.CRASH, duration, "ChildCrashed", how)
 
 
 @dataclass(frozen=True)

@@ -108,6 +108,14 @@ class Slot:
     def busy(self) -> bool:
         return self.seq != 0
 
+    @property
+    def finished(self) -> bool:
+        """The job's run is over: its child sent its final report (the child's last act before ``os._exit``; the
+        fork server reaps it, and ends whatever it left behind, on its own), or it was reaped without one, or it
+        never reached a child. Not waiting for the exit status takes the child's exit, the reap and a wake-up of
+        the worker off every job's path."""
+        return self.busy and (bool(self.report) or self.unstarted or (self.status is not None and self.eof))
+
     def read(self) -> None:
         try:
             while True:
@@ -292,14 +300,15 @@ class SlotTable:
         return max(0.0, at - now)
 
     def collect(self) -> list:
-        """Slots whose child is finished (reaped and its report read), plus, after a fork-server failure, every
-        busy slot (``unstarted`` ones never reached a child). The caller records each and calls ``clear()``."""
+        """Slots whose job is :attr:`~Slot.finished` (its report read, or its child reaped without one), plus,
+        after a fork-server failure, every busy slot (``unstarted`` ones never reached a child). The caller records
+        each and calls ``clear()``; an exit status that comes after that is about no slot and is ignored."""
         failure = self._take_in()
         if failure is not None:
             self._server_failed(failure)
         done = []
         for s in self.slots:
-            if s.busy and (s.unstarted or (s.status is not None and s.eof)):
+            if s.finished:
                 if s.r >= 0:
                     os.close(s.r)
                     s.r = -1
@@ -310,12 +319,12 @@ class SlotTable:
     def poll(self) -> bool:
         """Take in what the fork server and the report pipes have to say now (never blocks). True if that is worth
         a turn of the worker's loop: a slot finished, the fork server failed (:meth:`collect` acts on both), or a
-        new fork server became ready (slots are free to claim into again). A job's start (its pid) and its report
-        arriving before its exit status are not: the loop's wait goes on."""
+        new fork server became ready (slots are free to claim into again). A job's start (its pid), a checkpoint
+        and the exit status of a job already finished are not: the loop's wait goes on."""
         was_ready = self.forks.ready
         if self._take_in() is not None or (self.forks.ready and not was_ready):
             return True
-        return any(s.busy and (s.unstarted or (s.status is not None and s.eof)) for s in self.slots)
+        return any(s.finished for s in self.slots)
 
     def _take_in(self):
         """Read the fork server's frames, the report pipes and the pidfds; the fork-server failure seen, if any."""
