@@ -17,6 +17,7 @@ import pytest
 
 import tests.jobs  # noqa: F401  (registers push etc. for Broker.push)
 import tests.jobs_review  # noqa: F401
+import tests.jobs_term  # noqa: F401
 from tests.dyno import sleeping
 from tests.support import children, forkserver_of, wait_until
 from worker.config import from_mapping
@@ -190,6 +191,48 @@ def test_fork_server_stopped_while_a_job_finishes_is_replaced_and_the_job_is_don
     finally:
         release(server)
     assert f"event=job.failed job={job_id}" not in w.output and "job.crash" not in w.output
+
+
+# --- a fork server stopped or dead during a shutdown (chaos review of issue 9) ---
+
+@pytest.mark.timeout(45)
+def test_fork_server_stopped_at_a_sigterm_still_puts_the_stubborn_job_back_in_the_window(r, spawn, enqueue):
+    """The worker kills a stubborn job at its deadline itself; a fork server that cannot report the exit (stopped)
+    must not keep the job from being put back, nor the worker from leaving before its window (the watchdog's hard
+    exit would leave the job in the processing list until recovery)."""
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=4)  # TERM_TIMEOUT 2.5 s, hard exit at 3.5 s
+    job_id = enqueue("stubborn", "ev")
+    assert event_of(r, "ev")["event"] == "started"
+    wait_until(lambda: sleeping(w.pid), 5, "the job in its sleep")  # inside its try: it swallows what comes
+    [server] = forkserver_of(w.pid)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        w.signal(signal.SIGTERM)
+        assert w.wait(10) == 0, w.output
+    finally:
+        release(server)
+    assert "event=shutdown.child_killed" in w.output and "shutdown.watchdog" not in w.output, w.output
+    assert [json.loads(x)["id"] for x in r.lrange("worker:queue:default", 0, -1)] == [job_id]
+    assert processing(r) == {} and r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(45)
+def test_fork_server_dying_during_a_stop_puts_the_cleaning_job_back(r, spawn, enqueue):
+    """A job still in its TERM_TIMEOUT cleanup when the fork server dies (its child dies with it) was interrupted by
+    the stop, not broken: it goes back to its queue, unfailed, as if it had been killed at the deadline."""
+    w = spawn(JOB_MODULES=MODULES + ",tests.jobs_term", SHUTDOWN_WINDOW=6)
+    job_id = enqueue("tt_reraise", "ev", 60, cleanup=30)
+    assert event_of(r, "ev")["event"] == "started"
+    wait_until(lambda: sleeping(w.pid), 5, "the job in its sleep")
+    w.signal(signal.SIGTERM)
+    assert event_of(r, "ev")["event"] == "term"
+    [server] = forkserver_of(w.pid)
+    os.kill(server, signal.SIGKILL)
+    assert w.wait(10) == 0, w.output
+    assert "event=shutdown.job_put_back" in w.output, w.output
+    assert [json.loads(x)["id"] for x in r.lrange("worker:queue:default", 0, -1)] == [job_id]
+    assert processing(r) == {} and r.zcard("worker:failed") == 0
+    assert json.loads(r.lindex("worker:queue:default", 0)).get("attempts", 0) == 0, "counted as a failed attempt"
 
 
 # --- #4 a large payload handed to a stopped fork server freezes the loop ---

@@ -63,7 +63,9 @@ _state = _ChildState()
 
 #: Largest checkpoint (JSON bytes). It travels in the job's payload when the job is put back.
 MAX_CHECKPOINT = 64 * 1024
-_FRAME = struct.Struct(">cI")  # report pipe: kind (C checkpoint, R final report), length, JSON body
+#: Report pipe frames: kind, length, JSON body. Kinds: C checkpoint; R final report; I final report of an interrupted
+#: run (the job goes back to a queue: the worker waits for the exit, and the end of the process group, first).
+_FRAME = struct.Struct(">cI")
 
 
 def checkpoint(value: Any) -> None:
@@ -284,7 +286,8 @@ def _finish(report, fd):
             data = memoryview(_OK)
         else:
             body = json.dumps(report, default=str).encode()
-            data = memoryview(_FRAME.pack(b"R", len(body)) + body)
+            kind = b"I" if report.get("status") == "interrupted" else b"R"
+            data = memoryview(_FRAME.pack(kind, len(body)) + body)
         while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
             data = data[os.write(fd, data):]
     except BaseException:

@@ -145,14 +145,14 @@ class ForkServer:
             self.proc.kill()
         self.stop()
 
-    def stop(self) -> None:
-        """Close the socket (the server exits on end of file) and reap it; kill it if it lingers."""
+    def stop(self, wait: float = 1.0) -> None:
+        """Close the socket (the server exits on end of file) and reap it; kill it if it lingers ``wait`` s."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
             try:
-                self.proc.wait(1.0)
+                self.proc.wait(wait)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()

@@ -99,6 +99,8 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         return Result(Status.MEMORY, duration, "JobMemoryExceeded",
                       f"exceeded {limit_mb} MB (JOB_MAX_MEMORY_MB) and was killed")
     if killed is Kill.FORKSERVER:
+        if termed:  # the stop had begun: the job was being interrupted anyway, and goes back like a killed one
+            return Result(Status.INTERRUPTED, duration, message="the fork server died during the shutdown")
         return Result(Status.CRASH, duration, "ChildCrashed", "the fork server died during the job")
     if killed is Kill.USR1:
         return Result(Status.KILLED, duration, "Killed", "killed by SIGUSR1 to the worker")

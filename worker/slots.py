@@ -94,6 +94,7 @@ class Slot:
         self.r = -1
         self.buf = bytearray()               # unparsed bytes of the report pipe
         self.report = b""                    # the child's final report (JSON), if it sent one
+        self.interrupted = False             # ... and it says the run was interrupted (see finished)
         self.checkpoint: Optional[str] = None  # the last checkpoint it sent (JSON text)
         self.saved: Optional[str] = None     # the checkpoint last written to Redis (for a dyno killed outright)
         self.eof = False
@@ -110,11 +111,21 @@ class Slot:
 
     @property
     def finished(self) -> bool:
-        """The job's run is over: its child sent its final report (the child's last act before ``os._exit``; the
-        fork server reaps it, and ends whatever it left behind, on its own), or it was reaped without one, or it
-        never reached a child. Not waiting for the exit status takes the child's exit, the reap and a wake-up of
-        the worker off every job's path."""
-        return self.busy and (bool(self.report) or self.unstarted or (self.status is not None and self.eof))
+        """The job's run is over, and the slot can be recorded and reused:
+
+        * its child sent its final report, the last thing it does before ``os._exit`` (the fork server reaps it, and
+          ends whatever it left running, on its own). Not waiting for the exit status takes the child's exit, the
+          reap and a wake-up of the worker off every job's path. Except an interrupted run's report: that job goes
+          back to the head of a queue, where another worker may take it at once, so it waits for the exit status,
+          which the fork server sends after it has ended the run's process group: two runs never overlap;
+        * or it was reaped (exit status in, pipe drained) without a report;
+        * or the worker killed it and saw it exit (pidfd): how it died is the worker's to say, so a stalled fork
+          server cannot hold a killed job back from being put back;
+        * or it never reached a child.
+        """
+        return self.busy and ((bool(self.report) and not self.interrupted) or self.unstarted
+                              or (self.status is not None and self.eof)
+                              or (self.killed is not None and bool(self.exited_at)))
 
     def read(self) -> None:
         try:
@@ -136,7 +147,7 @@ class Slot:
         buf, at, head = self.buf, 0, _FRAME.size
         while len(buf) - at >= head:
             kind, n = _FRAME.unpack_from(buf, at)
-            if kind not in (b"C", b"R") or n > MAX_FRAME:  # not ours (the job wrote on the fd): ignore the rest
+            if kind not in (b"C", b"R", b"I") or n > MAX_FRAME:  # not ours (the job wrote on the fd): ignore the rest
                 self.garbled = True
                 buf.clear()
                 return
@@ -146,8 +157,9 @@ class Slot:
             at += head + n
             if kind == b"C":
                 self.checkpoint = body.decode("utf-8", "replace")
-            elif kind == b"R":
+            else:
                 self.report = body
+                self.interrupted = kind == b"I"
         del buf[:at]
 
     def kill(self, why: Kill) -> None:
@@ -235,6 +247,8 @@ class SlotTable:
 
     def fds(self) -> list:
         out = [s.r for s in self.slots if s.busy and not s.eof and s.r >= 0]
+        out += [s.pidfd for s in self.slots  # a killed child's exit ends its job (see Slot.finished)
+                if s.busy and s.killed is not None and s.pidfd >= 0 and not s.exited_at and s.status is None]
         if self.forks.sock is not None:
             out.append(self.forks.fileno())
         return out
@@ -309,6 +323,8 @@ class SlotTable:
         done = []
         for s in self.slots:
             if s.finished:
+                if s.r >= 0 and not s.eof:
+                    s.read()  # the last of what it wrote (a killed child's exit may come before its pipe's end)
                 if s.r >= 0:
                     os.close(s.r)
                     s.r = -1
@@ -393,8 +409,8 @@ class SlotTable:
         elif self.sig.stop_at is None and not self.sig.quit:
             self.start_server()
 
-    def close(self) -> None:
-        self.forks.stop()
+    def close(self, wait: float = 1.0) -> None:
+        self.forks.stop(wait)
 
 
 def _signal(pid: int, signum: int) -> None:

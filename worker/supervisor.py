@@ -462,7 +462,9 @@ class Supervisor:
         finally:
             broker.r.close()
             self.waiter.close()
-            self.slots.close()
+            # a fork server that does not leave at once (stopped) is killed in time for our own exit
+            left = sig.stop_at + self.cfg.hard_exit_after - 0.1 - time.monotonic() if sig.stopping else 2.0
+            self.slots.close(max(0.05, min(1.0, left / 2)))
         # Our handlers stayed in place through the bookkeeping above (a TERM there arms the watchdog, whatever made
         # us exit); from here a late TERM (Heroku may repeat it) must not kill the interpreter's own shutdown.
         sig.ignore_stops()

@@ -1,0 +1,132 @@
+"""Fast unit tests of pure logic, without Redis or forks: when a slot's job is over (report frames, exit status,
+kills), what a child's run means (``policy.result_of``) and what is recorded for it (``policy.decide``).
+
+The behaviour end to end (real children, real signals) is in the other suites; these pin the rules themselves.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+
+from worker.child import _FRAME, _OK
+from worker.fetch import Op
+from worker.policy import Kill, Status, decide, result_of
+from worker.slots import Slot
+
+
+def frame(kind: bytes, body: dict) -> bytes:
+    data = json.dumps(body).encode()
+    return _FRAME.pack(kind, len(data)) + data
+
+
+def running_slot(*chunks: bytes) -> Slot:
+    s = Slot(0)
+    s.seq, s.pid = 7, 12345
+    for chunk in chunks:
+        s.buf += chunk
+        s._frames()
+    return s
+
+
+# --- when a slot's job is over ---
+
+def test_a_final_report_ends_the_job_before_the_exit_status():
+    s = running_slot(frame(b"C", {"n": 1}), _OK)
+    assert s.finished and s.status is None
+    assert s.checkpoint == '{"n": 1}' and json.loads(s.report) == {"status": "ok"}
+
+
+def test_a_report_split_across_reads_ends_the_job_only_when_whole():
+    whole = frame(b"R", {"status": "error", "message": "boom"})
+    s = running_slot(whole[:7])
+    assert not s.finished
+    s.buf += whole[7:]
+    s._frames()
+    assert s.finished
+
+
+def test_an_interrupted_runs_report_waits_for_the_exit_status():
+    """The job goes back to a queue where another worker may take it at once: its run, process group included,
+    must be over first, and the fork server ends that group before it sends the exit status."""
+    s = running_slot(frame(b"I", {"status": "interrupted"}))
+    assert s.report and not s.finished
+    s.status, s.eof = 0, True
+    assert s.finished
+
+
+def test_a_child_we_killed_is_over_when_it_has_exited_without_a_status():
+    s = running_slot()
+    s.exited_at = 1.0
+    assert not s.finished  # exited on its own: how it died comes with the exit status
+    s.killed = Kill.DEADLINE
+    assert s.finished
+
+
+def test_bytes_that_are_not_frames_are_ignored_not_taken_for_a_report():
+    s = running_slot(b"hello from the job\n" + _OK)
+    assert s.garbled and not s.report and not s.finished
+
+
+# --- what a run means ---
+
+def test_the_report_wins_over_the_exit_status_and_the_kill():
+    r = result_of(b'{"status": "ok", "result": [1, 2]}', None, Kill.TIMEOUT, False, 5.0, 0, 0.1)
+    assert r.status is Status.DONE and r.value == "[1,2]"
+
+
+@pytest.mark.parametrize("killed,termed,status", [
+    (Kill.DEADLINE, True, Status.INTERRUPTED),
+    (Kill.TIMEOUT, False, Status.TIMEOUT),
+    (Kill.TIMEOUT, True, Status.INTERRUPTED),
+    (Kill.USR1, False, Status.KILLED),
+    (Kill.MEMORY, False, Status.MEMORY),
+    (Kill.FORKSERVER, False, Status.CRASH),
+    (Kill.FORKSERVER, True, Status.INTERRUPTED),  # the fork server died during a stop: put back, not a failure
+])
+def test_why_we_killed_it_says_what_it_was(killed, termed, status):
+    assert result_of(b"", None, killed, termed, 5.0, 100, 0.1).status is status
+
+
+def test_a_death_without_report_is_described_by_its_status():
+    r = result_of(b"", signal.SIGSEGV, None, False, 0.0, 0, 0.1)
+    assert r.status is Status.CRASH and r.message == "child killed by SIGSEGV"
+    r = result_of(b"", 3 << 8, None, False, 0.0, 0, 0.1)
+    assert r.message == "child exited with code 3 without reporting"
+    assert os.WIFEXITED(3 << 8)
+
+
+def test_an_unreadable_report_without_status_is_a_crash_that_says_so():
+    r = result_of(b"{not json", None, None, False, 0.0, 0, 0.1)
+    assert r.status is Status.CRASH and r.message == "its final report could not be read"
+
+
+# --- what is recorded ---
+
+DOC = {"id": "j1", "name": "push", "args": [], "kwargs": {}, "queue": "default"}
+RAW = json.dumps(DOC)
+
+
+def test_done_is_acknowledged_with_its_result():
+    r = result_of(b'{"status": "ok", "result": {"a": 1}}', None, None, False, 0.0, 0, 0.2)
+    d = decide(r, RAW, DOC, "default", 0, 0, "w")
+    assert d.outcome.op is Op.ACK and d.outcome.result == '{"a":1}' and d.event == "job.done"
+
+
+def test_an_error_is_retried_while_retries_remain_then_failed():
+    r = result_of(b'{"status": "error", "type": "ValueError", "message": "boom"}', 256, None, False, 0.0, 0, 0.2)
+    d = decide(r, RAW, DOC, "default", 0, 1, "w")
+    assert d.outcome.op is Op.RETRY and json.loads(d.outcome.new_payload)["attempts"] == 1
+    again = dict(DOC, attempts=1)
+    d = decide(r, json.dumps(again), again, "default", 0, 1, "w")
+    assert d.outcome.op is Op.FAIL and d.event == "job.failed"
+
+
+def test_an_interruption_is_put_back_with_its_checkpoint_and_not_counted_as_an_attempt():
+    r = result_of(b'{"status": "interrupted"}', 0, None, True, 0.0, 0, 0.2)
+    d = decide(r, RAW, DOC, "default", 0, 0, "w", checkpoint='{"row": 40}')
+    new = json.loads(d.outcome.new_payload)
+    assert d.outcome.op is Op.REQUEUE and d.event == "shutdown.job_put_back"
+    assert new["checkpoint"] == {"row": 40} and new["interruptions"] == 1 and "attempts" not in new
