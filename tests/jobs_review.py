@@ -119,3 +119,60 @@ def rv_term_probe(key, seconds=60, blob=""):
         event(key, "completed")
     except TermException:
         event(key, "term")
+
+
+# --- the end of a run (review of "a job ends with its report") ---
+
+@job
+def rv_forks_a_helper(key, seconds=1.0, how="exit"):
+    """Forks a helper process that leaves through the runtime (``sys.exit(0)``, or returning from the job function),
+    then works on for ``seconds`` and returns "parent": the helper must not end the job with a report of its own."""
+    event(key, "start")
+    if os.fork() == 0:
+        if how == "exit":
+            sys.exit(0)
+        return "helper"
+    time.sleep(seconds)
+    event(key, "end")
+    return "parent"
+
+
+@job
+def rv_leaves_sleep_and_stalls_server(key):
+    """Leaves ``sleep 300`` in its process group, stops its fork server (a stall), and returns ok."""
+    import signal
+    import subprocess
+    p = subprocess.Popen(["sleep", "300"])
+    event(key, "started", child=p.pid, server=os.getppid())
+    os.kill(os.getppid(), signal.SIGSTOP)
+
+
+@job
+def rv_interrupted_stalls_server(key, cleanup=0.45, leave=False):
+    """On TermException: cleans up ``cleanup`` s, optionally leaving ``sleep 300`` behind, stops its fork server and
+    re-raises (an interrupted run whose exit the stalled server cannot report)."""
+    import signal
+    import subprocess
+    event(key, "started", server=os.getppid())
+    p = subprocess.Popen(["sleep", "300"]) if leave else None
+    try:
+        time.sleep(60)
+    except TermException:
+        time.sleep(cleanup)
+        os.kill(os.getppid(), signal.SIGSTOP)
+        event(key, "reraise", child=p.pid if p else 0)
+        raise
+
+
+@job
+def rv_hanging_flush(key):
+    """Does its work, then leaves a stdout whose flush never returns (a stalled log pipe behind a custom stream)."""
+    class Stuck:
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            time.sleep(3600)
+
+    event(key, "work-done")
+    sys.stdout = Stuck()

@@ -471,3 +471,100 @@ def test_parent_only_stop_before_the_pid_is_known_reaches_the_job_at_once(r, spa
     assert "shutdown.child_killed" not in w.output, w.output
     # put back before the job function ran, or it caught the exception and returned: done
     assert r.llen("worker:queue:default") == 1 or status_of(r, job_id) == "done", w.output
+
+
+# --- the end of a run (review of "a job ends with its report") ---
+
+def kill_quietly(*pids):
+    for pid in pids:
+        if pid:
+            release(pid)
+
+
+@pytest.mark.timeout(45)
+@pytest.mark.parametrize("how", ["exit", "return"])
+def test_a_process_the_job_forked_cannot_end_the_job_with_a_report_of_its_own(r, spawn, enqueue, how):
+    """A helper the job forks shares the report pipe; leaving through the runtime, it must not report: the job is
+    recorded from its own process's report, once, after its whole run (no retry, no second run at once)."""
+    job_id = enqueue("rv_forks_a_helper", "ev", 1.0, how)
+    w = spawn(JOB_MODULES=MODULES, JOB_RETRIES=3)
+    line = w.wait_for(rf"event=job\.(done|retry|failed) .*job={job_id}", timeout=20)
+    assert "event=job.done" in line and float(re.search(r"duration=([\d.]+)", line).group(1)) >= 1.0, w.output
+    # the log line comes first; the status record with the worker's next Redis call
+    wait_until(lambda: r.hget(f"worker:job:{job_id}", "result") == '"parent"', 5, "the job's own result recorded")
+    assert [json.loads(x)["event"] for x in r.lrange("ev", 0, -1)] == ["start", "end"]
+
+
+@pytest.mark.timeout(45)
+def test_a_finished_jobs_leftover_dies_even_if_its_fork_server_stalls_before_the_stop(r, spawn, enqueue):
+    """The job is recorded from its report; its fork server, stalled, never reaps it. The worker still ends the
+    job's process group before it leaves (it kills the lingering server), and exits 0 in its window."""
+    enqueue("rv_leaves_sleep_and_stalls_server", "ev")
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=4)
+    ev = event_of(r, "ev")
+    sleeper, server = ev["child"], ev["server"]
+    try:
+        w.wait_for(r"event=job\.done")
+        w.signal(signal.SIGTERM)
+        assert w.wait(10) == 0, w.output
+        wait_until(lambda: not alive(sleeper), 2, "the job's `sleep 300` gone")
+    finally:
+        kill_quietly(sleeper, server)
+    assert "shutdown.watchdog" not in w.output, w.output
+
+
+@pytest.mark.timeout(45)
+def test_an_interrupted_run_under_a_stalled_fork_server_is_killed_at_the_deadline_and_put_back(r, spawn, enqueue):
+    """Its report (interrupted) waits for an exit status the stalled server never sends: the deadline's kill, on
+    time, ends the wait, and the worker exits 0 inside its window with the job back in its queue."""
+    job_id = enqueue("rv_interrupted_stalls_server", "ev", 0.45)
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=4)  # TERM_TIMEOUT 2.5 s, hard exit at 3.5 s
+    server = event_of(r, "ev")["server"]
+    wait_until(lambda: sleeping(w.pid), 5, "the job in its sleep")
+    try:
+        w.signal(signal.SIGTERM)
+        assert event_of(r, "ev")["event"] == "reraise"
+        assert w.wait(10) == 0, w.output
+    finally:
+        kill_quietly(server)
+    killed = float(re.search(r"event=shutdown\.child_killed .*elapsed=([\d.]+)", w.output).group(1))
+    assert 2.5 <= killed < 2.5 + 0.3, w.output
+    assert "shutdown.watchdog" not in w.output
+    assert [json.loads(x)["id"] for x in r.lrange("worker:queue:default", 0, -1)] == [job_id]
+    assert processing(r) == {}
+
+
+@pytest.mark.timeout(45)
+def test_an_interrupted_runs_leftover_dies_before_it_is_put_back_when_the_fork_server_dies(r, spawn, enqueue):
+    """An interrupted run (report I) that left `sleep 300` behind waits for its exit status; its fork server, stalled,
+    then dies instead: the worker ends the run's process group itself before the job goes back to its queue."""
+    job_id = enqueue("rv_interrupted_stalls_server", "ev", 0.0, True)
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=6)
+    server = event_of(r, "ev")["server"]
+    wait_until(lambda: sleeping(w.pid), 5, "the job in its sleep")
+    w.signal(signal.SIGTERM)
+    sleeper = event_of(r, "ev")["child"]
+    try:
+        wait_until(lambda: not alive(server) or open(f"/proc/{server}/stat").read().split(") ")[1][0] == "T", 5,
+                   "the fork server stopped")
+        os.kill(server, signal.SIGKILL)
+        assert w.wait(10) == 0, w.output
+        assert not alive(sleeper), "the interrupted run's `sleep 300` outlived it"
+    finally:
+        kill_quietly(sleeper)
+    assert [json.loads(x)["id"] for x in r.lrange("worker:queue:default", 0, -1)] == [job_id]
+    assert "shutdown.watchdog" not in w.output and "event=shutdown.job_put_back" in w.output, w.output
+
+
+@pytest.mark.timeout(45)
+def test_a_job_that_did_its_work_is_done_even_if_flushing_its_output_blocks(r, spawn, enqueue):
+    """The report comes before the flush: the job is done, not timed out and retried; and the stuck child does not
+    live on for ever (FLUSH_LIMIT, then SIGALRM; the fork server then ends its process group)."""
+    from worker.child import FLUSH_LIMIT
+    job_id = enqueue("rv_hanging_flush", "ev")
+    w = spawn(JOB_MODULES=MODULES, JOB_TIMEOUT=2, JOB_RETRIES=1)
+    ev = event_of(r, "ev")
+    assert ev["event"] == "work-done"
+    line = w.wait_for(rf"event=job\.(done|retry|failed) .*job={job_id}", timeout=10)
+    assert "event=job.done" in line, w.output
+    wait_until(lambda: not alive(ev["pid"]), FLUSH_LIMIT + 3, "the child stuck in its flush ended")

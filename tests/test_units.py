@@ -130,3 +130,28 @@ def test_an_interruption_is_put_back_with_its_checkpoint_and_not_counted_as_an_a
     new = json.loads(d.outcome.new_payload)
     assert d.outcome.op is Op.REQUEUE and d.event == "shutdown.job_put_back"
     assert new["checkpoint"] == {"row": 40} and new["interruptions"] == 1 and "attempts" not in new
+
+
+# --- children still exiting after their report (SlotTable bookkeeping) ---
+
+def test_a_report_before_the_pid_is_tracked_until_the_exit_status():
+    """A short job's report can reach the worker before the fork server's pid frame: the exiting child is still
+    remembered (its process group is ended if the fork server fails before reaping it), and forgotten at its exit."""
+    import time
+
+    from worker.config import from_mapping
+    from worker.signals import SignalState
+    from worker.slots import SlotTable
+
+    t = SlotTable(from_mapping({"REDIS_URL": "redis://localhost:6379/0", "WORKER_CONCURRENCY": "2"}),
+                  SignalState(hard_exit_after=9.5, grace=0.0), log=None)
+    s = t.slots[1]
+    s.seq, s.started = 5, time.monotonic()
+    s.buf += _OK
+    s._frames()
+    assert t.collect() == [s] and t.exiting == {5: 0}
+    s.clear()
+    t._frame(b"P", 5, 4242)  # the pid of a job already recorded
+    assert t.exiting == {5: 4242} and 4242 in t.sig.child_pids
+    t._frame(b"S", 5, 0)  # reaped (and its group ended) by the fork server
+    assert t.exiting == {} and 4242 not in t.sig.child_pids

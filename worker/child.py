@@ -57,6 +57,7 @@ class _ChildState:
     hooks_on = False   # worker.hooks has hooks (known in the fork server, before any fork)
     log_fields = None  # job=/name= for the job's logging records
     inline = False     # worker.testing.inline() is active: checkpoint() is a no-op
+    owner = 0          # the pid that runs the job: only it sends the final report (not a process the job forked)
 
 
 _state = _ChildState()
@@ -186,6 +187,7 @@ def setup(parent_pid: int) -> None:
 def run_payload(data: bytes, report_fd: int) -> None:
     """Decode the payload the worker claimed (it checked the JSON's shape), bind its arguments and run it. A job the
     worker could not check (arguments that do not fit the function) is reported as ``bad``. Never returns."""
+    _state.owner = os.getpid()
     doc = json.loads(data.decode("utf-8", "surrogateescape"))
     spec = _jobs.registered(doc["name"])
     problem = None
@@ -250,6 +252,7 @@ def run(spec, doc, report_fd: int) -> None:
 
 
 MAX_RESULT = 512 * 1024  # JSON bytes of a return value kept for get_job (RESULT_TTL)
+FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)
 
 
 def _returned(value) -> dict:
@@ -271,25 +274,37 @@ _OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
 
 
 def _finish(report, fd):
-    """Flush the job's output, send the final report, exit. The report is the last thing the child does: the worker
-    records the job as soon as it has read it, without waiting for the exit."""
+    """Send the final report, flush the job's output, exit.
+
+    The report comes first: the worker records the job as soon as it has read it, so a job that did its work is
+    done even if flushing its output then blocks (a stalled pipe); the fork server gives a child that is still
+    flushing a moment when the worker leaves (``forkserver.py``). Only the job's own process reports: a process the
+    job forked (``os.fork``) that returns or exits through here leaves without a word, so its report can never be
+    taken for the job's. A flush that takes over ``FLUSH_LIMIT`` s ends the child (SIGALRM), and the fork server
+    then ends its process group."""
     code = 0
-    for stream in (sys.stdout, sys.stderr):  # before the report: the job's last lines come before its outcome's
+    if os.getpid() == _state.owner:
+        try:
+            if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
+                raise TimeoutError("report pipe busy")
+            if report is None:
+                data = memoryview(_OK)
+            else:
+                body = json.dumps(report, default=str).encode()
+                kind = b"I" if report.get("status") == "interrupted" else b"R"
+                data = memoryview(_FRAME.pack(kind, len(body)) + body)
+            while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
+                data = data[os.write(fd, data):]
+        except BaseException:
+            code = 70
+    try:  # a flush that blocks (a stalled pipe) must not keep the job's process group alive for ever
+        _fast.signal(signal.SIGALRM, _fast.SIG_DFL)
+        signal.alarm(FLUSH_LIMIT)
+    except BaseException:
+        pass
+    for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except BaseException:
             pass
-    try:
-        if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
-            raise TimeoutError("report pipe busy")
-        if report is None:
-            data = memoryview(_OK)
-        else:
-            body = json.dumps(report, default=str).encode()
-            kind = b"I" if report.get("status") == "interrupted" else b"R"
-            data = memoryview(_FRAME.pack(kind, len(body)) + body)
-        while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
-            data = data[os.write(fd, data):]
-    except BaseException:
-        code = 70
     os._exit(code)

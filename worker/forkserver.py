@@ -16,8 +16,9 @@ Process tree::
   acted on. The job child inherits that mask, so a signal that reaches it before its handlers exist is delivered
   right after (``child.run`` unblocks), never lost.
 * It dies with the worker (parent-death signal, and end of file on its socket); job children die with it. At end of
-  file it first ends and reaps the children still exiting after their final report (the worker records a job from
-  its report and does not wait for the exit), with whatever their jobs left running.
+  file it first gives the children still exiting after their final report (the worker records a job from its
+  report and does not wait for the exit) ``LEAVE_GRACE`` to finish flushing the job's output, then ends every
+  child's process group (whatever the jobs left running) and reaps it.
 * It keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next job
   overlaps the current ones; each child still runs exactly one job.
 
@@ -39,6 +40,7 @@ import socket
 import struct
 import subprocess
 import sys
+import time
 from typing import Optional
 
 from .signals import RAISE_SIGNAL
@@ -47,6 +49,7 @@ FRAME = struct.Struct(">cqq")
 _HEAD = struct.Struct(">IQ")
 _LEN = struct.Struct(">I")
 SEND_TIMEOUT = 2.0  # a payload the server does not take this fast (it is stalled): the server is replaced
+LEAVE_GRACE = 0.5   # at end of file, children still exiting get this long before their process groups are killed
 BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, RAISE_SIGNAL}
 
 
@@ -145,15 +148,19 @@ class ForkServer:
             self.proc.kill()
         self.stop()
 
-    def stop(self, wait: float = 1.0) -> None:
-        """Close the socket (the server exits on end of file) and reap it; kill it if it lingers ``wait`` s."""
+    def stop(self, wait: float = 1.0, on_unclean=None) -> None:
+        """Close the socket (the server exits on end of file) and reap it. If it does not leave cleanly (it
+        lingers ``wait`` s, or it had died), call ``on_unclean`` (and kill it if it lingers)."""
         if self.sock is not None:
             self.sock.close()
             self.sock = None
         if self.proc is not None:
             try:
-                self.proc.wait(wait)
+                if self.proc.wait(wait) != 0 and on_unclean is not None:
+                    on_unclean()
             except subprocess.TimeoutExpired:
+                if on_unclean is not None:
+                    on_unclean()
                 self.proc.kill()
                 self.proc.wait()
             self.proc = None
@@ -230,6 +237,24 @@ def _watch(pid: int):
         return None
 
 
+def _leave(running: dict) -> None:
+    """End of file: the worker is leaving. Its slots are empty, but children whose job it recorded from their
+    report may still be exiting (flushing the job's output): give them ``LEAVE_GRACE`` s, then end every child's
+    process group (what the jobs left running) and reap it."""
+    deadline = time.monotonic() + LEAVE_GRACE
+    fds = [w for w in running if w >= 0]
+    while fds and deadline > time.monotonic():
+        ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
+        fds = [w for w in fds if w not in ready]
+    for pid, _ in running.values():
+        _end_group(pid)
+        try:
+            os.kill(pid, signal.SIGKILL)  # in case it left its own group: the wait must end
+        except OSError:
+            pass
+        os.waitpid(pid, 0)
+
+
 def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", stamp: bool = True) -> int:
     """The fork server's loop (runs in the exec'd process): hand each job to the spare child, fork the next spare,
     and report each child's exit, for any number of children at once."""
@@ -296,13 +321,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
             continue
         job = _recv_job(sock)
         if job is None:  # the worker closed the socket: leave (the spare dies with us)
-            for pid, _ in running.values():  # children that sent their report and are exiting (the worker does
-                _end_group(pid)               # not wait for that): end what their jobs left behind, reap them
-                try:
-                    os.kill(pid, signal.SIGKILL)  # in case it left its own group: the wait must end
-                except OSError:
-                    pass
-                os.waitpid(pid, 0)
+            _leave(running)
             return 0
         seq, data, report_w = job
         pid, line = spare

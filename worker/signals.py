@@ -47,7 +47,7 @@ class SignalState:
     def __init__(self, hard_exit_after: Optional[float] = None, grace: float = 0.0):
         self.hard_exit_after = hard_exit_after
         self.grace = grace
-        self.child_pids: set = set()           # pids of running job children (for the watchdog)
+        self.child_pids: set = set()           # pids of job children, running or exiting (for the watchdog)
         self.stop_at: Optional[float] = None   # time.monotonic() of the first TERM/INT
         self.stop_signal: Optional[int] = None
         self.stop_count = 0

@@ -113,8 +113,8 @@ class Slot:
     def finished(self) -> bool:
         """The job's run is over, and the slot can be recorded and reused:
 
-        * its child sent its final report, the last thing it does before ``os._exit`` (the fork server reaps it, and
-          ends whatever it left running, on its own). Not waiting for the exit status takes the child's exit, the
+        * its child sent its final report; it then only flushes the job's output and exits (the fork server reaps
+          it, and ends whatever it left running, on its own). Not waiting for the exit status takes the child's exit, the
           reap and a wake-up of the worker off every job's path. Except an interrupted run's report: that job goes
           back to the head of a queue, where another worker may take it at once, so it waits for the exit status,
           which the fork server sends after it has ended the run's process group: two runs never overlap;
@@ -182,6 +182,7 @@ class SlotTable:
         self._started_at = 0.0       # when the current fork server was started (monotonic)
         self._next_memory = 0.0
         self.restarts = 0
+        self.exiting: dict = {}      # seq -> pid: job recorded from its report, exit not yet reported by the server
         self.broken: Optional[str] = None  # set when the fork server cannot be brought back
 
     # --- the fork server ---
@@ -297,9 +298,8 @@ class SlotTable:
             if not s.pid:
                 at = min(at, s.started + SPAWN_TIMEOUT)
                 continue
-            if s.exited_at:
+            if s.exited_at:  # the stop's steps below still apply (an interrupted run waits for its exit status)
                 at = min(at, s.exited_at + REAP_TIMEOUT)
-                continue
             if sig.stop_at is not None:  # each step at its time; a child whose pid came after the stop: at once
                 if not s.termed:
                     at = now
@@ -328,7 +328,10 @@ class SlotTable:
                 if s.r >= 0:
                     os.close(s.r)
                     s.r = -1
-                self.sig.child_pids.discard(s.pid)
+                if s.status is None and s.report:  # still exiting: watched until its exit is reported (its pid
+                    self.exiting[s.seq] = s.pid    # may come after its report: 0 until then, see _frame)
+                else:
+                    self.sig.child_pids.discard(s.pid)
                 done.append(s)
         return done
 
@@ -367,8 +370,13 @@ class SlotTable:
 
     def _frame(self, kind, seq, value) -> None:
         slot = next((s for s in self.slots if s.busy and s.seq == seq), None)
-        if slot is None:
-            return  # R/E frames, or a frame about a job already written off
+        if slot is None:  # R/E frames, or a frame about a job already recorded or written off
+            if kind == b"S" and seq in self.exiting:
+                self.sig.child_pids.discard(self.exiting.pop(seq))
+            elif kind == b"P" and seq in self.exiting:  # its report came first
+                self.exiting[seq] = value
+                self.sig.child_pids.add(value)
+            return
         if kind == b"P":
             slot.pid = value
             self.sig.child_pids.add(value)
@@ -384,33 +392,46 @@ class SlotTable:
 
     def _server_failed(self, reason: str) -> None:
         """The fork server exited or stalled: make sure it and its children are gone, write every job in flight
-        off (started ones as crashed, unstarted ones to be put back), and start a new server unless stopping."""
+        off (started ones as crashed unless they reported, unstarted ones to be put back), and start a new server
+        unless stopping. The process groups of the children go first, while a stalled server still pins their
+        pids: what the jobs started never outlives them, reported or not."""
         was_ready = self.forks.ready
         self.log.warning("forkserver.restart", reason=reason)
-        self.forks.kill()
+        self._end_exiting()
         for s in self.slots:
             if not s.busy or s.status is not None:
                 continue
-            if s.exited_at:  # it ended on its own: what it reported stands
-                s.status = 0
-                s.read()
-                s.eof = True
-            elif s.pid:
-                s.kill(Kill.FORKSERVER)
-                s.status = 0
+            if s.pid:
                 if not s.eof:
                     s.read()
-                    s.eof = True
+                if s.report:  # what it reported stands; end what it left running
+                    kill_job(s.pid, signal.SIGKILL)
+                else:  # killed with the server (parent-death signal), whether or not its exit was seen yet
+                    s.kill(Kill.FORKSERVER)
+                s.status, s.eof = 0, True
             else:
                 s.unstarted = True
+        self.forks.kill()
         self.restarts += 1
         if not was_ready:  # a new server that dies before it is ready would die again: give up (exit 1)
             self.broken = f"cannot start jobs: {reason}"
         elif self.sig.stop_at is None and not self.sig.quit:
             self.start_server()
 
+    def _end_exiting(self) -> None:
+        """Kill the process groups of children whose job was recorded from its report but whose exit the fork
+        server has not reported (it would have ended them before reaping)."""
+        for pid in self.exiting.values():
+            if pid:
+                kill_job(pid, signal.SIGKILL)
+                self.sig.child_pids.discard(pid)
+        self.exiting.clear()
+
     def close(self, wait: float = 1.0) -> None:
-        self.forks.stop(wait)
+        """Let the fork server leave (it reaps its children, and ends their groups, at end of file). If it does
+        not leave cleanly (it lingers past ``wait`` s and is killed, or it had died), the worker ends the groups of
+        the children it still held."""
+        self.forks.stop(wait, on_unclean=self._end_exiting)
 
 
 def _signal(pid: int, signum: int) -> None:
