@@ -114,10 +114,11 @@ class Slot:
         """The job's run is over, and the slot can be recorded and reused:
 
         * its child sent its final report; it then only flushes the job's output and exits (the fork server reaps
-          it, and ends whatever it left running, on its own). Not waiting for the exit status takes the child's exit, the
-          reap and a wake-up of the worker off every job's path. Except an interrupted run's report: that job goes
-          back to the head of a queue, where another worker may take it at once, so it waits for the exit status,
-          which the fork server sends after it has ended the run's process group: two runs never overlap;
+          it, and ends whatever it left running, on its own). Not waiting for the exit status takes the child's
+          exit, the reap and a wake-up of the worker off every job's path. Except an interrupted run's report:
+          that job goes back to the head of a queue, where another worker may take it at once, so it waits for the
+          exit status, which the fork server sends after it has ended the run's process group: two runs never
+          overlap;
         * or it was reaped (exit status in, pipe drained) without a report;
         * or the worker killed it and saw it exit (pidfd): how it died is the worker's to say, so a stalled fork
           server cannot hold a killed job back from being put back;
