@@ -155,3 +155,19 @@ def test_a_report_before_the_pid_is_tracked_until_the_exit_status():
     assert t.exiting == {5: 4242} and 4242 in t.sig.child_pids
     t._frame(b"S", 5, 0)  # reaped (and its group ended) by the fork server
     assert t.exiting == {} and 4242 not in t.sig.child_pids
+
+
+def test_a_worker_that_leaves_with_frames_unread_is_end_of_file_for_the_fork_server():
+    """The worker closes its socket without reading the last exit statuses (it records jobs from their reports): the
+    fork server's next read is a connection reset, which must end it quietly, not with a traceback in the logs."""
+    import socket
+
+    from worker.forkserver import FRAME, _recv_job
+
+    server, worker_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.sendall(FRAME.pack(b"S", 1, 0))  # an exit status the worker never reads
+    worker_end.close()
+    try:
+        assert _recv_job(server) is None
+    finally:
+        server.close()

@@ -177,17 +177,21 @@ def _send_job(sock: socket.socket, seq: int, data: bytes, report_w: int) -> None
 
 
 def _recv_job(sock: socket.socket):
-    """``(seq, payload bytes, report fd)``, or None at end of file (the sender is gone)."""
-    msg, fds, _, _ = socket.recv_fds(sock, 65536 + _HEAD.size, 1)
-    if len(msg) < _HEAD.size or not fds:
-        return None
-    need, seq = _HEAD.unpack_from(msg)
-    data = msg[_HEAD.size:]
-    while len(data) < need:
-        more = sock.recv(need - len(data))
-        if not more:
+    """``(seq, payload bytes, report fd)``, or None at end of file (the sender is gone; a sender that left frames of
+    ours unread resets the connection, which means the same)."""
+    try:
+        msg, fds, _, _ = socket.recv_fds(sock, 65536 + _HEAD.size, 1)
+        if len(msg) < _HEAD.size or not fds:
             return None
-        data += more
+        need, seq = _HEAD.unpack_from(msg)
+        data = msg[_HEAD.size:]
+        while len(data) < need:
+            more = sock.recv(need - len(data))
+            if not more:
+                return None
+            data += more
+    except ConnectionResetError:
+        return None
     return seq, data, fds[0]
 
 
