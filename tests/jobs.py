@@ -87,6 +87,33 @@ def stubborn(key):
             event(key, "swallowed", type=type(exc).__name__)
 
 
+class _SlowFinalizer:
+    def __init__(self, key):
+        self.key = key
+
+    def __del__(self):
+        event(self.key, "finalizing")
+        end = time.time() + 30
+        while time.time() < end:  # a TermException raised here is dropped by Python ("Exception ignored in")
+            time.sleep(0.01)
+
+
+@job
+def term_in_finalizer(key, seconds=30):
+    """Waits inside an object's ``__del__``, where the stop lands; then in the job itself. The TermException the
+    finalizer dropped must reach the job."""
+    try:
+        obj = _SlowFinalizer(key)
+        del obj
+        event(key, "after_finalizer")
+        end = time.time() + seconds
+        while time.time() < end:
+            time.sleep(0.01)
+    except TermException:
+        event(key, "term")
+        raise
+
+
 @job
 def wait_shutdown_flag(key, seconds=30):
     """Reports when shutdown_requested() turns true (for TERM_GRACE), then whether TermException came."""

@@ -288,6 +288,24 @@ def test_term_grace_lets_the_job_run_on_before_the_exception(r, worker, enqueue)
     assert queued_ids(r) == [job_id]
 
 
+
+@pytest.mark.timeout(40)
+def test_term_exception_dropped_by_a_finalizer_reaches_the_job(r, worker, enqueue):
+    """The stop lands while the job runs an object's ``__del__`` (a garbage collection can run one anywhere: CI saw
+    it in ``ZipFile.__del__``). Python drops an exception raised there ("Exception ignored in"), so the job never saw
+    its TermException and ran on until the kill. It must still get exactly one, in its own code, at once."""
+    w = worker()
+    job_id = enqueue("term_in_finalizer", "ev")
+    assert next_event(r, "ev")["event"] == "finalizing"
+    wait_job_sleeping(w)
+    rep = dyno.shutdown(w.pid, window=WINDOW)
+    assert_clean_exit(w, rep, r)
+    assert rest(r, "ev") == ["after_finalizer", "term"], w.output
+    assert "event=shutdown.child_killed" not in w.output, w.output  # it was not left to the deadline
+    assert "TermException" not in w.output, w.output  # no "Exception ignored" traceback for it either
+    assert queued_ids(r) == [job_id]
+
+
 # --- races: the signal lands while the worker claims or forks (made deterministic in-process) ---
 
 @pytest.fixture

@@ -24,6 +24,7 @@ import signal
 import struct
 import sys
 import threading
+import time
 import traceback
 from typing import Any
 
@@ -142,6 +143,33 @@ def _on_raise(signum, frame):
     _raise_once()
 
 
+_app_unraisablehook = sys.unraisablehook
+
+
+def _on_unraisable(unraisable) -> None:
+    """Python drops an exception raised inside a finalizer (a ``__del__``, a weakref or garbage-collector callback)
+    and reports it here. The stop signal's handler runs wherever the job's main thread is, and a garbage collection
+    can run a finalizer anywhere, so a TermException can land there: the job never sees it and would run on to the
+    deadline kill. Deliver it again, from outside the finalizer: a thread re-sends the RAISE signal a moment later,
+    and the handler runs at the main thread's next bytecode (in another finalizer: this repeats)."""
+    if not (isinstance(unraisable.exc_value, TermException) and _state.running and _state.raised
+            and os.getpid() == _state.owner):
+        _app_unraisablehook(unraisable)
+        return
+    for _ in range(3):  # the re-sent signal could land in this very hook, which would drop it too
+        try:
+            _state.raised = False
+            threading.Thread(target=_raise_again, daemon=True).start()
+            return
+        except TermException:
+            continue
+
+
+def _raise_again() -> None:
+    time.sleep(0.002)  # the hook has returned by then: the exception lands in the job's code
+    os.kill(os.getpid(), RAISE_SIGNAL)
+
+
 _libc = None
 try:  # loaded once in the fork server, so the child pays nothing for it
     _libc = ctypes.CDLL(None, use_errno=True) if sys.platform.startswith("linux") else None
@@ -155,7 +183,10 @@ def install(grace: float) -> None:
     The fork server keeps these signals blocked, so the handlers never run there; every child inherits them and
     the blocked mask, and :func:`run` unblocks. Doing this once saves each child a dozen calls on the hot path.
     """
+    global _app_unraisablehook
     _state.grace = grace
+    _app_unraisablehook = sys.unraisablehook  # the app's own, if its import set one: ours hands everything else on
+    sys.unraisablehook = _on_unraisable
     _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
     _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
     _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
