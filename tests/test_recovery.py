@@ -7,6 +7,9 @@ Delivery is at-least-once: a recovered job may run twice, but it must never disa
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import socket
 import subprocess
 import threading
@@ -20,6 +23,7 @@ import worker.jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
+from tests import dyno
 from tests.support import seen_late_long_ago, wait_until
 
 from .conftest import PYTHON, REPO
@@ -251,6 +255,164 @@ def test_live_busy_worker_job_is_never_stolen(r, spawn, interval, ttl):
     for w in [a] + others:
         assert "event=recovery." not in w.output, w.output
     assert r.zscore(WORKERS, a_name) is not None
+
+
+def _stall_until_recovered(r, w, timeout=20.0) -> list:
+    """SIGSTOP worker ``w``'s supervisor (its job children run on) and recover it as soon as it counts as dead
+    (late past HEARTBEAT_TTL, then its grace); it stays stopped: the caller sends SIGCONT."""
+    name = f"{socket.gethostname()}:{w.pid}"
+    wait_until(lambda: r.zscore(WORKERS, name) is not None, 10, "the worker registered")
+    os.kill(w.pid, signal.SIGSTOP)
+    recoverer = broker_for(_url(r), **FAST)
+    deadline = time.monotonic() + timeout
+    got = []
+    while r.zscore(WORKERS, name) is not None:
+        assert time.monotonic() < deadline, "the stopped worker was never recovered"
+        time.sleep(0.1)
+        got += recoverer.recover(skip="test")
+    return got
+
+
+def _works(r, w, tag: str) -> None:
+    """``w`` (the only worker left) claims and runs a job."""
+    job_id = broker_for(_url(r)).push("cc_span", ["works", tag], {"seconds": 0})
+    assert next_event(r, "works")["event"] == "start"
+    w.wait_for(rf"event=job\.done outcome=done job={job_id}")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("job_timeout", ["0", "3"], ids=["no-timeout", "timeout-passed-during-the-stall"])
+def test_a_worker_that_stalled_past_its_ttl_stops_its_copy_of_a_recovered_job(r, spawn, job_timeout):
+    """Worker A's process stalls (SIGSTOP: a frozen VM, a debugger) past HEARTBEAT_TTL and its grace, while its
+    job's child runs on. Another worker is entitled to recover the job and run it. When A resumes, its first beat
+    finds P:recovered:<A>: A must kill its own run at once (not let it finish beside the other one), record nothing
+    of it, register again, and go on working. With a job timeout that passes during the stall, A kills the run for
+    its timeout as it resumes, before or after that beat: still nothing of it may be recorded (no retry, no
+    failure), and the log says why."""
+    env = dict(FAST, JOB_TIMEOUT=job_timeout)
+    a = spawn(**env)
+    a.wait_for(r"event=worker\.start")
+    a_name = f"{socket.gethostname()}:{a.pid}"
+    job_id = broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 60, "again": 1})
+    first = next_event(r, "ev")
+    assert (first["event"], first["run"]) == ("start", 1), first
+    try:
+        assert _stall_until_recovered(r, a) == [f"requeued:{job_id}"]
+        assert broker_for(_url(r)).name_in_use(a_name)  # a new worker of the same name would erase the record
+        b = spawn(**env)
+        second = next_event(r, "ev")
+        assert (second["event"], second["run"]) == ("start", 2), second
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    wait_until(lambda: not dyno.alive(first["pid"]), 5, "A's copy of the recovered job killed")
+    a.wait_for(rf"event=job\.claim_lost .*job={job_id}", timeout=10)
+    end = next_event(r, "ev")
+    assert (end["event"], end["run"], end["pid"]) == ("end", 2, second["pid"]), end  # B's run, once
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "B's ack")
+    wait_until(lambda: r.hget(f"worker:worker:{a_name}", "ttl") is not None, 10, "A registered again")
+    assert not r.exists(f"worker:recovered:{a_name}")
+    assert f"event=job.done outcome=done job={job_id}" not in a.output, a.output
+    assert r.zcard("worker:failed") == 0 and r.zcard("worker:scheduled") == 0, a.output  # A recorded nothing
+    os.kill(b.pid, signal.SIGTERM)
+    assert b.wait(10) == 0, b.output
+    _works(r, a, "after")
+    os.kill(a.pid, signal.SIGTERM)
+    assert a.wait(10) == 0, a.output
+    assert r.get("ev:runs:t") == "2" and r.llen("ev") == 0
+    assert live_processing(r) == {} and r.zcard(WORKERS) == 0 and r.llen("worker:queue:default") == 0
+
+
+@pytest.mark.timeout(60)
+def test_an_idle_worker_taken_for_dead_registers_again(r, spawn):
+    """Recovery removes a dead worker's registration; if the worker was only stalled, its next beat used to leave
+    it half-registered (no ttl, host, pid: judged by the old-version rule, shown empty by status)."""
+    a = spawn(**FAST)
+    a.wait_for(r"event=worker\.start")
+    a_name = f"{socket.gethostname()}:{a.pid}"
+    try:
+        assert _stall_until_recovered(r, a) == []
+        assert r.exists(f"worker:recovered:{a_name}") and not r.exists(f"worker:worker:{a_name}")
+    finally:
+        os.kill(a.pid, signal.SIGCONT)
+    wait_until(lambda: r.hget(f"worker:worker:{a_name}", "ttl") is not None, 10, "A registered again")
+    assert r.hget(f"worker:worker:{a_name}", "pid") == str(a.pid)
+    assert not r.exists(f"worker:recovered:{a_name}")
+    assert "event=job.claim_lost" not in a.output, a.output
+    _works(r, a, "after")
+    os.kill(a.pid, signal.SIGTERM)
+    assert a.wait(10) == 0, a.output
+
+
+@pytest.mark.timeout(60)
+def test_a_claim_redis_lost_without_a_recovery_is_not_killed(r, spawn):
+    """The processing list loses a running job's claim with no recovery behind it (eviction; simulated with DEL).
+    Nobody else has the job: it must not be killed. It runs on to its end (its outcome finds no claim to record)
+    and the worker says so once, and goes on working."""
+    a = spawn(**FAST)
+    a.wait_for(r"event=worker\.start")
+    a_name = f"{socket.gethostname()}:{a.pid}"
+    job_id = broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 3})
+    first = next_event(r, "ev")
+    assert first["event"] == "start"
+    assert r.delete(f"worker:processing:{a_name}") == 1
+    a.wait_for(rf"event=redis\.claim_missing job={job_id}", timeout=10)
+    end = next_event(r, "ev")
+    assert (end["event"], end["pid"]) == ("end", first["pid"]), end  # the run went on to its end
+    a.wait_for(rf"event=job\.done outcome=done job={job_id}")
+    assert a.output.count("event=redis.claim_missing") == 1, a.output  # said once, not at every beat
+    assert "event=job.claim_lost" not in a.output, a.output
+    _works(r, a, "after")
+    os.kill(a.pid, signal.SIGTERM)
+    assert a.wait(10) == 0, a.output
+    assert live_processing(r) == {} and r.llen("worker:queue:default") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_failover_that_missed_a_claim_records_the_job_once(r, spawn):
+    """A failover to a replica that had not seen a claim: the claim is gone from the processing list and the job is
+    back at the head of its queue. A second slot claims that copy. The worker must not write the first claim back
+    (the job would then be recorded twice, and a failing one retried as two jobs)."""
+    a = spawn(WORKER_CONCURRENCY="2", **FAST)
+    a.wait_for(r"event=worker\.start")
+    name = f"{socket.gethostname()}:{a.pid}"
+    broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 3, "again": 3})
+    assert next_event(r, "ev")["run"] == 1
+    (raw,) = r.lrange(f"worker:processing:{name}", 0, -1)
+    with r.pipeline(transaction=True) as p:
+        p.delete(f"worker:processing:{name}")
+        p.lpush("worker:queue:default", raw)
+        p.rpush("worker:wake:default", "1")
+        p.execute()
+    assert next_event(r, "ev")["run"] == 2  # the queued copy runs too (the failover's doing)
+    a.wait_for(r"event=redis\.claim_missing", timeout=10)
+    wait_until(lambda: a.output.count("event=job.done") == 2, 15, "both runs ended")
+    wait_until(lambda: live_processing(r) == {}, 10, "the claim recorded")
+    assert r.get("worker:stat:processed") == "1", a.output
+    os.kill(a.pid, signal.SIGTERM)
+    assert a.wait(10) == 0, a.output
+
+
+def test_a_recovery_record_of_the_wrong_type_neither_wedges_nor_aborts(r):
+    """``P:recovered:<w>`` holding something else (written by another program): the worker's call still works and
+    reports it, reading it yields no recovered job, registering deletes it, and RECOVER still recovers a dead
+    worker whose record it cannot write."""
+    b = broker_for(_url(r), **FAST)
+    b.register("w:1", {"host": "h"})
+    b.push("cc_span", ["ev", "t"], {"seconds": 0})
+    r.set("worker:recovered:w:1", "x")
+    c = b.cycle("w:1", claim=[0])
+    assert c.recovered == 1 and len(c.claims) == 1 and c.held == 1
+    assert b.claims_and_recovered("w:1") == ([c.claims[0].payload], set())
+    b.register("w:1", {"host": "h"})
+    assert not r.exists("worker:recovered:w:1")
+    r.hset("worker:recovered:w:1", "a", "b")
+    r.zadd(WORKERS, {"w:1": 1})  # dead long ago
+    seen_late_long_ago(r, "w:1")
+    got = b.recover(skip="x")
+    assert got == [f"requeued:{json.loads(c.claims[0].payload)['id']}"], got
+    assert r.zscore(WORKERS, "w:1") is None and r.type("worker:recovered:w:1") == "hash"
+    assert r.llen("worker:queue:default") == 1
+    assert b.cycle("w:2", beat=False).recovered == 0  # only beats look
 
 
 @pytest.mark.timeout(90)

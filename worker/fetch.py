@@ -112,6 +112,8 @@ class Cycle(NamedTuple):
     queues: list
     held: int
     lost: bool = False  # Redis lost its data since we registered (P:epoch): nothing was recorded; see Broker.restore
+    recovered: int = 0  # beats only: 1 another worker took us for dead and recovered our jobs (P:recovered:<w>);
+    #                     2 our registration was gone all the same (P:workers)
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -219,10 +221,11 @@ class Broker:
 
     # --- the worker's side ---
     def register(self, worker: str, info: dict) -> None:
-        """Register ``worker`` (its hash holds ``ttl``: its score in P:workers is a deadline, see ``lua.RECOVER``)."""
+        """Register ``worker`` (its hash holds ``ttl``: its score in P:workers is a deadline, see ``lua.RECOVER``);
+        a ``P:recovered:<w>`` of an earlier incarnation, or one already acted on, goes."""
         k, ttl = self.keys, int(self.cfg.heartbeat_ttl * 1000)
         with self.r.pipeline(transaction=True) as pipe:
-            pipe.delete(k.worker(worker))
+            pipe.delete(k.worker(worker), k.recovered(worker))
             pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl, interval=int(self.cfg.heartbeat_interval * 1000)))
             pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
             pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
@@ -261,12 +264,13 @@ class Broker:
             args.extend(o.wire(c))
         args.extend(claim)
         res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
-                                       k.queues, k.epoch], args)
+                                       k.queues, k.epoch, k.recovered(worker)], args)
         if int(res[0]) == -2:
             return Cycle([], None, [], -1, lost=True)
         now, n = int(res[2]), int(res[3])
-        claims = [Claim(int(res[4 + 3 * i]), res[5 + 3 * i], res[6 + 3 * i], now) for i in range(n)]
-        return Cycle(claims, float(res[1]) if res[1] else None, list(res[4 + 3 * n:]), int(res[0]))
+        claims = [Claim(int(res[5 + 3 * i]), res[6 + 3 * i], res[7 + 3 * i], now) for i in range(n)]
+        return Cycle(claims, float(res[1]) if res[1] else None, list(res[5 + 3 * n:]), int(res[0]),
+                     recovered=int(res[4]))
 
     def _call(self, script, keys, args):
         if self.link is not None:
@@ -282,12 +286,24 @@ class Broker:
         """What this worker's processing list holds (used to re-adopt claims whose reply was lost)."""
         return self.r.lrange(self.keys.processing(worker), 0, -1)
 
+    def claims_and_recovered(self, worker: str) -> tuple:
+        """What this worker's processing list holds, and the ids of its jobs another worker recovered
+        (``P:recovered:<w>``), in one round trip."""
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.lrange(self.keys.processing(worker), 0, -1)
+            pipe.smembers(self.keys.recovered(worker))
+            held, gone = pipe.execute(raise_on_error=False)
+        if isinstance(held, Exception):
+            raise held
+        return held, (gone if isinstance(gone, set) else set())  # a key of another type: no recovery seen
+
     def name_in_use(self, worker: str) -> bool:
-        """True if a worker of this name is registered or left a processing list (same $DYNO and pid after a
-        restart: the old dyno may still be shutting down, or may have crashed with a job in its list)."""
+        """True if a worker of this name is registered, left a processing list, or was recovered within a day
+        (same $DYNO and pid after a restart: the old dyno may still be shutting down, may have crashed with a job
+        in its list, or may be only stalled, and find its ``P:recovered:<w>`` when it resumes)."""
         with self.r.pipeline(transaction=False) as pipe:
             pipe.zscore(self.keys.workers, worker)
-            pipe.exists(self.keys.processing(worker), self.keys.worker(worker))
+            pipe.exists(self.keys.processing(worker), self.keys.worker(worker), self.keys.recovered(worker))
             score, n = pipe.execute()
         return score is not None or n > 0
 

@@ -14,6 +14,10 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     HEARTBEAT_TTL. A member past it is late; once it has stayed late (the same
                                     score) for its grace (its interval + 1 s) since a live worker first saw it
                                     late, it is dead and its processing list is requeued by whoever notices.
+    P:recovered:<w>         SET     ids of the jobs recovered from dead worker <w> ('' alone: it held none), written by
+                                    lua.RECOVER, kept 24 h. A worker presumed dead that was not (it stalled) finds
+                                    it at its next beat: it kills its runs of those jobs, which run elsewhere now,
+                                    and registers again (which deletes it)
     P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (lua.RECOVER); an entry
                                     whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
@@ -43,7 +47,8 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:stat:failed           STRING  counter of jobs recorded as failed
 
 The Lua scripts in ``fetch.py`` receive the prefix and build ``P:queue:<q>``, ``P:wake:<q>``,
-``P:processing:<w>`` and ``P:worker:<w>`` the same way (a job's queue is only known once its payload is read).
+``P:processing:<w>``, ``P:worker:<w>`` and ``P:recovered:<w>`` the same way (a job's queue is only known once its
+payload is read).
 Worker names are ``<$DYNO or host>:<pid>``; they may contain ``:``, which is fine inside a key suffix.
 """
 from __future__ import annotations
@@ -85,3 +90,6 @@ class Keys:
 
     def worker(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
+
+    def recovered(self, worker: str) -> str:
+        return f"{self.prefix}:recovered:{worker}"

@@ -91,7 +91,7 @@ return 1
 #   KEYS[1] processing  P:processing:<w>      KEYS[2] workers   P:workers (score: this worker's deadline, ms)
 #   KEYS[3] worker      P:worker:<w>          KEYS[4] scheduled P:scheduled
 #   KEYS[5] paused      P:paused              KEYS[6] queues    P:queues
-#   KEYS[7] epoch       P:epoch
+#   KEYS[7] epoch       P:epoch               KEYS[8] recovered P:recovered:<w> (read when beating)
 #   ARGV[1] prefix   ARGV[2] worker name   ARGV[3] ttl_ms (the worker's own HEARTBEAT_TTL; '' = no beat this call)
 #   ARGV[4] failed_max   ARGV[5] failed_ttl_ms   ARGV[6] wildcard ('1': every known queue, in name order)
 #   ARGV[7] mode ('' = derive idle/busy/paused; else the state to show, e.g. 'stopping')   ARGV[8] busy (slots
@@ -115,8 +115,9 @@ return 1
 # check is skipped only when the first outcome's job was still in the processing list (LREM, which writes nothing
 # when it finds nothing, runs first): data lost since the claim would have taken the list with it.
 # Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was
-#          claimed), now (ms), nclaims, slot1, payload1, queue1, ..., queue names considered (only when nothing was
-#          claimed)...}
+#          claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists, i.e. another worker
+#          took this one for dead and recovered its jobs; 2 if only its P:workers entry was gone; else 0), slot1,
+#          payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
 # Cost: this runs once per job, so the hot path (one ack, one claim) is kept lean: no helper closures, few tables,
 # no number formatting (Redis's clock is kept as a string for writes), and no GET of the epoch (see above).
 CYCLE = r"""
@@ -135,7 +136,7 @@ if ARGV[10] ~= '' and first ~= 1 and redis.call('GET', KEYS[7]) ~= ARGV[10] then
 local tidy = ARGV[9] == '1'
 """ + WAKE_FN + r"""-- The first LREM above may already have written: from here on, a bookkeeping key of the wrong type must not make
 -- the script raise before the outcomes are recorded (pcall), or the job would be in no list at all.
-if ARGV[3] ~= '' then redis.pcall('ZADD', workers, now + tonumber(ARGV[3]), worker) end
+local readded = ARGV[3] ~= '' and redis.pcall('ZADD', workers, now + tonumber(ARGV[3]), worker) == 1
 for at = ck + 1, oat - 1, 2 do
   if ARGV[at + 1] == '' then
     redis.pcall('HDEL', wh, 'ckpt:' .. ARGV[at])
@@ -211,7 +212,7 @@ if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queue
 end
 local queues = (ARGV[6] == '1') and redis.call('SORT', known, 'ALPHA') or nil  -- else ARGV[12 .. 11 + nq]
 local nqs = queues and #queues or nq
-local res, wf = {0, '', now, 0}, {}  -- wf: the worker hash's fields, written once at the end
+local res, wf = {0, '', now, 0, 0}, {}  -- wf: the worker hash's fields, written once at the end
 local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
 local first_claim = cat
 if cat <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
@@ -266,6 +267,9 @@ end
 if freed then redis.call('HDEL', wh, unpack(freed)) end
 redis.call('HSET', wh, unpack(wf))
 res[1], res[4] = (ARGV[3] ~= '') and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
+if ARGV[3] ~= '' then  -- taken for dead: our jobs were recovered (1), or at least our registration is gone (2)
+  res[5] = (redis.call('EXISTS', KEYS[8]) == 1) and 1 or (readded and 2 or 0)
+end
 if claimed == 0 then
   local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
   res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
@@ -287,6 +291,8 @@ return res
 # Redis stall: a RECOVER call queued while Redis was paused runs the moment it resumes, possibly before the owners'
 # queued heartbeats, and everyone's deadline looks past; marking costs nothing, and the owners beat within their
 # interval of the resumption. The same holds however long the stall, since grace counts from the first sighting.
+# A dead worker's jobs are recorded in P:recovered:<w> (their ids, and '' even when it held none) before its keys
+# go: if it was only stalled, its next beat finds that set and it kills its own runs of them (see lua.CYCLE).
 # Returns {wait, 'requeued:<id>' | 'failed:<id>' ...}: wait = ms until the earliest mark's grace ends ('' if none).
 # Any producer can write a payload, so no value in one may make this script raise after its first write (an error
 # half-way keeps the earlier writes: the dead worker would never be removed, its earlier items would be pushed again
@@ -296,6 +302,7 @@ return res
 # its outcome is written, so even an unforeseen error cannot duplicate what was already handled.
 RECOVER = PRELUDE + r"""
 local workers, suspects, skip, slack = KEYS[1], KEYS[2], ARGV[6], tonumber(ARGV[7])
+local RECOVERED_TTL_MS = 86400000  -- P:recovered:<w> lives a day: a worker stalled longer may run its copy on
 local late = redis.call('ZRANGEBYSCORE', workers, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
 local dead, wait = {}, nil
 for n = 1, #late, 2 do
@@ -340,6 +347,7 @@ end
 for _, w in ipairs(dead) do
   do
     local pk = prefix .. ':processing:' .. w
+    local gone = prefix .. ':recovered:' .. w  -- what it held, for the worker itself if it was only stalled
     -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
     local ckpt = {}
     local info = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
@@ -357,6 +365,7 @@ for _, w in ipairs(dead) do
       local ok, doc = pcall(cjson.decode, p)
       if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
         local id = doc['id']
+        redis.pcall('SADD', gone, id)
         local q = doc['queue']
         if type(q) ~= 'string' or q == '' then q = 'default' end
         -- attempts: an integer >= 0 (else 0, as the worker reads it), at most MAX_ATTEMPTS: inf, NaN, 2.5 or
@@ -412,6 +421,8 @@ for _, w in ipairs(dead) do
       end
       redis.call('RPOP', pk)  -- handled: items[i] is the list's tail
     end
+    redis.pcall('SADD', gone, '')
+    redis.pcall('PEXPIRE', gone, RECOVERED_TTL_MS)
     redis.call('DEL', pk, prefix .. ':worker:' .. w)
     redis.call('ZREM', workers, w)
   end

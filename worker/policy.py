@@ -38,6 +38,7 @@ class Kill(Enum):
     USR1 = "usr1"
     MEMORY = "memory"
     FORKSERVER = "forkserver"  # the fork server died or stalled: its children died with it
+    LOST = "lost"              # its claim was recovered by another worker: the run is not ours to finish or record
 
 
 @dataclass(frozen=True)

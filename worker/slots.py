@@ -101,6 +101,8 @@ class Slot:
         self.garbled = False                 # the report pipe carried something that is not our frames
         self.status: Optional[int] = None   # wait status from the fork server
         self.killed: Optional[Kill] = None
+        self.lost = False                   # another worker recovered its claim: killed, and nothing is recorded
+        self.unlisted = False               # its claim is gone from our processing list (lost, or recovered)
         self.termed = self.raised = False
         self.started = 0.0
         self.unstarted = False              # the fork server failed before this job reached a child
@@ -208,6 +210,11 @@ class SlotTable:
 
     def busy(self) -> int:
         return sum(1 for s in self.slots if s.busy)
+
+    def unlisted(self) -> int:
+        """Busy slots whose claim our processing list no longer holds (recovered by another worker: being killed;
+        or lost by Redis: running on)."""
+        return sum(1 for s in self.slots if s.busy and s.unlisted)
 
     def start(self, index: int, raw: str, doc: dict, queue: str, timeout: float, retries: int,
               max_interruptions: int = 0, result_ttl: Optional[float] = None) -> None:
@@ -381,6 +388,8 @@ class SlotTable:
         if kind == b"P":
             slot.pid = value
             self.sig.child_pids.add(value)
+            if slot.killed is not None:  # killed before its pid was known (a claim found lost)
+                kill_job(value, signal.SIGKILL)
             try:  # a stalled fork server cannot hide a child's end from us: we watch it too
                 slot.pidfd = os.pidfd_open(value)
             except (AttributeError, OSError):

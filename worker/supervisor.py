@@ -28,7 +28,7 @@ from . import client, jobs, metrics, schedule
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
-from .policy import Decision, bad, decide
+from .policy import Decision, Kill, bad, decide
 from .signals import SignalState
 from .slots import SlotTable
 
@@ -145,7 +145,9 @@ class Supervisor:
     def _finished(self, slot) -> None:
         if slot.saved is not None:
             self._cleared.append(slot.index)
-        if slot.unstarted:  # never reached a child: it goes back as it was
+        if slot.lost:
+            pass  # another worker has the job now (see _claims_lost): nothing to record
+        elif slot.unstarted:  # never reached a child: it goes back as it was
             self.pending.append(Outcome.requeue(slot.raw, slot.queue, slot.index))
         else:
             try:
@@ -280,13 +282,17 @@ class Supervisor:
             self._next_tidy = now + TIDY_EVERY
         if claim:
             self._short = len(c.claims) < len(claim)
-        if c.held > busy + len(c.claims):  # (-1 between beats: checked once per interval)
+        ours = busy - self.slots.unlisted() + len(c.claims) if c.held >= 0 else 0  # what our list should hold
+        if c.held > ours:  # (-1 between beats: checked once per interval)
             self._resync = True  # more in our list than we know of: a lost reply left a claim behind
+        lost = bool(c.recovered) or 0 <= c.held < ours + len(self.adopted)  # taken for dead, or lost by Redis
         for cl in c.claims:
             if sig.stopping or sig.quit:  # claimed while a stop arrived: hand it straight back, never started
                 self.pending.append(Outcome.requeue(cl.payload, cl.queue, cl.slot))
             else:
                 self._start(cl.slot, cl.payload, cl.queue, cl.at)
+        if lost:
+            self._claims_lost(outcomes, bool(c.recovered))
         if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
             self._claim = False
             self._drained = not self.slots.busy()
@@ -298,6 +304,53 @@ class Supervisor:
                 self.waiter.arm(self.broker.wake_keys(queues), wait)
         elif claim:
             self._claim = True
+
+    def _claims_lost(self, sent: list, taken_for_dead: bool) -> None:
+        """Our processing list holds less than the jobs we run, or another worker took us for dead.
+
+        * A job whose id is in ``P:recovered:<w>`` was recovered by another worker, because we did not beat for
+          HEARTBEAT_TTL and its grace (this process stalled, or Redis could not hear us): it is queued again or
+          already running elsewhere. Our run of it is killed at once and records nothing, so two runs overlap no
+          longer than the stall (and until our first beat after it). ``sent``: the outcomes the call that noticed
+          had to record; those of recovered jobs took no effect, and the log says so.
+        * Any other job missing from the list was lost by Redis without a recovery (a failover to a replica that
+          had not seen the claim, eviction, a recovery that left no record): it runs on, as it did before this
+          check, and its outcome will find no claim to record. Writing its claim back could make two (the
+          failover may have put the job back in its queue); the log says which.
+
+        ``taken_for_dead``: our registration was gone (with or without a record of what was recovered): we register
+        again, which deletes the record."""
+        held, gone = self.broker.claims_and_recovered(self.name)
+        for o in sent:
+            job_id = jobs.loose_id(o.payload)
+            if job_id in gone:
+                self.log.warning("job.claim_lost", job=job_id, slot=o.slot, outcome=o.op.value,
+                                 reason="recovered by another worker while this one did not beat; this run's "
+                                        "outcome is not recorded")
+        for s in self.slots.slots:
+            if not s.busy or s.unlisted:
+                continue
+            if s.raw in held:
+                held.remove(s.raw)
+            elif s.doc.get("id") in gone:
+                s.lost = s.unlisted = True
+                s.kill(Kill.LOST)  # (a no-op if it is being killed already, for its timeout say)
+                self.log.warning("job.claim_lost", job=s.doc.get("id"), name=s.doc.get("name"), slot=s.index,
+                                 pid=s.pid, reason="recovered by another worker while this one did not beat; "
+                                                   "its run here is killed and not recorded")
+            else:
+                s.unlisted = True
+                self.log.error("redis.claim_missing", job=s.doc.get("id"), name=s.doc.get("name"), slot=s.index,
+                               note="gone from this worker's processing list without a recovery (a failover to "
+                                    "a replica that missed it, eviction); it runs on, and its outcome cannot be "
+                                    "recorded")
+        for raw in list(self.adopted):
+            if raw in held:
+                held.remove(raw)
+            elif jobs.loose_id(raw) in gone:
+                self.adopted.remove(raw)  # never started here: the worker that recovered it has it
+        if taken_for_dead:
+            self.broker.register(self.name, self._registration())
 
     def _adopt(self) -> None:
         held = list(self.broker.claimed(self.name))
@@ -327,16 +380,22 @@ class Supervisor:
         list went with it, while we still hold jobs. Register again and put their claims back, so that they are
         recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened. ``broker``: the
         exit's own connection, in the last bookkeeping."""
-        running = [s for s in self.slots.slots if s.busy]
+        running = [s for s in self.slots.slots if s.busy and not s.lost]
         held = [s.raw for s in running] + [o.payload for o in self.pending] + self.adopted
         self.log.error("redis.data_lost", held=len(held),
                        note="P:epoch changed: Redis restarted without persistence, or its data was replaced; "
                             "jobs queued before are gone, the ones this worker holds are claimed again")
+        (broker or self.broker).restore(self.name, self._registration(), held)
+
+    def _registration(self) -> dict:
+        """Our worker hash, for registering again while jobs run: :meth:`_info` and what status and get_job show of
+        each running job (its checkpoint goes with the next call)."""
         info = self._info()
-        for s in running:  # what status and get_job show of a running job; its checkpoint goes with the next call
-            info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
-            s.saved = None
-        (broker or self.broker).restore(self.name, info, held)
+        for s in self.slots.slots:
+            if s.busy and not s.lost:
+                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
+                s.saved = None
+        return info
 
     def _recover(self) -> None:
         self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
