@@ -300,7 +300,8 @@ def test_term_exception_dropped_by_a_finalizer_reaches_the_job(r, worker, enqueu
     wait_job_sleeping(w)
     rep = dyno.shutdown(w.pid, window=WINDOW)
     assert_clean_exit(w, rep, r)
-    assert rest(r, "ev") == ["after_finalizer", "term"], w.output
+    # once, in the job's own code: right after the finalizer, or (redelivered 2 ms later) in its next Redis call
+    assert rest(r, "ev") in (["after_finalizer", "term"], ["term"]), w.output
     assert "event=shutdown.child_killed" not in w.output, w.output  # it was not left to the deadline
     assert "TermException" not in w.output, w.output  # no "Exception ignored" traceback for it either
     assert queued_ids(r) == [job_id]
