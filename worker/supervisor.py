@@ -11,14 +11,14 @@ Redis calls go through a :class:`~worker.client.Link`, whose wait runs step 1 wh
 Redis never delays a stop. Idle waiting is a BLPOP on the wake lists, on a second connection, left pending while
 jobs run. Shutdown is three named steps: ``quiet`` (the first TERM/INT: stop claiming, put back claims not yet
 started), ``wait_for`` (every running job gets the same escalation from the same moment, see ``slots.py``),
-``bookkeeping`` (last outcomes and unregister on a connection bounded by the time left).
+``bookkeeping`` (last outcomes and unregister on a connection bounded by the time left). The worker's standing in
+Redis (registration, claims it holds outside its slots, recovery of dead workers, outages) is in ``membership.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import os
 import select
-import socket
 import time
 from typing import Optional
 
@@ -28,7 +28,8 @@ from . import client, jobs, metrics, schedule
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
-from .policy import Decision, Kill, bad, decide
+from .membership import Membership
+from .policy import Decision, bad, decide
 from .signals import SignalState
 from .slots import SlotTable
 
@@ -37,7 +38,7 @@ STALL = 1.0      # a Redis call slower than this (or failing) means Redis stalle
 TIDY_EVERY = 0.1  # while jobs flow, CYCLE moves due scheduled jobs and rings for idle workers at most this often
 
 
-class Supervisor:
+class Supervisor(Membership):
     """Runs until stopped (or, in burst mode, until the queues are empty). :meth:`run` returns the exit code."""
 
     def __init__(self, cfg: Config, broker: Broker, log, burst: bool = False):
@@ -304,130 +305,6 @@ class Supervisor:
                 self.waiter.arm(self.broker.wake_keys(queues), wait)
         elif claim:
             self._claim = True
-
-    def _claims_lost(self, sent: list, taken_for_dead: bool) -> None:
-        """Our processing list holds less than the jobs we run, or another worker took us for dead.
-
-        * A job whose id is in ``P:recovered:<w>`` was recovered by another worker, because we did not beat for
-          HEARTBEAT_TTL and its grace (this process stalled, or Redis could not hear us): it is queued again or
-          already running elsewhere. Our run of it is killed at once and records nothing, so two runs overlap no
-          longer than the stall (and until our first beat after it). ``sent``: the outcomes the call that noticed
-          had to record; those of recovered jobs took no effect, and the log says so.
-        * Any other job missing from the list was lost by Redis without a recovery (a failover to a replica that
-          had not seen the claim, eviction, a recovery that left no record): it runs on, as it did before this
-          check, and its outcome will find no claim to record. Writing its claim back could make two (the
-          failover may have put the job back in its queue); the log says which.
-
-        ``taken_for_dead``: our registration was gone (with or without a record of what was recovered): we register
-        again, which deletes the record."""
-        held, gone = self.broker.claims_and_recovered(self.name)
-        for o in sent:
-            job_id = jobs.loose_id(o.payload)
-            if job_id in gone:
-                self.log.warning("job.claim_lost", job=job_id, slot=o.slot, outcome=o.op.value,
-                                 reason="recovered by another worker while this one did not beat; this run's "
-                                        "outcome is not recorded")
-        for s in self.slots.slots:
-            if not s.busy or s.unlisted:
-                continue
-            if s.raw in held:
-                held.remove(s.raw)
-            elif s.doc.get("id") in gone:
-                s.lost = s.unlisted = True
-                s.kill(Kill.LOST)  # (a no-op if it is being killed already, for its timeout say)
-                self.log.warning("job.claim_lost", job=s.doc.get("id"), name=s.doc.get("name"), slot=s.index,
-                                 pid=s.pid, reason="recovered by another worker while this one did not beat; "
-                                                   "its run here is killed and not recorded")
-            else:
-                s.unlisted = True
-                self.log.error("redis.claim_missing", job=s.doc.get("id"), name=s.doc.get("name"), slot=s.index,
-                               note="gone from this worker's processing list without a recovery (a failover to "
-                                    "a replica that missed it, eviction); it runs on, and its outcome cannot be "
-                                    "recorded")
-        for raw in list(self.adopted):
-            if raw in held:
-                held.remove(raw)
-            elif jobs.loose_id(raw) in gone:
-                self.adopted.remove(raw)  # never started here: the worker that recovered it has it
-        if taken_for_dead:
-            self.broker.register(self.name, self._registration())
-
-    def _adopt(self) -> None:
-        held = list(self.broker.claimed(self.name))
-        for raw in [s.raw for s in self.slots.slots if s.busy] + [o.payload for o in self.pending] + self.adopted:
-            if raw in held:
-                held.remove(raw)
-        self.adopted += held
-        self._resync = False
-
-    def _register(self) -> None:
-        if self.broker.name_in_use(self.name):  # a previous incarnation with our $DYNO and pid: never share its keys
-            self.name = f"{self.name}:{os.urandom(3).hex()}"
-            self.log.bound["worker"] = self.name
-        self._started = time.time()
-        self.broker.register(self.name, self._info())
-        self._registered = True
-        self._next_beat = time.monotonic() + self.cfg.heartbeat_interval
-
-    def _info(self) -> dict:
-        cfg = self.cfg
-        return {"host": socket.gethostname(), "pid": os.getpid(), "dyno": cfg.dyno or "",
-                "concurrency": cfg.concurrency, "queues": ",".join(cfg.queues), "started": self._started,
-                "state": "busy" if self.slots.busy() else "idle"}
-
-    def _restore(self, broker: Optional[Broker] = None) -> None:
-        """Redis lost its data since we registered (P:epoch is gone or another): our registration and processing
-        list went with it, while we still hold jobs. Register again and put their claims back, so that they are
-        recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened. ``broker``: the
-        exit's own connection, in the last bookkeeping."""
-        running = [s for s in self.slots.slots if s.busy and not s.lost]
-        held = [s.raw for s in running] + [o.payload for o in self.pending] + self.adopted
-        self.log.error("redis.data_lost", held=len(held),
-                       note="P:epoch changed: Redis restarted without persistence, or its data was replaced; "
-                            "jobs queued before are gone, the ones this worker holds are claimed again")
-        (broker or self.broker).restore(self.name, self._registration(), held)
-
-    def _registration(self) -> dict:
-        """Our worker hash, for registering again while jobs run: :meth:`_info` and what status and get_job show of
-        each running job (its checkpoint goes with the next call)."""
-        info = self._info()
-        for s in self.slots.slots:
-            if s.busy and not s.lost:
-                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
-                s.saved = None
-        return info
-
-    def _recover(self) -> None:
-        self._next_recover = time.monotonic() + 2 * self.cfg.heartbeat_interval
-        try:
-            done = self.broker.recover(skip=self.name)
-        except redis.ResponseError as exc:  # a script error: say so, and let the next pass try again
-            self.log.error("recovery.error", error=f"{type(exc).__name__}: {exc}")
-            return
-        for item in done:
-            what, _, job_id = item.partition(":")
-            self.log.warning("recovery." + what, job=job_id, reason="owner's deadline and grace passed")
-        if done:  # jobs went back to the queues: worth a claim now (a burst worker runs them too)
-            self._claim, self._drained = True, False
-        self._suspects = done.wait is not None
-        if done.wait is not None:  # a late worker gets its grace; look again the moment it ends
-            self._next_recover = min(self._next_recover, time.monotonic() + done.wait + 0.01)
-
-    def _redis_down(self, exc) -> None:
-        self._outage += 1
-        # at least one attempt per HEARTBEAT_INTERVAL: after a stall, our beat must come within the grace others
-        # give us (lua.RECOVER: interval + 1 s), not after a backoff of several seconds
-        delay = min(client.outage_backoff().compute(self._outage), self.cfg.heartbeat_interval)
-        if self._outage == 1 or self._outage % 10 == 0:
-            self.log.error("redis.unavailable", error=f"{type(exc).__name__}: {exc}", retry_in=delay,
-                           attempt=self._outage)
-        self._retry_at = time.monotonic() + delay
-        self._quiet_until = time.monotonic() + delay + self.cfg.heartbeat_ttl
-
-    def _outage_over(self) -> None:
-        if self._outage:
-            self.log.info("redis.reconnected", after_attempts=self._outage)
-            self._outage = 0
 
     # --- waiting ---
     def _wait(self) -> None:
