@@ -36,6 +36,12 @@ def must_fail(doc: dict) -> bool:
     if not (isinstance(doc.get("id"), str) and isinstance(doc.get("name"), str)
             and isinstance(doc.get("args"), list) and isinstance(doc.get("kwargs"), dict)):
         return True
+    if not 0 < len(doc["id"]) <= 100:  # an id must name the job (recovery and status records key on it)
+        return True
+    try:  # Redis's scripts cannot read a lone surrogate: the worker refuses it rather than run a job it can't recover
+        json.dumps(doc, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
     fn = {"push": tests.jobs.push, "fail": tests.jobs.fail}.get(doc["name"])
     if fn is None:
         return True  # not registered (random names never hit a registered one: they start with nope_)
@@ -263,6 +269,26 @@ def test_failing_job_with_wrong_typed_bookkeeping_fields_goes_to_failed(r, spawn
     code, w, client = _burst_one(r, spawn, json.dumps(doc).encode())
     assert code == 0, w.output
     assert client.zcard("worker:failed") == 1 and client.hexists("worker:failed:data", doc["id"])
+    assert [k for k in client.keys("worker:processing:*") if client.llen(k)] == []
+
+
+@pytest.mark.parametrize("entry", [
+    b'{"id":"","name":"push","args":["fuzz:out","empty-id"],"kwargs":{}}',
+    ('{"id":"%s","name":"push","args":["fuzz:out","long-id"],"kwargs":{}}' % ("i" * 101)).encode(),
+    b'{"id":"sur1","name":"push","args":["fuzz:out","lone"],"kwargs":{},"note":"\\udce9"}',
+    b'{"id":"sur2","name":"push","args":["fuzz:out","\\uDCE9"],"kwargs":{}}',
+], ids=["empty-id", "id-over-100", "lone-surrogate-in-a-field", "lone-surrogate-uppercase-in-args"])
+def test_payload_recovery_could_not_handle_is_refused_not_run(r, spawn, entry):
+    """Found by a chaos review: an empty id ran, but recovery keys on the id (a stalled worker could not tell it was
+    recovered, and its run overlapped the recovered one); a lone surrogate ran, but Redis's JSON cannot read it, so
+    after a crash recovery called it unreadable and failed it instead of putting it back. The worker refuses both
+    up front, with the reason, as it refuses any payload it could not recover."""
+    code, w, client = _burst_one(r, spawn, entry)
+    assert code == 0, w.output
+    assert client.llen(OUT) == 0, "the job ran"
+    assert client.zcard("worker:failed") == 1, w.output
+    (rec,) = [json.loads(v) for v in client.hvals("worker:failed:data")]
+    assert rec["cause"] == "bad_payload" and ("'id'" in rec["message"] or "lone surrogate" in rec["message"]), rec
     assert [k for k in client.keys("worker:processing:*") if client.llen(k)] == []
 
 

@@ -63,13 +63,20 @@ def _refuse_lone_surrogates(name, doc) -> None:
     """Redis's cjson cannot read a lone surrogate escape (``"\\udce9"``, e.g. from ``os.fsdecode`` of a Latin-1
     file name), so the scripts that move scheduled and orphaned jobs could not find the job's queue: refuse it here
     rather than let it land in the wrong queue later."""
+    bad = _lone_surrogate(doc)
+    if bad is not None:
+        raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
+                         f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
+                         f"or base64)")
+
+
+def _lone_surrogate(doc) -> Optional[str]:
+    """The text around a lone surrogate in ``doc`` (which Redis's cjson cannot read), or None."""
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError as exc:
-        bad = exc.object[max(0, exc.start - 20):exc.end + 20]
-        raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
-                         f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
-                         f"or base64)") from None
+        return exc.object[max(0, exc.start - 20):exc.end + 20]
+    return None
 
 
 def _size(text: str, limit: int) -> int:
@@ -77,6 +84,9 @@ def _size(text: str, limit: int) -> int:
     most 4 bytes), so the hot path pays nothing for small payloads."""
     n = len(text)
     return n if n * 4 <= limit or n > limit else len(text.encode("utf-8", "surrogateescape"))
+
+
+MAX_ID = 100  # characters of a job id (ours are 32)
 
 
 def _no_constant(name):
@@ -98,6 +108,12 @@ def parse(raw: str, max_payload: int) -> dict:
     for field, kind in (("id", str), ("name", str), ("args", list), ("kwargs", dict)):
         if not isinstance(doc.get(field), kind):
             raise BadJob(f"payload field {field!r} is missing or not a {kind.__name__}")
+    if not 0 < len(doc["id"]) <= MAX_ID:  # recovery and the status records key on it: it must name the job
+        raise BadJob(f"payload field 'id' is {len(doc['id'])} characters, expected 1-{MAX_ID}")
+    if "\\ud" in raw or "\\uD" in raw:  # an escaped surrogate: pairs (emoji) are fine, a lone one is not
+        bad = _lone_surrogate(doc)
+        if bad is not None:  # Redis's scripts (cjson) could not read it to recover or retry it: refuse it now
+            raise BadJob(f"payload contains a lone surrogate ({bad!r}), which Redis's JSON cannot read")
     # Bookkeeping fields written by other producers may be off; they must not break the worker's accounting.
     attempts = doc.get("attempts")
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
@@ -122,7 +138,7 @@ def loose_id(raw: str) -> str:
     """The payload's own id when it has one, else a stable hash of the raw entry."""
     try:
         doc = json.loads(raw)
-        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= 100:
+        if isinstance(doc, dict) and isinstance(doc.get("id"), str) and 0 < len(doc["id"]) <= MAX_ID:
             return doc["id"]
     except (ValueError, RecursionError):  # RecursionError: absurdly nested input
         pass
