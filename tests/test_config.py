@@ -30,6 +30,9 @@ BAD_VALUES = [
                  ["JOB_MODULES", "no_such_module_xyz", "importable"], id="job-modules-missing"),
     pytest.param({"QUEUES": "a,,b"}, ["QUEUES", "a,,b", "empty"], id="queues-empty-name"),
     pytest.param({"QUEUES": "*,a"}, ["QUEUES", "*,a", "alone"], id="queues-star-and-name"),
+    # issue 21 item 2: on a dyno there is no Redis on localhost; the default would log redis.unavailable for ever
+    pytest.param({"DYNO": "worker.1", "REDIS_URL": ""}, ["REDIS_URL", "worker.1", "heroku-redis"],
+                 id="dyno-without-redis-url"),
 ]
 
 
