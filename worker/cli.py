@@ -59,8 +59,18 @@ MAX_OUTAGE = 60.0  # seconds a --burst worker keeps retrying an unreachable Redi
 
 
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """``error: MSG`` on stderr. A multi-line message (an app's import error) prints its detail lines first and
+    keeps the one-line summary last."""
+    *detail, last = msg.split("\n")
+    for line in detail:
+        print(line, file=sys.stderr)
+    print(f"error: {last}", file=sys.stderr)
     return code
+
+
+def _config_fail(exc) -> int:
+    *detail, last = str(exc).split("\n")
+    return _fail("\n".join(detail + [f"config: {last}"]))
 
 
 def main(argv=None) -> int:
@@ -85,13 +95,13 @@ def main(argv=None) -> int:
         if command == "enqueue":  # a worker never imports the app itself: its fork server does (memory once)
             jobs.import_modules(cfg.job_modules)
     except ConfigError as exc:
-        return _fail(f"config: {exc}")
+        return _config_fail(exc)
     try:
         if command == "run":
             try:
                 return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst, max_outage=max_outage)
             except ConfigError as exc:  # JOB_MODULES failed to import in the fork server, before any connection
-                return _fail(f"config: {exc}")
+                return _config_fail(exc)
         if command == "enqueue":
             return _enqueue(cfg, args)
         if command == "status":

@@ -125,14 +125,25 @@ def registry() -> dict:
     return dict(_REGISTRY)
 
 
+#: job name -> the ``JOB_MODULES`` entry whose import registered it (worker.start reports both; see startup.py)
+ORIGIN: dict = {}
+
+
 def import_modules(modules) -> None:
-    """Import every ``JOB_MODULES`` entry (once, in the parent, before any fork). Raises :class:`ConfigError`."""
+    """Import every ``JOB_MODULES`` entry (once, in the parent, before any fork). Raises :class:`ConfigError`:
+    one line for a module that does not exist; for an error inside the app's code, the traceback's last frames
+    (file and line) first and the one-line summary last (``frameworks.import_failure``)."""
+    from . import frameworks
     for mod in modules:
+        before = set(_REGISTRY)
         try:
             importlib.import_module(mod)
         except Exception as exc:  # the user's module may fail in any way; report it as config
-            raise ConfigError(f"JOB_MODULES={','.join(modules)!r} is not valid: cannot import {mod!r} "
-                              f"({type(exc).__name__}: {exc}); expected importable module paths") from None
+            frames, summary = frameworks.import_failure(mod, exc)
+            raise ConfigError("\n".join(frames + [f"JOB_MODULES={','.join(modules)!r} is not valid: {summary}"])) \
+                from None
+        for name in set(_REGISTRY) - before:
+            ORIGIN.setdefault(name, mod)
 
 
 def decode(raw: str, max_payload: int) -> tuple:
@@ -152,7 +163,8 @@ def decode(raw: str, max_payload: int) -> tuple:
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
-                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s)}
+                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s),
+                   "module": ORIGIN.get(name)}
             for name, s in _REGISTRY.items()}
 
 
