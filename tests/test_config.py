@@ -203,3 +203,22 @@ def test_an_error_inside_a_job_module_shows_its_file_and_line_then_one_line(env,
     assert last.startswith("error: config: JOB_MODULES=") and "cannot import 'buggy_21'" in last, last
     assert "NameError" in last and f"{helper}:2" in last and "expected importable" not in last, last
     assert "importlib" not in res.stderr and "worker/jobs.py" not in res.stderr, res.stderr
+
+
+# --- no silent defaults: what a worker imported, registered and serves (issue 21 item 5) ---
+
+@pytest.mark.timeout(60)
+def test_worker_start_names_modules_jobs_and_queues_and_warns_about_gaps(r, cli):
+    """Issue 21 item 5: `worker.start` says which modules were imported, each job with its queue, and the queues
+    served; a registered queue that QUEUES does not serve, and a JOB_MODULES entry that registers no job, are
+    warnings naming them."""
+    res = cli("--burst", JOB_MODULES="worker.sample,tests.jobs,json", QUEUES="default")
+    assert res.returncode == 0, res.stderr
+    start = next(line for line in res.stdout.splitlines() if "event=worker.start" in line)
+    assert "modules=worker.sample,tests.jobs,json" in start and "queues=default" in start, start
+    assert "sample_work@default" in start and "on_high@high" in start, start
+    warnings = [line for line in res.stdout.splitlines() if "level=warning" in line]
+    assert any("worker.queues_not_served" in w and "queue=high" in w and "on_high" in w for w in warnings), \
+        warnings
+    assert any("worker.module_without_jobs" in w and "module=json" in w for w in warnings), warnings
+    assert not any("module=tests.jobs" in w or "module=worker.sample" in w for w in warnings), warnings

@@ -24,7 +24,7 @@ from typing import Optional
 
 import redis
 
-from . import client, jobs, metrics, schedule
+from . import client, jobs, metrics, schedule, startup
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
@@ -78,9 +78,10 @@ class Supervisor(Membership):
         if not self.burst:
             self.ticker = schedule.Ticker.from_meta(self.slots.meta, self.broker, self.log)
         cfg = self.cfg
-        self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
+        self.log.info("worker.start", redis=redact_url(cfg.redis_url), **startup.fields(cfg, self.slots.meta),
                       pid=os.getpid(), concurrency=cfg.concurrency, window=cfg.shutdown_window,
                       term_timeout=cfg.term_timeout, grace=cfg.term_grace, burst=self.burst or None)
+        startup.warn(cfg, self.slots.meta, self.log)
         while True:
             self.slots.service()
             self.sig.announce(self.log)
