@@ -81,16 +81,23 @@ DJANGO = {
     # the whole recipe: no django.setup() here
     "shop/jobs.py": """
         import logging
+        import warnings
+
+        from django.db import connection
 
         from worker import job
 
         log = logging.getLogger(__name__)
+        with warnings.catch_warnings():  # "accessing the database during app initialization is discouraged"
+            warnings.simplefilter("ignore")
+            connection.ensure_connection()  # an app that touches the database at import (in the fork server)
 
 
         @job(queue="django21")
         def process_order(order_id):
             from shop.models import Order
-            Order.objects.filter(pk=order_id).update(status="processed")
+            fresh = connection.connection is None  # the fork server closed its connection before the fork
+            Order.objects.filter(pk=order_id).update(status="processed" if fresh else "shared-connection")
             log.info("processed order %s", order_id)
     """,
 }
