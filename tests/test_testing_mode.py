@@ -218,3 +218,20 @@ def test_run_burst_times_out_and_kills_the_worker(r, redis_server):
         testing.run_burst(redis_server.url, queues=["default"], job_modules=["worker.sample"], cwd=str(REPO),
                           timeout=3)
     assert time.monotonic() - t0 < 10
+
+
+def test_run_burst_never_runs_an_apps_own_worker_py(redis_server, tmp_path):
+    """Issue 21 item 1: run_burst ran `python -m worker` in the app's directory, which runs an app's own worker.py
+    (Heroku's RQ guide creates one) and exits 0. It runs the package, and beside such a file exits 2 naming it."""
+    marker = tmp_path / "ran"
+    (tmp_path / "worker.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (tmp_path / "appjobs_21.py").write_text("from worker import job\n\n\n@job\ndef hello():\n    pass\n")
+    env = {"PYTHONPATH": ""}  # as in an app: only the installed package (here: found through run_burst itself)
+    res = testing.run_burst(redis_server.url, queues=["default"], job_modules=["appjobs_21"], cwd=str(tmp_path),
+                            env=env, timeout=30)
+    assert res.returncode == 2 and not marker.exists(), res.output
+    assert str(tmp_path / "worker.py") in res.output and "rename" in res.output, res.output
+    (tmp_path / "worker.py").unlink()
+    res = testing.run_burst(redis_server.url, queues=["default"], job_modules=["appjobs_21"], cwd=str(tmp_path),
+                            env=env, timeout=30)
+    assert res.ok and "jobs=hello@default" in res.output, res.output

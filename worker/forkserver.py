@@ -78,7 +78,10 @@ class ForkServer:
         """Exec a new server; it is ready once :meth:`frames` has read its ``R`` frame."""
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(p or os.getcwd() for p in sys.path))
-        args = [sys.executable, "-m", "worker.forkserver", str(theirs.fileno()), str(os.getpid()),
+        # -P: the server's sys.path is exactly ours (PYTHONPATH above), without the working directory put first as
+        # `-m` would: an app's own ./worker.py can never stand in for this package there (worker/launch.py)
+        args = [sys.executable, "-P", "-c", "import runpy; runpy.run_module('worker.forkserver', run_name='__main__')",
+                str(theirs.fileno()), str(os.getpid()),
                 repr(self.cfg.term_grace), ",".join(self.cfg.job_modules), self.cfg.log_level,
                 "0" if self.cfg.dyno else "1"]
         self.proc = subprocess.Popen(args, pass_fds=[theirs.fileno()], env=env, close_fds=True)

@@ -46,3 +46,4 @@ def console(argv=None) -> int:
         sys.path.insert(0, cwd)  # JOB_MODULES import from the working directory, as under `python -m worker`
     from .cli import main
     return main(argv)
+

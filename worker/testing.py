@@ -192,14 +192,20 @@ class BurstResult:
         return self.returncode == 0
 
 
+#: never `python -m worker`, which runs an app's own ./worker.py instead (worker/launch.py)
+_LAUNCH = "import sys; from worker.launch import console; sys.exit(console(sys.argv[1:]))"
+
+
 def run_burst(redis_url: str, *, queues: Optional[Sequence[str]] = None, job_modules: Optional[Sequence[str]] = None,
               env: Optional[Mapping[str, str]] = None, timeout: float = 60.0, cwd: Optional[str] = None,
               python: Optional[str] = None) -> BurstResult:
-    """Run ``python -m worker --burst`` against ``redis_url`` until every queue it works is empty.
+    """Run a ``--burst`` worker (``heroku-fork-worker --burst``) against ``redis_url`` until every queue it works is
+    empty. It is never ``python -m worker``: beside an app's own ``./worker.py`` it exits 2 saying so, without
+    running that file (worker/launch.py).
 
     The worker's environment is this process's, with ``REDIS_URL``, ``QUEUES`` (comma-joined ``queues``) and
     ``JOB_MODULES`` (comma-joined ``job_modules``) set when given, then ``env`` on top (e.g. ``{"KEY_PREFIX":
-    "test"}``). ``cwd`` (default: the current directory) is where ``python -m`` finds your modules. Jobs run as in
+    "test"}``). ``cwd`` (default: the current directory) is where ``JOB_MODULES`` are imported from. Jobs run as in
     production: forked, with retries (a retry's backoff delays the end of the burst) and the failed registry.
 
     Returns a :class:`BurstResult`; raises ``TimeoutError`` (with the output so far) if the worker is still running
@@ -213,7 +219,10 @@ def run_burst(redis_url: str, *, queues: Optional[Sequence[str]] = None, job_mod
         e["JOB_MODULES"] = ",".join(job_modules)
     e.update(env or {})
     e.setdefault("PYTHONUNBUFFERED", "1")
-    proc = subprocess.Popen([python or sys.executable, "-m", "worker", "--burst"], env=e, cwd=cwd,
+    if python is None:  # this package first on the path: -P leaves the working directory off (launch.console adds it)
+        here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        e["PYTHONPATH"] = os.pathsep.join([here] + [p for p in e.get("PYTHONPATH", "").split(os.pathsep) if p])
+    proc = subprocess.Popen([python or sys.executable, "-P", "-c", _LAUNCH, "--burst"], env=e, cwd=cwd,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
                             start_new_session=True)
     try:
