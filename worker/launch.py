@@ -24,7 +24,8 @@ def collision(cwd: Optional[str] = None) -> Optional[str]:
         return module
     package = os.path.join(cwd, "worker")
     if os.path.isfile(os.path.join(package, "__init__.py")) and \
-            os.path.realpath(package) != os.path.realpath(PACKAGE_DIR):
+            os.path.realpath(package) != os.path.realpath(PACKAGE_DIR) and \
+            not os.path.isfile(os.path.join(package, "launch.py")):  # a checkout of this project is no collision
         return package + os.sep
     return None
 
