@@ -111,3 +111,17 @@ def test_readme_states_platform_behaviour_as_it_is():
     assert "heroku local" in text and "never escalates to SIGKILL" in text
     assert "only once some process of the Procfile has exited" in text  # honcho's KILL_WAIT
     assert "python -m worker enqueue" in text.split("## Periodic jobs", 1)[1]
+
+
+def test_running_locally_names_only_what_a_fresh_clone_has():
+    """Issue 21 item 9: the README's "Running locally" works verbatim on a fresh clone: its venv is activated, honcho
+    is installed into it, every file and make target it uses exists, heroku local's SIGTERM behaviour is said."""
+    text = _readme()
+    section = text.split("## Running locally", 1)[1].split("\n## ", 1)[0]
+    assert ". .venv/bin/activate" in section and "pip install" in section and "honcho" in section.split("```")[1]
+    makefile = (REPO / "Makefile").read_text()
+    for target in set(re.findall(r"make ([a-z][a-z-]*)", text)):
+        assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"README names `make {target}`: no such target"
+    for name in re.findall(r"(?:cp|-r) ([.\w-]+\.(?:example|txt))", section):
+        assert (REPO / name).exists(), name
+    assert "heroku local" in section and "never escalates to SIGKILL" in section
