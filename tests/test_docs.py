@@ -120,7 +120,8 @@ def test_running_locally_names_only_what_a_fresh_clone_has():
     section = text.split("## Running locally", 1)[1].split("\n## ", 1)[0]
     assert ". .venv/bin/activate" in section and "pip install" in section and "honcho" in section.split("```")[1]
     makefile = (REPO / "Makefile").read_text()
-    for target in set(re.findall(r"make ([a-z][a-z-]*)", text)):
+    for target in set(re.findall(r"`make ([a-z][a-z-]*)|^make ([a-z][a-z-]*)", text, re.M)) - {("", "")}:
+        target = target[0] or target[1]
         assert re.search(rf"^{re.escape(target)}:", makefile, re.M), f"README names `make {target}`: no such target"
     for name in re.findall(r"(?:cp|-r) ([.\w-]+\.(?:example|txt))", section):
         assert (REPO / name).exists(), name
