@@ -18,7 +18,8 @@ from .config import ConfigError, redact_url
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m worker", description="Fork-per-job background worker on Redis.")
+    prog = "heroku-fork-worker" if sys.argv[0].endswith("heroku-fork-worker") else "python -m worker"
+    p = argparse.ArgumentParser(prog=prog, description="Fork-per-job background worker on Redis.")
     sub = p.add_subparsers(dest="command")
     run = sub.add_parser("run", help="run a worker (the default command)")
     run.add_argument("--burst", action="store_true", help="exit 0 once every configured queue is empty")
