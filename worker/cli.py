@@ -105,6 +105,8 @@ def _run(cfg, burst: bool) -> int:
     from .fetch import Broker
     from .log import Logger, setup
     from .supervisor import Supervisor
+    from . import orphans
+    orphans.enable()  # a killed fork server's children, and what they left, come to us to end (orphans.py)
     setup(cfg.log_level, stamp=cfg.dyno is None)  # the fork server does the same; job children inherit it
     log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
     broker = Broker(connect(cfg, retries=0), cfg)  # the loop retries (with backoff) and never blocks on it
