@@ -30,7 +30,7 @@ from .signals import RAISE_SIGNAL, kill_job
 
 SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
 REAP_TIMEOUT = 10.0     # ... or that has not reported a child's exit this long after it exited
-EXIT_WAIT = 1.0         # a killed child seen exiting (pidfd) is written off after this long without its S frame
+EXIT_WAIT = 0.25        # a killed child seen exiting (pidfd) is written off after this long without its S frame
 START_TIMEOUT = 120.0   # importing the app (Django set-up and the like) may take this long
 MEMORY_POLL = 0.25      # how often a child's memory is read when JOB_MAX_MEMORY_MB is set
 MAX_FRAME = 2 << 20     # a report frame is at most a 512 KiB result plus a traceback; a checkpoint 64 KiB

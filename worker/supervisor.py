@@ -153,7 +153,8 @@ class Supervisor(Membership):
         else:
             try:
                 d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
-                           slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl)
+                           slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl,
+                           self.cfg.max_attempts)
             except Exception as exc:  # a runtime bug (or data no check foresaw) costs this job, never the worker
                 job_id = jobs.loose_id(slot.raw)
                 self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
