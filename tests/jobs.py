@@ -257,3 +257,16 @@ def cc_helpers(key, seconds=60.0):
 def cc_pid(key):
     """Records its pid and returns."""
     event(key, "ran")
+
+
+@job
+def cc_probe(key, pids, mb=0):
+    """Records which of ``pids`` still exist (not even reaped: no /proc entry), then returns; with ``mb``, first
+    holds that many MiB of its own (a child that takes a while to tear down when killed) and sleeps."""
+    event(key, "probe", present=[p for p in pids if os.path.exists(f"/proc/{p}")])
+    if mb:
+        hold = bytearray(mb << 20)
+        for i in range(0, len(hold), 4096):
+            hold[i] = 1
+        event(key, "holding")
+        time.sleep(60)

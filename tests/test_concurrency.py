@@ -404,3 +404,24 @@ def test_a_jobs_end_leaves_the_helpers_of_jobs_still_running(r, spawn, enqueue):
         assert all(gone(p) for p in helpers), w.output
     finally:
         _end(helpers)
+
+
+# --- 9. a killed slot is free only once its child is reaped (issue 27 item 14) ---
+
+@pytest.mark.timeout(60)
+def test_a_job_waiting_for_a_slot_killed_by_timeout_runs_after_the_kill_and_is_done(r, spawn, enqueue):
+    """Issue 27 item 14: with one slot, a job killed by its timeout while a second job waits. The second runs once
+    the first's child (a slow one to tear down: it holds memory) is gone and reaped, with everything it started,
+    and is recorded done: it inherits nothing of the kill. No test had a job queued at the moment of a kill."""
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=1, JOB_TIMEOUT=2)
+    first = enqueue("cc_probe", "ev", [], 400)
+    child = expect(r, "ev", "probe")["pid"]
+    expect(r, "ev", "holding")
+    second = enqueue("cc_probe", "ev", [child])
+    probe = expect(r, "ev", "probe", timeout=20)
+    assert probe["present"] == [], "the second job started before the killed child was reaped"
+    w.wait_for(rf"event=job\.done .*job={second}")
+    w.wait_for(rf"event=job\.failed .*outcome=timeout .*job={first}")
+    wait_until(lambda: r.hget(f"worker:job:{second}", "status") == "done", 10, "the second job recorded done")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
