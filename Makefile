@@ -9,7 +9,8 @@ MIN := .venv-min/.installed
 # The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
-.PHONY: setup demo run test test-fast test-min bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint bench-schedule redis clean
+# (`dist`: the sdist and wheel in dist/, checked as PyPI would; CI runs it)
+.PHONY: setup demo run test test-fast test-min dist redis-stop bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint bench-schedule redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -33,8 +34,22 @@ demo: $(RUNTIME)
 run: $(RUNTIME)
 	$(PY) -m worker
 
+# A local Redis for development on 127.0.0.1:6379 only (no persistence); `make redis-stop` ends it.
+REDIS_PORT ?= 6379
 redis:
-	redis-cli ping >/dev/null 2>&1 || redis-server --daemonize yes --save '' --appendonly no
+	redis-cli -h 127.0.0.1 -p $(REDIS_PORT) ping >/dev/null 2>&1 || redis-server --bind 127.0.0.1 --port $(REDIS_PORT) \
+		--daemonize yes --save '' --appendonly no --pidfile $(CURDIR)/.redis-$(REDIS_PORT).pid
+	@echo "redis on 127.0.0.1:$(REDIS_PORT); stop it with: make redis-stop"
+
+redis-stop:
+	redis-cli -h 127.0.0.1 -p $(REDIS_PORT) shutdown nosave 2>/dev/null || true
+	rm -f .redis-$(REDIS_PORT).pid
+
+# The release artefacts: sdist and wheel in dist/ (version: worker/__init__.py), metadata checked with twine.
+dist: $(DEV)
+	rm -rf dist
+	$(PY) -m build --no-isolation --outdir dist .
+	$(PY) -m twine check --strict dist/*
 
 test: $(DEV)
 	$(PY) -m pytest
@@ -84,7 +99,7 @@ bench-concurrency-celery:
 	bench/.venv-celery/bin/python -m pip install -q --disable-pip-version-check -r bench/requirements-celery.txt
 
 clean:
-	rm -rf .venv .venv-min bench/.venv bench/.venv-celery .pytest_cache build dist *.egg-info
+	rm -rf .venv .venv-min bench/.venv bench/.venv-celery .pytest_cache build dist *.egg-info .redis-*.pid
 
 # What checkpoint() costs per call, and no-op drain rates with and without one checkpoint per job (issue 13).
 bench-checkpoint: $(DEV)

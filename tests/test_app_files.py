@@ -37,6 +37,7 @@ def test_runtime_txt():
 def test_app_json_metadata(app):
     assert isinstance(app.get("name"), str) and 0 < len(app["name"]) <= 30, app.get("name")
     assert isinstance(app.get("description"), str) and app["description"].strip()
+    assert len(app["description"]) <= 140, len(app["description"])  # Heroku Button's limit (issue 21 item 10)
     keywords = app.get("keywords")
     assert isinstance(keywords, list) and keywords and all(isinstance(k, str) and k for k in keywords)
 
@@ -140,3 +141,30 @@ def test_requirements_only_redis_and_dotenv_with_bounds():
 def test_procfile_runs_the_worker():
     lines = [ln for ln in (REPO / "Procfile").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     assert "worker: python -m worker" in lines, lines
+
+
+@pytest.mark.timeout(60)
+def test_make_redis_listens_on_loopback_only_and_make_redis_stop_ends_it(tmp_path):
+    """Issue 21 item 9: `make redis` started a server bound to every interface, with no way to stop it."""
+    import shutil
+    import subprocess
+
+    import redis as redis_py
+
+    from tests.support import free_port
+    if not shutil.which("make"):
+        pytest.skip("make is not installed")
+    port = free_port()
+    make = ["make", "--no-print-directory", "-C", str(REPO), f"REDIS_PORT={port}"]
+    started = subprocess.run([*make, "redis"], capture_output=True, text=True, timeout=30)
+    client = redis_py.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, decode_responses=True)
+    try:
+        assert started.returncode == 0, started.stderr
+        assert client.config_get("bind")["bind"].split() == ["127.0.0.1"]
+        assert "make redis-stop" in started.stdout
+    finally:
+        stopped = subprocess.run([*make, "redis-stop"], capture_output=True, text=True, timeout=30)
+    assert stopped.returncode == 0, stopped.stderr
+    with pytest.raises(redis_py.ConnectionError):
+        client.ping()
+    assert not (REPO / f".redis-{port}.pid").exists()

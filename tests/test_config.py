@@ -30,6 +30,9 @@ BAD_VALUES = [
                  ["JOB_MODULES", "no_such_module_xyz", "importable"], id="job-modules-missing"),
     pytest.param({"QUEUES": "a,,b"}, ["QUEUES", "a,,b", "empty"], id="queues-empty-name"),
     pytest.param({"QUEUES": "*,a"}, ["QUEUES", "*,a", "alone"], id="queues-star-and-name"),
+    # issue 21 item 2: on a dyno there is no Redis on localhost; the default would log redis.unavailable for ever
+    pytest.param({"DYNO": "worker.1", "REDIS_URL": ""}, ["REDIS_URL", "worker.1", "heroku-redis"],
+                 id="dyno-without-redis-url"),
 ]
 
 
@@ -178,3 +181,44 @@ def test_password_not_in_unreachable_redis_messages(cli, spawn):
     w = spawn(REDIS_URL=url)
     w.wait_for(r"event=redis\.unavailable", timeout=30)
     assert SECRET not in w.output
+
+
+# --- an error inside a job module: where it is, then the one-line summary (issue 21 item 4) ---
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_an_error_inside_a_job_module_shows_its_file_and_line_then_one_line(env, tmp_path, command):
+    """Issue 21 item 4: `cannot import 'buggy' (NameError ...)` had no file or line and said "expected importable
+    module paths". The traceback's last frames (file:line, the app's own) come first, the summary last; exit 2."""
+    (tmp_path / "helper_21.py").write_text("def load():\n    return undefined_thing_21\n")
+    (tmp_path / "buggy_21.py").write_text("from worker import job\nimport helper_21\n\nCONFIG = helper_21.load()\n")
+    res = run_in(tmp_path, env, *(["enqueue", "x", "--queue", "q"] if command else []),
+                 JOB_MODULES="buggy_21", PYTHONPATH=f"{tmp_path}:{env['PYTHONPATH']}")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    lines = res.stderr.strip("\n").splitlines()
+    helper = tmp_path / "helper_21.py"
+    assert f'File "{tmp_path / "buggy_21.py"}", line 4' in res.stderr, res.stderr
+    assert f'File "{helper}", line 2, in load' in res.stderr and "return undefined_thing_21" in res.stderr
+    last = lines[-1]
+    assert last.startswith("error: config: JOB_MODULES=") and "cannot import 'buggy_21'" in last, last
+    assert "NameError" in last and f"{helper}:2" in last and "expected importable" not in last, last
+    assert "importlib" not in res.stderr and "worker/jobs.py" not in res.stderr, res.stderr
+
+
+# --- no silent defaults: what a worker imported, registered and serves (issue 21 item 5) ---
+
+@pytest.mark.timeout(60)
+def test_worker_start_names_modules_jobs_and_queues_and_warns_about_gaps(r, cli):
+    """Issue 21 item 5: `worker.start` says which modules were imported, each job with its queue, and the queues
+    served; a registered queue that QUEUES does not serve, and a JOB_MODULES entry that registers no job, are
+    warnings naming them."""
+    res = cli("--burst", JOB_MODULES="worker.sample,tests.jobs,json", QUEUES="default")
+    assert res.returncode == 0, res.stderr
+    start = next(line for line in res.stdout.splitlines() if "event=worker.start" in line)
+    assert "modules=worker.sample,tests.jobs,json" in start and "queues=default" in start, start
+    assert "sample_work@default" in start and "on_high@high" in start, start
+    warnings = [line for line in res.stdout.splitlines() if "level=warning" in line]
+    assert any("worker.queues_not_served" in w and "queue=high" in w and "on_high" in w for w in warnings), \
+        warnings
+    assert any("worker.module_without_jobs" in w and "module=json" in w for w in warnings), warnings
+    assert not any("module=tests.jobs" in w or "module=worker.sample" in w for w in warnings), warnings

@@ -33,6 +33,18 @@ def test_readme_names_the_two_commands_and_ci_runs_the_test_one():
     ci = (REPO / ".ci" / "run").read_text()
     assert re.search(r"^make test(\s|$)", ci, re.M)
     assert re.search(r"^make test-min(\s|$)", ci, re.M), "CI must also test the declared minimum versions"
+    assert re.search(r"^make dist(\s|$)", ci, re.M), "CI must build the release and check it with twine"
+
+
+def test_changelog_has_this_release_and_the_version_lives_in_one_place():
+    """Issue 21 item 10: keep-a-changelog form with the current version; pyproject reads worker.__version__."""
+    import worker
+    changelog = (REPO / "CHANGELOG.md").read_text()
+    assert "## [Unreleased]" in changelog and "keepachangelog.com" in changelog
+    assert re.search(rf"^## \[{re.escape(worker.__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", changelog, re.M)
+    pyproject = (REPO / "pyproject.toml").read_text()
+    assert 'dynamic = ["version"]' in pyproject and 'version = {attr = "worker.__version__"}' in pyproject
+    assert not re.search(r"^version\s*=\s*\"", pyproject, re.M)  # no literal version string
 
 
 def _readme() -> str:
@@ -40,22 +52,55 @@ def _readme() -> str:
 
 
 def test_readme_is_a_users_guide_in_order():
+    """Issue 21 item 11: it opens with what it is and how to install it into an app, has a table of contents and at
+    most 250 lines; contributor material lives in docs/contributing.md, details in docs/user-guide.md and
+    docs/operations.md."""
     text = _readme()
-    # Every section is user material (install, jobs, results, hooks, tests, long and periodic jobs, deploy, operate);
-    # design notes, benchmarks and contributor commands live in docs/.
-    assert len(text.splitlines()) <= 460, "the README is the user's guide: contributor material goes to docs/"
-    order = ["## Two commands", "## Install into an existing app", "## Writing jobs", "## Deploying and scaling",
+    assert len(text.splitlines()) <= 250, f"README has {len(text.splitlines())} lines: move details to docs/"
+    order = ["## Contents", "## Install into an existing app", "## Writing jobs", "## Deploying and scaling",
              "## Running locally", "## Operating", "## Configuration", "## Coming from", "## Periodic jobs"]
     positions = [text.find(h) for h in order]
     assert -1 not in positions, [h for h, p in zip(order, positions) if p == -1]
     assert positions == sorted(positions), "README sections out of order"
-    head = text.split("## Install", 1)[0]
+    head = text.split("## Contents", 1)[0]
     assert "at-least-once" in head and "more than once" in head, "the guarantee must be stated at the top"
+    assert "make test" not in head and "make demo" not in head, "contributor commands do not open the README"
+    install = text.split("## Install into an existing app", 1)[1].split("\n## ", 1)[0]
+    assert install.lstrip().startswith("**First: an app with its own top-level `worker.py`"), install[:200]
+    assert "heroku-fork-worker" in install and "<host>" not in text and "rev-parse HEAD" in install
+    coming = text.split("## Coming from", 1)[1].split("\n## ", 1)[0]
+    assert "worker.py" in coming.split("|", 1)[0], "Coming from RQ leads with the worker.py rename"
 
 
-def test_readme_links_point_at_files_that_exist():
-    for target in re.findall(r"\]\(((?!https?:|#)[^)#\s]+)", _readme()):
-        assert (REPO / target).exists(), target
+DOCS = ["README.md", "CHANGELOG.md", "docs/user-guide.md", "docs/operations.md", "docs/contributing.md",
+        "docs/design.md", "docs/performance.md", "docs/testing.md"]
+
+
+def _anchors(path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped (but - and _), spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    out = set()
+    for heading in re.findall(r"^#{1,6} (.+?)\s*$", text, re.M):
+        slug = re.sub(r"[^\w\- ]", "", heading.strip().lower().replace("`", "")).replace(" ", "-")
+        out.add(slug)
+    return out
+
+
+def test_every_relative_link_and_anchor_in_the_docs_resolves():
+    """Every link in the README and docs/ to a file of this repository points at a file that exists, and every
+    #anchor at a heading of its target (issue 21 item 11)."""
+    checked = 0
+    for doc in DOCS:
+        source = REPO / doc
+        text = re.sub(r"```.*?```", "", source.read_text(), flags=re.S)
+        for target in re.findall(r"\]\(((?!https?:|mailto:)[^)\s]+)\)", text):
+            path, _, anchor = target.partition("#")
+            dest = (source.parent / path).resolve() if path else source
+            assert dest.exists(), f"{doc}: link to missing {target}"
+            if anchor and dest.suffix == ".md":
+                assert anchor in _anchors(dest), f"{doc}: no heading for #{anchor} in {dest.name}"
+            checked += 1
+    assert checked > 30, checked  # the scan still finds the links
 
 
 def test_readme_states_platform_behaviour_as_it_is():

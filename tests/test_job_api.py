@@ -157,3 +157,14 @@ def test_a_jobs_own_logging_lines_carry_its_id_in_the_runtime_format(r, api, spa
     w.signal(15)
     assert w.wait(15) == 0
     assert "a debug line" not in w.output  # LOG_LEVEL=INFO applies to the job's own loggers too
+
+
+def test_job_context_survives_an_app_that_reconfigures_logging(r, api, spawn):
+    """Issue 21: with Django's LOGGING (here logging.basicConfig(force=True)) the app's handler replaces ours and
+    job=<id> was lost. Every record carries the job (record.job, record.job_name) whatever handler formats it."""
+    job_id = jobs.enqueue("logconfig_job", "hi", queue="default")
+    w = spawn(JOB_MODULES="worker.sample,tests.jobs_logconfig", LOG_LEVEL="INFO")
+    assert r.blpop("logconfig_job", 20)
+    line = w.wait_for(r"APPFMT .*app says hi")
+    assert f"job={job_id}" in line and "name=logconfig_job" in line, line
+    assert "APPFMT job=- name=- imported" in w.output and "Logging error" not in w.output, w.output

@@ -89,3 +89,83 @@ def test_cli_still_checks_arguments_of_a_registered_name(r, cli):
     out = cli("enqueue", "push", "--args", "[1, 2, 3]", "--queue", "default")
     assert out.returncode == 2 and "arguments do not fit push" in out.stderr
     assert r.dbsize() == 0
+
+
+# --- issue 21: what a producer gets wrong is refused at the call ---
+
+def test_arguments_that_do_not_fit_a_registered_job_raise_at_the_call(r, broker):
+    """Issue 21 item 7: like Celery's .delay, a registered job's signature is checked in the calling process; the
+    job never reaches Redis (it would only fail on the worker)."""
+    for call in (lambda: worker.enqueue("producer_mail"), lambda: producer_mail.enqueue(1, 2),
+                 lambda: worker.enqueue_in(5, "producer_mail", nope=1),
+                 lambda: worker.enqueue_at(datetime.now(timezone.utc), "producer_mail"),
+                 lambda: worker.enqueue_many("producer_mail", [(1,), ()])):
+        with pytest.raises(TypeError, match=r"arguments do not fit producer_mail\(user_id\)"):
+            call()
+    assert r.dbsize() == 0
+    worker.enqueue("defined_elsewhere", 1, 2, 3, queue="mail")  # not registered here: not checked
+    assert r.llen("worker:queue:mail") == 1
+
+
+def test_enqueue_in_and_enqueue_at_take_timedelta_and_datetime_and_refuse_the_rest(r, broker):
+    """Issue 21 (also) / issue 27 item 10: a timedelta delay works; anything but a datetime in enqueue_at (a unix
+    time, a date, None) is a TypeError naming the accepted types, not an AttributeError."""
+    from datetime import date
+    worker.enqueue_in(timedelta(minutes=5), "producer_mail", 1)
+    worker.enqueue_at(datetime.now(timezone.utc) + timedelta(hours=1), "producer_mail", 2)
+    assert r.zcard("worker:scheduled") == 2
+    for bad in (1234567890.0, 5, date.today(), None, "2030-01-01"):
+        with pytest.raises(TypeError, match="datetime.datetime"):
+            worker.enqueue_at(bad, "producer_mail", 3)
+    for bad in (None, "5", date.today(), True):
+        with pytest.raises(TypeError, match="timedelta"):
+            worker.enqueue_in(bad, "producer_mail", 3)
+    assert r.zcard("worker:scheduled") == 2
+
+
+def test_enqueue_many_says_what_each_element_means_and_refuses_the_rest(r, broker):
+    """Issue 21 (also): `enqueue_many("quick", [{"tag": "a"}])` enqueued quick("tag"). A list/tuple is the
+    positional arguments; an (args, kwargs) pair is both; a dict, string or number is refused, nothing written."""
+    for bad in ([{"user_id": 1}], ["ab"], [7], [None], {"user_id": 1}, "ab"):
+        with pytest.raises(TypeError, match="enqueue_many"):
+            worker.enqueue_many("producer_mail", bad)
+    assert r.dbsize() == 0
+    worker.enqueue_many("producer_mail", [(1,), [2], ((), {"user_id": 3}), ([4], {})])
+    docs = [json.loads(p) for p in r.lrange("worker:queue:mail", 0, -1)]
+    assert [(d["args"], d["kwargs"]) for d in docs] == [([1], {}), ([2], {}), ([], {"user_id": 3}), ([4], {})]
+
+
+def _producer(tmp_path, env, code):
+    import subprocess
+    import sys
+    from tests.conftest import REPO
+    e = {k: v for k, v in env.items() if k != "REDIS_URL"}
+    e["PYTHONPATH"] = str(REPO)
+    return subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=e, capture_output=True, text=True,
+                          timeout=30)
+
+
+def test_the_producer_reads_dotenv_without_writing_the_environment(r, env, redis_server, tmp_path):
+    """Issue 21 item 8: the first enqueue loaded the working directory's .env into os.environ (an unrelated
+    secret appeared in the web process). The producer uses .env's REDIS_URL and leaves os.environ alone."""
+    (tmp_path / ".env").write_text(f"REDIS_URL={redis_server.url}\nUNRELATED_SECRET=xyz\n")
+    res = _producer(tmp_path, env, "import os, worker\n"
+                    "print(worker.enqueue('noop', queue='dotenvq'))\n"
+                    "print('UNRELATED_SECRET' in os.environ, 'REDIS_URL' in os.environ)")
+    assert res.returncode == 0, res.stderr
+    job_id, flags = res.stdout.split()[0], res.stdout.split()[1:]
+    assert flags == ["False", "False"], res.stdout
+    assert json.loads(r.lrange("worker:queue:dotenvq", 0, -1)[0])["id"] == job_id
+
+
+def test_a_refused_connection_names_redis_url_and_the_address_tried(env, tmp_path):
+    """Issue 21 item 2: the producer's ConnectionError says which Redis it tried (password masked) and that the
+    address comes from REDIS_URL."""
+    from tests.support import free_port
+    url = f"redis://:pw-hidden-21@127.0.0.1:{free_port()}/0"
+    (tmp_path / ".env").write_text(f"REDIS_URL={url}\n")
+    res = _producer(tmp_path, env, "import redis, worker\ntry:\n    worker.enqueue('noop', queue='q')\n"
+                    "except redis.ConnectionError as exc:\n    print(exc)\n")
+    assert res.returncode == 0, res.stderr
+    assert "REDIS_URL" in res.stdout and url.split("@")[1] in res.stdout, res.stdout
+    assert "pw-hidden-21" not in res.stdout + res.stderr

@@ -218,3 +218,18 @@ def test_redis_stall_during_record_and_claim_strands_no_job(r, spawn, broker):
             f"processing lists {in_flight(r)}\n{w.output}")
         time.sleep(0.1)
     assert w.popen.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_a_burst_worker_gives_up_after_max_outage(spawn):
+    """Issue 21 item 2: `--burst` (CI, a one-off dyno) retried an unreachable Redis for ever. It exits 1 after
+    --max-outage seconds (default 60, in --help), saying where it tried (password masked) and why it gave up."""
+    from tests.support import free_port
+    url = f"redis://:hunter2pw@127.0.0.1:{free_port()}/0"
+    w = spawn("--burst", "--max-outage", "1.5", REDIS_URL=url)
+    assert w.wait(30) == 1, w.output
+    fatal = w.wait_for(r"worker\.fatal")
+    assert "unreachable" in fatal and "--max-outage 1.5" in fatal and f"127.0.0.1" in fatal, fatal
+    assert "hunter2pw" not in w.output
+    h = spawn("run", "--help", REDIS_URL=url)
+    assert h.wait(30) == 0 and "--max-outage" in h.output and "default 60" in h.output, h.output

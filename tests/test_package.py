@@ -167,6 +167,31 @@ def test_installed_worker_drains_a_job_in_burst_mode(venv, tmp_path, redis_serve
     assert "reason=burst" in drained.stdout + drained.stderr
 
 
+def test_console_script_runs_the_package_whatever_the_app_directory_holds(venv, tmp_path, redis_server):
+    """Issue 21 item 1: an app that follows Heroku's RQ guide has its own top-level worker.py; `python -m worker`
+    would run that file (exit 0, a crash-looping dyno). The console script never runs it: beside it, one line naming
+    the file and the fix, exit 2; without it, the worker runs and imports JOB_MODULES from the working directory."""
+    script = venv.parent / "heroku-fork-worker"
+    assert script.exists(), sorted(p.name for p in venv.parent.iterdir())
+    app = tmp_path / "app"
+    app.mkdir()
+    marker = tmp_path / "app-worker-ran"
+    (app / "worker.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (app / "appjobs.py").write_text("from pathlib import Path\nfrom worker import job\n\n\n"
+                                    "@job(queue='cs')\ndef write(path):\n    Path(path).write_text('done')\n")
+    env = _clean_env(REDIS_URL=redis_server.url, JOB_MODULES="appjobs", QUEUES="cs", KEY_PREFIX="cstest")
+    refused = subprocess.run([script, "--burst"], cwd=app, env=env, capture_output=True, text=True, timeout=30)
+    assert refused.returncode == 2, refused
+    lines = refused.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(app / "worker.py") in lines[0] and "rename" in lines[0], refused.stderr
+    assert not marker.exists(), "the app's worker.py was run"
+    (app / "worker.py").rename(app / "rq_worker.py")
+    out = tmp_path / "out.txt"
+    _run([script, "enqueue", "write", "--args", json.dumps([str(out)])], cwd=app, env=env, timeout=30)
+    drained = _run([script, "--burst"], cwd=app, env=env, timeout=60)
+    assert out.read_text() == "done", drained.stdout + drained.stderr
+
+
 def _requirement_map(lines) -> dict:
     out = {}
     for line in lines:

@@ -37,4 +37,4 @@ def __getattr__(name):
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
            "checkpoint", "last_checkpoint", "get_job", "Job", "queue_depth", "queue_latency"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -23,6 +23,10 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run a worker (the default command)")
     run.add_argument("--burst", action="store_true", help="exit 0 once every configured queue is empty")
     p.add_argument("--burst", action="store_true", dest="top_burst", help=argparse.SUPPRESS)
+    for where in (run, p):  # `python -m worker --burst --max-outage 10` and `... run --burst --max-outage 10`
+        where.add_argument("--max-outage", type=float, default=None, metavar="SECONDS",
+                           help=argparse.SUPPRESS if where is p else
+                           f"with --burst: exit 1 once Redis has been unreachable this long (default {MAX_OUTAGE:g})")
 
     enq = sub.add_parser("enqueue", help="enqueue a registered job; prints its id")
     enq.add_argument("name")
@@ -51,9 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+MAX_OUTAGE = 60.0  # seconds a --burst worker keeps retrying an unreachable Redis before it exits 1 (issue 21 item 2)
+
+
 def _fail(msg: str, code: int = 2) -> int:
-    print(f"error: {msg}", file=sys.stderr)
+    """``error: MSG`` on stderr. A multi-line message (an app's import error) prints its detail lines first and
+    keeps the one-line summary last."""
+    *detail, last = msg.split("\n")
+    for line in detail:
+        print(line, file=sys.stderr)
+    print(f"error: {last}", file=sys.stderr)
     return code
+
+
+def _config_fail(exc) -> int:
+    *detail, last = str(exc).split("\n")
+    return _fail("\n".join(detail + [f"config: {last}"]))
 
 
 def main(argv=None) -> int:
@@ -65,6 +82,10 @@ def main(argv=None) -> int:
         sys.stdout.reconfigure(line_buffering=True, **({} if command == "run" else {"errors": "backslashreplace"}))
     except AttributeError:
         pass
+    max_outage = getattr(args, "max_outage", None)
+    max_outage = MAX_OUTAGE if max_outage is None else max_outage
+    if not (math.isfinite(max_outage) and max_outage > 0):
+        return _fail(f"--max-outage must be a finite number of seconds > 0, not {max_outage}")
     if command == "failed" and args.limit < 0:
         return _fail(f"--limit must be 0 or more, not {args.limit}")
     if command == "enqueue" and args.delay is not None and not (math.isfinite(args.delay) and args.delay >= 0):
@@ -74,13 +95,13 @@ def main(argv=None) -> int:
         if command == "enqueue":  # a worker never imports the app itself: its fork server does (memory once)
             jobs.import_modules(cfg.job_modules)
     except ConfigError as exc:
-        return _fail(f"config: {exc}")
+        return _config_fail(exc)
     try:
         if command == "run":
             try:
-                return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst)
+                return _run(cfg, burst=getattr(args, "burst", False) or args.top_burst, max_outage=max_outage)
             except ConfigError as exc:  # JOB_MODULES failed to import in the fork server, before any connection
-                return _fail(f"config: {exc}")
+                return _config_fail(exc)
         if command == "enqueue":
             return _enqueue(cfg, args)
         if command == "status":
@@ -100,7 +121,7 @@ def main(argv=None) -> int:
     return _fail(f"unknown command {command!r}")
 
 
-def _run(cfg, burst: bool) -> int:
+def _run(cfg, burst: bool, max_outage: float = MAX_OUTAGE) -> int:
     from .client import connect
     from .fetch import Broker
     from .log import Logger, setup
@@ -110,7 +131,9 @@ def _run(cfg, burst: bool) -> int:
     setup(cfg.log_level, stamp=cfg.dyno is None)  # the fork server does the same; job children inherit it
     log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
     broker = Broker(connect(cfg, retries=0), cfg)  # the loop retries (with backoff) and never blocks on it
-    return Supervisor(cfg, broker, log, burst=burst).run()
+    sup = Supervisor(cfg, broker, log, burst=burst)
+    sup.max_outage = max_outage
+    return sup.run()
 
 
 def _enqueue(cfg, args) -> int:

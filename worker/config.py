@@ -159,6 +159,9 @@ def redact_url(url: str) -> str:
 def _redis_url(env) -> str:
     raw = env.get("REDIS_URL")
     if raw is None or raw.strip() == "":
+        if (env.get("DYNO") or "").strip():  # on a dyno localhost has no Redis: retrying it for ever helps nobody
+            raise ConfigError(f"REDIS_URL is not set on dyno {env['DYNO'].strip()!r}: attach Redis "
+                              f"(heroku addons:create heroku-redis) or set REDIS_URL (heroku config:set)")
         return Config.redis_url
     url = raw.strip()
     shown = redact_url(url)
@@ -250,15 +253,22 @@ def from_mapping(env: Mapping[str, str]) -> Config:
     )
 
 
-def load(environ: Optional[Mapping[str, str]] = None, dotenv_path: Optional[str] = ".env") -> Config:
+def load(environ: Optional[Mapping[str, str]] = None, dotenv_path: Optional[str] = ".env",
+         export: bool = True) -> Config:
     """Read the configuration once: ``.env`` (if present) under the real environment, which always wins.
 
-    ``.env`` values are also placed in ``os.environ`` (without overriding anything) so that job code sees them as it
-    would under ``heroku local``, honcho or foreman.
+    With ``export`` (the worker process and its commands), ``.env`` values are also placed in ``os.environ`` (without
+    overriding anything) so that job code sees them as it would under ``heroku local``, honcho or foreman. The
+    producer (``worker.enqueue`` in a web process) passes ``export=False``: it reads ``.env`` and leaves the
+    process's environment as it found it (issue 21 item 8).
     """
     if environ is None:
-        if dotenv_path and os.path.exists(dotenv_path):
-            from dotenv import load_dotenv
-            load_dotenv(dotenv_path, override=False)
         environ = os.environ
+        if dotenv_path and os.path.exists(dotenv_path):
+            if export:
+                from dotenv import load_dotenv
+                load_dotenv(dotenv_path, override=False)
+            else:
+                from dotenv import dotenv_values
+                environ = {**{k: v for k, v in dotenv_values(dotenv_path).items() if v is not None}, **os.environ}
     return from_mapping(environ)

@@ -286,7 +286,13 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
     if os.getppid() != parent:
         return 1
     sock = socket.socket(fileno=fd)
+    from . import frameworks
     try:
+        try:
+            frameworks.setup()  # Django: django.setup() before the app's jobs modules (which then need none)
+        except Exception as exc:
+            frames, summary = frameworks.import_failure("django (DJANGO_SETTINGS_MODULE)", exc)
+            raise ConfigError("\n".join(frames + [f"DJANGO_SETTINGS_MODULE is not valid: {summary}"])) from None
         jobs.import_modules(modules)
         registry = jobs.meta()  # checks the schedules too: a bad one is a config error, like a bad module
     except ConfigError as exc:
@@ -299,6 +305,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
 
     def fork_spare():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        frameworks.before_fork()  # no database connection shared with a child
         pid = os.fork()
         if pid == 0:
             sock.close()

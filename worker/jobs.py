@@ -9,8 +9,8 @@ import importlib
 import inspect
 import math
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Callable, Optional
+from datetime import datetime, timedelta, timezone
+from typing import Any, Callable, Optional, Union
 
 from . import schedule
 from .config import ConfigError
@@ -125,14 +125,25 @@ def registry() -> dict:
     return dict(_REGISTRY)
 
 
+#: job name -> the ``JOB_MODULES`` entry whose import registered it (worker.start reports both; see startup.py)
+ORIGIN: dict = {}
+
+
 def import_modules(modules) -> None:
-    """Import every ``JOB_MODULES`` entry (once, in the parent, before any fork). Raises :class:`ConfigError`."""
+    """Import every ``JOB_MODULES`` entry (once, in the parent, before any fork). Raises :class:`ConfigError`:
+    one line for a module that does not exist; for an error inside the app's code, the traceback's last frames
+    (file and line) first and the one-line summary last (``frameworks.import_failure``)."""
+    from . import frameworks
     for mod in modules:
+        before = set(_REGISTRY)
         try:
             importlib.import_module(mod)
         except Exception as exc:  # the user's module may fail in any way; report it as config
-            raise ConfigError(f"JOB_MODULES={','.join(modules)!r} is not valid: cannot import {mod!r} "
-                              f"({type(exc).__name__}: {exc}); expected importable module paths") from None
+            frames, summary = frameworks.import_failure(mod, exc)
+            raise ConfigError("\n".join(frames + [f"JOB_MODULES={','.join(modules)!r} is not valid: {summary}"])) \
+                from None
+        for name in set(_REGISTRY) - before:
+            ORIGIN.setdefault(name, mod)
 
 
 def decode(raw: str, max_payload: int) -> tuple:
@@ -152,7 +163,8 @@ def decode(raw: str, max_payload: int) -> tuple:
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
-                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s)}
+                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s),
+                   "module": ORIGIN.get(name)}
             for name, s in _REGISTRY.items()}
 
 
@@ -167,7 +179,7 @@ def _broker():
         from . import config as _config
         from .fetch import Broker
         from .client import connect
-        cfg = _config.load()
+        cfg = _config.load(export=False)  # a web process's os.environ is not ours to change (issue 21 item 8)
         _default = Broker(connect(cfg, name="enqueue"), cfg)
     return _default
 
@@ -176,6 +188,21 @@ def use(broker) -> None:
     """Set the broker used by the module-level enqueue functions (the CLI and tests do this)."""
     global _default
     _default = broker
+
+
+def _send(method: str, *args, **kwargs):
+    """Call the broker; a refused connection says which Redis it tried and where that address came from."""
+    b = _broker()
+    try:
+        return getattr(b, method)(*args, **kwargs)
+    except Exception as exc:
+        import redis
+        if not isinstance(exc, redis.ConnectionError):
+            raise
+        from .config import redact_url
+        url = redact_url(b.cfg.redis_url)
+        raise redis.ConnectionError(f"cannot enqueue: Redis at {url} (from REDIS_URL, or the default "
+                                    f"redis://localhost:6379/0 when REDIS_URL is unset) is unreachable: {exc}") from exc
 
 
 def _check_name(name, queue=None):
@@ -189,39 +216,92 @@ def _check_name(name, queue=None):
                          f"pass queue=\"...\" explicitly")
 
 
+def _check_args(name, args, kwargs) -> None:
+    """Arguments that do not fit a job registered in this process raise ``TypeError`` at the call, as Celery's
+    ``.delay`` does, rather than fail on the worker (issue 21 item 7). Unregistered names are not checked."""
+    spec = _REGISTRY.get(name)
+    if spec is not None:
+        try:
+            spec.signature.bind(*args, **kwargs)
+        except TypeError as exc:
+            raise TypeError(f"arguments do not fit {name}{spec.signature}: {exc}") from None
+
+
 def enqueue(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Put job ``name`` on its queue (or ``queue``) with JSON arguments; returns the job id.
 
     A name that is not registered in this process (its module not imported) needs ``queue``: ``ValueError``
-    otherwise.
+    otherwise. Arguments that do not fit a registered job's signature raise ``TypeError`` here.
 
     ``queue`` is reserved for the runtime; pass a job argument named ``queue`` through ``enqueue_many``. Every
     other keyword (``name``, ``seconds``, ``when`` included) goes to the job.
     """
     _check_name(name, queue)
-    return _broker().push(name, args, kwargs, queue=queue)
+    _check_args(name, args, kwargs)
+    return _send("push", name, args, kwargs, queue=queue)
 
 
-def enqueue_in(seconds: float, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
-    """Schedule job ``name`` to be queued ``seconds`` from now (on the Redis clock, the one that moves scheduled
-    jobs; 0 or less: now); returns the job id."""
+def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue: Optional[str] = None,
+               **kwargs: Any) -> str:
+    """Schedule job ``name`` to be queued ``seconds`` (a number or a ``timedelta``) from now (on the Redis clock,
+    the one that moves scheduled jobs; 0 or less: now); returns the job id."""
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
+                        f"{type(seconds).__name__}")
     seconds = float(seconds)
     if not math.isfinite(seconds):
         raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
     _check_name(name, queue)
-    return _broker().push(name, args, kwargs, queue=queue, delay=seconds)
+    _check_args(name, args, kwargs)
+    return _send("push", name, args, kwargs, queue=queue, delay=seconds)
 
 
 def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
-    """Schedule job ``name`` to be queued at ``when`` (naive datetimes are taken as UTC); returns the job id."""
+    """Schedule job ``name`` to be queued at ``when``, a ``datetime`` (naive ones are taken as UTC); returns the
+    job id. Anything else (a unix time, a ``date``, None) raises ``TypeError``: use ``enqueue_in`` for a delay."""
+    if not isinstance(when, datetime):
+        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
+                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
     _check_name(name, queue)
+    _check_args(name, args, kwargs)
     if when.tzinfo is None:
         when = when.replace(tzinfo=timezone.utc)
-    return _broker().push(name, args, kwargs, queue=queue, due=when.timestamp())
+    return _send("push", name, args, kwargs, queue=queue, due=when.timestamp())
+
+
+def _calls(calls) -> list:
+    """``enqueue_many``'s elements as ``(args, kwargs)`` pairs. Each element is one call:
+
+    - a 2-tuple ``(args, kwargs)`` whose first item is a list or tuple and second a dict: ``job(*args, **kwargs)``;
+    - any other list or tuple: the positional arguments, ``job(*element)``.
+
+    Anything else (a dict, a string, a number, None) is refused with ``TypeError``: a dict would otherwise become
+    its keys as positional arguments. To pass exactly ``[list, dict]`` positionally, write ``((lst, dct), {})``.
+    """
+    if isinstance(calls, (str, bytes, dict)):
+        raise TypeError(f"enqueue_many: calls must be an iterable of calls, not a {type(calls).__name__}")
+    out = []
+    for i, call in enumerate(calls):
+        if isinstance(call, tuple) and len(call) == 2 and isinstance(call[0], (list, tuple)) \
+                and isinstance(call[1], dict):
+            out.append((tuple(call[0]), call[1]))
+        elif isinstance(call, (list, tuple)):
+            out.append((tuple(call), {}))
+        else:
+            hint = f" (for keyword arguments write ((), {call!r}))" if isinstance(call, dict) else ""
+            raise TypeError(f"enqueue_many: call {i} is a {type(call).__name__}: expected a list or tuple of "
+                            f"positional arguments, or an (args, kwargs) pair{hint}")
+    return out
 
 
 def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
-    """Enqueue many calls of one job in a few round trips. ``calls`` yields ``(args, kwargs)`` pairs or argument
-    lists; returns the job ids in order."""
+    """Enqueue many calls of one job in a few round trips; returns the job ids in order. Each element of
+    ``calls`` is an ``(args, kwargs)`` pair (a list or tuple, then a dict) or a list/tuple of positional arguments;
+    anything else raises ``TypeError`` and nothing is enqueued."""
     _check_name(name, queue)
-    return _broker().push_many(name, calls, queue=queue)
+    pairs = _calls(calls)
+    for args, kwargs in pairs:
+        _check_args(name, args, kwargs)
+    return _send("push_many", name, pairs, queue=queue)

@@ -15,7 +15,7 @@ is not part of the function's parameters, so the typed ``.enqueue`` does not acc
 """
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import ParamSpec, Protocol, TypeVar
 
 P = ParamSpec("P")
@@ -32,7 +32,7 @@ class JobFunction(Protocol[P, R_co]):
 
     def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
-    def enqueue_in(self, seconds: float, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+    def enqueue_in(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
     def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 

@@ -103,6 +103,23 @@ class KeyValueFormatter(logging.Formatter):
         return fmt("log", fields, level, self.stamp)
 
 
+def attach_job_context(source) -> None:
+    """Put the running job on every ``logging`` record this process creates, whatever handlers and formatters the
+    app installs (Django's ``LOGGING`` replaces the root handler): ``record.job`` (its id) and ``record.job_name``,
+    ``"-"`` outside a job, so ``%(job)s`` in an app's format never fails (issue 21). ``source()`` returns the job's
+    ``{"job", "name"}`` or None; a record factory the app had already set still runs first."""
+    previous = logging.getLogRecordFactory()
+
+    def factory(*args, **kwargs):
+        record = previous(*args, **kwargs)
+        fields = source()
+        record.job = fields["job"] if fields else "-"
+        record.job_name = fields["name"] if fields else "-"
+        return record
+
+    logging.setLogRecordFactory(factory)
+
+
 def setup(level: str = "INFO", stamp: bool = True, stream=None) -> None:
     """Configure the root logger once per process: one handler on stdout with :class:`KeyValueFormatter`, at
     ``LOG_LEVEL``. The worker and the fork server call it; job children inherit it. Third-party loggers (redis-py's
@@ -120,4 +137,6 @@ def setup(level: str = "INFO", stamp: bool = True, stream=None) -> None:
     # runtime; its INFO and above still come through, formatted like everything else
     logging.getLogger("redis").setLevel(max(LEVELS.get(level.upper(), 20), LEVELS["INFO"]))
     logging.captureWarnings(True)
+    # before the app's import: its own handlers (Django's LOGGING) may use %(job)s from their first line
+    attach_job_context(lambda: context_source() if context_source is not None else None)
     _CONFIGURED.append(handler)

@@ -24,7 +24,7 @@ from typing import Optional
 
 import redis
 
-from . import client, jobs, metrics, schedule
+from . import client, jobs, metrics, schedule, startup
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
@@ -66,6 +66,8 @@ class Supervisor(Membership):
         self._shown_stop = False
         self._paused = False
         self.ticker: Optional[schedule.Ticker] = None  # periodic jobs this worker checks (none in burst mode)
+        self.max_outage = 60.0         # a burst worker gives up after Redis is unreachable this long (--max-outage)
+        self._outage_since: Optional[float] = None
 
     # --- main loop ---
     def run(self) -> int:
@@ -76,9 +78,10 @@ class Supervisor(Membership):
         if not self.burst:
             self.ticker = schedule.Ticker.from_meta(self.slots.meta, self.broker, self.log)
         cfg = self.cfg
-        self.log.info("worker.start", redis=redact_url(cfg.redis_url), queues=",".join(cfg.queues),
+        self.log.info("worker.start", redis=redact_url(cfg.redis_url), **startup.fields(cfg, self.slots.meta),
                       pid=os.getpid(), concurrency=cfg.concurrency, window=cfg.shutdown_window,
                       term_timeout=cfg.term_timeout, grace=cfg.term_grace, burst=self.burst or None)
+        startup.warn(cfg, self.slots.meta, self.log)
         while True:
             self.slots.service()
             self.sig.announce(self.log)
@@ -243,9 +246,20 @@ class Supervisor(Membership):
                 self._recover()
             self._guarded(self.metrics.maybe_sample, self.broker, self.log, now, self.name)
             self._outage_over()
+            self._outage_since = None
         except redis.RedisError as exc:
             self._resync = True  # the failed call may have run: check our processing list when Redis is back
             self._redis_down(exc)
+            self._bounded_outage()
+
+    def _bounded_outage(self) -> None:
+        """A burst worker (CI, a one-off dyno) does not retry for ever: past ``max_outage`` it exits 1."""
+        now = time.monotonic()
+        if self._outage_since is None:
+            self._outage_since = now
+        if self.burst and now - self._outage_since >= self.max_outage:
+            self._fatal(f"Redis at {redact_url(self.cfg.redis_url)} unreachable for {now - self._outage_since:.0f} s "
+                        f"(--max-outage {self.max_outage:g})")
 
     def _guarded(self, fn, *args) -> None:
         """Run an extra (metrics, schedules) so that nothing but a Redis error escapes it: a bug or odd data there

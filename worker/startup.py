@@ -1,0 +1,33 @@
+"""What a worker says when it starts, so no default stays silent (issue 21 item 5).
+
+``worker.start`` carries the ``JOB_MODULES`` imported, every registered job with its queue, and the queues served.
+Two warnings follow when they apply: ``worker.queues_not_served`` names queues that registered jobs go to but
+``QUEUES`` does not serve (their jobs would wait for another worker, perhaps for ever), and
+``worker.module_without_jobs`` names a ``JOB_MODULES`` entry whose import registered no job (a typo'd module that
+happens to exist, or jobs defined in a module it does not import).
+"""
+from __future__ import annotations
+
+
+def fields(cfg, meta: dict) -> dict:
+    """The ``worker.start`` fields: ``modules=a,b jobs=name@queue,... queues=...``."""
+    return {"modules": ",".join(cfg.job_modules),
+            "jobs": ",".join(f"{name}@{m['queue']}" for name, m in sorted(meta.items())) or "none",
+            "queues": ",".join(cfg.queues)}
+
+
+def warn(cfg, meta: dict, log) -> None:
+    """Log the start-up warnings (none when all is well)."""
+    if not cfg.all_queues:
+        unserved: dict = {}
+        for name, m in sorted(meta.items()):
+            if m["queue"] not in cfg.queues:
+                unserved.setdefault(m["queue"], []).append(name)
+        for queue, names in sorted(unserved.items()):
+            log.warning("worker.queues_not_served", queue=queue, jobs=",".join(names), queues=",".join(cfg.queues),
+                        note=f"QUEUES does not include {queue!r}: add it, or run a worker with QUEUES={queue}")
+    registering = {m.get("module") for m in meta.values()}
+    for module in cfg.job_modules:
+        if module not in registering:
+            log.warning("worker.module_without_jobs", module=module,
+                        note="its import registered no @job: check the module name, or that it imports its jobs")
