@@ -65,11 +65,22 @@ redis.pcall('SET', ARGV[1] .. ':stat:minute:' .. minute, (tonumber(p) or 0) .. '
 return {t[1], t[2], trimmed, table.concat(errs, ',')}
 """
 
+# cjson refuses a lone surrogate escape (Python's json writes one for a surrogate-escaped file name): such a record
+# is decoded again with those escapes replaced, only to read its name and type.
+DECODE = """
+local function decode(raw)
+  local ok, doc = pcall(cjson.decode, raw)
+  if not ok then ok, doc = pcall(cjson.decode, (string.gsub(raw, '\\\\u[dD][89abAB]%x%x', '?'))) end
+  if not ok then ok, doc = pcall(cjson.decode, (string.gsub(raw, '\\\\u[dD][c-fC-F]%x%x', '?'))) end
+  return ok, doc
+end
+"""
+
 # KEYS: failed zset, failed data.  ARGV: name filter ('' any), type filter ('' any), offset, limit.
 # Read-only: walks the registry newest first, decodes each record once, and returns
 # {total, matched, skipped, names_json, types_json, record...} for the page [offset, offset+limit) of the matches.
 # Junk records (non-JSON, not an object) are counted in `skipped` and never match a filter.
-FAILED_PAGE = """
+FAILED_PAGE = DECODE + """
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local name, typ, offset, limit = ARGV[1], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4])
 local matched, skipped, page = 0, 0, {}
@@ -82,7 +93,7 @@ for i = 1, #ids, step do
   local raws = redis.call('HMGET', KEYS[2], unpack(chunk))
   for j, raw in ipairs(raws) do
     local ok, doc = false, nil
-    if raw then ok, doc = pcall(cjson.decode, raw) end
+    if raw then ok, doc = decode(raw) end
     if not ok or type(doc) ~= 'table' then
       skipped = skipped + 1
       if #skipped_ids < 20 then skipped_ids[#skipped_ids + 1] = chunk[j] end
@@ -104,13 +115,13 @@ return out
 """
 
 # KEYS: failed zset, failed data.  ARGV: name filter, type filter.  The ids of every matching record (read-only).
-FAILED_MATCH = """
+FAILED_MATCH = DECODE + """
 local ids = redis.call('ZREVRANGE', KEYS[1], 0, -1)
 local out = {}
 for _, id in ipairs(ids) do
   local raw = redis.call('HGET', KEYS[2], id)
   local ok, doc = false, nil
-  if raw then ok, doc = pcall(cjson.decode, raw) end
+  if raw then ok, doc = decode(raw) end
   if ok and type(doc) == 'table' then
     local n = type(doc['name']) == 'string' and doc['name'] or ''
     local e = type(doc['type']) == 'string' and doc['type'] or ''
