@@ -44,6 +44,8 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--all", action="store_true", help="every failed job (retry/remove)")
     fl.add_argument("--json", action="store_true")
     fl.add_argument("--limit", type=int, default=50)
+    fl.add_argument("--name", default=None, help="only jobs of this name (list, and retry/remove --all)")
+    fl.add_argument("--type", default=None, help="only this error type, e.g. ValueError (list, retry/remove --all)")
 
     jb = sub.add_parser("job", help="what happened to a job: status, result or error")
     jb.add_argument("id")
