@@ -216,3 +216,57 @@ def cc_subprocess(key, seconds=60.0):
     p = subprocess.Popen(["sleep", "300"])
     event(key, "started", child=p.pid)
     time.sleep(seconds)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@job
+def cc_helpers(key, seconds=60.0):
+    """Leaves two helpers outside its process group: ``sleep 300`` in a session of its own
+    (``start_new_session=True``) and a double-forked daemon (``sleep 301``: setsid, fork, the middle process exits).
+    Reports their pids, and which helpers of earlier runs of the same key are still alive, then sleeps."""
+    import subprocess
+    earlier = [int(p) for p in r().lrange(key + ":helpers", 0, -1)]
+    session = subprocess.Popen(["sleep", "300"], start_new_session=True)
+    rd, wr = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.setsid()
+            daemon = os.fork()
+            if daemon == 0:
+                os.execvp("sleep", ["sleep", "301"])
+            os.write(wr, str(daemon).encode())
+        finally:
+            os._exit(0)
+    os.waitpid(middle, 0)
+    daemon = int(os.read(rd, 32))
+    r().rpush(key + ":helpers", session.pid, daemon)
+    event(key, "started", helpers=[session.pid, daemon], survivors=[p for p in earlier if _alive(p)])
+    time.sleep(seconds)
+    return "ok"
+
+
+@job
+def cc_pid(key):
+    """Records its pid and returns."""
+    event(key, "ran")
+
+
+@job
+def cc_probe(key, pids, mb=0):
+    """Records which of ``pids`` still exist (not even reaped: no /proc entry), then returns; with ``mb``, first
+    holds that many MiB of its own (a child that takes a while to tear down when killed) and sleeps."""
+    event(key, "probe", present=[p for p in pids if os.path.exists(f"/proc/{p}")])
+    if mb:
+        hold = bytearray(mb << 20)
+        for i in range(0, len(hold), 4096):
+            hold[i] = 1
+        event(key, "holding")
+        time.sleep(60)

@@ -42,14 +42,31 @@ def api_log(text):
     r().rpush("api_log", "done")
 
 
+@job
+def api_mul(a, b):
+    """Its before_job hook raises (below)."""
+    r().rpush("api_mul", a * b)
+    return a * b
+
+
+@job
+def api_oops(message):
+    """Raises; its on_failure hook raises too (below)."""
+    raise ValueError(message)
+
+
 @before_job
 def _before(job):
     r().rpush("hooks", json.dumps({"hook": "before", "job": job.id, "name": job.name}))
+    if job.name == "api_mul":
+        raise RuntimeError("a broken before_job hook")
 
 
 @on_failure
 def _failure(job, exc):
     r().rpush("hooks", json.dumps({"hook": "failure", "job": job.id, "error": repr(exc)}))
+    if job.name == "api_oops":
+        raise RuntimeError("a broken on_failure hook")
 
 
 @after_job

@@ -129,6 +129,24 @@ def test_max_interruptions_sends_the_job_to_the_failed_registry(r, cli, spawn):
 
 
 @pytest.mark.timeout(60)
+def test_max_interruptions_puts_the_job_back_up_to_the_limit_itself(r, cli, spawn):
+    """Issue 27 item 13: the boundary. A ``max_interruptions=2`` job interrupted for the second time (2 of 2) is put
+    back with its progress, not failed; only the third interruption fails it (the test above)."""
+    job_id = "d" * 32  # interrupted once already: this stop is its second interruption
+    r.rpush(K.queue("default"), json.dumps({"id": job_id, "name": "ck_limited", "queue": "default", "args": ["ready"],
+                                            "kwargs": {}, "enqueued_at": time.time(), "attempts": 0,
+                                            "interruptions": 1, "checkpoint": {"cursor": 1}}))
+    w = spawn(**FAST)
+    r.blpop("ready", 30)
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0, w.output
+    assert "event=shutdown.job_put_back" in w.output and "event=job.failed" not in w.output, w.output
+    assert r.hget(K.failed_data, job_id) is None
+    back = json.loads(r.lindex(K.queue("default"), 0))
+    assert back["id"] == job_id and back["interruptions"] == 2 and back["checkpoint"] == {"cursor": 2}, back
+
+
+@pytest.mark.timeout(60)
 def test_no_checkpoint_left_once_a_job_ends_and_status_shows_a_running_one(r, cli, spawn):
     w = spawn(HEARTBEAT_INTERVAL="0.2", HEARTBEAT_TTL="1", JOB_MODULES=MODULES, WORKER_CONCURRENCY="2")
     fail_id = enqueue(cli, "ck_then_fail", "failing")

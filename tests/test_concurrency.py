@@ -16,7 +16,7 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import events, failure, runs, wait_until
+from tests.support import events, failure, forkserver_of, runs, wait_until
 from worker.config import from_mapping
 from worker.fetch import Broker
 
@@ -340,3 +340,88 @@ def test_a_jobs_last_output_is_not_lost_when_the_worker_leaves_right_after(r, sp
     assert w.wait(30) == 0, w.output
     assert re.search(rf"event=job\.done .*job={job_id}", w.output), w.output
     assert "last words of the job" in [line for _, line in w.lines], w.output
+
+
+# --- 8. what a job starts in another session ends with it too (issue 27 item 5) ---
+
+def _end(pids) -> None:
+    for pid in pids:
+        if dyno.alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("how", ["returns", "timeout", "stop", "forkserver_killed"])
+def test_helpers_in_another_session_end_with_the_job(r, spawn, enqueue, how):
+    """Issue 27 item 5: a helper started with ``start_new_session=True`` and a double-forked daemon are outside the
+    job's process group, so its kill missed them: they outlived the job, its timeout kill (the retry ran beside
+    them), the worker's stop, and a killed fork server. They end with the job on each of these paths."""
+    job_id = enqueue("cc_helpers", "ev", 0.3 if how == "returns" else 60)
+    extra = {"JOB_TIMEOUT": "1", "JOB_RETRIES": "1"} if how == "timeout" else {}
+    w = spawn(JOB_MODULES=MODULES, **extra)
+    helpers = expect(r, "ev", "started")["helpers"]
+    try:
+        assert all(dyno.alive(p) for p in helpers)
+        if how == "returns":
+            w.wait_for(rf"event=job\.done .*job={job_id}")
+        elif how == "timeout":
+            again = expect(r, "ev", "started", timeout=20)  # the retry, after the backoff
+            assert again["survivors"] == [], f"the retry runs beside its first run's helpers {again['survivors']}"
+            helpers += again["helpers"]
+        elif how == "stop":
+            w.signal(signal.SIGTERM)
+            assert w.wait(15) == 0, w.output
+            assert "event=shutdown.job_put_back" in w.output, w.output
+        else:
+            [server] = forkserver_of(w.pid)
+            os.kill(server, signal.SIGKILL)
+            w.wait_for("event=forkserver.restart")
+        for pid in helpers[:2]:
+            assert gone(pid), f"helper {pid} " \
+                              f"outlived the job ({how})\n{w.output}"
+    finally:
+        _end(helpers)
+
+
+@pytest.mark.timeout(60)
+def test_a_jobs_end_leaves_the_helpers_of_jobs_still_running(r, spawn, enqueue):
+    """Issue 27 item 5: what a job's end sweeps is that job's own leftovers. Each job child adopts what its helpers
+    orphan (a subreaper itself), so a double-forked daemon of a job still running is not taken for a leftover of
+    another job that ends beside it."""
+    enqueue("cc_helpers", "ev", 60)
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=2)
+    helpers = expect(r, "ev", "started")["helpers"]
+    try:
+        enqueue("cc_pid", "evx")
+        pid = expect(r, "evx", "ran")["pid"]
+        # once the fork server has reaped that child it has swept what it left: every later job is handed after
+        wait_until(lambda: not os.path.exists(f"/proc/{pid}"), 10, "the finished job's child reaped")
+        enqueue("cc_pid", "evz")
+        expect(r, "evz", "ran")
+        assert all(dyno.alive(p) for p in helpers), f"a running job's helpers were ended: {helpers}"
+        w.signal(signal.SIGTERM)
+        assert w.wait(15) == 0, w.output
+        assert all(gone(p) for p in helpers), w.output
+    finally:
+        _end(helpers)
+
+
+# --- 9. a killed slot is free only once its child is reaped (issue 27 item 14) ---
+
+@pytest.mark.timeout(60)
+def test_a_job_waiting_for_a_slot_killed_by_timeout_runs_after_the_kill_and_is_done(r, spawn, enqueue):
+    """Issue 27 item 14: with one slot, a job killed by its timeout while a second job waits. The second runs once
+    the first's child (a slow one to tear down: it holds memory) is gone and reaped, with everything it started,
+    and is recorded done: it inherits nothing of the kill. No test had a job queued at the moment of a kill."""
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=1, JOB_TIMEOUT=2)
+    first = enqueue("cc_probe", "ev", [], 400)
+    child = expect(r, "ev", "probe")["pid"]
+    expect(r, "ev", "holding")
+    second = enqueue("cc_probe", "ev", [child])
+    probe = expect(r, "ev", "probe", timeout=20)
+    assert probe["present"] == [], "the second job started before the killed child was reaped"
+    w.wait_for(rf"event=job\.done .*job={second}")
+    w.wait_for(rf"event=job\.failed .*outcome=timeout .*job={first}")
+    wait_until(lambda: r.hget(f"worker:job:{second}", "status") == "done", 10, "the second job recorded done")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output

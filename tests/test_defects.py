@@ -420,7 +420,7 @@ def _store_failed(r, n=3, message="boom"):
         rec = {"id": f"f{i}", "name": "push", "queue": "default", "payload": _job(f"f{i}"), "cause": "error",
                "type": "ValueError", "message": message, "traceback": "", "worker": "w", "attempts": 1,
                "failed_at": time.time(), "history": []}
-        r.zadd("worker:failed", {f"f{i}": i})
+        r.zadd("worker:failed", {f"f{i}": time.time() * 1000 + i})  # now: older records are past FAILED_TTL
         r.hset("worker:failed:data", f"f{i}", json.dumps(rec))
 
 

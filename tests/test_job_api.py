@@ -127,6 +127,26 @@ def test_hooks_run_in_the_job_and_a_raising_hook_changes_nothing(r, api, spawn):
 
 
 @pytest.mark.timeout(60)
+def test_a_raising_before_job_or_on_failure_hook_changes_nothing(r, api, spawn):
+    """Issue 27 item 15: a ``before_job`` hook that raises is logged, and the job still runs and is done with its
+    result; an ``on_failure`` hook that raises is logged, and the job's own failure is what is recorded (with its
+    history), and ``after_job`` still runs for both. Only a raising ``after_job`` hook was tested."""
+    ok = jobs.enqueue("api_mul", 6, 7)
+    failing = jobs.enqueue("api_oops", "its own error")
+    w = burst(spawn, JOB_RETRIES="0")
+    assert r.lrange("api_mul", 0, -1) == ["42"]
+    assert get_job(ok).status == "done" and get_job(ok).result == 42
+    seen = [json.loads(x) for x in r.lrange("hooks", 0, -1)]
+    by = lambda job_id: [(e["hook"], e.get("status")) for e in seen if e["job"] == job_id]  # noqa: E731
+    assert by(ok) == [("before", None), ("after", "done")]
+    assert by(failing) == [("before", None), ("failure", None), ("after", "failed")]
+    rec = json.loads(r.hget(K.failed_data, failing))
+    assert rec["type"] == "ValueError" and rec["message"] == "its own error", rec
+    assert get_job(failing).status == "failed"
+    assert "a broken before_job hook" in w.output and "a broken on_failure hook" in w.output, w.output
+
+
+@pytest.mark.timeout(60)
 def test_a_jobs_own_logging_lines_carry_its_id_in_the_runtime_format(r, api, spawn):
     job_id = jobs.enqueue("api_log", "hello")
     w = spawn(JOB_MODULES=MODULES, LOG_LEVEL="INFO")

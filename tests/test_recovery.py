@@ -130,6 +130,46 @@ def test_burst_worker_recovers_a_dead_workers_job_at_start_up(r, spawn, dead):
     assert r.zscore(WORKERS, name) is None and not r.exists(f"worker:worker:{name}")
 
 
+@pytest.mark.timeout(30)
+def test_a_stall_far_longer_than_ttl_and_grace_still_gets_its_grace_from_the_first_sighting(r):
+    """Issue 27 item 12: "however long the stall". A worker whose deadline passed an hour ago, but that no recovery
+    pass has seen late yet (Redis, or every worker, was stalled too), is only marked late by the first pass: nothing
+    is recovered until its own interval + 1 s after that sighting, when a pass finds it dead."""
+    name = "stalled.long:4242"
+    job = worker.jobs.build_payload("push", ["out", 1], {}, None, worker.config.from_mapping({}).max_payload)[2]
+    r.rpush(f"worker:processing:{name}", job)
+    r.zadd(WORKERS, {name: redis_ms(r) - 3_600_000})  # its deadline: an hour ago
+    r.hset(f"worker:worker:{name}", mapping={"state": "busy", "ttl": 2000, "interval": 500})
+    b = broker_for(_url(r), **FAST)
+    seen_at = redis_ms(r)
+    first = b.recover(skip="test")
+    assert list(first) == [] and first.wait is not None and 1.3 <= first.wait <= 1.5, (list(first), first.wait)
+    assert r.lrange(f"worker:processing:{name}", 0, -1) == [job], "recovered at its first sighting"
+    got, at = [], 0
+    deadline = time.monotonic() + 10
+    while not got:
+        assert time.monotonic() < deadline, "never recovered after its grace"
+        time.sleep(0.05)
+        at = redis_ms(r)
+        got = list(b.recover(skip="test"))
+    assert got == [f"requeued:{json.loads(job)['id']}"]
+    assert at - seen_at >= 1500 - 5, f"recovered {at - seen_at} ms after the first sighting, before its grace"
+    assert r.zscore(WORKERS, name) is None and r.llen("worker:queue:default") == 1
+
+
+@pytest.mark.timeout(60)
+def test_recovery_puts_a_dead_workers_job_back_at_the_head_of_its_queue(r, spawn):
+    """Issue 27 item 16: a recovered job goes back to the head of its queue (fetch.py), ahead of a job already
+    queued there, and runs first. Every other recovery test starts from an empty queue."""
+    broker_for(_url(r)).push("push", ["out", "queued"], {})
+    [lost] = _dead_worker(r, "worker.8:4242", 1, "out")
+    assert list(broker_for(_url(r), **FAST).recover(skip="test")) == [f"requeued:{lost}"]
+    assert [json.loads(p)["id"] for p in r.lrange("worker:queue:default", 0, -1)][0] == lost
+    w = spawn("--burst", **FAST)
+    assert w.wait(30) == 0, w.output
+    assert r.lrange("out", 0, -1) == ["0", "queued"], w.output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(110)
 def test_recovery_time_with_default_heartbeat_settings(r, spawn):

@@ -290,6 +290,26 @@ def test_term_grace_lets_the_job_run_on_before_the_exception(r, worker, enqueue)
 
 
 @pytest.mark.timeout(40)
+def test_term_grace_moves_the_kill_deadline_for_a_job_that_swallows_the_exception(r, worker, enqueue):
+    """Issue 27 item 11: with TERM_GRACE the kill comes TERM_TIMEOUT after the exception, i.e. GRACE + TIMEOUT after
+    the stop (1 + 1.5 = 2.5 s in a 4 s window), not TERM_TIMEOUT after the stop. The other grace test's job leaves
+    as soon as the exception arrives, so it cannot tell the two deadlines apart."""
+    w = worker(TERM_GRACE=1)  # window 4: TERM_TIMEOUT defaults to 1.5
+    job_id = enqueue("stubborn", "ev")
+    child = started(r, w)["pid"]
+    rep = dyno.shutdown(w.pid, window=WINDOW)
+    assert_clean_exit(w, rep, r)
+    swallowed = [json.loads(x) for x in r.lrange("ev", 0, -1)]
+    assert [e["type"] for e in swallowed] == ["TermException"], swallowed
+    out = w.output
+    on_time(stage(out, "shutdown.exception_delivered"), 1.0, ctx=out)
+    on_time(stage(out, "shutdown.child_killed"), 2.5, ctx=out)
+    on_time(rep.exits[child], 2.5, ctx=rep)  # the kernel's exit time, seen by the emulator
+    assert queued_ids(r) == [job_id]
+    assert r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(40)
 def test_term_exception_dropped_by_a_finalizer_reaches_the_job(r, worker, enqueue):
     """The stop lands while the job runs an object's ``__del__`` (a garbage collection can run one anywhere: CI saw
     it in ``ZipFile.__del__``). Python drops an exception raised there ("Exception ignored in"), so the job never saw

@@ -11,7 +11,8 @@ from worker import config, status
 from worker.keys import Keys
 
 K = Keys("worker")
-SCHEMA_KEYS = {"schema", "time", "paused", "queues", "workers", "failed", "scheduled", "totals", "schedules"}
+SCHEMA_KEYS = {"schema", "time", "paused", "queues", "workers", "failed", "scheduled", "totals", "schedules",
+               "throughput", "skipped"}
 QUEUE_KEYS = {"name", "depth", "latency", "paused"}
 WORKER_KEYS = {"name", "dyno", "host", "pid", "queues", "started", "state", "job", "heartbeat_age", "concurrency",
                "slots"}
@@ -191,3 +192,69 @@ def test_the_redis_password_is_never_shown(r, cli, redis_server):
     finally:
         admin.config_set("requirepass", "")
         admin.close()
+
+
+def _failed_record(r, job_id, age_ms, **extra):
+    now_ms = int(r.time()[0]) * 1000
+    rec = {"id": job_id, "name": "boom", "queue": "default", "payload": "{}", "cause": "error", "type": "ValueError",
+           "message": "m", "traceback": "", "attempts": 1, "failed_at": (now_ms - age_ms) / 1000, **extra}
+    r.zadd(K.failed, {job_id: now_ms - age_ms})
+    r.hset(K.failed_data, job_id, json.dumps(rec))
+
+
+def test_failed_ttl_is_applied_on_read_by_status_and_failed_list(r, cli):
+    """issue 27 item 8: FAILED_TTL held only when a new failure arrived; now every read (and every worker's
+    housekeeping, next test) trims the records past it."""
+    _failed_record(r, "old1", 60_000)
+    _failed_record(r, "old2", 60_000)
+    _failed_record(r, "new1", 0)
+    res = cli("failed", "list", "--json", FAILED_TTL="30")
+    assert res.returncode == 0, res.stderr
+    assert [j["id"] for j in json.loads(res.stdout)["jobs"]] == ["new1"]
+    assert r.zrange(K.failed, 0, -1) == ["new1"] and r.hkeys(K.failed_data) == ["new1"]
+    _failed_record(r, "old3", 60_000)
+    assert status_json(cli, FAILED_TTL="30")["failed"] == 1 and not r.hexists(K.failed_data, "old3")
+
+
+@pytest.mark.timeout(60)
+def test_a_running_worker_trims_failed_records_past_failed_ttl(r, spawn):
+    """issue 27 item 8: with no reader at all, the workers' housekeeping keeps the documented bound."""
+    _failed_record(r, "stale", 60_000)
+    w = spawn(FAILED_TTL="30")
+    w.wait_for(r"event=failed\.trimmed count=1")
+    assert r.zcard(K.failed) == 0 and r.hlen(K.failed_data) == 0
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+def test_junk_records_are_skipped_and_named_by_status_and_failed(r, cli):
+    """issue 27 item 9: a non-string id in a worker's job:<slot>, a non-JSON failed record: status (human) and
+    failed list/show printed a traceback; now they show the rest and say what they skipped."""
+    now_ms = int(r.time()[0]) * 1000
+    r.zadd(K.workers, {"odd:1": now_ms + 30_000})
+    r.hset(K.worker("odd:1"), mapping={"state": "busy", "job:0": json.dumps({"id": 5, "name": ["x"]}),
+                                       "job:1": "[1, 2]", "job:x": "{}", "started:0": now_ms, "ttl": 30000})
+    _failed_record(r, "good", 0)
+    r.zadd(K.failed, {"junk": now_ms})
+    r.hset(K.failed_data, "junk", "not json{")
+    res = cli("status")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "skipped: worker odd:1 slot 1: unreadable job payload" in res.stdout
+    slots = status_json(cli)["workers"][0]["slots"]
+    assert [s["job"]["id"] for s in slots] == [None, "5", None] and slots[1]["job"]["name"] is None
+    res = cli("failed", "list")
+    assert res.returncode == 0 and "Traceback" not in res.stderr, res.stderr
+    assert "good" in res.stdout and "skipped: failed record 'junk': not a JSON object" in res.stdout
+    res = cli("failed", "show", "junk")
+    assert res.returncode == 1 and "not a JSON object" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_job_prints_iso_utc_times_and_durations(r, cli):
+    """issue 21: `job ID` printed raw epoch floats."""
+    r.hset(K.job("j1"), mapping={"status": "done", "name": "n", "queue": "default", "enqueued_at": 1700000000000,
+                                 "started_at": 1700000002500, "ended_at": 1700000065000, "result": "1"})
+    res = cli("job", "j1")
+    assert res.returncode == 0, res.stderr
+    rows = dict(line.split(None, 1) for line in res.stdout.splitlines())
+    assert rows["enqueued_at"] == "2023-11-14T22:13:20.000Z" and rows["started_at"] == "2023-11-14T22:13:22.500Z"
+    assert rows["waited"] == "2.5s" and rows["ran"] == "1m02s"

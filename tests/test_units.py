@@ -83,7 +83,7 @@ def test_the_report_wins_over_the_exit_status_and_the_kill():
     (Kill.TIMEOUT, True, Status.INTERRUPTED),
     (Kill.USR1, False, Status.KILLED),
     (Kill.MEMORY, False, Status.MEMORY),
-    (Kill.FORKSERVER, False, Status.CRASH),
+    (Kill.FORKSERVER, False, Status.LOST),  # issue 27 item 7: a lost attempt, not a failure
     (Kill.FORKSERVER, True, Status.INTERRUPTED),  # the fork server died during a stop: put back, not a failure
 ])
 def test_why_we_killed_it_says_what_it_was(killed, termed, status):

@@ -31,6 +31,7 @@ from typing import Any
 from . import hooks
 from . import jobs as _jobs
 from . import log as _log
+from . import orphans
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -209,6 +210,7 @@ def setup(parent_pid: int) -> None:
         os.setpgid(0, 0)
     except OSError:
         pass
+    orphans.become_subreaper()  # what the job's helpers orphan stays below us (orphans.py), not another job's
     if _libc is not None:
         _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
         if os.getppid() != parent_pid:  # it died before prctl took effect
@@ -311,8 +313,8 @@ def _finish(report, fd):
     done even if flushing its output then blocks (a stalled pipe); the fork server gives a child that is still
     flushing a moment when the worker leaves (``forkserver.py``). Only the job's own process reports: a process the
     job forked (``os.fork``) that returns or exits through here leaves without a word, so its report can never be
-    taken for the job's. A flush that takes over ``FLUSH_LIMIT`` s ends the child (SIGALRM), and the fork server
-    then ends its process group."""
+    taken for the job's. A flush that takes over ``FLUSH_LIMIT`` s ends the child (SIGALRM). Then the fork server
+    ends its process group, and what it left in other sessions (``orphans.py``)."""
     code = 0
     if os.getpid() == _state.owner:
         try:

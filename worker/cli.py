@@ -45,6 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     fl.add_argument("--all", action="store_true", help="every failed job (retry/remove)")
     fl.add_argument("--json", action="store_true")
     fl.add_argument("--limit", type=int, default=50)
+    fl.add_argument("--name", default=None, help="only jobs of this name (list, and retry/remove --all)")
+    fl.add_argument("--type", default=None, help="only this error type, e.g. ValueError (list, retry/remove --all)")
 
     jb = sub.add_parser("job", help="what happened to a job: status, result or error")
     jb.add_argument("id")
@@ -127,6 +129,8 @@ def _run(cfg, burst: bool, max_outage: float = MAX_OUTAGE) -> int:
     from .fetch import Broker
     from .log import Logger, setup
     from .supervisor import Supervisor
+    from . import orphans
+    orphans.enable()  # a killed fork server's children, and what they left, come to us to end (orphans.py)
     setup(cfg.log_level, stamp=cfg.dyno is None)  # the fork server does the same; job children inherit it
     log = Logger(cfg.log_level, stamp=cfg.dyno is None, worker=cfg.worker_name())
     broker = Broker(connect(cfg, retries=0), cfg)  # the loop retries (with backoff) and never blocks on it

@@ -42,6 +42,13 @@ return out
 """
 
 
+def _loads(raw):
+    try:
+        return json.loads(raw) if raw else None
+    except (ValueError, TypeError, RecursionError):
+        return None
+
+
 def record(raw, job_id, name, queue, worker, attempts, cause, res, history) -> dict:
     """A failed-registry record (the JSON shape ``failed list --json`` shows)."""
     return {"id": job_id, "name": name, "queue": queue, "payload": raw, "cause": cause,
@@ -71,15 +78,17 @@ class FailedRegistry:
         return self.r.zrevrange(self.k.failed, 0, limit - 1) if limit else []
 
     def get(self, job_id: str) -> Optional[dict]:
-        raw = self.r.hget(self.k.failed_data, job_id)
-        return json.loads(raw) if raw else None
+        """The record, or None when there is none or it is junk (not a JSON object)."""
+        rec = _loads(self.r.hget(self.k.failed_data, job_id))
+        return rec if isinstance(rec, dict) else None
 
     def list(self, limit: int = 50) -> list:
+        """The newest ``limit`` readable records (junk records are left out: ``worker.api`` says which)."""
         ids = self.ids(limit)
         if not ids:
             return []
-        raws = self.r.hmget(self.k.failed_data, ids)
-        return [json.loads(raw) for raw in raws if raw]
+        recs = [_loads(raw) for raw in self.r.hmget(self.k.failed_data, ids)]
+        return [rec for rec in recs if isinstance(rec, dict)]
 
     def retry(self, ids: Iterable[str]) -> list:
         """Put these failed jobs back on their queues; returns the ids actually moved."""
@@ -109,18 +118,22 @@ def _age(ts) -> str:
 
 
 def main(cfg, args) -> int:
-    """CLI: ``failed [list] [--json] [--limit N]``, ``failed show ID``, ``failed retry ID|--all``,
-    ``failed remove ID|--all``."""
+    """CLI: ``failed [list] [--json] [--limit N] [--name N] [--type T]``, ``failed show ID``,
+    ``failed retry ID|--all``, ``failed remove ID|--all``. Listing and showing read through the read model
+    (``worker.api``): records past FAILED_TTL are trimmed first, junk records are skipped and said so."""
     import sys
 
+    from .api import API
     from .client import connect
     from .fetch import Broker
-    reg = FailedRegistry(Broker(connect(cfg, name="failed-cli"), cfg))
+    broker = Broker(connect(cfg, name="failed-cli"), cfg)
+    reg, api = FailedRegistry(broker), API(broker.r, cfg)
+    name, etype = getattr(args, "name", None) or "", getattr(args, "type", None) or ""
     if args.action in ("retry", "remove"):
         if bool(args.id) == bool(args.all):
             print(f"error: failed {args.action} takes one job ID or --all", file=sys.stderr)
             return 2
-        ids = reg.ids() if args.all else [args.id]
+        ids = (api.failed_matching(name, etype) if name or etype else reg.ids()) if args.all else [args.id]
         if args.action == "retry":
             moved = reg.retry(ids)
             print(f"retried {len(moved)} job(s)" + ("" if moved or args.all else f": no failed job {args.id!r}"))
@@ -129,24 +142,37 @@ def main(cfg, args) -> int:
         print(f"removed {n} job(s)" + ("" if n or args.all else f": no failed job {args.id!r}"))
         return 0 if n or args.all else 1
     if args.action == "show":
-        rec = reg.get(args.id or "")
+        api.housekeep()
+        raw = broker.r.hget(broker.keys.failed_data, args.id or "")
+        rec = api.failed_record(args.id or "")
         if rec is None:
-            print(f"error: no failed job {args.id!r}", file=sys.stderr)
+            why = "its record is not a JSON object (junk; `failed remove` deletes it)" if raw else "no such record"
+            print(f"error: no failed job {args.id!r}: {why}", file=sys.stderr)
             return 1
         print(json.dumps(rec, indent=2))
         return 0
-    records = reg.list(args.limit)
+    page = api.failed(name, etype, per_page=args.limit)
+    records = page["jobs"]
     if args.json:
-        print(json.dumps({"count": reg.count(), "jobs": records}, indent=2))
+        print(json.dumps({"count": page["count"], "matched": page["matched"], "jobs": records,
+                          "skipped": page["skipped"]}, indent=2))
         return 0
-    print(f"{reg.count()} failed job(s)" + (f", newest {len(records)} shown" if records else ""))
+    print(f"{page['count']} failed job(s)" + (f", {page['matched']} matching" if name or etype else "")
+          + (f", newest {len(records)} shown" if records else ""))
     if records:
         rows = [("ID", "NAME", "QUEUE", "CAUSE", "ATTEMPTS", "AGE", "ERROR")]
         for rec in records:
-            err = f"{rec.get('type', '')}: {rec.get('message', '')}".replace("\n", " ")
-            rows.append((rec.get("id", ""), rec.get("name", ""), rec.get("queue", ""), rec.get("cause", ""),
-                         str(rec.get("attempts", "")), _age(rec.get("failed_at")), err[:80]))
+            err = f"{_text(rec.get('type'))}: {_text(rec.get('message'))}".replace("\n", " ")
+            rows.append((_text(rec.get("id")), _text(rec.get("name")), _text(rec.get("queue")),
+                         _text(rec.get("cause")), _text(rec.get("attempts")), _age(rec.get("failed_at")), err[:80]))
         widths = [max(len(row[i]) for row in rows) for i in range(6)]
         for row in rows:
             print("  ".join(cell.ljust(widths[i]) for i, cell in enumerate(row[:6])) + "  " + row[6])
+    for what in page["skipped"]:
+        print(f"skipped: {what}")
     return 0
+
+
+def _text(value) -> str:
+    """A record field as one table cell: foreign records may hold any JSON type, or nothing."""
+    return "" if value is None else value if isinstance(value, str) else json.dumps(value)

@@ -55,7 +55,7 @@ class Outcome:
     queue: str = ""         # REQUEUE: where it goes back
     result: str = ""        # ACK: the job's return value (JSON), '' for None
     keep_ms: Optional[int] = None  # ACK: how long its status record (and result) is kept; None = RESULT_TTL
-    attempts: int = 0       # FAIL, RETRY: failed attempts so far
+    attempts: int = 0       # FAIL, RETRY: failed attempts so far; REQUEUE: lost attempts so far (0: unchanged)
     started_ms: int = 0     # when it was claimed (ms, Redis clock, from Claim.at); 0 = unknown (read from Redis)
 
     @classmethod
@@ -63,10 +63,11 @@ class Outcome:
         return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms)
 
     @classmethod
-    def requeue(cls, payload, queue, slot=0, new_payload="", job_id=""):
-        """Put back at the head of ``queue`` (graceful interruption: does not count as an attempt), as
-        ``new_payload`` if given (it carries the job's checkpoint and interruption count)."""
-        return cls(Op.REQUEUE, payload, slot, job_id=job_id, queue=queue, new_payload=new_payload)
+    def requeue(cls, payload, queue, slot=0, new_payload="", job_id="", attempts=0):
+        """Put back at the head of ``queue``, as ``new_payload`` if given (it carries the job's checkpoint and
+        interruption count). An interruption does not count as an attempt (``attempts`` 0: the status record's
+        stays); a run lost with the fork server does (``attempts``: the new count, shown by its status record)."""
+        return cls(Op.REQUEUE, payload, slot, job_id=job_id, queue=queue, new_payload=new_payload, attempts=attempts)
 
     @classmethod
     def fail(cls, payload, job_id, record: dict, slot=0, attempts=0):
@@ -88,7 +89,7 @@ class Outcome:
         elif self.op is Op.RETRY:
             a, b, c = self.new_payload, self.delay_ms, self.attempts
         else:
-            a, b, c = self.queue, self.new_payload, ""
+            a, b, c = self.queue, self.new_payload, self.attempts or ""
         return self.op.value, self.slot, self.payload, self.job_id, a, b, c, self.started_ms or ""
 
 

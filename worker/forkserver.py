@@ -19,6 +19,9 @@ Process tree::
   file it first gives the children still exiting after their final report (the worker records a job from its
   report and does not wait for the exit) ``LEAVE_GRACE`` to finish flushing the job's output, then ends every
   child's process group (whatever the jobs left running) and reaps it.
+* It is a child subreaper (``orphans.py``): when a job child dies, what the job left in other sessions (a
+  double-forked daemon) is adopted here, and ended and reaped before that child's exit is reported (``S``): a job
+  put back or retried never runs beside its previous run's helpers.
 * It keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next job
   overlaps the current ones; each child still runs exactly one job.
 
@@ -43,6 +46,7 @@ import sys
 import time
 from typing import Optional
 
+from . import orphans
 from .signals import RAISE_SIGNAL
 
 FRAME = struct.Struct(">cqq")
@@ -244,10 +248,11 @@ def _watch(pid: int):
         return None
 
 
-def _leave(running: dict) -> None:
+def _leave(running: dict, spare: int) -> None:
     """End of file: the worker is leaving. Its slots are empty, but children whose job it recorded from their
     report may still be exiting (flushing the job's output): give them ``LEAVE_GRACE`` s, then end every child's
-    process group (what the jobs left running) and reap it."""
+    process group (what the jobs left running) and reap it, then what they left elsewhere (``spare``, the
+    pre-forked child, dies with us)."""
     deadline = time.monotonic() + LEAVE_GRACE
     fds = [w for w in running if w >= 0]
     while fds and deadline > time.monotonic():
@@ -260,6 +265,15 @@ def _leave(running: dict) -> None:
         except OSError:
             pass
         os.waitpid(pid, 0)
+    orphans.sweep(keep={spare})
+
+
+def _reaped(running: dict, spare: int) -> None:
+    """A job child was just reaped: end and reap what it left to us (our children that are neither a running job
+    child nor the spare; a running job child is a subreaper itself, so nothing of a running job lands here)."""
+    keep = {pid for pid, _ in running.values()}
+    keep.add(spare)
+    orphans.sweep(keep)
 
 
 def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", stamp: bool = True) -> int:
@@ -271,6 +285,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
     log.setup(log_level, stamp)  # before the app's import: its own logging lines come out formatted too
     if child._libc is not None:
         child._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
+    orphans.become_subreaper()  # a dead job child's leftovers come to us: see _reaped
     if os.getppid() != parent:
         return 1
     sock = socket.socket(fileno=fd)
@@ -330,12 +345,13 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
                 _end_group(pid)
                 status = os.waitpid(pid, 0)[1]
             del running[w]
+            _reaped(running, spare[0])  # before the S frame: the job's exit is reported once all of it is gone
             _frame(sock, b"S", seq, status)
         if sock not in ready:
             continue
         job = _recv_job(sock)
         if job is None:  # the worker closed the socket: leave (the spare dies with us)
-            _leave(running)
+            _leave(running, spare[0])
             return 0
         seq, data, report_w = job
         pid, line = spare

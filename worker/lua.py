@@ -106,7 +106,8 @@ return 1
 #       ack: a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
 #       fail: a = failure record, b = ms to keep the status record, c = attempts
 #       retry: a = new payload, b = delay ms, c = attempts
-#       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint)
+#       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint),
+#                c = attempts for the status record ('' = unchanged: an interruption; else a run lost, issue 27)
 # Status records (P:job:<id>, see keys.py) follow each outcome: done/failed/scheduled/queued (a running job is found
 # in its worker's hash, job:<slot>, by get_job: no write per claim).
 #   then the slot numbers to claim into (one claim per slot, as far as the queues go)
@@ -188,7 +189,8 @@ for at = oat + 1, cat - 1, 8 do
       else
         redis.call('RPUSH', processing, payload)
       end
-      if id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
+      if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
+      elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
     end
   end
 end

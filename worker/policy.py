@@ -27,7 +27,8 @@ class Status(str, Enum):
     TIMEOUT = "timeout"            # killed at its own time limit
     KILLED = "killed"              # killed by SIGUSR1 to the worker
     MEMORY = "memory"              # killed for passing JOB_MAX_MEMORY_MB
-    CRASH = "crash"                # died without a report (segfault, OOM killer, os._exit, the fork server died)
+    CRASH = "crash"                # died without a report (segfault, OOM killer, os._exit)
+    LOST = "lost"                  # the fork server died under it: not the job's fault, a lost attempt (as recovery)
 
 
 class Kill(Enum):
@@ -102,7 +103,7 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
     if killed is Kill.FORKSERVER:
         if termed:  # the stop had begun: the job was being interrupted anyway, and goes back like a killed one
             return Result(Status.INTERRUPTED, duration, message="the fork server died during the shutdown")
-        return Result(Status.CRASH, duration, "ChildCrashed", "the fork server died during the job")
+        return Result(Status.LOST, duration, "ForkServerLost", "the fork server died during the job")
     if killed is Kill.USR1:
         return Result(Status.KILLED, duration, "Killed", "killed by SIGUSR1 to the worker")
     how = "its final report could not be read" if status is None else describe_status(status)
@@ -122,11 +123,11 @@ class Decision:
 
 def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str,
            checkpoint: Optional[str] = None, max_interruptions: int = 0,
-           result_ttl: Optional[float] = None) -> Decision:
+           result_ttl: Optional[float] = None, max_attempts: int = 5) -> Decision:
     """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload;
     ``checkpoint``: the last progress the run reported (JSON text), which goes back with the job if it runs again
     (put back, retried) and into its failure record, and is discarded when it is done; ``result_ttl``: the job's
-    own, or None for ``RESULT_TTL``."""
+    own, or None for ``RESULT_TTL``; ``max_attempts``: ``MAX_ATTEMPTS``, the bound on lost attempts."""
     job_id, name = doc["id"], doc["name"]
     base = dict(job=job_id, name=name, queue=queue, duration=result.duration)
     if result.status is Status.DONE:
@@ -136,6 +137,8 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
         return _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base)
+    if result.status is Status.LOST:
+        return _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base)
     attempts = int(doc.get("attempts") or 0) + 1
     history = list(doc.get("errors") or [])[-9:] + [{
         "at": time.time(), "worker": worker, "cause": result.status.value, "type": _clean(result.type),
@@ -189,6 +192,26 @@ def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, ma
     new = jobs.json_dumps(dict(doc, interruptions=n, **progress))
     return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"]), "shutdown.job_put_back", "info",
                     dict(outcome="requeued", interruptions=n, **base), tuple(notes))
+
+
+def _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base) -> Decision:
+    """The run was lost with the fork server (not the job's fault): counted as a lost attempt, exactly as recovery
+    counts a vanished worker's job (``lua.RECOVER``): back to the head of its queue with ``attempts`` + 1 and the
+    loss in its history, or failed once ``MAX_ATTEMPTS`` is reached; never a retry's backoff, never ``retries``."""
+    prev = doc.get("attempts")
+    a = prev if isinstance(prev, int) and not isinstance(prev, bool) and prev >= 0 else 0
+    a = min(a, max_attempts) + 1
+    history = list(doc.get("errors") or [])[-9:] + [{
+        "at": time.time(), "worker": worker, "cause": "lost", "type": result.type, "message": result.message}]
+    if a < max_attempts:
+        new = jobs.json_dumps(dict(doc, attempts=a, errors=history, **progress))
+        return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"], attempts=a), "job.lost", "warning",
+                        dict(outcome="requeued", attempt=a, error=result.message, **base))
+    message = f"lost {a} times while running the job (MAX_ATTEMPTS): {result.message}"
+    rec = dict(failed_record(raw, doc["id"], doc["name"], queue, worker, a, "lost",
+                             {"type": result.type, "message": message}, history), **progress)
+    return Decision(Outcome.fail(raw, doc["id"], rec, slot, a), "job.failed", "warning",
+                    dict(outcome="lost", attempts=a, error=message, **base))
 
 
 def _clean(text: Optional[str]) -> Optional[str]:

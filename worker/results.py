@@ -111,12 +111,15 @@ def get_job(job_id: str) -> Optional[Job]:
 
 
 def main(cfg, job_id: str, as_json: bool = False) -> int:
-    """``python -m worker job ID [--json]``: exit 0 and print the job, or exit 1 if it is unknown or expired."""
+    """``python -m worker job ID [--json]``: exit 0 and print the job, or exit 1 if it is unknown or expired.
+
+    A renderer over the read model (``worker.api.API.job``): times are ISO 8601 UTC, with how long the job waited
+    and ran; ``--json`` prints the read model's object (epoch seconds plus ``*_iso`` fields)."""
+    from .api import API, duration
     from .client import connect
-    from .keys import Keys
     r = connect(cfg, name="status")
     try:
-        job = fetch(r, Keys(cfg.key_prefix), job_id)
+        job = API(r, cfg).job(job_id)
     finally:
         r.close()
     if job is None:
@@ -124,17 +127,24 @@ def main(cfg, job_id: str, as_json: bool = False) -> int:
               file=sys.stderr)
         return 1
     if as_json:
-        print(json.dumps(job.to_dict(), separators=(",", ":")))
+        print(json.dumps(job, separators=(",", ":"), default=str))
         return 0
-    rows = [("id", job.id), ("name", job.name), ("queue", job.queue), ("status", job.status),
-            ("attempts", job.attempts), ("enqueued_at", job.enqueued_at), ("started_at", job.started_at),
-            ("ended_at", job.ended_at), ("worker", job.worker)]
-    if job.status == "done":
-        rows.append(("result", json.dumps(job.result)))
-    if job.error:
-        rows += [("error", f"{job.error.get('type')}: {job.error.get('message')}")]
+    rows = [("id", job["id"]), ("name", job["name"]), ("queue", job["queue"]), ("status", job["status"]),
+            ("attempts", job["attempts"]), ("enqueued_at", job["enqueued_at_iso"]),
+            ("started_at", job["started_at_iso"]), ("ended_at", job["ended_at_iso"]),
+            ("waited", None if job["waited"] is None else duration(job["waited"])),
+            ("ran", None if job["ran"] is None else duration(job["ran"])), ("worker", job["worker"])]
+    if job.get("payload_found"):
+        rows.append(("args", json.dumps(job.get("args"))))
+        if job.get("kwargs"):
+            rows.append(("kwargs", json.dumps(job.get("kwargs"))))
+    if job["status"] == "done":
+        rows.append(("result", json.dumps(job["result"])))
+    err = job.get("error")
+    if err:
+        rows += [("error", f"{err.get('type')}: {err.get('message')}")]
     for k, v in rows:
         print(f"{k:<12} {'-' if v is None else v}")
-    if job.error and job.error.get("traceback"):
-        print(job.error["traceback"].rstrip())
+    if err and err.get("traceback"):
+        print(err["traceback"].rstrip())
     return 0

@@ -22,6 +22,7 @@ import signal
 import time
 from typing import Optional
 
+from . import orphans
 from .child import _FRAME
 from .forkserver import ForkServer, ForkServerError
 from .policy import Kill, Result, result_of
@@ -29,6 +30,7 @@ from .signals import RAISE_SIGNAL, kill_job
 
 SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
 REAP_TIMEOUT = 10.0     # ... or that has not reported a child's exit this long after it exited
+EXIT_WAIT = 0.25        # a killed child seen exiting (pidfd) is written off after this long without its S frame
 START_TIMEOUT = 120.0   # importing the app (Django set-up and the like) may take this long
 MEMORY_POLL = 0.25      # how often a child's memory is read when JOB_MAX_MEMORY_MB is set
 MAX_FRAME = 2 << 20     # a report frame is at most a 512 KiB result plus a traceback; a checkpoint 64 KiB
@@ -122,13 +124,16 @@ class Slot:
           exit status, which the fork server sends after it has ended the run's process group: two runs never
           overlap;
         * or it was reaped (exit status in, pipe drained) without a report;
-        * or the worker killed it and saw it exit (pidfd): how it died is the worker's to say, so a stalled fork
-          server cannot hold a killed job back from being put back;
+        * or the worker killed it and saw it exit (pidfd) ``EXIT_WAIT`` s ago without the fork server's word: how
+          it died is the worker's to say, so a stalled fork server cannot hold a killed job back from being put back
+          (a healthy one reports first: its ``S`` frame comes after it has ended what the run left in other
+          sessions, ``orphans.py``, so a put-back job never runs beside its previous run's helpers);
         * or it never reached a child.
         """
         return self.busy and ((bool(self.report) and not self.interrupted) or self.unstarted
                               or (self.status is not None and self.eof)
-                              or (self.killed is not None and bool(self.exited_at)))
+                              or (self.killed is not None and bool(self.exited_at)
+                                  and time.monotonic() - self.exited_at >= EXIT_WAIT))
 
     def read(self) -> None:
         try:
@@ -307,7 +312,7 @@ class SlotTable:
                 at = min(at, s.started + SPAWN_TIMEOUT)
                 continue
             if s.exited_at:  # the stop's steps below still apply (an interrupted run waits for its exit status)
-                at = min(at, s.exited_at + REAP_TIMEOUT)
+                at = min(at, s.exited_at + (EXIT_WAIT if s.killed is not None else REAP_TIMEOUT))
             if sig.stop_at is not None:  # each step at its time; a child whose pid came after the stop: at once
                 if not s.termed:
                     at = now
@@ -422,6 +427,7 @@ class SlotTable:
             else:
                 s.unstarted = True
         self.forks.kill()
+        self._sweep()
         self.restarts += 1
         if not was_ready:  # a new server that dies before it is ready would die again: give up (exit 1)
             self.broken = f"cannot start jobs: {reason}"
@@ -440,8 +446,17 @@ class SlotTable:
     def close(self, wait: float = 1.0) -> None:
         """Let the fork server leave (it reaps its children, and ends their groups, at end of file). If it does
         not leave cleanly (it lingers past ``wait`` s and is killed, or it had died), the worker ends the groups of
-        the children it still held."""
+        the children it still held, and what they left."""
         self.forks.stop(wait, on_unclean=self._end_exiting)
+        self._sweep(wait)
+
+    def _sweep(self, limit: float = 1.0) -> None:
+        """The fork server is gone (reaped): its children and whatever they left were adopted by the worker, if
+        it is a subreaper (``orphans.enable``, ``cli run`` only); end and reap them, at most ``limit`` s."""
+        if orphans.enabled:
+            ended = orphans.sweep(limit=limit)
+            if ended:
+                self.log.warning("forkserver.leftovers_ended", count=ended)
 
 
 def _signal(pid: int, signum: int) -> None:

@@ -45,7 +45,10 @@ change of type or unit bumps ``schema``)::
         "last": 1714560000.0,         float|null  unix seconds of the last tick enqueued
         "next": 1714560300.0,         float|null  unix seconds of the next tick
         "skipped": null, "skip_reason": null     float|null, "late"|"paused"|null: the last tick not enqueued
-      }]
+      }],
+      "throughput": [{"minute": 1714556400, "processed": 12, "failed": 0}],   the last hour, one entry per minute
+                                             (unix seconds of its start); counts null where no minute sample exists
+      "skipped": ["worker w:1 slot 0: unreadable job payload"]   [str]  junk the reader could not show (added 1.x)
     }
 
 No output of this module contains the Redis password (the human header shows the redacted URL).
@@ -56,133 +59,22 @@ import json
 import sys
 import time
 
+from .api import API, SCHEMA, duration, latency as _latency  # noqa: F401  (_latency: metrics.py reads it)
 from .client import connect
 from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
 from . import schedule
 from .keys import Keys
 from .lua import WAKE
 
-SCHEMA = 1
-
-
-
-
-def _num(value, kind=float):
-    """``kind(value)`` or None: worker hashes and payloads are written by other processes and may be partial."""
-    try:
-        return kind(value)
-    except (TypeError, ValueError):
-        return None
-
-
-def _job(raw: str, job_started, now_ms: float):
-    if not raw:
-        return None
-    try:
-        doc = json.loads(raw)
-    except (ValueError, RecursionError):  # anything can sit in a queue; status must still print
-        doc = None
-    doc = doc if isinstance(doc, dict) else {}
-    started = _num(job_started)
-    return {"id": doc.get("id"), "name": doc.get("name"), "queue": doc.get("queue"),
-            "running_for": None if started is None else round(max(0.0, now_ms - started) / 1000.0, 3)}
-
-
-def _worker(name: str, score: float, info: dict, now_ms: float, cfg: Config) -> dict:
-    """One worker's entry. Its score in P:workers is its own deadline (beat + its TTL, hash field ``ttl``); workers
-    of an older version wrote their last beat there instead and have no ``ttl``."""
-    ttl = _num(info.get("ttl"))
-    seen = _num(info.get("seen"))
-    if ttl is None:
-        seen, dead = score, now_ms - score > cfg.heartbeat_ttl * 1000
-    else:
-        seen, dead = (seen if seen is not None else score - ttl), score < now_ms
-    state = info.get("state") or "unknown"
-    if dead:
-        state = "dead"  # recovery will requeue its jobs; until then it is listed so the operator sees why
-    slots = []
-    for field, raw in info.items():
-        if field.startswith("job:"):
-            slot = _num(field[4:], int)
-            slots.append({"slot": slot, "job": _job(raw, info.get(f"started:{field[4:]}"), now_ms),
-                          "checkpoint": _checkpoint(info.get(f"ckpt:{field[4:]}"))})
-    if info.get("job"):  # an older worker's single job
-        slots.append({"slot": 0, "job": _job(info["job"], info.get("job_started"), now_ms), "checkpoint": None})
-    slots.sort(key=lambda s: s["slot"] if s["slot"] is not None else -1)
-    return {
-        "name": name, "dyno": info.get("dyno") or None, "host": info.get("host") or None,
-        "pid": _num(info.get("pid"), int), "queues": [q for q in (info.get("queues") or "").split(",") if q],
-        "started": _num(info.get("started")), "state": state, "concurrency": _num(info.get("concurrency"), int) or 1,
-        "job": slots[0]["job"] if slots else None, "slots": slots,
-        "heartbeat_age": round(max(0.0, now_ms - seen) / 1000.0, 3)}
-
-
-def _checkpoint(raw):
-    """A running job's last checkpoint as the worker saved it (at its last heartbeat), or None."""
-    if raw is None:
-        return None
-    try:
-        return json.loads(raw)
-    except (ValueError, RecursionError):
-        return None
-
-
-def _latency(head, now: float):
-    if head is None:
-        return 0.0
-    try:
-        doc = json.loads(head)
-        at = float(doc["enqueued_at"])
-        if at != at or at in (float("inf"), float("-inf")):
-            return None
-    except (ValueError, TypeError, KeyError, RecursionError, OverflowError, IndexError, AttributeError):
-        return None  # anyone can push anything to a queue: an unreadable head has an unknown latency
-    # The producer's clock may run ahead of Redis's: a job cannot have waited less than nothing.
-    return round(max(0.0, now - at), 3)
-
 
 def collect(r, cfg: Config) -> dict:
-    """Read everything ``status`` shows and return it as the version-1 JSON document (see the module docstring).
-
-    Two pipelined round trips whatever the number of queues and workers: first the sets and counters, then one
-    LLEN + LINDEX per queue and one HGETALL per worker.
-    """
-    k = Keys(cfg.key_prefix)
-    with r.pipeline(transaction=False) as p:
-        p.time().smembers(k.queues).smembers(k.paused).zrange(k.workers, 0, -1, withscores=True)
-        p.zcard(k.failed).zcard(k.scheduled).get(k.processed).get(k.failed_count)
-        (sec, usec), known, paused, workers, n_failed, n_scheduled, processed, failed_total = p.execute()
-    now = sec + usec / 1e6
-    now_ms = now * 1000.0
-    names = sorted(set(known) | {q for q in cfg.queues if q != "*"} | (set(paused) - {"*"}))
-    with r.pipeline(transaction=False) as p:
-        for q in names:
-            p.llen(k.queue(q)).lindex(k.queue(q), 0)
-        for w, _ in workers:
-            p.hgetall(k.worker(w))
-        res = p.execute()
-    queues = [{"name": q, "depth": res[2 * i], "latency": _latency(res[2 * i + 1], now),
-               "paused": q in paused or "*" in paused} for i, q in enumerate(names)]
-    out_workers = [_worker(w, score, info, now_ms, cfg) for (w, score), info in zip(workers, res[2 * len(names):])]
-    return {"schema": SCHEMA, "time": round(now, 6), "paused": sorted(paused), "queues": queues,
-            "workers": sorted(out_workers, key=lambda w: w["name"]), "failed": n_failed, "scheduled": n_scheduled,
-            "totals": {"processed": _num(processed, int) or 0, "failed": _num(failed_total, int) or 0},
-            "schedules": schedule.collect(r, cfg.key_prefix, now_ms)}
+    """Everything ``status`` shows, as the version-1 JSON document (see the module docstring), read through the
+    shared read model (worker/api.py), so the CLI and the dashboard never disagree. Also trims failed records past
+    FAILED_TTL and samples this minute's counters (api.HOUSEKEEP)."""
+    return API(r, cfg).overview()
 
 
-def _dur(seconds) -> str:
-    """A compact, space-free duration (tables stay splittable on whitespace): 4.2s, 3m05s, 2h01m, 3d04h."""
-    if seconds is None:
-        return "?"
-    s = float(seconds)
-    if s < 60:
-        return f"{s:.1f}s"
-    s = int(s)
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    if s < 86400:
-        return f"{s // 3600}h{s % 3600 // 60:02d}m"
-    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+_dur = duration
 
 
 def _short(value) -> str:
@@ -224,6 +116,8 @@ def render(doc: dict, url: str) -> str:
     out += (_table(("WORKER", "STATE", "SLOTS", "QUEUES", "JOB", "ID", "RUNNING", "CHECKPOINT", "HEARTBEAT", "HOST"),
                    rows, right=(6, 8)) if rows else ["no workers"]) + [""]
     out += schedule.render(doc.get("schedules") or [], _table, doc["paused"])
+    for what in doc.get("skipped") or []:
+        out.append(f"skipped: {what}")  # junk the read model could not show (issue 27 item 9)
     t = doc["totals"]
     out += _table(("FAILED", "SCHEDULED", "PROCESSED_TOTAL", "FAILED_TOTAL"),
                   [(doc["failed"], doc["scheduled"], t["processed"], t["failed"])], right=(0, 1, 2, 3))

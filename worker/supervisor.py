@@ -25,6 +25,7 @@ from typing import Optional
 import redis
 
 from . import client, jobs, metrics, schedule, startup
+from .api import Housekeeper
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
@@ -45,6 +46,7 @@ class Supervisor(Membership):
         self.cfg, self.burst, self.log = cfg, burst, log
         self.name = cfg.worker_name()
         self.metrics = metrics.Sampler(cfg, self.name)  # l2met sample# lines, one worker per METRICS_INTERVAL
+        self.housekeeper = Housekeeper(cfg)  # FAILED_TTL trim + the dashboard's minute samples (worker/api.py)
         self.sig = SignalState(hard_exit_after=cfg.hard_exit_after, grace=cfg.term_grace)
         self.slots = SlotTable(cfg, self.sig, log)
         self.broker = broker
@@ -156,7 +158,8 @@ class Supervisor(Membership):
         else:
             try:
                 d = decide(slot.result(self.cfg.job_max_memory_mb), slot.raw, slot.doc, slot.queue, slot.index,
-                           slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl)
+                           slot.retries, self.name, slot.checkpoint, slot.max_interruptions, slot.result_ttl,
+                           self.cfg.max_attempts)
             except Exception as exc:  # a runtime bug (or data no check foresaw) costs this job, never the worker
                 job_id = jobs.loose_id(slot.raw)
                 self.log.error("job.runtime_error", job=job_id, error=f"{type(exc).__name__}: {exc}")
@@ -244,6 +247,7 @@ class Supervisor(Membership):
             if now >= self._next_recover and now >= self._quiet_until:
                 self._recover()
             self._guarded(self.metrics.maybe_sample, self.broker, self.log, now, self.name)
+            self._guarded(self.housekeeper.maybe_run, self.broker, self.log, now, self.name)
             self._outage_over()
             self._outage_since = None
         except redis.RedisError as exc:
