@@ -212,10 +212,11 @@ def test_worker_start_names_modules_jobs_and_queues_and_warns_about_gaps(r, cli)
     """Issue 21 item 5: `worker.start` says which modules were imported, each job with its queue, and the queues
     served; a registered queue that QUEUES does not serve, and a JOB_MODULES entry that registers no job, are
     warnings naming them."""
-    res = cli("--burst", JOB_MODULES="worker.sample,tests.jobs,json", QUEUES="default")
+    # tests.jobs_api imports tests.jobs first: tests.jobs registers nothing new, yet defines jobs (no warning)
+    res = cli("--burst", JOB_MODULES="worker.sample,tests.jobs_api,tests.jobs,json", QUEUES="default")
     assert res.returncode == 0, res.stderr
     start = next(line for line in res.stdout.splitlines() if "event=worker.start" in line)
-    assert "modules=worker.sample,tests.jobs,json" in start and "queues=default" in start, start
+    assert "modules=worker.sample,tests.jobs_api,tests.jobs,json" in start and "queues=default" in start, start
     assert "sample_work@default" in start and "on_high@high" in start, start
     warnings = [line for line in res.stdout.splitlines() if "level=warning" in line]
     assert any("worker.queues_not_served" in w and "queue=high" in w and "on_high" in w for w in warnings), \

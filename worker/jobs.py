@@ -164,7 +164,7 @@ def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
                    "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s),
-                   "module": ORIGIN.get(name)}
+                   "module": ORIGIN.get(name), "defined_in": getattr(s.fn, "__module__", None)}
             for name, s in _REGISTRY.items()}
 
 

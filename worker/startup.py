@@ -26,8 +26,10 @@ def warn(cfg, meta: dict, log) -> None:
         for queue, names in sorted(unserved.items()):
             log.warning("worker.queues_not_served", queue=queue, jobs=",".join(names), queues=",".join(cfg.queues),
                         note=f"QUEUES does not include {queue!r}: add it, or run a worker with QUEUES={queue}")
-    registering = {m.get("module") for m in meta.values()}
+    # an entry counts if its import registered a job, or a job is defined in it or below it (an earlier entry may
+    # have imported it first)
+    registering = {m.get("module") for m in meta.values()} | {m.get("defined_in") for m in meta.values()}
     for module in cfg.job_modules:
-        if module not in registering:
+        if not any(r and (r == module or r.startswith(module + ".")) for r in registering):
             log.warning("worker.module_without_jobs", module=module,
                         note="its import registered no @job: check the module name, or that it imports its jobs")
