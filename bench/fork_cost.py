@@ -2,6 +2,7 @@
 
     bench/.venv/bin/python bench/fork_cost.py            # about 2 minutes
     bench/.venv/bin/python bench/fork_cost.py --rounds 5 --jobs 3000 --seconds 3
+    bench/.venv/bin/python bench/fork_cost.py --baseline 92e2a36 --rounds 6   # what a change costs per job
 
 1. Drain: ``--jobs`` no-op jobs (``concurrency_jobs.noop``) drained by ``python -m worker --burst`` at N = 1 and N = 2
    slots, ``--rounds`` alternating rounds, each net of an empty-queue run. CPU per job of each process of the dyno
@@ -56,18 +57,30 @@ def _children(pid: int) -> list:
         return []
 
 
-def drain(url: str, port: int, n: int, slots: int) -> dict:
+def baseline_source(rev: str) -> Path:
+    """``worker/`` as it was at ``rev`` (git archive into bench/out/fork-baseline-<rev>)."""
+    dest = BENCH / "out" / f"fork-baseline-{rev}"
+    if not (dest / "worker" / "__init__.py").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        arch = subprocess.run(["git", "-C", str(REPO), "archive", rev, "worker"], capture_output=True, check=True,
+                              timeout=60)
+        subprocess.run(["tar", "-x", "-C", str(dest)], input=arch.stdout, check=True, timeout=60)
+    return dest
+
+
+def drain(url: str, port: int, n: int, slots: int, src: Path = REPO) -> dict:
+    """``src``: the tree whose ``worker`` package runs (the worker is started there: its cwd comes first)."""
     r = redis.Redis(port=port, decode_responses=True)
     r.flushall()
     if n:
         cfg = wconfig.from_mapping({"REDIS_URL": url})
         Broker(redis.Redis(port=port, decode_responses=True), cfg).push_many("noop", [[] for _ in range(n)])
     env = dict(os.environ, WORKER_CONCURRENCY=str(slots), REDIS_URL=url, QUEUES="default",
-               JOB_MODULES="concurrency_jobs", LOG_LEVEL="INFO", PYTHONPATH=os.pathsep.join([str(REPO), str(BENCH)]))
+               JOB_MODULES="concurrency_jobs", LOG_LEVEL="INFO", PYTHONPATH=os.pathsep.join([str(src), str(BENCH)]))
     cpu0 = r.info("cpu")
     t0 = time.monotonic()
     p = subprocess.Popen([sys.executable, "-m", "worker", "--burst"], env=env, stdout=subprocess.DEVNULL,
-                         stderr=subprocess.DEVNULL)
+                         stderr=subprocess.DEVNULL, cwd=str(src))
     last: dict = {}
     while p.poll() is None:  # the last sample before each process exits (its own and its reaped children's CPU)
         try:
@@ -127,7 +140,12 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--jobs", type=int, default=3000)
     ap.add_argument("--seconds", type=float, default=3.0, help="length of each fork loop")
+    ap.add_argument("--baseline", metavar="REV",
+                    help="instead: drain at N=1 with this tree and with worker/ as at git REV, alternating rounds, "
+                         "and print the per-job CPU and rate ratios (ours / REV)")
     args = ap.parse_args(argv)
+    if args.baseline:
+        return compare(args.baseline, args.rounds, args.jobs)
     print(f"machine: {os.cpu_count()} cpus; python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}")
     print(f"\n1. DRAIN of {args.jobs} no-ops, {args.rounds} alternating rounds, net of an empty run (medians)")
     keys = ("sup", "fs", "child", "redis")
@@ -163,6 +181,43 @@ def main(argv=None) -> int:
         med = {k: statistics.median(x[k] for x in runs) for k in runs[0]}
         print(f"   {what:<16} {med['rate']:>7.0f} {med['parent']:>9.3f} {med['child']:>8.3f} {med['rss']:>6.0f} "
               f"{med['maps']:>5.0f}")
+    return 0
+
+
+def compare(rev: str, rounds: int, jobs: int) -> int:
+    """Same-run comparison with ``rev``: what a change costs per job (issue 27: subreapers and the sweep)."""
+    base = baseline_source(rev)
+    print(f"machine: {os.cpu_count()} cpus; python {sys.version.split()[0]}; load {os.getloadavg()[0]:.2f}")
+    print(f"DRAIN of {jobs} no-ops at N=1, {rounds} alternating rounds, net of an empty run: this tree vs {rev}")
+    keys = ("sup", "fs", "child", "redis")
+    res: dict = {"ours": [], rev: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        port = free_port()
+        srv = start_redis_server(port, tmp)
+        url = f"redis://127.0.0.1:{port}/0"
+        try:
+            for i in range(rounds):
+                for name in (("ours", rev) if i % 2 == 0 else (rev, "ours")):
+                    src = REPO if name == "ours" else base
+                    e, f = drain(url, port, 0, 1, src), drain(url, port, jobs, 1, src)
+                    d = {k: f[k] - e[k] for k in f}
+                    res[name].append({"rate": jobs / d["wall"], **{k: 1000 * d[k] / jobs for k in keys}})
+        finally:
+            srv.kill()
+            srv.wait()
+    print(f"   {'tree':>8} {'jobs/s':>7} {'supervisor':>10} {'fork srv':>8} {'children':>8} {'redis':>6} "
+          f"{'total ms/job':>12}")
+    med = {}
+    for name in ("ours", rev):
+        med[name] = {k: statistics.median(x[k] for x in res[name]) for k in ("rate",) + keys}
+        m = med[name]
+        print(f"   {name:>8} {m['rate']:>7.0f} {m['sup']:>10.3f} {m['fs']:>8.3f} {m['child']:>8.3f} "
+              f"{m['redis']:>6.3f} {sum(m[k] for k in keys):>12.3f}")
+    rates = [a["rate"] / b["rate"] for a, b in zip(res["ours"], res[rev])]
+    cpu = [sum(a[k] for k in keys) / sum(b[k] for k in keys) for a, b in zip(res["ours"], res[rev])]
+    print(f"   ours / {rev} per round: jobs/s {' '.join(f'{x:.3f}' for x in rates)} (median "
+          f"{statistics.median(rates):.3f}); CPU per job {' '.join(f'{x:.3f}' for x in cpu)} (median "
+          f"{statistics.median(cpu):.3f})")
     return 0
 
 

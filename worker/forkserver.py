@@ -265,15 +265,17 @@ def _leave(running: dict, spare: int) -> None:
         except OSError:
             pass
         os.waitpid(pid, 0)
-    orphans.sweep(keep={spare})
+    orphans.sweep(keep={spare}, single=True)
 
 
 def _reaped(running: dict, spare: int) -> None:
     """A job child was just reaped: end and reap what it left to us (our children that are neither a running job
     child nor the spare; a running job child is a subreaper itself, so nothing of a running job lands here)."""
-    keep = {pid for pid, _ in running.values()}
-    keep.add(spare)
-    orphans.sweep(keep)
+    found = orphans.children(single=True)  # the common case: the running children and the spare, nothing else
+    if len(found) > len(running) + 1:
+        keep = {pid for pid, _ in running.values()}
+        keep.add(spare)
+        orphans.sweep(keep, single=True)
 
 
 def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", stamp: bool = True) -> int:

@@ -62,29 +62,48 @@ def enable() -> None:
     enabled = become_subreaper()
 
 
-def children() -> list:
-    """This process's children (zombies included), from ``/proc/self/task/<tid>/children``; [] where missing."""
-    out = []
+def _read(path: str) -> list:
     try:
-        for tid in os.listdir("/proc/self/task"):
-            try:
-                with open(f"/proc/self/task/{tid}/children", "rb") as f:
-                    out.extend(int(x) for x in f.read().split())
-            except (OSError, ValueError):
-                pass  # a thread that just ended
+        fd = os.open(path, os.O_RDONLY)
     except OSError:
-        pass
-    return out
+        return []  # a thread that just ended, or no such file here
+    try:
+        data = b""
+        while True:
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return [int(x) for x in data.split()]
+            data += chunk
+    except (OSError, ValueError):
+        return []
+    finally:
+        os.close(fd)
 
 
-def sweep(keep=(), limit: float = SWEEP_LIMIT) -> int:
+def children(single: bool = False) -> list:
+    """This process's children (zombies included), from ``/proc/<pid>/task/<tid>/children`` of each of its
+    threads (a child is listed under the thread that forked it, an adopted orphan under the one it was given to);
+    ``single``: the caller has one thread (the fork server), so one read. [] where /proc lacks them."""
+    me = os.getpid()
+    if single:
+        return _read(f"/proc/{me}/task/{me}/children")
+    try:
+        tids = os.listdir(f"/proc/{me}/task")
+    except OSError:
+        return []
+    return [pid for tid in tids for pid in _read(f"/proc/{me}/task/{tid}/children")]
+
+
+def sweep(keep=(), limit: float = SWEEP_LIMIT, single: bool = False) -> int:
     """SIGKILL and reap every child of this process not in ``keep``, round after round until none is left (each
     round ends one more level of orphans, see the module's invariants) or ``limit`` seconds passed. Returns how
-    many were ended."""
+    many were ended. ``single``: see :func:`children`; the common case (nothing left) costs that one read."""
+    found = [p for p in children(single) if p not in keep]
+    if not found:
+        return 0
     deadline = time.monotonic() + limit
     ended = 0
     while True:
-        found = [p for p in children() if p not in keep]
         if not found:
             return ended
         for pid in found:
@@ -100,3 +119,4 @@ def sweep(keep=(), limit: float = SWEEP_LIMIT) -> int:
             ended += 1
         if time.monotonic() > deadline:
             return ended
+        found = [p for p in children(single) if p not in keep]
