@@ -455,6 +455,8 @@ class API:
             "started_at": None, "ended_at": _num(rec.get("failed_at")), "worker": _str(rec.get("worker")),
             "error": None}
         payload = None
+        if rec is None and doc.get("error") and not any(doc["error"].values()):
+            doc["error"] = None  # its failed record is gone (retried, deleted or trimmed): nothing to show
         if rec is not None:
             payload = rec.get("payload")
             doc["error"] = {f: _str(rec.get(f)) for f in ("type", "message", "traceback", "cause")}

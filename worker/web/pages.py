@@ -110,7 +110,8 @@ def counts(r, cfg) -> tuple:
 
 def _chart(points) -> str:
     """The last hour's throughput as an SVG bar chart (processed up, failed down in red)."""
-    w, bar, top = 60 * 8, 8, 80
+    bar, top = 8, 80
+    w = bar * len(points)
     peak = max([1] + [(pt["processed"] or 0) + (pt["failed"] or 0) for pt in points])
     rects = []
     for i, pt in enumerate(points):

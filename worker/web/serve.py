@@ -24,9 +24,17 @@ def main(cfg: Config) -> int:
     from . import make_app
     host, port = ("0.0.0.0", cfg.port) if cfg.port else ("127.0.0.1", 8000)
     app = make_app(cfg)
+    # on a dyno, Heroku's router terminates TLS and says so in X-Forwarded-Proto (Secure cookie, Origin check)
+    proxy = {"trusted_proxy": "*", "trusted_proxy_headers": {"x-forwarded-proto"}} if cfg.dyno else {}
+    server = waitress.create_server(app, host=host, port=port, ident="worker-dashboard", threads=4,
+                                    clear_untrusted_proxy_headers=True, **proxy)
+    # said once the socket listens, so whoever waits for this line can connect
     print(f"dashboard on http://{host}:{port}/ (Redis {redact_url(cfg.redis_url)}"
           f"{', read-only' if app.read_only else ''})", flush=True)
-    waitress.serve(app, host=host, port=port, ident="worker-dashboard", threads=4,
-                   trusted_proxy="*" if cfg.dyno else None, trusted_proxy_headers={"x-forwarded-proto"}
-                   if cfg.dyno else None, clear_untrusted_proxy_headers=True)
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
     return 0
