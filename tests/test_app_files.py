@@ -11,7 +11,7 @@ from worker import config
 
 # Variables the Heroku platform or an add-on sets by itself: app.json must not declare them (an env entry for
 # REDIS_URL would collide with the config var the heroku-redis add-on creates).
-PLATFORM_VARS = {"REDIS_URL", "DYNO"}
+PLATFORM_VARS = {"REDIS_URL", "DYNO", "PORT"}
 
 
 def config_variables() -> set:

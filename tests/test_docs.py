@@ -4,7 +4,7 @@ import re
 
 from tests.conftest import REPO
 
-PLATFORM_SET = {"REDIS_URL", "DYNO"}  # set by the add-on / the dyno manager, so not declared in app.json
+PLATFORM_SET = {"REDIS_URL", "DYNO", "PORT"}  # set by the add-on / the dyno manager, so not declared in app.json
 
 
 def readme_env_table() -> set:
@@ -16,7 +16,7 @@ def readme_env_table() -> set:
 def config_vars() -> set:
     src = (REPO / "worker" / "config.py").read_text()
     return set(re.findall(r"""env(?:\.get)?\(\s*["']([A-Z_]+)["']""", src)) | \
-        set(re.findall(r"""_(?:number|bool|list)\(env, ["']([A-Z_]+)["']""", src))
+        set(re.findall(r"""_(?:number|bool|list|secret)\(env, ["']([A-Z_]+)["']""", src))
 
 
 def test_readme_table_matches_app_json_and_config():

@@ -121,6 +121,8 @@ def test_wheel_holds_the_worker_package_only(wheel):
     dist_info = [t for t in top if t.endswith(".dist-info")]
     assert len(dist_info) == 1 and top - set(dist_info) == {"worker"}, sorted(top)
     assert "worker/__main__.py" in names and "worker/sample.py" in names
+    for asset in ("worker/web/templates/layout.html", "worker/web/static/dashboard.js", "worker/web/static/dashboard.css"):
+        assert asset in names, f"the dashboard's {asset} is not in the wheel"
     assert not [n for n in names if n.startswith(("tests/", "bench/", "scripts/", "docs/"))]
     assert any(n.endswith("/LICENSE") for n in names), "LICENSE not shipped in the wheel"
 
@@ -132,7 +134,8 @@ def test_wheel_metadata_declares_the_floors(wheel):
     assert any(re.match(r"redis\s*(\(|)[^;]*>=\s*5\.3", r) for r in requires), requires
     assert any(re.match(r"python-dotenv\s*(\(|)[^;]*>=\s*1\.0", r) for r in requires), requires
     assert len([r for r in requires if "extra ==" not in r]) == 2, requires
-    assert [r for r in requires if "extra ==" in r] == ['cronsim<3,>=2.8; extra == "cron"'], requires
+    assert [r for r in requires if "extra ==" in r] == ['cronsim<3,>=2.8; extra == "cron"',
+                                                        'waitress<4,>=3; extra == "web"'], requires
     assert re.search(r"^Requires-Python: >=3\.\d+", meta, re.M)
     assert re.search(r"^License-Expression: MIT$", meta, re.M)
     version = re.search(r"^Version: (.+)$", meta, re.M).group(1)

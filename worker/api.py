@@ -144,6 +144,24 @@ return false
 """
 
 
+# KEYS: none.  ARGV: prefix, '1' to add every known queue, queue names...  The number of jobs waiting for a worker:
+# every served queue's depth plus the scheduled jobs already due (read-only; for autoscalers such as HireFire).
+BACKLOG = """
+local prefix, names, seen = ARGV[1], {}, {}
+for i = 3, #ARGV do if not seen[ARGV[i]] then seen[ARGV[i]] = true; names[#names + 1] = ARGV[i] end end
+if ARGV[2] == '1' then
+  for _, q in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do
+    if not seen[q] then seen[q] = true; names[#names + 1] = q end
+  end
+end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local n = redis.call('ZCOUNT', prefix .. ':scheduled', '-inf', now)
+for _, q in ipairs(names) do n = n + redis.call('LLEN', prefix .. ':queue:' .. q) end
+return n
+"""
+
+
 # --- small, junk-tolerant conversions -------------------------------------------------------------------------
 
 def _num(value, kind=float):
@@ -387,6 +405,11 @@ class API:
                 out.append({"minute": m * 60, "processed": max(0, b[0] - a[0]), "failed": max(0, b[1] - a[1])})
         return out
 
+    def backlog(self, queues) -> int:
+        """Jobs waiting for a worker on ``queues`` (``("*",)``: every known queue), due scheduled jobs included."""
+        names = [q for q in queues if q != "*"]
+        return int(self._script(BACKLOG)(keys=[], args=[self.k.prefix, "1" if "*" in queues else "0", *names]))
+
     # --- one queue ---
 
     def queue(self, name: str, page: int = 1, per_page: int = 50) -> dict:
@@ -432,6 +455,8 @@ class API:
             "started_at": None, "ended_at": _num(rec.get("failed_at")), "worker": _str(rec.get("worker")),
             "error": None}
         payload = None
+        if rec is None and doc.get("error") and not any(doc["error"].values()):
+            doc["error"] = None  # its failed record is gone (retried, deleted or trimmed): nothing to show
         if rec is not None:
             payload = rec.get("payload")
             doc["error"] = {f: _str(rec.get(f)) for f in ("type", "message", "traceback", "cause")}

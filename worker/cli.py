@@ -52,6 +52,8 @@ def _parser() -> argparse.ArgumentParser:
     jb.add_argument("id")
     jb.add_argument("--json", action="store_true", help="one JSON object (the fields of worker.get_job)")
 
+    sub.add_parser("web", help="serve the web dashboard on $PORT (needs DASHBOARD_PASSWORD; docs/dashboard.md)")
+
     for cmd in ("pause", "resume"):
         c = sub.add_parser(cmd, help=f"{cmd} claiming from a queue (or every queue) for all workers")
         c.add_argument("--queue", default="*", help="queue name (default: every queue)")
@@ -116,6 +118,9 @@ def main(argv=None) -> int:
         if command == "failed":
             from . import failed
             return failed.main(cfg, args)
+        if command == "web":
+            from .web import serve
+            return serve.main(cfg)
         if command in ("pause", "resume"):
             from . import status
             return status.pause(cfg, args.queue, paused=(command == "pause"))

@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
 
@@ -80,6 +80,11 @@ class Config:
     max_interruptions: int = 0
     result_ttl: float = 500.0
     metrics_interval: float = 60.0
+    # the web dashboard (worker/web): secrets never appear in a repr, a page, a log line or /metrics
+    dashboard_password: Optional[str] = field(default=None, repr=False)
+    dashboard_read_only: bool = False
+    hirefire_token: Optional[str] = field(default=None, repr=False)
+    port: Optional[int] = None  # $PORT (set by Heroku on web dynos): `python -m worker web` binds 0.0.0.0:PORT
 
     @property
     def all_queues(self) -> bool:
@@ -250,7 +255,32 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
         result_ttl=_number(env, "RESULT_TTL", Config.result_ttl),
         metrics_interval=_number(env, "METRICS_INTERVAL", Config.metrics_interval),
+        dashboard_password=_secret(env, "DASHBOARD_PASSWORD", 8),
+        dashboard_read_only=_bool(env, "DASHBOARD_READ_ONLY", False),
+        hirefire_token=_secret(env, "HIREFIRE_TOKEN", 16),
+        port=_port(env),
     )
+
+
+def _secret(env, name, min_len):
+    """A secret (never echoed back: the message names the variable and the rule only)."""
+    raw = env.get(name)
+    if raw is None or raw.strip() == "":
+        return None
+    value = raw.strip()
+    if len(value) < min_len or any(c in value for c in "\r\n"):
+        raise ConfigError(f"{name} is not valid: expected at least {min_len} characters on one line (value not shown)")
+    return value
+
+
+def _port(env):
+    raw = env.get("PORT")
+    if raw is None or raw.strip() == "":
+        return None
+    text = raw.strip()
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise ConfigError(f"PORT={raw!r} is not valid: expected a TCP port number from 1 to 65535")
+    return int(text)
 
 
 def load(environ: Optional[Mapping[str, str]] = None, dotenv_path: Optional[str] = ".env",

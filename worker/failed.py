@@ -34,6 +34,9 @@ for i = 2, #ARGV do
       wake(q)
       redis.call('HDEL', KEYS[2], id)
       redis.call('ZREM', KEYS[1], id)
+      -- its status record says queued again (get_job, `job ID`, the dashboard); pcall: never raise after a write
+      local jk = prefix .. ':job:' .. id
+      if redis.pcall('EXISTS', jk) == 1 then redis.pcall('HSET', jk, 'status', 'queued') end
       out[#out + 1] = id
     end
   end
