@@ -278,7 +278,7 @@ def test_fork_server_restart_with_a_slow_import_keeps_the_worker_alive(r, spawn,
     hb = {"JOB_MODULES": MODULES, "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2"}
     a = spawn(CC_SLOW_IMPORT_MARKER=str(marker), CC_SLOW_IMPORT_SECONDS="5", **hb)
     a_name = name_of(a)
-    enqueue("cc_span", "ev", "one", seconds=60)
+    enqueue("cc_span", "ev", "one", seconds=60, again=0.2)  # lost with the server: it runs again, first
     wait_event(r, "ev", "start", "one")
     second = enqueue("cc_span", "ev", "two", seconds=0.5)  # waits for the slot; claimed around the restart
     b = spawn(QUEUES="elsewhere", **hb)  # recovers, never claims from default

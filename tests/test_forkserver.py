@@ -97,6 +97,7 @@ def test_fork_server_deaths_count_towards_max_attempts(r, cli, spawn):
             w.wait_for(r"event=job\.lost .*attempt=1")
             wait_until(lambda: r.hget(f"worker:job:{job_id}", "attempts") == "1", 10, "the status record's count")
     w.wait_for(r"event=job\.failed .*outcome=lost .*attempts=2")
+    wait_until(lambda: r.hget("worker:failed:data", job_id) is not None, 10, "the failure recorded")
     rec = json.loads(r.hget("worker:failed:data", job_id))
     assert rec["cause"] == "lost" and rec["attempts"] == 2, rec
     assert [h["cause"] for h in rec["history"]] == ["lost", "lost"], rec
