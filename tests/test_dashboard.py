@@ -121,7 +121,9 @@ def test_the_standalone_command_refuses_to_start_without_a_password(env):
 
 def test_the_authorize_hook_replaces_basic_auth(r, cfg):
     app = make_app(cfg, redis_client=r, authorize=lambda environ: environ.get("HTTP_X_STAFF") == "yes")
-    assert Client(app, auth=None).get("/")[0] == 401
+    status, headers, _ = Client(app, auth=None).get("/")
+    assert status == 403 and "WWW-Authenticate" not in headers  # the host app said no: no password prompt
+    assert Client(app, auth=basic()).get("/")[0] == 403  # the password is not a way around the host's check
     assert Client(app, auth=None).get("/", headers={"X-Staff": "yes"})[0] == 200
 
 
@@ -295,6 +297,7 @@ def test_flask_dispatcher_middleware_mount(app, r):
     enqueue(r)
     res = WClient(host).get("/admin/jobs/queues/default", headers={"Authorization": basic()})
     assert res.status_code == 200 and 'href="/admin/jobs/failed"' in res.get_data(as_text=True)
+    assert WClient(host).get("/admin/jobs/").status_code == 401
 
 
 def test_django_url_include_mount(app, r, tmp_path):
@@ -314,7 +317,7 @@ dash = make_app(config.from_mapping({{"REDIS_URL": "{app.cfg.redis_url}"}}),
 urlpatterns = [path("ops/jobs/", include(urls(dash)))]
 from django.test import Client
 c = Client()
-assert c.get("/ops/jobs/").status_code == 401
+assert c.get("/ops/jobs/").status_code == 403
 res = c.get("/ops/jobs/queues/default", HTTP_X_STAFF="yes")
 body = res.content.decode()
 assert res.status_code == 200 and 'href="/ops/jobs/failed"' in body, (res.status_code, body[:500])

@@ -120,6 +120,8 @@ class Dashboard:
         if path.startswith("/static/"):
             return self.static(path[len("/static/"):])
         if not self.authenticated(req):
+            if self.authorize is not None:  # the host app's hook said no: no password prompt to show
+                return "403 Forbidden", [("Content-Type", "text/plain; charset=utf-8")], b"403 Forbidden\n"
             return ("401 Unauthorized", [("Content-Type", "text/plain; charset=utf-8"),
                                          ("WWW-Authenticate", 'Basic realm="jobs dashboard", charset="UTF-8"')],
                     b"401 Unauthorized: log in with the dashboard password (DASHBOARD_PASSWORD)\n")

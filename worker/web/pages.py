@@ -248,7 +248,8 @@ def failed(ctx: Ctx, doc: dict, name: str, etype: str):
         actions = (f'<form id="bulk" method="post" action="{h(ctx.root)}/failed/retry" class="inline">'
                    f'<input type="hidden" name="csrf" value="{CSRF_SLOT}"><input type="hidden" name="back" '
                    f'value="{h(back)}"><button type="submit">Retry selected</button>'
-                   f'<button type="submit" formaction="{h(ctx.root)}/failed/delete" class="danger">Delete selected'
+                   f'<button type="submit" formaction="{h(ctx.root)}/failed/delete" class="danger" '
+                   f'data-confirm="Delete the selected failed jobs?">Delete selected'
                    f"</button></form> "
                    f'<a href="{h(ctx.root)}/failed/confirm?{h(urlencode({"action": "retry", "name": name, "type": etype}))}">'
                    f'Retry all {doc["matched"]} matching…</a> · '

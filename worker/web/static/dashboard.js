@@ -31,9 +31,14 @@
       if (!window.confirm(form.getAttribute("data-confirm"))) { ev.preventDefault(); }
     });
   });
+  document.querySelectorAll("button[data-confirm]").forEach(function (button) {
+    button.addEventListener("click", function (ev) {
+      if (!window.confirm(button.getAttribute("data-confirm"))) { ev.preventDefault(); }
+    });
+  });
   document.querySelectorAll("input[data-select-all]").forEach(function (box) {
     box.addEventListener("change", function () {
-      document.querySelectorAll('input[name="id"]').forEach(function (b) { b.checked = box.checked; });
+      document.querySelectorAll('input[type="checkbox"][name="id"]').forEach(function (b) { b.checked = box.checked; });
     });
   });
 })();
