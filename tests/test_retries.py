@@ -4,6 +4,7 @@ a delayed job runs no sooner than asked and exactly once, and the failed registr
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -230,3 +231,32 @@ def test_graceful_put_back_does_not_count_as_an_attempt(r, spawn, broker, name, 
     assert len(doc.get("errors") or []) == attempts
     assert r.zcard("worker:scheduled") == 0 and r.zcard("worker:failed") == 0
     assert not any(r.llen(k) for k in r.keys("worker:processing:*"))
+
+
+# --- wrong-typed bookkeeping keys (issue 27 item 1) ---
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key,retries", [("worker:scheduled", 1), ("worker:failed", 0), ("worker:failed:data", 0)])
+def test_a_wrong_typed_key_an_outcome_needs_keeps_the_job_claimed_until_it_is_fixed(r, spawn, broker, key, retries):
+    """Issue 27 item 1: CYCLE removed the claim (LREM) and then raised on a wrong-typed P:scheduled (a retry due),
+    P:failed or P:failed:data (a failure): the job was in no list, and the log said ``redis.unavailable``. Now the
+    call writes nothing, the outcome waits with the job still claimed, the log names the key and its type, and the
+    outcome lands once the key is repaired."""
+    r.set(key, "junk")
+    job_id = worker.enqueue("fail", "boom")
+    w = spawn(JOB_MODULES=MODULES, JOB_RETRIES=str(retries), HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
+    event = "job.retry" if retries else "job.failed"
+    w.wait_for(rf"event={event} ", 20)
+    wait_until(lambda: re.search(rf"event=redis\.wrong_type key={key} type=string",
+                                 w.output.split(f"event={event} ", 1)[1]), 10, "the key named after the outcome")
+    assert "redis.unavailable" not in w.output
+    held = [p for k in r.keys("worker:processing:*") for p in r.lrange(k, 0, -1)]
+    assert [worker.jobs.loose_id(p) for p in held] == [job_id], w.output  # still claimed: nothing lost
+    r.delete(key)
+    if retries:
+        wait_until(lambda: r.zcard("worker:scheduled") == 1, 10, "the retry to land once the key is repaired")
+        assert json.loads(r.zrange("worker:scheduled", 0, 0)[0])["id"] == job_id
+    else:
+        wait_until(lambda: r.hexists("worker:failed:data", job_id), 10, "the failure record once repaired")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
