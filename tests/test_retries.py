@@ -260,3 +260,32 @@ def test_a_wrong_typed_key_an_outcome_needs_keeps_the_job_claimed_until_it_is_fi
         wait_until(lambda: r.hexists("worker:failed:data", job_id), 10, "the failure record once repaired")
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0, w.output
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_of_a_job_near_the_size_limit_runs(r, spawn):
+    """Issue 27 item 3: a payload near MAX_PAYLOAD_BYTES grew past it with its retry's error history and the retry
+    was refused as a bad payload; what the runtime adds never turns an accepted job into a failed one."""
+    limit = 1000
+    b = Broker(r, worker.config.from_mapping({"MAX_PAYLOAD_BYTES": str(limit)}))
+    key = "fl" + "x" * 850
+    b.push("flaky", [key, 1], {})
+    assert len(r.lindex(QUEUE, 0)) > limit - 100
+    w = spawn(JOB_MODULES=MODULES, MAX_PAYLOAD_BYTES=str(limit))
+    (done,) = events(r, key, 1)
+    assert done["attempt"] == 2, w.output
+    assert "event=job.bad" not in w.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", [None, "default"])
+def test_a_retry_goes_back_to_the_queue_it_was_claimed_from(r, spawn, field):
+    """Issue 27 item 6: a raw payload without a ``queue`` field (or naming another queue) pushed to ``mail`` retried
+    into ``default``, which a ``QUEUES=mail`` worker never serves."""
+    doc = {"id": f"mq{field}", "name": "flaky", "args": ["mq", 1], "kwargs": {}}
+    if field:
+        doc["queue"] = field
+    r.rpush("worker:queue:mail", json.dumps(doc))
+    w = spawn(JOB_MODULES=MODULES, QUEUES="mail")
+    (done,) = events(r, "mq", 1)
+    assert done["attempt"] == 2, w.output

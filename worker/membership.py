@@ -117,7 +117,8 @@ class Membership:
         info = self._info()
         for s in self.slots.slots:
             if s.busy and not s.lost:
-                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
+                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000),
+                             f"queue:{s.index}": s.queue})  # where recovery puts it back (lua.CYCLE)
                 s.saved = None
         return info
 

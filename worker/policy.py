@@ -17,6 +17,7 @@ from typing import Optional
 from . import jobs
 from .failed import record as failed_record
 from .fetch import Outcome, backoff_delay
+from .payload import HISTORY_KEEP, history_entry
 
 
 class Status(str, Enum):
@@ -137,14 +138,14 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
     if result.status is Status.INTERRUPTED:
         return _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base)
     attempts = int(doc.get("attempts") or 0) + 1
-    history = list(doc.get("errors") or [])[-9:] + [{
-        "at": time.time(), "worker": worker, "cause": result.status.value, "type": _clean(result.type),
-        "message": _clean(result.message)}]
+    history = _history(doc, {"at": time.time(), "worker": worker, "cause": result.status.value,
+                             "type": _clean(result.type), "message": _clean(result.message)})
     if result.status is Status.BAD:
         return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
     if attempts <= retries:
         delay = backoff_delay(attempts)
-        new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6), **progress)
+        new_doc = _again(doc, queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
+                         **progress)
         return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot, job_id, attempts), "job.retry",
                         "warning",
                         dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
@@ -186,9 +187,28 @@ def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, ma
                                  list(doc.get("errors") or [])), interruptions=n, **progress)
         return Decision(Outcome.fail(raw, doc["id"], rec, slot, int(doc.get("attempts") or 0)), "job.failed",
                         "warning", dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
-    new = jobs.json_dumps(dict(doc, interruptions=n, **progress))
+    new = jobs.json_dumps(_again(doc, queue, interruptions=n, **progress))
     return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"]), "shutdown.job_put_back", "info",
                     dict(outcome="requeued", interruptions=n, **base), tuple(notes))
+
+
+def _again(doc: dict, queue: str, **fields) -> dict:
+    """The payload of a job that runs again (retried, put back). Invariants enforced here:
+
+    * its ``queue`` is the queue it was claimed from, whatever its payload said (issue 27 item 6: a foreign payload
+      with no or another ``queue`` must not move queues when the schedule moves its retry);
+    * it carries each runtime field once: the marker of a recovery's appended fragment (``_rt``, see
+      ``lua.RECOVER``) goes, since this re-encoding already folds the duplicates into one."""
+    out = dict(doc, queue=queue, **fields)
+    out.pop("_rt", None)
+    return out
+
+
+def _history(doc: dict, new: dict) -> list:
+    """The error history to carry on: the last HISTORY_KEEP - 1 entries, trimmed, and ``new`` (issue 27 item 3)."""
+    old = doc.get("errors") if isinstance(doc.get("errors"), list) else []
+    kept = [e for e in (history_entry(x) for x in old[-(HISTORY_KEEP - 1):]) if e is not None]
+    return kept + [history_entry(new) or {}]
 
 
 def _clean(text: Optional[str]) -> Optional[str]:
