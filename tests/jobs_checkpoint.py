@@ -65,3 +65,14 @@ def ck_big(key, size, pad=""):
         checkpoint("x" * size)
     event(key, "ready", resumed=len(got) if got is not None else None, pad=len(pad))
     time.sleep(60)
+
+
+@job
+def ck_surrogate(key):
+    """Tries to checkpoint text with a lone surrogate (an undecodable file name) and says what happened."""
+    try:
+        checkpoint({"path": "caf\udce9.txt"})
+    except ValueError as exc:
+        event(key, "refused", message=str(exc))
+    else:
+        event(key, "accepted")

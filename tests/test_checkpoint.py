@@ -203,3 +203,14 @@ def test_a_job_near_the_size_limit_is_resumed_with_a_large_checkpoint(r, spawn):
     assert json.loads(r.blpop("ready", 30)[1])["resumed"] == 2500, w2.output
     assert "event=job.bad" not in w2.output
     w2.signal(signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_refuses_a_lone_surrogate_at_the_call(r, cli, spawn):
+    """Issue 27 item 4: checkpoint() accepted a lone surrogate, and the job was then refused at its next claim (after
+    a stop, or a whole-tree SIGKILL) instead of resumed. It is refused in checkpoint(), with a clear error."""
+    enqueue(cli, "ck_surrogate", "said")
+    w = spawn(**FAST)
+    got = json.loads(r.blpop("said", 30)[1])
+    assert got["event"] == "refused" and "lone surrogate" in got["message"], (got, w.output)
+    w.signal(signal.SIGTERM)

@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional
 from . import schedule
 from .config import ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
+from .payload import lone_surrogate  # noqa: F401  (used by child.checkpoint)
 from .payload import REGISTRY as _REGISTRY
 
 

@@ -63,14 +63,14 @@ def _refuse_lone_surrogates(name, doc) -> None:
     """Redis's cjson cannot read a lone surrogate escape (``"\\udce9"``, e.g. from ``os.fsdecode`` of a Latin-1
     file name), so the scripts that move scheduled and orphaned jobs could not find the job's queue: refuse it here
     rather than let it land in the wrong queue later."""
-    bad = _lone_surrogate(doc)
+    bad = lone_surrogate(doc)
     if bad is not None:
         raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
                          f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
                          f"or base64)")
 
 
-def _lone_surrogate(doc) -> Optional[str]:
+def lone_surrogate(doc) -> Optional[str]:
     """The text around a lone surrogate in ``doc`` (which Redis's cjson cannot read), or None."""
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
@@ -147,7 +147,7 @@ def parse(raw: str, max_payload: int) -> dict:
     if not 0 < len(doc["id"]) <= MAX_ID:  # recovery and the status records key on it: it must name the job
         raise BadJob(f"payload field 'id' is {len(doc['id'])} characters, expected 1-{MAX_ID}")
     if "\\ud" in raw or "\\uD" in raw:  # an escaped surrogate: pairs (emoji) are fine, a lone one is not
-        bad = _lone_surrogate(doc)
+        bad = lone_surrogate(doc)
         if bad is not None:  # Redis's scripts (cjson) could not read it to recover or retry it: refuse it now
             raise BadJob(f"payload contains a lone surrogate ({bad!r}), which Redis's JSON cannot read")
     if size > max_payload and size - _runtime_bytes(raw, doc) > max_payload:
