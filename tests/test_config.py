@@ -30,6 +30,10 @@ BAD_VALUES = [
                  ["JOB_MODULES", "no_such_module_xyz", "importable"], id="job-modules-missing"),
     pytest.param({"QUEUES": "a,,b"}, ["QUEUES", "a,,b", "empty"], id="queues-empty-name"),
     pytest.param({"QUEUES": "*,a"}, ["QUEUES", "*,a", "alone"], id="queues-star-and-name"),
+    # issue 27 item 10: a TTL so long that PEXPIRE would fail in a script, after the claim left the processing list
+    pytest.param({"RESULT_TTL": "9e15"}, ["RESULT_TTL", "9e15", "<="], id="result-ttl-too-long"),
+    pytest.param({"FAILED_TTL": "9e15"}, ["FAILED_TTL", "9e15", "<="], id="failed-ttl-too-long"),
+    pytest.param({"UNKNOWN_JOB_GRACE": "-1"}, ["UNKNOWN_JOB_GRACE", "-1", ">= 0"], id="unknown-job-grace"),
 ]
 
 
@@ -178,3 +182,10 @@ def test_password_not_in_unreachable_redis_messages(cli, spawn):
     w = spawn(REDIS_URL=url)
     w.wait_for(r"event=redis\.unavailable", timeout=30)
     assert SECRET not in w.output
+
+
+def test_a_job_result_ttl_past_what_redis_can_expire_is_refused():
+    """Issue 27 item 10: @job(result_ttl=9e15) passed and would have made PEXPIRE fail after the claim's LREM."""
+    from worker import jobs
+    with pytest.raises(ValueError, match="result_ttl"):
+        jobs.job(result_ttl=9e15)(lambda: None)

@@ -192,7 +192,7 @@ def test_malformed_entries_fail_with_reason_and_worker_continues(r, broker, spaw
     for raw, _ in BAD_ENTRIES:
         r.rpush("worker:queue:default", raw)
     broker.push("push", ["after", "ok"], {})
-    w = spawn("--burst")
+    w = spawn("--burst", UNKNOWN_JOB_GRACE="0")  # an unregistered name fails at once (a grace: test_retries)
     assert w.wait(45) == 0, w.output
     assert r.lrange("after", 0, -1) == ["ok"], w.output
     by_payload = {rec["payload"]: rec for rec in failed_records(r).values()}

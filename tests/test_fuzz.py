@@ -215,7 +215,7 @@ def test_fuzzed_queue_entries_are_all_accounted_for(r, spawn):
         client.rpush(QUEUE, *g.entries[i:i + 200])
     assert client.llen(QUEUE) == len(g.entries)
 
-    w = spawn("--burst", JOB_MODULES=MODULES, LOG_LEVEL="WARNING")
+    w = spawn("--burst", JOB_MODULES=MODULES, LOG_LEVEL="WARNING", UNKNOWN_JOB_GRACE="0")
     code = w.wait(120)
     assert code == 0, f"burst worker exited {code} (seed {seed}); last output:\n" + "\n".join(
         line for _, line in w.lines[-30:])
@@ -250,7 +250,7 @@ def test_fuzzed_queue_entries_are_all_accounted_for(r, spawn):
 def _burst_one(r, spawn, entry: bytes):
     client = bytes_client(r)
     client.rpush(QUEUE, entry)
-    w = spawn("--burst", JOB_MODULES=MODULES)
+    w = spawn("--burst", JOB_MODULES=MODULES, UNKNOWN_JOB_GRACE="0")
     code = w.wait(30)
     return code, w, client
 

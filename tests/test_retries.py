@@ -289,3 +289,52 @@ def test_a_retry_goes_back_to_the_queue_it_was_claimed_from(r, spawn, field):
     w = spawn(JOB_MODULES=MODULES, QUEUES="mail")
     (done,) = events(r, "mq", 1)
     assert done["attempt"] == 2, w.output
+
+
+# --- rolling deploys: a job name this worker does not register (issue 21 item 6) ---
+
+@pytest.mark.timeout(60)
+def test_a_job_name_not_registered_yet_is_put_back_until_a_worker_knows_it(r, spawn):
+    """Issue 21 item 6: a new web dyno enqueues a job the old worker dyno does not know yet. It is put back (through
+    the schedule, not counted as an attempt) and runs once a worker that registers it takes it."""
+    doc = {"id": "deploy1", "name": "nl_stamp", "queue": "default", "args": ["deployed", "t"], "kwargs": {},
+           "attempts": 0}
+    r.rpush(QUEUE, json.dumps(doc))
+    old = spawn(JOB_MODULES="worker.sample,tests.jobs")  # the old code: no tests.jobs_chaos, so no nl_stamp
+    old.wait_for(r"event=job\.unknown_name .*name=nl_stamp", 15)
+    old.signal(signal.SIGTERM)
+    assert old.wait(15) == 0, old.output
+    assert r.zcard("worker:failed") == 0
+    back = json.loads(r.zrange("worker:scheduled", 0, 0)[0])
+    assert back["id"] == "deploy1" and back["attempts"] == 0 and back["unknown_since"] > 0
+    assert r.hget("worker:job:deploy1", "status") in (None, "scheduled")
+    new = spawn(JOB_MODULES=MODULES)  # the new code
+    wait_until(lambda: r.hget("worker:job:deploy1", "status") == "done", 20, "the job to run on the new worker")
+    new.signal(signal.SIGTERM)
+    assert new.wait(15) == 0, new.output
+
+
+@pytest.mark.timeout(60)
+def test_a_job_name_never_registered_is_failed_after_the_grace_with_its_name(r, spawn):
+    """Issue 21 item 6: past UNKNOWN_JOB_GRACE the job is failed, and its failed record keeps its name (it was
+    empty); the retries come at most 30 s apart (here: every second or so, as the wait grows)."""
+    r.rpush(QUEUE, json.dumps({"id": "deploy2", "name": "never_deployed", "queue": "default", "args": [],
+                               "kwargs": {}}))
+    w = spawn(JOB_MODULES=MODULES, UNKNOWN_JOB_GRACE="2")
+    wait_until(lambda: r.hexists("worker:failed:data", "deploy2"), 20, "the failure once the grace is over")
+    rec = json.loads(r.hget("worker:failed:data", "deploy2"))
+    assert rec["name"] == "never_deployed" and rec["cause"] == "bad_payload", rec
+    assert "not registered" in rec["message"] and "UNKNOWN_JOB_GRACE" in rec["message"]
+    assert w.output.count("event=job.unknown_name") >= 2, w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
+@pytest.mark.timeout(60)
+def test_an_unparseable_payload_still_fails_at_once(r, spawn):
+    """Issue 21 item 6: only a readable payload with an unknown name gets the grace; one that cannot be parsed fails
+    at its first claim."""
+    r.rpush(QUEUE, "not json at all")
+    w = spawn("--burst", JOB_MODULES=MODULES)
+    assert w.wait(30) == 0, w.output
+    assert r.zcard("worker:failed") == 1 and r.zcard("worker:scheduled") == 0

@@ -80,6 +80,7 @@ class Config:
     max_interruptions: int = 0
     result_ttl: float = 500.0
     metrics_interval: float = 60.0
+    unknown_job_grace: float = 600.0
 
     @property
     def all_queues(self) -> bool:
@@ -97,7 +98,12 @@ class Config:
         return f"{where}:{pid if pid is not None else os.getpid()}"
 
 
-def _number(env, name, default, *, minimum=0.0, integer=False, positive=False):
+#: Longest RESULT_TTL / FAILED_TTL / @job(result_ttl=) (100 years): Redis's PEXPIRE refuses an expiry whose end
+#: overflows its clock, and the scripts set it after the claim has left the processing list (issue 27 item 10).
+MAX_TTL = 100 * 365 * 86400.0
+
+
+def _number(env, name, default, *, minimum=0.0, integer=False, positive=False, maximum=None):
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -110,6 +116,8 @@ def _number(env, name, default, *, minimum=0.0, integer=False, positive=False):
         raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}") from None
     if value != value or value in (float("inf"), float("-inf")) or value < minimum or (positive and value <= 0):
         raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound} and <= {maximum:g}")
     return value
 
 
@@ -237,7 +245,7 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         heartbeat_interval=hb_interval,
         heartbeat_ttl=hb_ttl,
         failed_max=_number(env, "FAILED_MAX", Config.failed_max, integer=True, minimum=1),
-        failed_ttl=_number(env, "FAILED_TTL", Config.failed_ttl, positive=True),
+        failed_ttl=_number(env, "FAILED_TTL", Config.failed_ttl, positive=True, maximum=MAX_TTL),
         max_payload=_number(env, "MAX_PAYLOAD_BYTES", Config.max_payload, integer=True, minimum=64),
         key_prefix=prefix,
         log_level=level,
@@ -245,8 +253,9 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         concurrency=concurrency,
         job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
         max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
-        result_ttl=_number(env, "RESULT_TTL", Config.result_ttl),
+        result_ttl=_number(env, "RESULT_TTL", Config.result_ttl, maximum=MAX_TTL),
         metrics_interval=_number(env, "METRICS_INTERVAL", Config.metrics_interval),
+        unknown_job_grace=_number(env, "UNKNOWN_JOB_GRACE", Config.unknown_job_grace),
     )
 
 

@@ -217,6 +217,37 @@ def _clean(text: Optional[str]) -> Optional[str]:
     return text.encode("utf-8", "backslashreplace").decode("utf-8") if text else text
 
 
+UNKNOWN_RETRY_MAX = 30.0  # seconds at most between two looks at a job whose name is not registered here
+
+
+def unknown(raw: str, doc: dict, queue: str, slot: int, worker: str, grace: float,
+            now: Optional[float] = None) -> Decision:
+    """A job whose name this worker does not register (issue 21 item 6: in a rolling deploy, a new web dyno enqueues
+    a job the old worker dyno does not know yet). Invariants enforced here:
+
+    * for ``grace`` seconds (UNKNOWN_JOB_GRACE) from the first time a worker saw it (``unknown_since`` in its
+      payload), it goes back to the queue it was claimed from through the schedule, at most UNKNOWN_RETRY_MAX
+      seconds later each time, without counting an attempt;
+    * after that it is failed as a bad payload, with its name in the record."""
+    now = time.time() if now is None else now
+    first = doc.get("unknown_since")
+    if not isinstance(first, (int, float)) or isinstance(first, bool) or not first <= now:
+        first = now
+    waited = now - first
+    reason = f"job name {doc['name']!r} is not registered (JOB_MODULES)"
+    if waited >= grace:
+        if grace:
+            reason += f" by any worker that took it within UNKNOWN_JOB_GRACE={grace:g} s"
+        return bad(raw, doc["id"], queue, worker, reason, slot, name=doc["name"])
+    delay = min(UNKNOWN_RETRY_MAX, max(1.0, waited), max(0.1, grace - waited))
+    new = _again(doc, queue, unknown_since=round(first, 6), enqueued_at=round(now + delay, 6))
+    attempts = int(doc.get("attempts") or 0)
+    return Decision(Outcome.retry(raw, jobs.json_dumps(new), delay, slot, doc["id"], attempts), "job.unknown_name",
+                    "warning", dict(job=doc["id"], name=doc["name"], queue=queue, retry_in=round(delay, 3),
+                                    waited=round(waited, 3), grace=grace,
+                                    note="not registered in this worker (a deploy in progress?): put back"))
+
+
 def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:
     """A queue entry that cannot run: straight to the failed registry (never retried), with the reason."""
     rec = failed_record(raw[:KEEP_BAD], job_id, name, queue, worker, 1, "bad_payload",

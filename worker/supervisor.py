@@ -29,7 +29,7 @@ from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
 from .membership import Membership
-from .policy import Decision, bad, decide
+from .policy import Decision, bad, decide, unknown
 from .signals import SignalState
 from .slots import SlotTable
 
@@ -181,11 +181,12 @@ class Supervisor(Membership):
         """Run a claimed entry in slot ``index``, or record why it cannot run."""
         try:
             doc = jobs.parse(raw, self.cfg.max_payload)
-            meta = self.slots.meta.get(doc["name"])
-            if meta is None:
-                raise jobs.BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
         except jobs.BadJob as exc:
             self._note(bad(raw, jobs.loose_id(raw), queue, self.name, str(exc), index))
+            return
+        meta = self.slots.meta.get(doc["name"])
+        if meta is None:  # a rolling deploy: put back for UNKNOWN_JOB_GRACE, then failed (policy.unknown)
+            self._note(unknown(raw, doc, queue, index, self.name, self.cfg.unknown_job_grace))
             return
         if not self.slots.ready:  # the fork server was just replaced (a failed hand-over in this same turn)
             self.pending.append(Outcome.requeue(raw, queue, index))
