@@ -54,3 +54,25 @@ def ck_then_fail(key):
     event(key, "ready")
     r().blpop(key + ":go", 30)  # the test looks at the saved checkpoint, then lets it fail
     raise RuntimeError("gave up")
+
+
+@job
+def ck_big(key, size, pad=""):
+    """Checkpoints ``size`` characters once (a large checkpoint, within the limit), says so with what it resumed
+    from, then waits for TermException (put back with the checkpoint)."""
+    got = last_checkpoint()
+    if got is None:
+        checkpoint("x" * size)
+    event(key, "ready", resumed=len(got) if got is not None else None, pad=len(pad))
+    time.sleep(60)
+
+
+@job
+def ck_surrogate(key):
+    """Tries to checkpoint text with a lone surrogate (an undecodable file name) and says what happened."""
+    try:
+        checkpoint({"path": "caf\udce9.txt"})
+    except ValueError as exc:
+        event(key, "refused", message=str(exc))
+    else:
+        event(key, "accepted")

@@ -198,3 +198,37 @@ def test_chaos_with_resumable_jobs_skips_nothing(r, cli, spawn, seed):
     for key, n in jobs.items():
         assert set(items(r, key)) == set(range(n)), f"seed {seed}: {key} skipped items"
     assert r.llen(K.queue("default")) == 0 and not r.keys(K.processing("*")), f"seed {seed}"
+
+
+@pytest.mark.timeout(60)
+def test_a_job_near_the_size_limit_is_resumed_with_a_large_checkpoint(r, spawn):
+    """Issue 27 item 3: a payload near MAX_PAYLOAD_BYTES, put back by a stop with an allowed checkpoint, was refused
+    at its next claim ("payload is N bytes, over MAX_PAYLOAD_BYTES"): the limit bounds what the producer sent, not
+    what the runtime adds."""
+    import worker.config
+    from worker.fetch import Broker
+    limit = 3000
+    b = Broker(r, worker.config.from_mapping({"MAX_PAYLOAD_BYTES": str(limit)}))
+    job_id = b.push("ck_big", ["ready", 2500, "p" * 2800], {}, queue="default")
+    assert len(r.lindex(K.queue("default"), 0)) > limit - 100
+    w = spawn(MAX_PAYLOAD_BYTES=str(limit), SHUTDOWN_WINDOW="4", **FAST)
+    assert json.loads(r.blpop("ready", 30)[1])["resumed"] is None
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0, w.output
+    back = r.lindex(K.queue("default"), 0)
+    assert json.loads(back)["id"] == job_id and len(back) > limit
+    w2 = spawn(MAX_PAYLOAD_BYTES=str(limit), **FAST)
+    assert json.loads(r.blpop("ready", 30)[1])["resumed"] == 2500, w2.output
+    assert "event=job.bad" not in w2.output
+    w2.signal(signal.SIGTERM)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_refuses_a_lone_surrogate_at_the_call(r, cli, spawn):
+    """Issue 27 item 4: checkpoint() accepted a lone surrogate, and the job was then refused at its next claim (after
+    a stop, or a whole-tree SIGKILL) instead of resumed. It is refused in checkpoint(), with a clear error."""
+    enqueue(cli, "ck_surrogate", "said")
+    w = spawn(**FAST)
+    got = json.loads(r.blpop("said", 30)[1])
+    assert got["event"] == "refused" and "lone surrogate" in got["message"], (got, w.output)
+    w.signal(signal.SIGTERM)

@@ -33,6 +33,10 @@ BAD_VALUES = [
     # issue 21 item 2: on a dyno there is no Redis on localhost; the default would log redis.unavailable for ever
     pytest.param({"DYNO": "worker.1", "REDIS_URL": ""}, ["REDIS_URL", "worker.1", "heroku-redis"],
                  id="dyno-without-redis-url"),
+    # issue 27 item 10: a TTL so long that PEXPIRE would fail in a script, after the claim left the processing list
+    pytest.param({"RESULT_TTL": "9e15"}, ["RESULT_TTL", "9e15", "<="], id="result-ttl-too-long"),
+    pytest.param({"FAILED_TTL": "9e15"}, ["FAILED_TTL", "9e15", "<="], id="failed-ttl-too-long"),
+    pytest.param({"UNKNOWN_JOB_GRACE": "-1"}, ["UNKNOWN_JOB_GRACE", "-1", ">= 0"], id="unknown-job-grace"),
 ]
 
 
@@ -223,3 +227,10 @@ def test_worker_start_names_modules_jobs_and_queues_and_warns_about_gaps(r, cli)
         warnings
     assert any("worker.module_without_jobs" in w and "module=json" in w for w in warnings), warnings
     assert not any("module=tests.jobs" in w or "module=worker.sample" in w for w in warnings), warnings
+
+
+def test_a_job_result_ttl_past_what_redis_can_expire_is_refused():
+    """Issue 27 item 10: @job(result_ttl=9e15) passed and would have made PEXPIRE fail after the claim's LREM."""
+    from worker import jobs
+    with pytest.raises(ValueError, match="result_ttl"):
+        jobs.job(result_ttl=9e15)(lambda: None)

@@ -192,7 +192,7 @@ def test_malformed_entries_fail_with_reason_and_worker_continues(r, broker, spaw
     for raw, _ in BAD_ENTRIES:
         r.rpush("worker:queue:default", raw)
     broker.push("push", ["after", "ok"], {})
-    w = spawn("--burst")
+    w = spawn("--burst", UNKNOWN_JOB_GRACE="0")  # an unregistered name fails at once (a grace: test_retries)
     assert w.wait(45) == 0, w.output
     assert r.lrange("after", 0, -1) == ["ok"], w.output
     by_payload = {rec["payload"]: rec for rec in failed_records(r).values()}
@@ -293,3 +293,44 @@ def test_burst_drains_1000_noops(r, broker, spawn):
     assert r.llen("worker:queue:default") == 0
     assert leftovers(r) == []
     assert r.get("worker:stat:failed") is None
+
+
+# --- wrong-typed keys (issue 27 item 1) ---
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["worker:stat:processed"])
+def test_a_wrong_typed_counter_or_index_neither_loses_nor_stalls_a_job(r, broker, spawn, key):
+    """Issue 27 item 1: with P:stat:processed of the wrong type, CYCLE raised after the LREM of a done job: its status
+    record stayed ``queued`` with no TTL and the log said ``redis.unavailable``. Counters and indexes are bookkeeping:
+    the outcome lands, the job's record is done (with its RESULT_TTL), and the log names the key and its type."""
+    r.delete(key)
+    r.rpush(key, "junk")
+    job_id = broker.push("push", ["out", "x"], {})
+    w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
+    assert r.blpop("out", timeout=15) == ("out", "x"), w.output
+    wait_until(lambda: r.hget(f"worker:job:{job_id}", "status") == "done", 10, "the done record", w)
+    assert r.pttl(f"worker:job:{job_id}") > 0
+    w.wait_for(rf"event=redis\.wrong_type key={key} type=list", 10)
+    assert "redis.unavailable" not in w.output
+    assert leftovers(r) == [] or all(not v for _, v in leftovers(r))
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key", ["worker:paused", "worker:epoch", "worker:workers"])
+def test_a_wrong_typed_key_a_claim_reads_is_named_not_taken_for_an_outage(r, broker, spawn, key):
+    """Issue 27 item 1: with P:paused or P:epoch wrong-typed a worker claims nothing and repeated the error as
+    ``redis.unavailable``; it names the key instead (once per HEARTBEAT_INTERVAL), loses nothing, and claims once
+    the key is repaired."""
+    r.delete(key)
+    r.rpush(key, "junk")
+    broker.push("push", ["out", "x"], {})
+    w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
+    w.wait_for(rf"event=redis\.wrong_type key={key} type=list", 15)
+    assert "redis.unavailable" not in w.output
+    assert r.llen("worker:queue:default") == 1  # claimed nothing, lost nothing
+    r.delete(key)
+    assert r.blpop("out", timeout=15) == ("out", "x"), w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output

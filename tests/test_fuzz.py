@@ -215,7 +215,7 @@ def test_fuzzed_queue_entries_are_all_accounted_for(r, spawn):
         client.rpush(QUEUE, *g.entries[i:i + 200])
     assert client.llen(QUEUE) == len(g.entries)
 
-    w = spawn("--burst", JOB_MODULES=MODULES, LOG_LEVEL="WARNING")
+    w = spawn("--burst", JOB_MODULES=MODULES, LOG_LEVEL="WARNING", UNKNOWN_JOB_GRACE="0")
     code = w.wait(120)
     assert code == 0, f"burst worker exited {code} (seed {seed}); last output:\n" + "\n".join(
         line for _, line in w.lines[-30:])
@@ -250,7 +250,7 @@ def test_fuzzed_queue_entries_are_all_accounted_for(r, spawn):
 def _burst_one(r, spawn, entry: bytes):
     client = bytes_client(r)
     client.rpush(QUEUE, entry)
-    w = spawn("--burst", JOB_MODULES=MODULES)
+    w = spawn("--burst", JOB_MODULES=MODULES, UNKNOWN_JOB_GRACE="0")
     code = w.wait(30)
     return code, w, client
 
@@ -277,7 +277,9 @@ def test_failing_job_with_wrong_typed_bookkeeping_fields_goes_to_failed(r, spawn
     ('{"id":"%s","name":"push","args":["fuzz:out","long-id"],"kwargs":{}}' % ("i" * 101)).encode(),
     b'{"id":"sur1","name":"push","args":["fuzz:out","lone"],"kwargs":{},"note":"\\udce9"}',
     b'{"id":"sur2","name":"push","args":["fuzz:out","\\uDCE9"],"kwargs":{}}',
-], ids=["empty-id", "id-over-100", "lone-surrogate-in-a-field", "lone-surrogate-uppercase-in-args"])
+    b'{"id":"inf1","name":"push","args":["fuzz:out",1e999],"kwargs":{}}',
+], ids=["empty-id", "id-over-100", "lone-surrogate-in-a-field", "lone-surrogate-uppercase-in-args",
+        "1e999-issue-27-item-10"])
 def test_payload_recovery_could_not_handle_is_refused_not_run(r, spawn, entry):
     """Found by a chaos review: an empty id ran, but recovery keys on the id (a stalled worker could not tell it was
     recovered, and its run overlapped the recovered one); a lone surrogate ran, but Redis's JSON cannot read it, so
@@ -288,7 +290,8 @@ def test_payload_recovery_could_not_handle_is_refused_not_run(r, spawn, entry):
     assert client.llen(OUT) == 0, "the job ran"
     assert client.zcard("worker:failed") == 1, w.output
     (rec,) = [json.loads(v) for v in client.hvals("worker:failed:data")]
-    assert rec["cause"] == "bad_payload" and ("'id'" in rec["message"] or "lone surrogate" in rec["message"]), rec
+    assert rec["cause"] == "bad_payload" and ("'id'" in rec["message"] or "lone surrogate" in rec["message"]
+                                              or "infinity is not JSON" in rec["message"]), rec
     assert [k for k in client.keys("worker:processing:*") if client.llen(k)] == []
 
 

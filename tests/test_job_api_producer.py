@@ -169,3 +169,22 @@ def test_a_refused_connection_names_redis_url_and_the_address_tried(env, tmp_pat
     assert res.returncode == 0, res.stderr
     assert "REDIS_URL" in res.stdout and url.split("@")[1] in res.stdout, res.stdout
     assert "pw-hidden-21" not in res.stdout + res.stderr
+
+
+@pytest.mark.parametrize("key", ["worker:wake:default", "worker:queues"])
+def test_enqueue_beside_a_wrong_typed_index_queues_the_job_and_does_not_raise(r, broker, key):
+    """Issue 27 item 2: with P:wake:<q> (or P:queues) of the wrong type, enqueue raised WRONGTYPE after the job was
+    queued: an app that retries enqueued it twice. What follows the push is bookkeeping and cannot raise."""
+    r.set(key, "junk")
+    job_id = worker.enqueue("push", "k", "v")
+    assert [json.loads(p)["id"] for p in r.lrange("worker:queue:default", 0, -1)] == [job_id]
+
+
+@pytest.mark.parametrize("call,key", [("enqueue", "worker:queue:default"), ("enqueue_in", "worker:scheduled")])
+def test_enqueue_into_a_wrong_typed_queue_raises_before_writing_anything(r, broker, call, key):
+    """Issue 27 item 2: the key that takes the job is checked before the first write: the error names it, and
+    nothing was written (a retry by the app cannot make two)."""
+    r.set(key, "junk")
+    with pytest.raises(Exception, match=f"WRONGTYPE {key} is a string"):
+        CALLS[call]("push")
+    assert sorted(r.keys("*")) == [key]

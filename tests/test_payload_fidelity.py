@@ -72,3 +72,34 @@ def test_a_restarted_worker_never_shares_keys_with_its_previous_incarnation(r):
     fresh.name = "worker.1:99999"
     fresh._register()
     assert fresh.name == "worker.1:99999"
+
+
+def test_repeated_recoveries_carry_each_runtime_field_once(r):
+    """Issue 27 item 3: each recovery appended its attempts/errors beside the previous recovery's (duplicate keys,
+    the history repeated each time). A recovery replaces the fragment the previous one appended."""
+    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2", MAX_ATTEMPTS="10")
+    payload = _payload()
+    for n in range(1, 4):
+        r.zadd("worker:workers", {f"dead:{n}": 0})
+        r.rpush(f"worker:processing:dead:{n}", payload)
+        seen_late_long_ago(r, f"dead:{n}")
+        assert b.recover() == ["requeued:j1"]
+        payload = r.lpop("worker:queue:default")
+    assert payload.count('"errors":') == 1 and payload.count('"attempts":') == 2  # the producer's 0, and ours
+    doc = json.loads(payload)
+    assert doc["attempts"] == 3 and len(doc["errors"]) == 3
+    assert doc["args"] == ARGS and doc["kwargs"] == KWARGS
+
+
+def test_recovery_puts_a_job_back_in_the_queue_it_was_claimed_from(r):
+    """Issue 27 item 6: a payload without a ``queue`` field (or naming another) was recovered into ``default``,
+    which nobody may serve; the dead worker's hash says where it was claimed from (queue:<slot>)."""
+    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    p = json.dumps({"id": "q1", "name": "push", "args": [], "kwargs": {}})
+    r.zadd("worker:workers", {"dead:1": 0})
+    r.rpush("worker:processing:dead:1", p)
+    r.hset("worker:worker:dead:1", mapping={"job:0": p, "queue:0": "mail"})
+    seen_late_long_ago(r, "dead:1")
+    assert b.recover() == ["requeued:q1"]
+    assert r.llen("worker:queue:default") == 0
+    assert json.loads(r.lindex("worker:queue:mail", 0))["id"] == "q1"

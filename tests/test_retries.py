@@ -4,6 +4,7 @@ a delayed job runs no sooner than asked and exactly once, and the failed registr
 from __future__ import annotations
 
 import json
+import re
 import signal
 import time
 from datetime import datetime, timedelta, timezone
@@ -230,3 +231,110 @@ def test_graceful_put_back_does_not_count_as_an_attempt(r, spawn, broker, name, 
     assert len(doc.get("errors") or []) == attempts
     assert r.zcard("worker:scheduled") == 0 and r.zcard("worker:failed") == 0
     assert not any(r.llen(k) for k in r.keys("worker:processing:*"))
+
+
+# --- wrong-typed bookkeeping keys (issue 27 item 1) ---
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("key,retries", [("worker:scheduled", 1), ("worker:failed", 0), ("worker:failed:data", 0)])
+def test_a_wrong_typed_key_an_outcome_needs_keeps_the_job_claimed_until_it_is_fixed(r, spawn, broker, key, retries):
+    """Issue 27 item 1: CYCLE removed the claim (LREM) and then raised on a wrong-typed P:scheduled (a retry due),
+    P:failed or P:failed:data (a failure): the job was in no list, and the log said ``redis.unavailable``. Now the
+    call writes nothing, the outcome waits with the job still claimed, the log names the key and its type, and the
+    outcome lands once the key is repaired."""
+    r.set(key, "junk")
+    job_id = worker.enqueue("fail", "boom")
+    w = spawn(JOB_MODULES=MODULES, JOB_RETRIES=str(retries), HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
+    event = "job.retry" if retries else "job.failed"
+    w.wait_for(rf"event={event} ", 20)
+    wait_until(lambda: re.search(rf"event=redis\.wrong_type key={key} type=string",
+                                 w.output.split(f"event={event} ", 1)[1]), 10, "the key named after the outcome")
+    assert "redis.unavailable" not in w.output
+    held = [p for k in r.keys("worker:processing:*") for p in r.lrange(k, 0, -1)]
+    assert [worker.jobs.loose_id(p) for p in held] == [job_id], w.output  # still claimed: nothing lost
+    r.delete(key)
+    if retries:
+        wait_until(lambda: r.zcard("worker:scheduled") == 1, 10, "the retry to land once the key is repaired")
+        assert json.loads(r.zrange("worker:scheduled", 0, 0)[0])["id"] == job_id
+    else:
+        wait_until(lambda: r.hexists("worker:failed:data", job_id), 10, "the failure record once repaired")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_of_a_job_near_the_size_limit_runs(r, spawn):
+    """Issue 27 item 3: a payload near MAX_PAYLOAD_BYTES grew past it with its retry's error history and the retry
+    was refused as a bad payload; what the runtime adds never turns an accepted job into a failed one."""
+    limit = 1000
+    b = Broker(r, worker.config.from_mapping({"MAX_PAYLOAD_BYTES": str(limit)}))
+    key = "fl" + "x" * 850
+    b.push("flaky", [key, 1], {})
+    assert len(r.lindex(QUEUE, 0)) > limit - 100
+    w = spawn(JOB_MODULES=MODULES, MAX_PAYLOAD_BYTES=str(limit))
+    (done,) = events(r, key, 1)
+    assert done["attempt"] == 2, w.output
+    assert "event=job.bad" not in w.output
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("field", [None, "default"])
+def test_a_retry_goes_back_to_the_queue_it_was_claimed_from(r, spawn, field):
+    """Issue 27 item 6: a raw payload without a ``queue`` field (or naming another queue) pushed to ``mail`` retried
+    into ``default``, which a ``QUEUES=mail`` worker never serves."""
+    doc = {"id": f"mq{field}", "name": "flaky", "args": ["mq", 1], "kwargs": {}}
+    if field:
+        doc["queue"] = field
+    r.rpush("worker:queue:mail", json.dumps(doc))
+    w = spawn(JOB_MODULES=MODULES, QUEUES="mail")
+    (done,) = events(r, "mq", 1)
+    assert done["attempt"] == 2, w.output
+
+
+# --- rolling deploys: a job name this worker does not register (issue 21 item 6) ---
+
+@pytest.mark.timeout(60)
+def test_a_job_name_not_registered_yet_is_put_back_until_a_worker_knows_it(r, spawn):
+    """Issue 21 item 6: a new web dyno enqueues a job the old worker dyno does not know yet. It is put back (through
+    the schedule, not counted as an attempt) and runs once a worker that registers it takes it."""
+    doc = {"id": "deploy1", "name": "nl_stamp", "queue": "default", "args": ["deployed", "t"], "kwargs": {},
+           "attempts": 0}
+    r.rpush(QUEUE, json.dumps(doc))
+    old = spawn(JOB_MODULES="worker.sample,tests.jobs")  # the old code: no tests.jobs_chaos, so no nl_stamp
+    old.wait_for(r"event=job\.unknown_name .*name=nl_stamp", 15)
+    old.signal(signal.SIGTERM)
+    assert old.wait(15) == 0, old.output
+    assert r.zcard("worker:failed") == 0
+    back = json.loads(r.zrange("worker:scheduled", 0, 0)[0])
+    assert back["id"] == "deploy1" and back["attempts"] == 0 and back["unknown_since"] > 0
+    assert r.hget("worker:job:deploy1", "status") in (None, "scheduled")
+    new = spawn(JOB_MODULES=MODULES)  # the new code
+    wait_until(lambda: r.hget("worker:job:deploy1", "status") == "done", 20, "the job to run on the new worker")
+    new.signal(signal.SIGTERM)
+    assert new.wait(15) == 0, new.output
+
+
+@pytest.mark.timeout(60)
+def test_a_job_name_never_registered_is_failed_after_the_grace_with_its_name(r, spawn):
+    """Issue 21 item 6: past UNKNOWN_JOB_GRACE the job is failed, and its failed record keeps its name (it was
+    empty); the retries come at most 30 s apart (here: every second or so, as the wait grows)."""
+    r.rpush(QUEUE, json.dumps({"id": "deploy2", "name": "never_deployed", "queue": "default", "args": [],
+                               "kwargs": {}}))
+    w = spawn(JOB_MODULES=MODULES, UNKNOWN_JOB_GRACE="2")
+    wait_until(lambda: r.hexists("worker:failed:data", "deploy2"), 20, "the failure once the grace is over")
+    rec = json.loads(r.hget("worker:failed:data", "deploy2"))
+    assert rec["name"] == "never_deployed" and rec["cause"] == "bad_payload", rec
+    assert "not registered" in rec["message"] and "UNKNOWN_JOB_GRACE" in rec["message"]
+    assert w.output.count("event=job.unknown_name") >= 2, w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
+@pytest.mark.timeout(60)
+def test_an_unparseable_payload_still_fails_at_once(r, spawn):
+    """Issue 21 item 6: only a readable payload with an unknown name gets the grace; one that cannot be parsed fails
+    at its first claim."""
+    r.rpush(QUEUE, "not json at all")
+    w = spawn("--burst", JOB_MODULES=MODULES)
+    assert w.wait(30) == 0, w.output
+    assert r.zcard("worker:failed") == 1 and r.zcard("worker:scheduled") == 0

@@ -551,3 +551,25 @@ def test_child_dies_with_a_sigkilled_parent(r, worker, enqueue):
     os.kill(w.pid, signal.SIGKILL)
     assert wait_gone(child, 10), f"job process {child} outlived its SIGKILLed parent"
     assert r.llen(r.keys("worker:processing:*")[0]) == 1  # not lost: recovered once the heartbeat expires
+
+
+@pytest.mark.timeout(60)
+def test_a_stop_puts_every_job_back_beside_a_wrong_typed_queue_index(r, spawn):
+    """Issue 27 item 1: with P:queues of the wrong type and 3 slots, a stop put back 2 jobs and left the third in the
+    exited worker's processing list (the put-back's SADD raised after the first LPUSH). P:queues is an index: every
+    job goes back, and the log names the key."""
+    from worker.fetch import Broker
+    import worker.config
+    b = Broker(r, worker.config.from_mapping({}))
+    ids = [b.push("term_probe", ["ev", 60, 0, True], {}) for _ in range(3)]  # swallows it: killed, put back
+    r.delete("worker:queues")
+    r.set("worker:queues", "junk")
+    w = spawn(WORKER_CONCURRENCY="3", SHUTDOWN_WINDOW="4")
+    for _ in range(3):
+        assert r.blpop("ev", timeout=15) is not None, w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+    back = [json.loads(p)["id"] for p in r.lrange("worker:queue:default", 0, -1)]
+    assert sorted(back) == sorted(ids), w.output
+    assert [k for k in r.keys("worker:processing:*") if r.llen(k)] == []
+    assert "event=redis.wrong_type key=worker:queues type=string" in w.output

@@ -86,6 +86,11 @@ def checkpoint(value: Any) -> None:
     data = json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     if len(data) > MAX_CHECKPOINT:
         raise ValueError(f"checkpoint is {len(data)} bytes of JSON, over {MAX_CHECKPOINT}: save a cursor, not data")
+    if b"\\ud" in data:  # refused here, not at the next claim (issue 27 item 4): Redis's JSON cannot read it
+        bad = _jobs.lone_surrogate(value)
+        if bad is not None:
+            raise ValueError(f"checkpoint contains a lone surrogate ({bad!r}), which Redis's JSON cannot read; "
+                             f"pass text as valid Unicode (bytes: e.g. base64)")
     _write_frame(b"C", data)
 
 

@@ -85,6 +85,7 @@ class Config:
     dashboard_read_only: bool = False
     hirefire_token: Optional[str] = field(default=None, repr=False)
     port: Optional[int] = None  # $PORT (set by Heroku on web dynos): `python -m worker web` binds 0.0.0.0:PORT
+    unknown_job_grace: float = 600.0
 
     @property
     def all_queues(self) -> bool:
@@ -102,7 +103,12 @@ class Config:
         return f"{where}:{pid if pid is not None else os.getpid()}"
 
 
-def _number(env, name, default, *, minimum=0.0, integer=False, positive=False):
+#: Longest RESULT_TTL / FAILED_TTL / @job(result_ttl=) (100 years): Redis's PEXPIRE refuses an expiry whose end
+#: overflows its clock, and the scripts set it after the claim has left the processing list (issue 27 item 10).
+MAX_TTL = 100 * 365 * 86400.0
+
+
+def _number(env, name, default, *, minimum=0.0, integer=False, positive=False, maximum=None):
     raw = env.get(name)
     if raw is None or raw.strip() == "":
         return default
@@ -115,6 +121,8 @@ def _number(env, name, default, *, minimum=0.0, integer=False, positive=False):
         raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}") from None
     if value != value or value in (float("inf"), float("-inf")) or value < minimum or (positive and value <= 0):
         raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{name}={raw!r} is not valid: expected {kind} {bound} and <= {maximum:g}")
     return value
 
 
@@ -245,7 +253,7 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         heartbeat_interval=hb_interval,
         heartbeat_ttl=hb_ttl,
         failed_max=_number(env, "FAILED_MAX", Config.failed_max, integer=True, minimum=1),
-        failed_ttl=_number(env, "FAILED_TTL", Config.failed_ttl, positive=True),
+        failed_ttl=_number(env, "FAILED_TTL", Config.failed_ttl, positive=True, maximum=MAX_TTL),
         max_payload=_number(env, "MAX_PAYLOAD_BYTES", Config.max_payload, integer=True, minimum=64),
         key_prefix=prefix,
         log_level=level,
@@ -253,12 +261,13 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         concurrency=concurrency,
         job_max_memory_mb=_number(env, "JOB_MAX_MEMORY_MB", 0, integer=True),
         max_interruptions=_number(env, "MAX_INTERRUPTIONS", 0, integer=True),
-        result_ttl=_number(env, "RESULT_TTL", Config.result_ttl),
+        result_ttl=_number(env, "RESULT_TTL", Config.result_ttl, maximum=MAX_TTL),
         metrics_interval=_number(env, "METRICS_INTERVAL", Config.metrics_interval),
         dashboard_password=_secret(env, "DASHBOARD_PASSWORD", 8),
         dashboard_read_only=_bool(env, "DASHBOARD_READ_ONLY", False),
         hirefire_token=_secret(env, "HIREFIRE_TOKEN", 16),
         port=_port(env),
+        unknown_job_grace=_number(env, "UNKNOWN_JOB_GRACE", Config.unknown_job_grace),
     )
 
 

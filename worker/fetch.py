@@ -115,6 +115,9 @@ class Cycle(NamedTuple):
     lost: bool = False  # Redis lost its data since we registered (P:epoch): nothing was recorded; see Broker.restore
     recovered: int = 0  # beats only: 1 another worker took us for dead and recovered our jobs (P:recovered:<w>);
     #                     2 our registration was gone all the same (P:workers)
+    refused: Optional[tuple] = None  # (key, type): a key this call had to write is of the wrong type; nothing was
+    #                                  written (lua.CYCLE), the claims stay in the processing list
+    odd: tuple = ()     # keys found wrong-typed and skipped (bookkeeping only: the call's outcomes took effect)
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -268,10 +271,12 @@ class Broker:
                                        k.queues, k.epoch, k.recovered(worker)], args)
         if int(res[0]) == -2:
             return Cycle([], None, [], -1, lost=True)
+        if int(res[0]) == -3:
+            return Cycle([], None, [], -1, refused=(res[1], res[2]))
         now, n = int(res[2]), int(res[3])
-        claims = [Claim(int(res[5 + 3 * i]), res[6 + 3 * i], res[7 + 3 * i], now) for i in range(n)]
-        return Cycle(claims, float(res[1]) if res[1] else None, list(res[5 + 3 * n:]), int(res[0]),
-                     recovered=int(res[4]))
+        claims = [Claim(int(res[6 + 3 * i]), res[7 + 3 * i], res[8 + 3 * i], now) for i in range(n)]
+        return Cycle(claims, float(res[1]) if res[1] else None, list(res[6 + 3 * n:]), int(res[0]),
+                     recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else ())
 
     def _call(self, script, keys, args):
         if self.link is not None:
@@ -322,7 +327,26 @@ class Broker:
         res = self._call(self._recover, [k.workers, k.suspects],
                          [k.prefix, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max,
                           int(c.failed_ttl * 1000), skip, RECOVER_SLACK_MS])
+        if res[0] == "wrongtype":  # nothing written (lua.RECOVER)
+            return Recovered([f"wrongtype:{res[1]}"])
         return Recovered(res[1:], float(res[0]) / 1000 if res[0] else None)
+
+    def wrong_types(self, worker: str = "", extra=()) -> list:
+        """``[(key, type), ...]``: the runtime's fixed keys (and ``worker``'s own) that hold another type than the
+        schema says (``keys.py``). Used to name the key when Redis answers WRONGTYPE somewhere no script names it."""
+        k = self.keys
+        want = [(k.queues, "set"), (k.workers, "zset"), (k.scheduled, "zset"), (k.failed, "zset"),
+                (k.failed_data, "hash"), (k.paused, "set"), (k.processed, "string"), (k.failed_count, "string"),
+                (k.suspects, "hash"), (k.epoch, "string")]
+        if worker:
+            want += [(k.processing(worker), "list"), (k.worker(worker), "hash"), (k.recovered(worker), "set")]
+        want += [(key, "list") for key in extra]
+        with self.r.pipeline(transaction=False) as pipe:
+            for key, _ in want:
+                pipe.type(key)
+            got = pipe.execute()
+        got = [g.decode() if isinstance(g, bytes) else g for g in got]
+        return [(key, t) for (key, w), t in zip(want, got) if t not in (w, "none")]
 
     def unregister(self, worker: str) -> bool:
         k = self.keys

@@ -13,8 +13,9 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Union
 
 from . import schedule
-from .config import ConfigError
+from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
+from .payload import lone_surrogate  # noqa: F401  (used by child.checkpoint)
 from .payload import REGISTRY as _REGISTRY
 
 
@@ -85,8 +86,8 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError("job retries must be >= 0")
         if max_interruptions is not None and max_interruptions < 0:
             raise ValueError("job max_interruptions must be >= 0")
-        if result_ttl is not None and not result_ttl >= 0:
-            raise ValueError("job result_ttl must be >= 0 seconds")
+        if result_ttl is not None and not 0 <= result_ttl <= MAX_TTL:
+            raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
                                       result_ttl, sched, arity_checker(f))
         f.job_name = job_name

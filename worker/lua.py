@@ -3,6 +3,13 @@
 Each script runs atomically in Redis. A script that raises half-way keeps its earlier writes, so every script is
 written so that nothing after its first write can raise on bad data (``pcall`` around decoding, encoding and pushes
 to keys of unknown type).
+
+Invariant (issue 27 item 1): a key of the wrong type (a string where a list belongs, say) never makes a script raise
+after its first write. Keys that hold jobs or must take an outcome (the processing list, P:scheduled for a retry,
+P:failed and P:failed:data for a failure, a producer's queue) are TYPE-checked before the first write: a wrong one
+refuses the whole call, writing nothing ({-3, key, type}; the claims stay in the processing list, for the worker to
+try again or for recovery). Every other key (counters, P:queues, wake lists, status records, the worker hash, P:paused
+as read) is used through ``redis.pcall``: a wrong type there skips that bookkeeping and is reported by name.
 """
 
 # The failed registry (P:failed, P:failed:data): add a record, then trim what is past FAILED_TTL or beyond
@@ -10,9 +17,9 @@ to keys of unknown type).
 RECORD_FAILURE = r"""
 local function record_failure(id, record, max_n, ttl_ms)
   local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
-  redis.call('ZADD', fz, now, id)
+  redis.call('ZADD', fz, now, id)  -- (fz and fd: TYPE-checked by the caller before its first write)
   redis.call('HSET', fd, id, record)
-  redis.call('INCR', prefix .. ':stat:failed')
+  redis.pcall('INCR', prefix .. ':stat:failed')
   local old = redis.call('ZRANGEBYSCORE', fz, '-inf', now - ttl_ms, 'LIMIT', 0, 500)
   for _, v in ipairs(old) do redis.call('HDEL', fd, v); redis.call('ZREM', fz, v) end
   local n = redis.call('ZCARD', fz)
@@ -26,9 +33,9 @@ end
 
 # Ring a queue's wake list for idle workers, once (a token already there is enough). Needs `prefix`.
 WAKE_FN = r"""
-local function wake(q)
+local function wake(q)  -- (pcall: a wake list of the wrong type is a doorbell that does not ring, never an error)
   local k = prefix .. ':wake:' .. q
-  if redis.call('LLEN', k) == 0 then redis.call('RPUSH', k, '1') end
+  if redis.pcall('LLEN', k) == 0 then redis.pcall('RPUSH', k, '1') end
 end
 """
 
@@ -60,15 +67,24 @@ end
 # A call that redis-py re-sends after a timeout (its first copy may already have run, or may still be buffered in
 # a stalled server) finds its dedupe key and does nothing: one key per call, not per job, so enqueue_many pays one
 # SET per batch. Due times are computed here on the Redis clock, the one that moves scheduled jobs.
+# Nothing may raise once the job is queued (an app that retries would enqueue it twice): the key that takes the job
+# (its queue, or P:scheduled) is TYPE-checked before any write (a wrong one: an error reply, nothing written), and
+# what follows the push (P:queues, the wake list, status records) uses pcall.
 ENQUEUE = PRELUDE + r"""
-if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[3]) then return 0 end
 local when, due = ARGV[4], nil
 if when ~= '' then
   due = tonumber(string.sub(when, 2))
   if string.sub(when, 1, 1) == '+' then due = now + due end
 end
-local n = tonumber(ARGV[6])
 local scheduled = due and due > now
+local dest, want = KEYS[1], 'list'
+if scheduled then dest, want = KEYS[3], 'zset' end
+local got = redis.call('TYPE', dest)['ok']
+if got ~= want and got ~= 'none' then
+  return redis.error_reply('WRONGTYPE ' .. dest .. ' is a ' .. got .. ', expected a ' .. want .. ': nothing enqueued')
+end
+if not redis.call('SET', KEYS[4], '1', 'NX', 'PX', ARGV[3]) then return 0 end
+local n = tonumber(ARGV[6])
 local status = scheduled and 'scheduled' or 'queued'
 for i = 7, 6 + n do
   jset(ARGV[i], 'status', status, 'name', ARGV[5], 'queue', ARGV[2], 'enqueued_at', scheduled and due or now,
@@ -79,7 +95,7 @@ if scheduled then
   return 2
 end
 redis.call('RPUSH', KEYS[1], unpack(ARGV, 7 + n))
-redis.call('SADD', KEYS[2], ARGV[2])
+redis.pcall('SADD', KEYS[2], ARGV[2])
 wake(ARGV[2])
 return 1
 """
@@ -115,10 +131,17 @@ return 1
 # nothing is written and {-2} returned (the worker restores its registration and its claims, then calls again). The
 # check is skipped only when the first outcome's job was still in the processing list (LREM, which writes nothing
 # when it finds nothing, runs first): data lost since the claim would have taken the list with it.
+# Wrong-typed keys (see the module's docstring): the processing list, and P:scheduled, P:failed, P:failed:data when
+# an outcome of this call writes them, are TYPE-checked before the LREM; a wrong one returns {-3, key, its type} with
+# nothing written (the worker holds back the outcomes that need that key and calls again without them). Every other
+# key is written or read with pcall; those found wrong-typed are named in the reply (odd keys), and skipped.
 # Returns {held (-1 when not beating), ms until the next scheduled job is due ('' if none; only when nothing was
 #          claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists, i.e. another worker
-#          took this one for dead and recovered its jobs; 2 if only its P:workers entry was gone; else 0), slot1,
-#          payload1, queue1, ..., queue names considered (only when nothing was claimed)...}
+#          took this one for dead and recovered its jobs; 2 if only its P:workers entry was gone; else 0), odd keys
+#          ('' or key names joined by newlines), slot1, payload1, queue1, ..., queue names considered (only when
+#          nothing was claimed)...}
+# The worker hash also records, per claim, the queue it came from (queue:<slot>): recovery puts the job back there,
+# whatever its payload's "queue" field says (issue 27 item 6).
 # Cost: this runs once per job, so the hot path (one ack, one claim) is kept lean: no helper closures, few tables,
 # no number formatting (Redis's clock is kept as a string for writes), and no GET of the epoch (see above).
 CYCLE = r"""
@@ -132,12 +155,36 @@ local ck = 12 + nq                            -- ARGV[ck]: nck
 local oat = ck + 1 + 2 * tonumber(ARGV[ck])  -- ARGV[oat]: nout
 local nout = tonumber(ARGV[oat])
 local cat = oat + 1 + 8 * nout                -- ARGV[cat..]: slots to claim into
+local got = redis.call('TYPE', processing)['ok']  -- types first: nothing is written yet (see above)
+if got ~= 'list' and got ~= 'none' then return {-3, processing, got} end
+for at = oat + 1, cat - 1, 8 do
+  local op = ARGV[at]
+  if op == 'retry' then
+    got = redis.call('TYPE', scheduled)['ok']
+    if got ~= 'zset' and got ~= 'none' then return {-3, scheduled, got} end
+  elseif op == 'fail' then
+    got = redis.call('TYPE', prefix .. ':failed')['ok']
+    if got ~= 'zset' and got ~= 'none' then return {-3, prefix .. ':failed', got} end
+    got = redis.call('TYPE', prefix .. ':failed:data')['ok']
+    if got ~= 'hash' and got ~= 'none' then return {-3, prefix .. ':failed:data', got} end
+  end
+end
 local first = nout > 0 and redis.call('LREM', processing, -1, ARGV[oat + 3]) or 0
-if ARGV[10] ~= '' and first ~= 1 and redis.call('GET', KEYS[7]) ~= ARGV[10] then return {-2} end  -- no write yet
+if ARGV[10] ~= '' and first ~= 1 then  -- no write yet
+  local e = redis.pcall('GET', KEYS[7])
+  if type(e) == 'table' then return {-3, KEYS[7], redis.call('TYPE', KEYS[7])['ok']} end
+  if e ~= ARGV[10] then return {-2} end
+end
 local tidy = ARGV[9] == '1'
+local odd = nil  -- keys found wrong-typed (and skipped), for the reply
 """ + WAKE_FN + r"""-- The first LREM above may already have written: from here on, a bookkeeping key of the wrong type must not make
 -- the script raise before the outcomes are recorded (pcall), or the job would be in no list at all.
-local readded = ARGV[3] ~= '' and redis.pcall('ZADD', workers, now + tonumber(ARGV[3]), worker) == 1
+local readded = false
+if ARGV[3] ~= '' then
+  readded = redis.pcall('ZADD', workers, now + tonumber(ARGV[3]), worker)
+  if type(readded) == 'table' then odd = workers end
+  readded = readded == 1
+end
 for at = ck + 1, oat - 1, 2 do
   if ARGV[at + 1] == '' then
     redis.pcall('HDEL', wh, 'ckpt:' .. ARGV[at])
@@ -160,12 +207,14 @@ for at = oat + 1, cat - 1, 8 do
     end
     -- status records are written with pcall: a key of the wrong type never aborts the script
     if op == 'ack' then
-      redis.call('INCR', prefix .. ':stat:processed')
+      if type(redis.pcall('INCR', prefix .. ':stat:processed')) == 'table' then
+        odd = (odd and odd .. '\n' or '') .. prefix .. ':stat:processed'
+      end
       if id ~= '' then
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker,
                       'started_at', started)
-          redis.call('PEXPIRE', jk, b)
+          redis.pcall('PEXPIRE', jk, b)
         else
           redis.call('DEL', jk)
         end
@@ -175,7 +224,7 @@ for at = oat + 1, cat - 1, 8 do
       if id ~= '' then
         redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker,
                     'started_at', started)
-        redis.call('PEXPIRE', jk, b)
+        redis.pcall('PEXPIRE', jk, b)
       end
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
@@ -185,17 +234,22 @@ for at = oat + 1, cat - 1, 8 do
       local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
       if type(pushed) == 'number' then
         wake(a)
-        redis.call('SADD', known, a)  -- a QUEUES=* worker finds it (P:queues may be gone with lost data)
-      else
+        if type(redis.pcall('SADD', known, a)) == 'table' then  -- a QUEUES=* worker finds it (P:queues may be
+          odd = (odd and odd .. '\n' or '') .. known             -- gone with lost data)
+        end
+      else  -- its queue is not a list: the claim stays (processing: TYPE-checked above)
         redis.call('RPUSH', processing, payload)
+        odd = (odd and odd .. '\n' or '') .. prefix .. ':queue:' .. a
       end
       if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
       elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
     end
   end
 end
+local due = tidy and redis.pcall('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100) or {}
+if due.err then due, odd = {}, (odd and odd .. '\n' or '') .. scheduled end
 if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
-  for _, p in ipairs(redis.call('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100)) do
+  for _, p in ipairs(due) do
     local ok, doc = pcall(cjson.decode, p)
     -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
     local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue']
@@ -204,35 +258,39 @@ if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queue
     -- (visible in status) instead of raising half-way through this script and losing it
     local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
     if type(pushed) == 'number' then
-      redis.call('ZREM', scheduled, p)
-      redis.call('SADD', known, q)
+      redis.call('ZREM', scheduled, p)  -- (a zset: ZRANGEBYSCORE read it)
+      redis.pcall('SADD', known, q)
       wake(q)
       local id = string.match(p, '^{"id":"([%w_%-]+)"')
       if id then redis.pcall('HSET', prefix .. ':job:' .. id, 'status', 'queued') end
     end
   end
 end
-local queues = (ARGV[6] == '1') and redis.call('SORT', known, 'ALPHA') or nil  -- else ARGV[12 .. 11 + nq]
+local queues = (ARGV[6] == '1') and redis.pcall('SORT', known, 'ALPHA') or nil  -- else ARGV[12 .. 11 + nq]
+if queues and queues.err then queues, odd = {}, (odd and odd .. '\n' or '') .. known end
 local nqs = queues and #queues or nq
-local res, wf = {0, '', now, 0, 0}, {}  -- wf: the worker hash's fields, written once at the end
+local res, wf = {0, '', now, 0, 0, ''}, {}  -- wf: the worker hash's fields, written once at the end
 local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
 local first_claim = cat
 if cat <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
   local p
-  if queues then p = redis.call('SMISMEMBER', paused, '*', unpack(queues))
-  else p = redis.call('SMISMEMBER', paused, '*', unpack(ARGV, 12, 11 + nq)) end
+  if queues then p = redis.pcall('SMISMEMBER', paused, '*', unpack(queues))
+  else p = redis.pcall('SMISMEMBER', paused, '*', unpack(ARGV, 12, 11 + nq)) end
+  if p.err then p, odd = {1}, (odd and odd .. '\n' or '') .. paused end  -- unreadable: claim nothing
   local i = 1
   while p[1] == 0 and i <= nqs and cat <= #ARGV do
     local q = queues and queues[i] or ARGV[11 + i]
     local v = false
     if p[i + 1] == 0 then
       anyopen = true
-      v = redis.call('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
+      v = redis.pcall('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
+      if type(v) == 'table' then v, odd = false, (odd and odd .. '\n' or '') .. prefix .. ':queue:' .. q end
     end
     if v then
       -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
       local slot = ARGV[cat]
       wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. slot, v, 'started:' .. slot, now_s
+      wf[#wf + 1], wf[#wf + 2] = 'queue:' .. slot, q  -- where recovery puts it back
       res[#res + 1], res[#res + 2], res[#res + 3] = slot, v, q
       claimed, cat = claimed + 1, cat + 1
       if tidy then left = left or {}; left[q] = true end
@@ -263,20 +321,22 @@ for at = oat + 2, first_claim - 1, 8 do
   end
   if not again then
     freed = freed or {}
-    freed[#freed + 1], freed[#freed + 2] = 'job:' .. slot, 'started:' .. slot
+    freed[#freed + 1], freed[#freed + 2], freed[#freed + 3] = 'job:' .. slot, 'started:' .. slot, 'queue:' .. slot
   end
 end
-if freed then redis.call('HDEL', wh, unpack(freed)) end
-redis.call('HSET', wh, unpack(wf))
+if freed then redis.pcall('HDEL', wh, unpack(freed)) end
+if type(redis.pcall('HSET', wh, unpack(wf))) == 'table' then odd = (odd and odd .. '\n' or '') .. wh end
 res[1], res[4] = (ARGV[3] ~= '') and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
 if ARGV[3] ~= '' then  -- taken for dead: our jobs were recovered (1), or at least our registration is gone (2)
   res[5] = (redis.call('EXISTS', KEYS[8]) == 1) and 1 or (readded and 2 or 0)
 end
 if claimed == 0 then
-  local nxt = redis.call('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+  local nxt = redis.pcall('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
   res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
+  if nxt.err and not tidy then odd = (odd and odd .. '\n' or '') .. scheduled end
   for i = 1, nqs do res[#res + 1] = queues and queues[i] or ARGV[11 + i] end
 end
+res[6] = odd or ''
 return res
 """
 
@@ -302,8 +362,20 @@ return res
 # use (attempts must be a finite integer), every encode is under pcall with a fallback that cannot fail, pushes and
 # wake-ups to keys a payload chooses use redis.pcall, and each item leaves the processing list (RPOP) right after
 # its outcome is written, so even an unforeseen error cannot duplicate what was already handled.
+# Wrong-typed keys: P:workers, P:suspects, P:failed and P:failed:data are TYPE-checked before the first write (a
+# wrong one: {'wrongtype', key, type}, nothing written); a dead worker whose processing list is not a list is left
+# as it is (item 'wrongtype:<key>'); every other key is used through pcall.
+# A job goes back to the queue it was claimed from (queue:<slot> in the dead worker's hash), else the one its
+# payload names, else 'default'. The fields recovery adds (attempts, errors, checkpoint) follow a marker
+# "_rt":<offset of the fragment> and replace the previous recovery's fragment instead of piling up beside it: a job
+# recovered many times never carries duplicate keys, and its history is bounded (11 entries of short fields).
 RECOVER = PRELUDE + r"""
 local workers, suspects, skip, slack = KEYS[1], KEYS[2], ARGV[6], tonumber(ARGV[7])
+for _, kt in ipairs({{workers, 'zset'}, {suspects, 'hash'}, {prefix .. ':failed', 'zset'},
+                     {prefix .. ':failed:data', 'hash'}}) do
+  local got = redis.call('TYPE', kt[1])['ok']
+  if got ~= kt[2] and got ~= 'none' then return {'wrongtype', kt[1], got} end
+end
 local RECOVERED_TTL_MS = 86400000  -- P:recovered:<w> lives a day: a worker stalled longer may run its copy on
 local late = redis.call('ZRANGEBYSCORE', workers, '-inf', now, 'WITHSCORES', 'LIMIT', 0, 100)
 local dead, wait = {}, nil
@@ -346,19 +418,42 @@ local function encode(v, fallback)
   if ok then return s end
   return fallback
 end
+-- a history entry as recovery carries it: known fields only, short (a foreign producer's entries may be anything)
+local function entry(e)
+  if type(e) ~= 'table' then return nil end
+  local out = {}
+  for _, f in ipairs({'at', 'worker', 'cause', 'type', 'message'}) do
+    local v = e[f]
+    if type(v) == 'string' then out[f] = string.sub(v, 1, 500)
+    elseif type(v) == 'number' and v == v and v > -1e15 and v < 1e15 then out[f] = v end
+  end
+  return out
+end
+-- the payload without the fragment an earlier recovery appended (see above), when that fragment is there
+local function base(p, doc)
+  local at = doc['_rt']
+  if type(at) ~= 'number' or at ~= math.floor(at) or at < 2 or at >= #p then return p end
+  local mark = ',"_rt":' .. string.format('%d', at) .. ','
+  if string.sub(p, at + 1, at + #mark) ~= mark then return p end
+  return string.sub(p, 1, at) .. '}'
+end
 for _, w in ipairs(dead) do
-  do
-    local pk = prefix .. ':processing:' .. w
+  local pk = prefix .. ':processing:' .. w
+  local ptype = redis.call('TYPE', pk)['ok']
+  if ptype ~= 'list' and ptype ~= 'none' then
+    out[#out + 1] = 'wrongtype:' .. pk  -- left as it is: nothing here can be read as jobs
+  else
     local gone = prefix .. ':recovered:' .. w  -- what it held, for the worker itself if it was only stalled
     -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
-    local ckpt = {}
+    local ckpt, from = {}, {}  -- and the queue it was claimed from (queue:<slot>), by payload
     local info = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
-    if type(info) == 'table' then
+    if type(info) == 'table' and not info.err then
       local f = {}
       for n = 1, #info, 2 do f[info[n]] = info[n + 1] end
       for k, v in pairs(f) do
         local slot = string.match(k, '^job:(%d+)$')
         if slot and f['ckpt:' .. slot] then ckpt[v] = f['ckpt:' .. slot] end
+        if slot and f['queue:' .. slot] then from[v] = f['queue:' .. slot] end
       end
     end
     local items = redis.call('LRANGE', pk, 0, -1)
@@ -368,7 +463,7 @@ for _, w in ipairs(dead) do
       if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
         local id = doc['id']
         redis.pcall('SADD', gone, id)
-        local q = doc['queue']
+        local q = from[p] or doc['queue']
         if type(q) ~= 'string' or q == '' then q = 'default' end
         -- attempts: an integer >= 0 (else 0, as the worker reads it), at most MAX_ATTEMPTS: inf, NaN, 2.5 or
         -- "7" cannot leak into string concatenation or cjson.encode
@@ -377,19 +472,23 @@ for _, w in ipairs(dead) do
         if a > max_attempts then a = max_attempts end
         a = a + 1
         local astr = string.format('%d', a)
-        local hist = doc['errors']
-        if type(hist) ~= 'table' then hist = {} end
+        local hist = {}
+        if type(doc['errors']) == 'table' then
+          local old = doc['errors']
+          for k = math.max(1, #old - 9), #old do hist[#hist + 1] = entry(old[k]) end
+        end
         hist[#hist + 1] = {at = now / 1000, worker = w, cause = 'lost',
                            message = 'worker vanished (heartbeat expired) while running the job'}
-        while #hist > 10 do table.remove(hist, 1) end
         local lost = '[{"at":' .. string.format('%.3f', now / 1000) .. ',"worker":' .. encode(w, '""') ..
                      ',"cause":"lost","message":"worker vanished; history unreadable"}]'
         local hjson = encode(hist, lost)
         if hjson == lost then hist = cjson.decode(lost) end
         local pushed = false
         if a < max_attempts then
+          local b = base(p, doc)
+          local at = string.format('%d', #b - 1)  -- where the fragment begins: after the body, before its ','
           pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. q,
-                   with_fields(p, '"attempts":' .. astr .. ',"errors":' .. hjson ..
+                   with_fields(b, '"_rt":' .. at .. ',"attempts":' .. astr .. ',"errors":' .. hjson ..
                                (ckpt[p] and (',"checkpoint":' .. ckpt[p]) or '')))) == 'number'
         end
         if pushed then

@@ -18,7 +18,7 @@ from typing import Optional
 import redis
 
 from . import client, jobs
-from .fetch import Broker
+from .fetch import Broker, Op
 from .policy import Kill
 
 
@@ -74,16 +74,20 @@ class Membership:
 
     def _adopt(self) -> None:
         held = list(self.broker.claimed(self.name))
-        for raw in [s.raw for s in self.slots.slots if s.busy] + [o.payload for o in self.pending] + self.adopted:
+        for raw in [s.raw for s in self.slots.slots if s.busy] + [o.payload for o in self.pending + self.parked] \
+                + self.adopted:
             if raw in held:
                 held.remove(raw)
         self.adopted += held
         self._resync = False
 
     def _register(self) -> None:
-        if self.broker.name_in_use(self.name):  # a previous incarnation with our $DYNO and pid: never share its keys
+        # a previous incarnation with our $DYNO and pid: never share its keys (checked once: after a failed attempt
+        # of ours, the keys in use are our own)
+        if not getattr(self, "_name_checked", False) and self.broker.name_in_use(self.name):
             self.name = f"{self.name}:{os.urandom(3).hex()}"
             self.log.bound["worker"] = self.name
+        self._name_checked = True
         self._started = time.time()
         self.broker.register(self.name, self._info())
         self._registered = True
@@ -101,7 +105,7 @@ class Membership:
         recorded, put back on a stop, or recovered if this dyno dies, as if nothing had happened. ``broker``: the
         exit's own connection, in the last bookkeeping."""
         running = [s for s in self.slots.slots if s.busy and not s.lost]
-        held = [s.raw for s in running] + [o.payload for o in self.pending] + self.adopted
+        held = [s.raw for s in running] + [o.payload for o in self.pending + self.parked] + self.adopted
         self.log.error("redis.data_lost", held=len(held),
                        note="P:epoch changed: Redis restarted without persistence, or its data was replaced; "
                             "jobs queued before are gone, the ones this worker holds are claimed again")
@@ -113,7 +117,8 @@ class Membership:
         info = self._info()
         for s in self.slots.slots:
             if s.busy and not s.lost:
-                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000)})
+                info.update({f"job:{s.index}": s.raw, f"started:{s.index}": s.claimed_ms or int(time.time() * 1000),
+                             f"queue:{s.index}": s.queue})  # where recovery puts it back (lua.CYCLE)
                 s.saved = None
         return info
 
@@ -126,6 +131,9 @@ class Membership:
             return
         for item in done:
             what, _, job_id = item.partition(":")
+            if what == "wrongtype":  # (job_id: the key) nothing of it was recovered
+                self._wrong_type(job_id)
+                continue
             self.log.warning("recovery." + what, job=job_id, reason="owner's deadline and grace passed")
         if done:  # jobs went back to the queues: worth a claim now (a burst worker runs them too)
             self._claim, self._drained = True, False
@@ -133,7 +141,52 @@ class Membership:
         if done.wait is not None:  # a late worker gets its grace; look again the moment it ends
             self._next_recover = min(self._next_recover, time.monotonic() + done.wait + 0.01)
 
+    # --- wrong-typed keys (issue 27 item 1): named, once per HEARTBEAT_INTERVAL each, never taken for an outage ---
+    def _refused(self, key: str, kind: str, outcomes: list) -> Optional[list]:
+        """A CYCLE call wrote nothing: ``key`` (which it had to write) is a ``kind``. The outcomes that need that key
+        (a retry: P:scheduled; a failure: P:failed, P:failed:data) are held back (``parked``) and tried again after
+        HEARTBEAT_INTERVAL, their claims staying in our processing list (recovered if this worker dies); returns
+        the outcomes to send without them, or None if the key blocks every call (our processing list, P:epoch):
+        then nothing is sent before the next interval."""
+        self._wrong_type(key, kind)
+        k = self.broker.keys
+        needs = {Op.RETRY: (k.scheduled,), Op.FAIL: (k.failed, k.failed_data)}
+        held = [o for o in outcomes if key in needs.get(o.op, ())]
+        if not held:
+            self._retry_at = time.monotonic() + self.cfg.heartbeat_interval
+            return None
+        self.parked += held
+        self._park_until = time.monotonic() + self.cfg.heartbeat_interval
+        return [o for o in outcomes if o not in held]
+
+    def _unpark(self) -> None:
+        if self.parked and time.monotonic() >= self._park_until:
+            self.pending, self.parked = self.parked + self.pending, []
+
+    def _wrong_type(self, key: str, kind: Optional[str] = None) -> None:
+        now = time.monotonic()
+        if now < self._wrong_seen.get(key, 0.0):
+            return
+        self._wrong_seen[key] = now + self.cfg.heartbeat_interval
+        if kind is None:
+            try:
+                kind = self.broker.r.type(key)
+            except redis.RedisError:
+                kind = "?"
+        self.log.error("redis.wrong_type", key=key, type=kind,
+                       note="this key holds another type than the runtime's (keys.py); the jobs that need it wait "
+                            "in their processing list: delete or rename the key")
+
     def _redis_down(self, exc) -> None:
+        if isinstance(exc, redis.ResponseError) and "WRONGTYPE" in str(exc):
+            try:  # a key of the wrong type, not an outage: name it (or say what Redis said)
+                found = self.broker.wrong_types(self.name, self.broker.wake_keys(self.cfg.queues))
+            except redis.RedisError:
+                found = []
+            for key, kind in found or [("?", str(exc)[:200])]:
+                self._wrong_type(key, kind)
+            self._retry_at = time.monotonic() + self.cfg.heartbeat_interval
+            return
         self._outage += 1
         # at least one attempt per HEARTBEAT_INTERVAL: after a stall, our beat must come within the grace others
         # give us (lua.RECOVER: interval + 1 s), not after a backoff of several seconds

@@ -63,14 +63,14 @@ def _refuse_lone_surrogates(name, doc) -> None:
     """Redis's cjson cannot read a lone surrogate escape (``"\\udce9"``, e.g. from ``os.fsdecode`` of a Latin-1
     file name), so the scripts that move scheduled and orphaned jobs could not find the job's queue: refuse it here
     rather than let it land in the wrong queue later."""
-    bad = _lone_surrogate(doc)
+    bad = lone_surrogate(doc)
     if bad is not None:
         raise ValueError(f"job {name!r}: arguments contain a lone surrogate ({bad!r}), which Redis's JSON cannot "
                          f"read; pass text as valid Unicode (bytes: e.g. os.fsencode(path).decode('latin-1') "
                          f"or base64)")
 
 
-def _lone_surrogate(doc) -> Optional[str]:
+def lone_surrogate(doc) -> Optional[str]:
     """The text around a lone surrogate in ``doc`` (which Redis's cjson cannot read), or None."""
     try:
         json.dumps(doc, ensure_ascii=False).encode("utf-8")
@@ -88,19 +88,55 @@ def _size(text: str, limit: int) -> int:
 
 MAX_ID = 100  # characters of a job id (ours are 32)
 
+# What the runtime itself adds to a payload (issue 27 item 3). MAX_PAYLOAD_BYTES bounds what the producer sent; the
+# runtime adds a checkpoint (at most child.MAX_CHECKPOINT = 64 KiB of JSON), attempts, interruptions, enqueued_at and
+# an error history of at most HISTORY_KEEP entries of short fields (HISTORY_FIELD characters each: policy.py and
+# lua.RECOVER trim them). A recovery appends its fragment (lua.RECOVER) to a payload that may already carry the
+# same fields (a retry's), so up to twice that. A claimed entry is refused if what is left once its runtime fields
+# are discounted (at most this much) is over MAX_PAYLOAD_BYTES: the runtime's own bookkeeping never turns an accepted
+# job into a bad payload, and a producer that writes its own payloads gets the same limit as enqueue.
+HISTORY_KEEP = 10
+HISTORY_FIELD = 500
+RUNTIME_ALLOWANCE = 2 * (64 * 1024 + (HISTORY_KEEP + 1) * (5 * HISTORY_FIELD + 100)) + 1024
+
 
 def _no_constant(name):
     raise ValueError(f"{name} is not JSON")
+
+
+def _finite(text):
+    """JSON numbers only: ``1e999`` would run as infinity, which no payload can carry back (issue 27 item 10)."""
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"number {text[:40]} is out of range (infinity is not JSON)")
+    return value
+
+
+def history_entry(entry) -> Optional[dict]:
+    """An error-history entry as the runtime carries it: known fields only, each short (a foreign producer's
+    entries may be anything), or None if it is not an entry."""
+    if not isinstance(entry, dict):
+        return None
+    out = {}
+    for field in ("at", "worker", "cause", "type", "message"):
+        value = entry.get(field)
+        if isinstance(value, str):
+            out[field] = value[:HISTORY_FIELD]
+        elif isinstance(value, (int, float)) and not isinstance(value, bool) and abs(value) < 1e15:
+            out[field] = value
+    return out
 
 
 def parse(raw: str, max_payload: int) -> dict:
     """Parse and check the shape of a claimed queue entry, without the registry (the worker does not import the
     app). Returns the payload dict; raises :class:`BadJob`."""
     size = _size(raw, max_payload)
-    if size > max_payload:
-        raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
+    if size > max_payload:  # exact bytes, unless so long that it is over in any case (never parsed)
+        size = len(raw.encode("utf-8", "surrogateescape")) if len(raw) <= max_payload + RUNTIME_ALLOWANCE else len(raw)
+        if size > max_payload + RUNTIME_ALLOWANCE:
+            raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload}")
     try:
-        doc = json.loads(raw, parse_constant=_no_constant)
+        doc = json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
     except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
         raise BadJob(f"payload is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(doc, dict):
@@ -111,9 +147,12 @@ def parse(raw: str, max_payload: int) -> dict:
     if not 0 < len(doc["id"]) <= MAX_ID:  # recovery and the status records key on it: it must name the job
         raise BadJob(f"payload field 'id' is {len(doc['id'])} characters, expected 1-{MAX_ID}")
     if "\\ud" in raw or "\\uD" in raw:  # an escaped surrogate: pairs (emoji) are fine, a lone one is not
-        bad = _lone_surrogate(doc)
+        bad = lone_surrogate(doc)
         if bad is not None:  # Redis's scripts (cjson) could not read it to recover or retry it: refuse it now
             raise BadJob(f"payload contains a lone surrogate ({bad!r}), which Redis's JSON cannot read")
+    if size > max_payload and size - _runtime_bytes(raw, doc) > max_payload:
+        raise BadJob(f"payload is {size} bytes, over MAX_PAYLOAD_BYTES={max_payload} "
+                     f"(not counting the runtime's own fields)")
     # Bookkeeping fields written by other producers may be off; they must not break the worker's accounting.
     attempts = doc.get("attempts")
     if not isinstance(attempts, int) or isinstance(attempts, bool) or attempts < 0:
@@ -121,6 +160,21 @@ def parse(raw: str, max_payload: int) -> dict:
     if not isinstance(doc.get("errors", []), list):
         doc["errors"] = []
     return doc
+
+
+def _runtime_bytes(raw: str, doc: dict) -> int:
+    """About how many bytes of ``raw`` the runtime added (see RUNTIME_ALLOWANCE, its bound): the checkpoint and the
+    error history, and a recovery's appended fragment (``"_rt":<offset>``, lua.RECOVER) beside their earlier copy."""
+    n = 0
+    for field in ("checkpoint", "errors"):
+        if field in doc:
+            n += len(field) + 4 + len(json.dumps(doc[field], separators=(",", ":")))
+    at = doc.get("_rt")  # a byte offset (Lua strings are bytes)
+    if isinstance(at, int) and not isinstance(at, bool) and 0 < at < len(raw) * 4:
+        data = raw.encode("utf-8", "surrogateescape")
+        if data.startswith(f',"_rt":{at},'.encode(), at):
+            n += len(data) - at
+    return min(n, RUNTIME_ALLOWANCE)
 
 
 def queue_of(raw: str, fallback: str) -> str:

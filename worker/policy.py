@@ -17,6 +17,7 @@ from typing import Optional
 from . import jobs
 from .failed import record as failed_record
 from .fetch import Outcome, backoff_delay
+from .payload import HISTORY_KEEP, history_entry
 
 
 class Status(str, Enum):
@@ -140,14 +141,14 @@ def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: 
     if result.status is Status.LOST:
         return _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base)
     attempts = int(doc.get("attempts") or 0) + 1
-    history = list(doc.get("errors") or [])[-9:] + [{
-        "at": time.time(), "worker": worker, "cause": result.status.value, "type": _clean(result.type),
-        "message": _clean(result.message)}]
+    history = _history(doc, {"at": time.time(), "worker": worker, "cause": result.status.value,
+                             "type": _clean(result.type), "message": _clean(result.message)})
     if result.status is Status.BAD:
         return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
     if attempts <= retries:
         delay = backoff_delay(attempts)
-        new_doc = dict(doc, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6), **progress)
+        new_doc = _again(doc, queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
+                         **progress)
         return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot, job_id, attempts), "job.retry",
                         "warning",
                         dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
@@ -189,7 +190,7 @@ def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, ma
                                  list(doc.get("errors") or [])), interruptions=n, **progress)
         return Decision(Outcome.fail(raw, doc["id"], rec, slot, int(doc.get("attempts") or 0)), "job.failed",
                         "warning", dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
-    new = jobs.json_dumps(dict(doc, interruptions=n, **progress))
+    new = jobs.json_dumps(_again(doc, queue, interruptions=n, **progress))
     return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"]), "shutdown.job_put_back", "info",
                     dict(outcome="requeued", interruptions=n, **base), tuple(notes))
 
@@ -201,10 +202,10 @@ def _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base) -
     prev = doc.get("attempts")
     a = prev if isinstance(prev, int) and not isinstance(prev, bool) and prev >= 0 else 0
     a = min(a, max_attempts) + 1
-    history = list(doc.get("errors") or [])[-9:] + [{
-        "at": time.time(), "worker": worker, "cause": "lost", "type": result.type, "message": result.message}]
+    history = _history(doc, {"at": time.time(), "worker": worker, "cause": "lost", "type": _clean(result.type),
+                             "message": _clean(result.message)})
     if a < max_attempts:
-        new = jobs.json_dumps(dict(doc, attempts=a, errors=history, **progress))
+        new = jobs.json_dumps(_again(doc, queue, attempts=a, errors=history, **progress))
         return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"], attempts=a), "job.lost", "warning",
                         dict(outcome="requeued", attempt=a, error=result.message, **base))
     message = f"lost {a} times while running the job (MAX_ATTEMPTS): {result.message}"
@@ -214,10 +215,60 @@ def _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base) -
                     dict(outcome="lost", attempts=a, error=message, **base))
 
 
+def _again(doc: dict, queue: str, **fields) -> dict:
+    """The payload of a job that runs again (retried, put back). Invariants enforced here:
+
+    * its ``queue`` is the queue it was claimed from, whatever its payload said (issue 27 item 6: a foreign payload
+      with no or another ``queue`` must not move queues when the schedule moves its retry);
+    * it carries each runtime field once: the marker of a recovery's appended fragment (``_rt``, see
+      ``lua.RECOVER``) goes, since this re-encoding already folds the duplicates into one."""
+    out = dict(doc, queue=queue, **fields)
+    out.pop("_rt", None)
+    return out
+
+
+def _history(doc: dict, new: dict) -> list:
+    """The error history to carry on: the last HISTORY_KEEP - 1 entries, trimmed, and ``new`` (issue 27 item 3)."""
+    old = doc.get("errors") if isinstance(doc.get("errors"), list) else []
+    kept = [e for e in (history_entry(x) for x in old[-(HISTORY_KEEP - 1):]) if e is not None]
+    return kept + [history_entry(new) or {}]
+
+
 def _clean(text: Optional[str]) -> Optional[str]:
     """Text safe to put in a payload: a lone surrogate (an exception message quoting an undecodable file name)
     would make the payload unreadable to Redis's cjson, which must read a retried job's queue."""
     return text.encode("utf-8", "backslashreplace").decode("utf-8") if text else text
+
+
+UNKNOWN_RETRY_MAX = 30.0  # seconds at most between two looks at a job whose name is not registered here
+
+
+def unknown(raw: str, doc: dict, queue: str, slot: int, worker: str, grace: float,
+            now: Optional[float] = None) -> Decision:
+    """A job whose name this worker does not register (issue 21 item 6: in a rolling deploy, a new web dyno enqueues
+    a job the old worker dyno does not know yet). Invariants enforced here:
+
+    * for ``grace`` seconds (UNKNOWN_JOB_GRACE) from the first time a worker saw it (``unknown_since`` in its
+      payload), it goes back to the queue it was claimed from through the schedule, at most UNKNOWN_RETRY_MAX
+      seconds later each time, without counting an attempt;
+    * after that it is failed as a bad payload, with its name in the record."""
+    now = time.time() if now is None else now
+    first = doc.get("unknown_since")
+    if not isinstance(first, (int, float)) or isinstance(first, bool) or not first <= now:
+        first = now
+    waited = now - first
+    reason = f"job name {doc['name']!r} is not registered (JOB_MODULES)"
+    if waited >= grace:
+        if grace:
+            reason += f" by any worker that took it within UNKNOWN_JOB_GRACE={grace:g} s"
+        return bad(raw, doc["id"], queue, worker, reason, slot, name=doc["name"])
+    delay = min(UNKNOWN_RETRY_MAX, max(1.0, waited), max(0.1, grace - waited))
+    new = _again(doc, queue, unknown_since=round(first, 6), enqueued_at=round(now + delay, 6))
+    attempts = int(doc.get("attempts") or 0)
+    return Decision(Outcome.retry(raw, jobs.json_dumps(new), delay, slot, doc["id"], attempts), "job.unknown_name",
+                    "warning", dict(job=doc["id"], name=doc["name"], queue=queue, retry_in=round(delay, 3),
+                                    waited=round(waited, 3), grace=grace,
+                                    note="not registered in this worker (a deploy in progress?): put back"))
 
 
 def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:

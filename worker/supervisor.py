@@ -30,7 +30,7 @@ from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
 from .forkserver import ForkServerError
 from .membership import Membership
-from .policy import Decision, bad, decide
+from .policy import Decision, bad, decide, unknown
 from .signals import SignalState
 from .slots import SlotTable
 
@@ -53,6 +53,9 @@ class Supervisor(Membership):
         self.waiter = client.Waiter(client.connect(cfg, timeout=cfg.redis_timeout + IDLE_POLL, retries=0,
                                                    name="worker-wait"))
         self.pending: list = []        # outcomes not yet recorded
+        self.parked: list = []         # outcomes held back: a key they need is wrong-typed (membership._refused)
+        self._park_until = 0.0
+        self._wrong_seen: dict = {}    # wrong-typed key -> when it may be logged again
         self._cleared: list = []       # slots whose saved checkpoint goes with their finished job
         self.adopted: list = []        # claims found in our processing list (reply lost), not yet running
         self.fatal: Optional[str] = None
@@ -184,11 +187,12 @@ class Supervisor(Membership):
         """Run a claimed entry in slot ``index``, or record why it cannot run."""
         try:
             doc = jobs.parse(raw, self.cfg.max_payload)
-            meta = self.slots.meta.get(doc["name"])
-            if meta is None:
-                raise jobs.BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
         except jobs.BadJob as exc:
             self._note(bad(raw, jobs.loose_id(raw), queue, self.name, str(exc), index))
+            return
+        meta = self.slots.meta.get(doc["name"])
+        if meta is None:  # a rolling deploy: put back for UNKNOWN_JOB_GRACE, then failed (policy.unknown)
+            self._note(unknown(raw, doc, queue, index, self.name, self.cfg.unknown_job_grace))
             return
         if not self.slots.ready:  # the fork server was just replaced (a failed hand-over in this same turn)
             self.pending.append(Outcome.requeue(raw, queue, index))
@@ -278,6 +282,7 @@ class Supervisor(Membership):
     def _cycle(self, claim: list) -> None:
         sig = self.sig
         mode = "stopping" if sig.stopping else ("paused" if sig.paused and not self.slots.busy() else "")
+        self._unpark()
         outcomes = self.pending
         busy = self.slots.busy()
         progress = self.slots.progress()  # running jobs' checkpoints not yet in Redis (for recovery after a kill)
@@ -286,6 +291,15 @@ class Supervisor(Membership):
         tidy = self._short or now >= self._next_tidy
         c = self.broker.cycle(self.name, outcomes, claim, busy, mode, [(i, "") for i in self._cleared] + progress,
                               beat=beat, tidy=tidy)
+        while c.refused:  # a key it had to write is wrong-typed: nothing was written (lua.CYCLE)
+            outcomes = self._refused(*c.refused, outcomes)
+            if outcomes is None:
+                return
+            self.pending = outcomes
+            c = self.broker.cycle(self.name, outcomes, claim, busy, mode,
+                                  [(i, "") for i in self._cleared] + progress, beat=beat, tidy=tidy)
+        for key in c.odd:
+            self._wrong_type(key)
         if c.lost:  # nothing was recorded: restore what Redis lost of ours, then the same call again
             self._restore()
             c = self.broker.cycle(self.name, outcomes, claim, busy, mode,
@@ -334,6 +348,8 @@ class Supervisor(Membership):
             redis_at = min(redis_at, self._idle_until)
         if self.pending:
             redis_at = now
+        if self.parked:
+            redis_at = min(redis_at, self._park_until)
         if self.ticker:
             redis_at = min(redis_at, self.ticker.next_check)
         # Redis is down until the next attempt: nothing there can happen sooner (a beat overdue through an outage
@@ -402,12 +418,20 @@ class Supervisor(Membership):
                             self.cfg)
             broker.epoch = self.broker.epoch
         self._give_back_adopted()  # adopted in the last turn (its reply arrived as the stop did): never started
+        self.pending, self.parked = self.parked + self.pending, []  # one last try; else they stay claimed
         try:
             if self.pending and self._registered:
                 mode = "stopping" if sig.stopping else ""
-                if broker.cycle(self.name, self.pending, (), 0, mode).lost:  # Redis lost our claims: put them back
+                c = broker.cycle(self.name, self.pending, (), 0, mode)
+                if c.lost:  # Redis lost our claims: put them back
                     self._restore(broker)
-                    broker.cycle(self.name, self.pending, (), 0, mode)
+                    c = broker.cycle(self.name, self.pending, (), 0, mode)
+                while c.refused:  # what needs a wrong-typed key stays claimed (recovered later); the rest lands
+                    rest = self._refused(*c.refused, self.pending)
+                    if not rest:
+                        break
+                    self.pending = rest
+                    c = broker.cycle(self.name, rest, (), 0, mode)
             if self._registered:
                 broker.unregister(self.name)
         except redis.RedisError as exc:
