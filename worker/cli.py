@@ -113,8 +113,8 @@ def main(argv=None) -> int:
             from . import status
             return status.main(cfg, as_json=args.json)
         if command == "job":
-            from . import results
-            return results.main(cfg, args.id, as_json=args.json)
+            from . import status
+            return status.job_main(cfg, args.id, as_json=args.json)
         if command == "failed":
             from . import failed
             return failed.main(cfg, args)

@@ -10,7 +10,6 @@ in its worker's slots (``P:worker:<w>``, fields ``job:<slot>`` and ``started:<sl
 from __future__ import annotations
 
 import json
-import sys
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
@@ -108,43 +107,3 @@ def get_job(job_id: str) -> Optional[Job]:
         return None if found is None else Job(**found)
     broker = jobs._broker()
     return fetch(broker.r, broker.keys, job_id)
-
-
-def main(cfg, job_id: str, as_json: bool = False) -> int:
-    """``python -m worker job ID [--json]``: exit 0 and print the job, or exit 1 if it is unknown or expired.
-
-    A renderer over the read model (``worker.api.API.job``): times are ISO 8601 UTC, with how long the job waited
-    and ran; ``--json`` prints the read model's object (epoch seconds plus ``*_iso`` fields)."""
-    from .api import API, duration
-    from .client import connect
-    r = connect(cfg, name="status")
-    try:
-        job = API(r, cfg).job(job_id)
-    finally:
-        r.close()
-    if job is None:
-        print(f"error: no job {job_id!r} (unknown, or its record expired: RESULT_TTL after it was done)",
-              file=sys.stderr)
-        return 1
-    if as_json:
-        print(json.dumps(job, separators=(",", ":"), default=str))
-        return 0
-    rows = [("id", job["id"]), ("name", job["name"]), ("queue", job["queue"]), ("status", job["status"]),
-            ("attempts", job["attempts"]), ("enqueued_at", job["enqueued_at_iso"]),
-            ("started_at", job["started_at_iso"]), ("ended_at", job["ended_at_iso"]),
-            ("waited", None if job["waited"] is None else duration(job["waited"])),
-            ("ran", None if job["ran"] is None else duration(job["ran"])), ("worker", job["worker"])]
-    if job.get("payload_found"):
-        rows.append(("args", json.dumps(job.get("args"))))
-        if job.get("kwargs"):
-            rows.append(("kwargs", json.dumps(job.get("kwargs"))))
-    if job["status"] == "done":
-        rows.append(("result", json.dumps(job["result"])))
-    err = job.get("error")
-    if err:
-        rows += [("error", f"{err.get('type')}: {err.get('message')}")]
-    for k, v in rows:
-        print(f"{k:<12} {'-' if v is None else v}")
-    if err and err.get("traceback"):
-        print(err["traceback"].rstrip())
-    return 0
