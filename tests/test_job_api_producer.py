@@ -186,5 +186,5 @@ def test_enqueue_into_a_wrong_typed_queue_raises_before_writing_anything(r, brok
     nothing was written (a retry by the app cannot make two)."""
     r.set(key, "junk")
     with pytest.raises(Exception, match=f"WRONGTYPE {key} is a string"):
-        CALLS[call]("push")
+        CALLS[call]("fail")  # fail(message): one argument, as CALLS passes
     assert sorted(r.keys("*")) == [key]
