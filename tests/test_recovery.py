@@ -482,3 +482,20 @@ def test_job_whose_worker_keeps_vanishing_goes_to_failed(r, spawn):
     assert r.llen("ev") == 0, "the poison job ran a fourth time"
     assert r.llen("worker:queue:default") == 0 and live_processing(r) == {}
     assert reg.count() == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_workers_claims_are_recovered_after_a_wrong_typed_workers_key_is_deleted(r, spawn):
+    """Review of issue 27 item 1 (wrong-typed keys): ``P:workers`` overwritten with a string while a worker that
+    holds claims is dead (SIGKILLed). The live worker logs ``redis.wrong_type`` for it and says "delete or rename
+    the key"; once the operator does, the dead worker's claims must still be found and run (reproduced black-box:
+    3 jobs left in ``P:processing:<dead>`` with status ``queued`` for 25 s+ after the fix, HEARTBEAT_TTL=3)."""
+    ids = _dead_worker(r, "gone:1", 2, "ran")
+    r.delete(WORKERS)
+    r.set(WORKERS, "junk")  # another program wrote it
+    w = spawn(**FAST)
+    w.wait_for(r"event=redis\.wrong_type key=worker:workers")
+    r.delete(WORKERS)  # the fix the log line asks for
+    got = [blpop(r, "ran", 20) for _ in ids]
+    assert all(got), f"the dead worker's jobs never ran: processing={live_processing(r)}"
+    assert not r.exists("worker:processing:gone:1")
