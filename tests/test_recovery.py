@@ -497,5 +497,5 @@ def test_a_dead_workers_claims_are_recovered_after_a_wrong_typed_workers_key_is_
     w.wait_for(r"event=redis\.wrong_type key=worker:workers")
     r.delete(WORKERS)  # the fix the log line asks for
     got = [blpop(r, "ran", 20) for _ in ids]
-    assert all(got), f"the dead worker's jobs never ran: processing={live_processing(r)}"
+    assert all(got), f"the dead worker's jobs never ran: processing={live_processing(r)} {w.output[-2500:]}"
     assert not r.exists("worker:processing:gone:1")

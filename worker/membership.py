@@ -140,6 +140,41 @@ class Membership:
         self._suspects = done.wait is not None
         if done.wait is not None:  # a late worker gets its grace; look again the moment it ends
             self._next_recover = min(self._next_recover, time.monotonic() + done.wait + 0.01)
+        self._adopt_orphans()
+
+    def _adopt_orphans(self) -> None:
+        """A processing list whose owner has no ``P:workers`` entry is registered for RECOVER to judge.
+
+        RECOVER finds dead workers through ``P:workers`` only, so an entry lost with that key (overwritten by
+        another program, deleted to clear a wrong-typed key as ``redis.wrong_type`` advises) orphaned a dead
+        worker's claims for good (found by the review of issue 27 item 1). Each recovery pass SCANs one step of
+        the keyspace (COUNT 1000: bounded work, a full sweep over many passes) for ``P:processing:<w>`` and adds
+        ``<w>`` with ``ZADD NX``, its deadline the one its hash last reported (``seen`` + ``ttl``), else now.
+        Invariant: this never shortens a live worker's standing. NX leaves an existing entry alone; a live worker
+        re-adds its own deadline at every beat, which resets RECOVER's mark; and a worker only counts as dead after
+        RECOVER's grace from its first late sighting, as for any other entry."""
+        k, r = self.broker.keys, self.broker.r
+        try:
+            cursor, found = r.scan(getattr(self, "_orphan_cursor", 0), match=k.processing("*"), count=1000)
+            self._orphan_cursor = int(cursor)
+            head = len(k.processing(""))
+            for key in found:
+                owner = key[head:]
+                if owner == self.name or r.zscore(k.workers, owner) is not None:
+                    continue
+                seen, ttl = r.hmget(k.worker(owner), "seen", "ttl")
+                sec, usec = r.time()
+                try:
+                    deadline = int(seen) + int(ttl)
+                except (TypeError, ValueError):
+                    deadline = sec * 1000 + usec // 1000
+                if r.zadd(k.workers, {owner: deadline}, nx=True):
+                    self.log.warning("recovery.orphan_registered", worker=owner, reason="its processing list had no "
+                                     "P:workers entry")
+                    self._next_recover = time.monotonic()  # judge it on the next pass
+        except redis.ResponseError as exc:  # a wrong-typed key: named once per interval elsewhere
+            if "WRONGTYPE" not in str(exc):
+                raise
 
     # --- wrong-typed keys (issue 27 item 1): named, once per HEARTBEAT_INTERVAL each, never taken for an outage ---
     def _refused(self, key: str, kind: str, outcomes: list) -> Optional[list]:
