@@ -12,7 +12,9 @@ import signal
 import pytest
 
 from worker.child import _FRAME, _OK
+from worker.claimed import ClaimedJob
 from worker.fetch import Op
+from worker.jobs import JobOptions
 from worker.policy import Kill, Status, decide, result_of
 from worker.slots import Slot
 
@@ -24,10 +26,10 @@ def frame(kind: bytes, body: dict) -> bytes:
 
 def running_slot(*chunks: bytes) -> Slot:
     s = Slot(0)
-    s.seq, s.pid = 7, 12345
+    s.seq, s.child.pid = 7, 12345
     for chunk in chunks:
-        s.buf += chunk
-        s._frames()
+        s.out.buf += chunk
+        s.out.frames()
     return s
 
 
@@ -35,16 +37,16 @@ def running_slot(*chunks: bytes) -> Slot:
 
 def test_a_final_report_ends_the_job_before_the_exit_status():
     s = running_slot(frame(b"C", {"n": 1}), _OK)
-    assert s.finished and s.status is None
-    assert s.checkpoint == '{"n": 1}' and json.loads(s.report) == {"status": "ok"}
+    assert s.finished and s.child.status is None
+    assert s.out.checkpoint == '{"n": 1}' and json.loads(s.out.report) == {"status": "ok"}
 
 
 def test_a_report_split_across_reads_ends_the_job_only_when_whole():
     whole = frame(b"R", {"status": "error", "message": "boom"})
     s = running_slot(whole[:7])
     assert not s.finished
-    s.buf += whole[7:]
-    s._frames()
+    s.out.buf += whole[7:]
+    s.out.frames()
     assert s.finished
 
 
@@ -52,14 +54,14 @@ def test_an_interrupted_runs_report_waits_for_the_exit_status():
     """The job goes back to a queue where another worker may take it at once: its run, process group included,
     must be over first, and the fork server ends that group before it sends the exit status."""
     s = running_slot(frame(b"I", {"status": "interrupted"}))
-    assert s.report and not s.finished
-    s.status, s.eof = 0, True
+    assert s.out.report and not s.finished
+    s.child.status, s.out.eof = 0, True
     assert s.finished
 
 
 def test_a_child_we_killed_is_over_when_it_has_exited_without_a_status():
     s = running_slot()
-    s.exited_at = 1.0
+    s.child.exited_at = 1.0
     assert not s.finished  # exited on its own: how it died comes with the exit status
     s.killed = Kill.DEADLINE
     assert s.finished
@@ -67,7 +69,7 @@ def test_a_child_we_killed_is_over_when_it_has_exited_without_a_status():
 
 def test_bytes_that_are_not_frames_are_ignored_not_taken_for_a_report():
     s = running_slot(b"hello from the job\n" + _OK)
-    assert s.garbled and not s.report and not s.finished
+    assert s.out.garbled and not s.out.report and not s.finished
 
 
 # --- what a run means ---
@@ -109,24 +111,28 @@ DOC = {"id": "j1", "name": "push", "args": [], "kwargs": {}, "queue": "default"}
 RAW = json.dumps(DOC)
 
 
+def claimed(raw=RAW, doc=DOC, retries=0) -> ClaimedJob:
+    return ClaimedJob(raw, doc, "default", 0, 0, JobOptions(retries=retries))
+
+
 def test_done_is_acknowledged_with_its_result():
     r = result_of(b'{"status": "ok", "result": {"a": 1}}', None, None, False, 0.0, 0, 0.2)
-    d = decide(r, RAW, DOC, "default", 0, 0, "w")
+    d = decide(r, claimed(), "w")
     assert d.outcome.op is Op.ACK and d.outcome.result == '{"a":1}' and d.event == "job.done"
 
 
 def test_an_error_is_retried_while_retries_remain_then_failed():
     r = result_of(b'{"status": "error", "type": "ValueError", "message": "boom"}', 256, None, False, 0.0, 0, 0.2)
-    d = decide(r, RAW, DOC, "default", 0, 1, "w")
+    d = decide(r, claimed(retries=1), "w")
     assert d.outcome.op is Op.RETRY and json.loads(d.outcome.new_payload)["attempts"] == 1
     again = dict(DOC, attempts=1)
-    d = decide(r, json.dumps(again), again, "default", 0, 1, "w")
+    d = decide(r, claimed(json.dumps(again), again, retries=1), "w")
     assert d.outcome.op is Op.FAIL and d.event == "job.failed"
 
 
 def test_an_interruption_is_put_back_with_its_checkpoint_and_not_counted_as_an_attempt():
     r = result_of(b'{"status": "interrupted"}', 0, None, True, 0.0, 0, 0.2)
-    d = decide(r, RAW, DOC, "default", 0, 0, "w", checkpoint='{"row": 40}')
+    d = decide(r, claimed(), "w", checkpoint='{"row": 40}')
     new = json.loads(d.outcome.new_payload)
     assert d.outcome.op is Op.REQUEUE and d.event == "shutdown.job_put_back"
     assert new["checkpoint"] == {"row": 40} and new["interruptions"] == 1 and "attempts" not in new
@@ -147,8 +153,8 @@ def test_a_report_before_the_pid_is_tracked_until_the_exit_status():
                   SignalState(hard_exit_after=9.5, grace=0.0), log=None)
     s = t.slots[1]
     s.seq, s.started = 5, time.monotonic()
-    s.buf += _OK
-    s._frames()
+    s.out.buf += _OK
+    s.out.frames()
     assert t.collect() == [s] and t.exiting == {5: 0}
     s.clear()
     t._frame(b"P", 5, 4242)  # the pid of a job already recorded

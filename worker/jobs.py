@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Optional, Union
 
@@ -17,6 +17,27 @@ from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
 from .payload import lone_surrogate  # noqa: F401  (used by child.checkpoint)
 from .payload import REGISTRY as _REGISTRY
+
+
+@dataclass(frozen=True)
+class JobOptions:
+    """Every per-job option of a claimed job, resolved once (``claimed.ClaimedJob``): the job's own ``@job`` value,
+    else the :class:`~worker.config.Config` default its field names (``cfg``). Declared here, once: a field here and
+    the ``@job`` parameter and :class:`JobSpec` field of the same name are the whole declaration (``meta()`` and
+    the resolution go by these fields; docs/design.md, "Adding a per-job option"). A field whose ``@job``
+    parameter does not exist yet (``max_attempts``) takes its Config default."""
+
+    timeout: float = field(default=0.0, metadata={"cfg": "job_timeout"})
+    retries: int = field(default=0, metadata={"cfg": "job_retries"})
+    max_interruptions: int = field(default=0, metadata={"cfg": "max_interruptions"})
+    result_ttl: float = field(default=500.0, metadata={"cfg": "result_ttl"})
+    max_attempts: int = field(default=5, metadata={"cfg": "max_attempts"})  # lost attempts (no @job form yet)
+
+    @classmethod
+    def resolve(cls, declared: dict, cfg) -> "JobOptions":
+        """``declared``: the job's ``meta()`` entry (None: not given in ``@job``); ``cfg``: the worker's Config."""
+        return cls(**{f.name: declared[f.name] if declared.get(f.name) is not None else getattr(cfg, f.metadata["cfg"])
+                      for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -163,9 +184,9 @@ def decode(raw: str, max_payload: int) -> tuple:
 
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
-    return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
-                   "max_interruptions": s.max_interruptions, "result_ttl": s.result_ttl, "schedule": schedule.check(s),
-                   "module": ORIGIN.get(name), "defined_in": getattr(s.fn, "__module__", None)}
+    return {name: {"queue": s.queue, **{f.name: getattr(s, f.name, None) for f in fields(JobOptions)},
+                   "schedule": schedule.check(s), "module": ORIGIN.get(name),
+                   "defined_in": getattr(s.fn, "__module__", None)}
             for name, s in _REGISTRY.items()}
 
 

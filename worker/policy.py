@@ -10,11 +10,12 @@ import json
 import os
 import signal
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from typing import Optional
 
 from . import jobs
+from .claimed import ClaimedJob
 from .failed import record as failed_record
 from .fetch import Outcome, backoff_delay
 from .payload import HISTORY_KEEP, history_entry
@@ -35,7 +36,7 @@ class Status(str, Enum):
 class Kill(Enum):
     """Why the worker killed a child (at most one reason per child: the first)."""
 
-    DEADLINE = "deadline"      # TERM_GRACE + TERM_TIMEOUT after the stop signal
+    DEADLINE = "deadline"      # the stop timeline's last step (stops.py)
     TIMEOUT = "timeout"        # the job's own time limit
     USR1 = "usr1"
     MEMORY = "memory"
@@ -122,40 +123,49 @@ class Decision:
     notes: tuple = ()  # further log lines: (level, event, fields)
 
 
-def decide(result: Result, raw: str, doc: dict, queue: str, slot: int, retries: int, worker: str,
-           checkpoint: Optional[str] = None, max_interruptions: int = 0,
-           result_ttl: Optional[float] = None, max_attempts: int = 5) -> Decision:
-    """The outcome of a finished run. ``retries``: the job's own or ``JOB_RETRIES``; ``doc``: the parsed payload;
-    ``checkpoint``: the last progress the run reported (JSON text), which goes back with the job if it runs again
-    (put back, retried) and into its failure record, and is discarded when it is done; ``result_ttl``: the job's
-    own, or None for ``RESULT_TTL``; ``max_attempts``: ``MAX_ATTEMPTS``, the bound on lost attempts."""
-    job_id, name = doc["id"], doc["name"]
-    base = dict(job=job_id, name=name, queue=queue, duration=result.duration)
+def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[str] = None,
+           elapsed: Optional[float] = None) -> Decision:
+    """The finished :class:`Decision` for a run of ``job`` (its options resolved: ``retries``,
+    ``max_interruptions``, ``result_ttl``, ``max_attempts``). ``checkpoint``: the last progress the run reported
+    (JSON text), which goes back with the job if it runs again (put back, retried) and into its failure record, and
+    is discarded when it is done; ``elapsed``: seconds since the stop signal, shown when it is put back."""
+    doc, opts = job.doc, job.options
+    base = dict(job=job.id, name=job.name, queue=job.queue, duration=result.duration)
     if result.status is Status.DONE:
-        keep = None if result_ttl is None else int(result_ttl * 1000)
-        return Decision(Outcome.ack(raw, slot, job_id, result.value, keep), "job.done", "info",
-                        dict(outcome="done", **base, **{f"measure#jobs.{name}.duration": _ms(result.duration)}))
+        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000)),
+                         "job.done", "info",
+                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}))
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
-        return _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base)
+        return _interrupted(job, worker, checkpoint, progress, base, elapsed)
     if result.status is Status.LOST:
-        return _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base)
+        return _lost(result, job, worker, progress, base)
     attempts = int(doc.get("attempts") or 0) + 1
     history = _history(doc, {"at": time.time(), "worker": worker, "cause": result.status.value,
                              "type": _clean(result.type), "message": _clean(result.message)})
     if result.status is Status.BAD:
-        return bad(raw, job_id, queue, worker, result.message or "", slot, name=name)
-    if attempts <= retries:
+        return bad(job.raw, job.id, job.queue, worker, result.message or "", job.slot, job.name, job.claimed_ms)
+    if attempts <= opts.retries:
         delay = backoff_delay(attempts)
-        new_doc = _again(doc, queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
+        new_doc = _again(doc, job.queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
                          **progress)
-        return Decision(Outcome.retry(raw, jobs.json_dumps(new_doc), delay, slot, job_id, attempts), "job.retry",
-                        "warning",
-                        dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
-    rec = dict(failed_record(raw, job_id, name, queue, worker, attempts, result.status.value, result.fields(),
-                             history), **progress)
-    return Decision(Outcome.fail(raw, job_id, rec, slot, attempts), "job.failed", "warning",
-                    dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+        return _decision(job, Outcome.retry(job.raw, jobs.json_dumps(new_doc), delay, job.slot, job.id, attempts),
+                         "job.retry", "warning",
+                         dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
+    rec = dict(failed_record(job.raw, job.id, job.name, job.queue, worker, attempts, result.status.value,
+                             result.fields(), history), **progress)
+    return _decision(job, Outcome.fail(job.raw, job.id, rec, job.slot, attempts), "job.failed", "warning",
+                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+
+
+def _decision(job: Optional[ClaimedJob], outcome: Outcome, event: str, level: str, fields: dict, notes=(),
+              started_ms: int = 0) -> Decision:
+    """Every Decision about a claimed job is made here: its outcome carries the job's ``started_at`` as the claim's
+    reply gave it (spares the script a read)."""
+    started_ms = job.claimed_ms if job is not None else started_ms
+    if started_ms:
+        outcome = replace(outcome, started_ms=started_ms)
+    return Decision(outcome, event, level, fields, tuple(notes))
 
 
 def _ms(seconds: float) -> str:
@@ -173,46 +183,49 @@ def _progress(doc: dict, checkpoint: Optional[str]) -> dict:
     return {"checkpoint": doc["checkpoint"]} if "checkpoint" in doc else {}
 
 
-def _interrupted(result, raw, doc, queue, slot, worker, checkpoint, progress, max_interruptions, base) -> Decision:
+def _interrupted(job, worker, checkpoint, progress, base, elapsed) -> Decision:
     """Put back with its progress, counting an interruption (not an attempt); past ``max_interruptions`` failed."""
+    doc, limit = job.doc, job.options.max_interruptions
     prev = doc.get("interruptions")
     n = (prev if isinstance(prev, int) and not isinstance(prev, bool) and prev >= 0 else 0) + 1
     notes = []
     if checkpoint is not None:
-        notes.append(("info", "job.checkpointed", dict(job=doc["id"], checkpoint=checkpoint[:200])))
+        notes.append(("info", "job.checkpointed", dict(job=job.id, checkpoint=checkpoint[:200])))
     if "checkpoint" in doc and progress.get("checkpoint") == doc["checkpoint"]:
-        notes.append(("warning", "job.no_progress", dict(job=doc["id"], interruptions=n,
+        notes.append(("warning", "job.no_progress", dict(job=job.id, interruptions=n,
                                                          note="same checkpoint as when this run started")))
-    if max_interruptions and n > max_interruptions:
+    if limit and n > limit:
         message = f"interrupted {n} times without finishing; make it resumable or shorter"
-        rec = dict(failed_record(raw, doc["id"], doc["name"], queue, worker, int(doc.get("attempts") or 0),
-                                 "interrupted", {"type": "TooManyInterruptions", "message": message},
+        attempts = int(doc.get("attempts") or 0)
+        rec = dict(failed_record(job.raw, job.id, job.name, job.queue, worker, attempts, "interrupted",
+                                 {"type": "TooManyInterruptions", "message": message},
                                  list(doc.get("errors") or [])), interruptions=n, **progress)
-        return Decision(Outcome.fail(raw, doc["id"], rec, slot, int(doc.get("attempts") or 0)), "job.failed",
-                        "warning", dict(outcome="interrupted", interruptions=n, error=message, **base), tuple(notes))
-    new = jobs.json_dumps(_again(doc, queue, interruptions=n, **progress))
-    return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"]), "shutdown.job_put_back", "info",
-                    dict(outcome="requeued", interruptions=n, **base), tuple(notes))
+        return _decision(job, Outcome.fail(job.raw, job.id, rec, job.slot, attempts), "job.failed", "warning",
+                         dict(outcome="interrupted", interruptions=n, error=message, **base), notes)
+    new = jobs.json_dumps(_again(doc, job.queue, interruptions=n, **progress))
+    return _decision(job, Outcome.requeue(job.raw, job.queue, job.slot, new, job.id), "shutdown.job_put_back",
+                     "info", dict(outcome="requeued", interruptions=n, **base, elapsed=elapsed), notes)
 
 
-def _lost(result, raw, doc, queue, slot, worker, progress, max_attempts, base) -> Decision:
+def _lost(result, job, worker, progress, base) -> Decision:
     """The run was lost with the fork server (not the job's fault): counted as a lost attempt, exactly as recovery
     counts a vanished worker's job (``lua.RECOVER``): back to the head of its queue with ``attempts`` + 1 and the
     loss in its history, or failed once ``MAX_ATTEMPTS`` is reached; never a retry's backoff, never ``retries``."""
+    doc, max_attempts = job.doc, job.options.max_attempts
     prev = doc.get("attempts")
     a = prev if isinstance(prev, int) and not isinstance(prev, bool) and prev >= 0 else 0
     a = min(a, max_attempts) + 1
     history = _history(doc, {"at": time.time(), "worker": worker, "cause": "lost", "type": _clean(result.type),
                              "message": _clean(result.message)})
     if a < max_attempts:
-        new = jobs.json_dumps(_again(doc, queue, attempts=a, errors=history, **progress))
-        return Decision(Outcome.requeue(raw, queue, slot, new, doc["id"], attempts=a), "job.lost", "warning",
-                        dict(outcome="requeued", attempt=a, error=result.message, **base))
+        new = jobs.json_dumps(_again(doc, job.queue, attempts=a, errors=history, **progress))
+        return _decision(job, Outcome.requeue(job.raw, job.queue, job.slot, new, job.id, attempts=a), "job.lost",
+                         "warning", dict(outcome="requeued", attempt=a, error=result.message, **base))
     message = f"lost {a} times while running the job (MAX_ATTEMPTS): {result.message}"
-    rec = dict(failed_record(raw, doc["id"], doc["name"], queue, worker, a, "lost",
+    rec = dict(failed_record(job.raw, job.id, job.name, job.queue, worker, a, "lost",
                              {"type": result.type, "message": message}, history), **progress)
-    return Decision(Outcome.fail(raw, doc["id"], rec, slot, a), "job.failed", "warning",
-                    dict(outcome="lost", attempts=a, error=message, **base))
+    return _decision(job, Outcome.fail(job.raw, job.id, rec, job.slot, a), "job.failed", "warning",
+                     dict(outcome="lost", attempts=a, error=message, **base))
 
 
 def _again(doc: dict, queue: str, **fields) -> dict:
@@ -271,11 +284,12 @@ def unknown(raw: str, doc: dict, queue: str, slot: int, worker: str, grace: floa
                                     note="not registered in this worker (a deploy in progress?): put back"))
 
 
-def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "") -> Decision:
+def bad(raw: str, job_id: str, queue: str, worker: str, reason: str, slot: int = 0, name: str = "",
+        started_ms: int = 0) -> Decision:
     """A queue entry that cannot run: straight to the failed registry (never retried), with the reason."""
     rec = failed_record(raw[:KEEP_BAD], job_id, name, queue, worker, 1, "bad_payload",
                         {"type": "BadJob", "message": reason}, [])
     if len(raw) > KEEP_BAD:  # a huge entry: keep its head for diagnosis, not the whole of it
         rec["payload_truncated"] = len(raw)
-    return Decision(Outcome.fail(raw, job_id, rec, slot, 1), "job.bad", "warning",
-                    dict(job=job_id, queue=queue, reason=reason))
+    return _decision(None, Outcome.fail(raw, job_id, rec, slot, 1), "job.bad", "warning",
+                     dict(job=job_id, queue=queue, reason=reason), started_ms=started_ms)
