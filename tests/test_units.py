@@ -177,3 +177,105 @@ def test_a_worker_that_leaves_with_frames_unread_is_end_of_file_for_the_fork_ser
         assert _recv_job(server) is None
     finally:
         server.close()
+
+
+# --- one claimed job, its options resolved once (issue 22 point 1) ---
+
+def _cfg(**env):
+    from worker.config import from_mapping
+    return from_mapping({"REDIS_URL": "redis://localhost:6379/0", **env})
+
+
+def test_every_job_option_is_resolved_once_from_the_job_else_the_config():
+    """Issue 22 point 1: a claim becomes a job in one place, every option resolved there (the job's @job value, a 0
+    included, else its Config default); nothing downstream defaults one (``result_ttl`` travelled as None until the
+    Redis call's arguments)."""
+    import dataclasses
+
+    cfg = _cfg(JOB_TIMEOUT="7", JOB_RETRIES="2", MAX_INTERRUPTIONS="4", RESULT_TTL="60", MAX_ATTEMPTS="3")
+    declared = {"queue": "default", "timeout": None, "retries": 5, "max_interruptions": None, "result_ttl": 0}
+    job = ClaimedJob.of(RAW, DOC, "default", 1, 123, declared, cfg)
+    assert job.options == JobOptions(timeout=7.0, retries=5, max_interruptions=4, result_ttl=0, max_attempts=3)
+    assert None not in dataclasses.astuple(job.options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.options.retries = 9  # type: ignore[misc]
+
+
+def test_what_the_fork_server_sends_declares_every_job_option():
+    """``jobs.meta()`` goes by the fields of ``JobOptions``: an option declared in @job reaches the supervisor."""
+    import dataclasses
+
+    from worker import jobs
+    jobs.job(name="units_options_probe", max_interruptions=2, result_ttl=5)(lambda: None)
+    try:
+        entry = jobs.meta()["units_options_probe"]
+    finally:
+        jobs._REGISTRY.pop("units_options_probe")
+    assert {f.name for f in dataclasses.fields(JobOptions)} <= set(entry)
+    assert (entry["max_interruptions"], entry["result_ttl"], entry["timeout"]) == (2, 5, None)
+
+
+def test_a_done_job_is_kept_for_its_own_ttl_and_carries_its_claim_time():
+    r = result_of(b'{"status": "ok"}', None, None, False, 0.0, 0, 0.1)
+    job = ClaimedJob(RAW, DOC, "default", 2, 1234, JobOptions(result_ttl=60))
+    o = decide(r, job, "w").outcome
+    assert (o.keep_ms, o.started_ms, o.slot) == (60000, 1234, 2)
+
+
+def test_the_interruption_limit_is_the_jobs_resolved_option():
+    r = result_of(b'{"status": "interrupted"}', 0, None, True, 0.0, 0, 0.2)
+    doc = dict(DOC, interruptions=2)
+    d = decide(r, ClaimedJob(json.dumps(doc), doc, "default", 0, 0, JobOptions(max_interruptions=2)), "w")
+    assert d.outcome.op is Op.FAIL and d.fields["interruptions"] == 3
+    d = decide(r, ClaimedJob(json.dumps(doc), doc, "default", 0, 0, JobOptions(max_interruptions=3)), "w",
+               elapsed=1.5)
+    assert d.outcome.op is Op.REQUEUE and d.fields["elapsed"] == 1.5
+
+
+# --- the stop timeline, one table of steps (issue 22 point 2) ---
+
+@pytest.mark.timeout(30)
+def test_the_stop_timeline_takes_each_step_at_its_time_and_says_when_the_next_one_is():
+    """``SlotTable.service`` and ``due`` both follow ``stops.STEPS``: TERM at the stop, RAISE at TERM_GRACE, the kill
+    at TERM_GRACE + TERM_TIMEOUT; a child killed for another reason first gets no deadline kill."""
+    import io
+    import subprocess
+    import time
+
+    from worker.log import Logger
+    from worker.signals import SignalState
+    from worker.slots import SlotTable
+    from worker.stops import Stage
+
+    t = SlotTable(_cfg(TERM_GRACE="0.8", TERM_TIMEOUT="5"), SignalState(hard_exit_after=9.5, grace=0.8),
+                  Logger(stream=io.StringIO()))
+    child = subprocess.Popen(["sleep", "30"], start_new_session=True)  # a process group of its own, as a job's
+    try:
+        s = t.slots[0]
+        now = time.monotonic()
+        s.seq, s.started, s.job, s.child.pid = 1, now, claimed(), child.pid
+        t.sig.stop_at = now - 0.5
+        t.service()
+        assert s.stage is Stage.TERMED and s.killed is None
+        assert 0.1 < t.due() <= 0.3  # RAISE at stop + 0.8
+        t.sig.stop_at = now - 5.5
+        t.service()
+        assert s.stage is Stage.RAISED and s.killed is None
+        assert 0.1 < t.due() <= 0.3  # the kill at stop + 5.8
+        t.sig.stop_at = now - 6.0
+        t.service()
+        assert s.stage is Stage.KILLED and s.killed is Kill.DEADLINE and s.termed
+        assert t.due() > 0.9  # nothing more to do for it
+        assert child.wait(10) != 0
+        s.clear()
+        child = subprocess.Popen(["sleep", "30"], start_new_session=True)  # (never signal a reaped pid)
+        s.seq, s.started, s.job, s.child.pid, s.killed = 2, now, claimed(), child.pid, Kill.TIMEOUT
+        t.sig.stop_at = now - 5.5
+        t.service()
+        assert s.stage is Stage.RAISED and t.due() > 0.9  # killed already: no deadline step to wait for
+        t.sig.stop_at = now - 6.0
+        t.service()
+        assert s.killed is Kill.TIMEOUT
+    finally:
+        child.kill()
+        child.wait()

@@ -4,15 +4,8 @@ Every other module receives a :class:`Config`; nothing else reads ``os.environ``
 :class:`ConfigError` whose message is one line naming the variable, the value and what is accepted; the CLI prints
 it and exits 2 before connecting anywhere.
 
-Shutdown timeline (all derived from one number, the platform's SIGTERM->SIGKILL window ``SHUTDOWN_WINDOW``)::
-
-    t=0                 SIGTERM/SIGINT: stop claiming; shutdown_requested() becomes true in the job
-    t=TERM_GRACE        TermException raised inside the job
-    t=GRACE+TIMEOUT     the child is SIGKILLed and its job put back at the head of its queue
-    t=WINDOW-0.5        hard exit: the worker is gone, whatever Redis is doing (an unacknowledged job stays in the
-                        processing list and is recovered by another worker, so nothing is lost)
-
-``TERM_TIMEOUT`` defaults to ``WINDOW - 1.5 - TERM_GRACE`` (8.5 s at the 10 s default) and is refused when
+The shutdown timeline is derived from one number, the platform's SIGTERM->SIGKILL window ``SHUTDOWN_WINDOW``, and
+described once, in ``stops.py``. ``TERM_TIMEOUT`` defaults to ``WINDOW - 1.5 - TERM_GRACE`` (8.5 s at the 10 s default) and is refused when
 ``TERM_GRACE + TERM_TIMEOUT > WINDOW - 1.0``: the last second is for killing, putting back and exiting.
 """
 from __future__ import annotations

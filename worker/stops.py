@@ -12,11 +12,14 @@ steps as data). :meth:`worker.slots.SlotTable.service` takes each step whose tim
     stop_at + GRACE + TERM_TIMEOUT  KILLED   SIGKILL to its process group (``Kill.DEADLINE``), unless the worker
                                              killed it already for another reason; the job is put back at the head
                                              of its queue (``policy.decide``: INTERRUPTED)
+    stop_at + WINDOW - 0.5          -        (the watchdog, ``signals.py``, not a step) hard exit: the worker is gone
+                                             whatever Redis is doing; a job not yet recorded stays in the processing
+                                             list and is recovered by another worker, so nothing is lost
 
 A child whose pid comes after the stop (it was being forked) gets every step already due at once. The supervisor's
-own side of a stop (``Supervisor.quiet``, ``wait_for``, ``bookkeeping``) and the watchdog's hard exit at
-``SHUTDOWN_WINDOW`` - 0.5 s (``signals.py``) frame this timeline; ``config.py`` derives TERM_TIMEOUT from the
-window so that the KILLED step and the bookkeeping fit inside it.
+own side of a stop is ``Supervisor.quiet`` (claim nothing more), ``wait_for`` (this timeline) and ``bookkeeping``
+(record, unregister, leave); ``config.py`` derives TERM_TIMEOUT from the window so that the KILLED step and the
+bookkeeping fit before the hard exit.
 """
 from __future__ import annotations
 
