@@ -21,7 +21,6 @@ import ctypes
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -31,7 +30,8 @@ from typing import Any
 from . import hooks
 from . import jobs as _jobs
 from . import log as _log
-from . import orphans
+from . import orphans, protocol
+from .protocol import MAX_CHECKPOINT, MAX_RESULT
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -64,11 +64,8 @@ class _ChildState:
 
 _state = _ChildState()
 
-#: Largest checkpoint (JSON bytes). It travels in the job's payload when the job is put back.
-MAX_CHECKPOINT = 64 * 1024
-#: Report pipe frames: kind, length, JSON body. Kinds: C checkpoint; R final report; I final report of an interrupted
-#: run (the job goes back to a queue: the worker waits for the exit, and the end of the process group, first).
-_FRAME = struct.Struct(">cI")
+#: The report pipe's frames (kinds C checkpoint, R report, I interrupted report) are in protocol.py.
+_FRAME, _OK = protocol.REPORT_HEAD, protocol.OK_REPORT  # tests/test_units.py reads these names
 
 
 def checkpoint(value: Any) -> None:
@@ -91,7 +88,7 @@ def checkpoint(value: Any) -> None:
         if bad is not None:
             raise ValueError(f"checkpoint contains a lone surrogate ({bad!r}), which Redis's JSON cannot read; "
                              f"pass text as valid Unicode (bytes: e.g. base64)")
-    _write_frame(b"C", data)
+    _write_frame(protocol.CHECKPOINT, data)
 
 
 def last_checkpoint(default: Any = None) -> Any:
@@ -112,7 +109,7 @@ def _write_frame(kind: bytes, data: bytes) -> None:
         if main:
             _state.writing = True
         try:
-            view = memoryview(_FRAME.pack(kind, len(data)) + data)
+            view = memoryview(protocol.report_frame(kind, data))
             while view:
                 view = view[os.write(_state.report_fd, view):]
         finally:
@@ -246,7 +243,7 @@ def run_payload(data: bytes, report_fd: int) -> None:
 
 def run(spec, doc, report_fd: int) -> None:
     """Run the job (with the hooks of ``worker.hooks``, if any) and exit. Never returns."""
-    report = None  # success: the constant _OK, no encoding on the hot path
+    report = None  # success: the constant OK_REPORT, no encoding on the hot path
     _state.report_fd = report_fd
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
@@ -289,7 +286,6 @@ def run(spec, doc, report_fd: int) -> None:
     _finish(report, report_fd)
 
 
-MAX_RESULT = 512 * 1024  # JSON bytes of a return value kept for get_job (RESULT_TTL)
 FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)
 
 
@@ -308,9 +304,6 @@ def _returned(value) -> dict:
     return {"status": "ok", "result": value}
 
 
-_OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
-
-
 def _finish(report, fd):
     """Send the final report, flush the job's output, exit.
 
@@ -326,11 +319,11 @@ def _finish(report, fd):
             if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
                 raise TimeoutError("report pipe busy")
             if report is None:
-                data = memoryview(_OK)
+                data = memoryview(protocol.OK_REPORT)
             else:
                 body = json.dumps(report, default=str).encode()
-                kind = b"I" if report.get("status") == "interrupted" else b"R"
-                data = memoryview(_FRAME.pack(kind, len(body)) + body)
+                kind = protocol.INTERRUPTED if report.get("status") == "interrupted" else protocol.REPORT
+                data = memoryview(protocol.report_frame(kind, body))
             while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
                 data = data[os.write(fd, data):]
         except BaseException:
