@@ -5,7 +5,7 @@ process that forked it is the fork server (``forkserver.py``). The child never t
 worker does all bookkeeping from the report (and from the exit status when there is no report: a segfault, an OOM
 kill, ``os._exit(3)``).
 
-Signals in the child:
+Signals in the child (its column of ``signals.TABLE``):
 
 * TERM / INT (sent straight to the child by Heroku, by honcho's group kill, by a terminal's Ctrl-C) and the parent's
   RAISE signal all lead to exactly one :class:`TermException`. With ``TERM_GRACE`` > 0 a TERM/INT only makes
@@ -32,6 +32,7 @@ from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
 from .protocol import MAX_CHECKPOINT, MAX_RESULT
+from . import signals
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -192,14 +193,9 @@ def install(grace: float) -> None:
     sys.unraisablehook = _on_unraisable
     _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
     _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
-    _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
-    _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
-    _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # job code may use alarm()
-    for sig in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        _fast.signal(sig, _fast.SIG_IGN)
-    _fast.signal(signal.SIGTERM, _on_stop)
-    _fast.signal(signal.SIGINT, _on_stop)
-    _fast.signal(RAISE_SIGNAL, _on_raise)
+    handlers = {signals.DEFAULT: _fast.SIG_DFL, signals.IGNORE: _fast.SIG_IGN, "stop": _on_stop, "raise": _on_raise}
+    for sig, action in signals.actions(signals.CHILD):  # the job child's column of the one table
+        _fast.signal(sig, handlers[action])
 
 
 def setup(parent_pid: int) -> None:

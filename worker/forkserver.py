@@ -12,9 +12,9 @@ Process tree::
         ├── job child                  one per running job (child.py), each in its own process group,
         └── job child ...              signalled by the worker directly (by process group for kills)
 
-* The fork server blocks the stop signals: Heroku's or a group's TERM/INT/QUIT/USR1/USR2 stay pending and are never
-  acted on. The job child inherits that mask, so a signal that reaches it before its handlers exist is delivered
-  right after (``child.run`` unblocks), never lost.
+* The fork server blocks the stop signals (its column of ``signals.TABLE``): Heroku's or a group's
+  TERM/INT/QUIT/USR1/USR2 stay pending and are never acted on. The job child inherits that mask, so a signal that
+  reaches it before its handlers exist is delivered right after (``child.run`` unblocks), never lost.
 * It dies with the worker (parent-death signal, and end of file on its socket); job children die with it. At end of
   file it first gives the children still exiting after their final report (the worker records a job from its
   report and does not wait for the exit) ``LEAVE_GRACE`` to finish flushing the job's output, then ends every
@@ -41,12 +41,12 @@ import time
 from typing import Optional
 
 from . import orphans, protocol
-from .signals import RAISE_SIGNAL
+from . import signals
 
 FRAME, _recv_job = protocol.SERVER_FRAME, protocol.recv_job  # tests/test_units.py reads these names
 SEND_TIMEOUT = 2.0  # a payload the server does not take this fast (it is stalled): the server is replaced
 LEAVE_GRACE = 0.5   # at end of file, children still exiting get this long before their process groups are killed
-BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, RAISE_SIGNAL}
+BLOCKED = signals.blocked(signals.FORK_SERVER)  # the fork server's column of signals.TABLE
 
 
 class ForkServerError(Exception):
