@@ -238,9 +238,4 @@ class Housekeeper:
         return res
 
 
-def connect_api(cfg, name: str = "status") -> API:
-    from .client import connect
-    return API(connect(cfg, name=name), cfg)
-
-
 __all__ = ["API", "HOUSEKEEP", "SCHEMA", "iso", "duration", "latency", "summary", "WAKE"]

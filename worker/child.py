@@ -31,6 +31,7 @@ from . import hooks
 from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
+from .payload import lone_surrogate
 from .protocol import MAX_CHECKPOINT, MAX_RESULT
 from . import signals
 from .signals import RAISE_SIGNAL
@@ -85,7 +86,7 @@ def checkpoint(value: Any) -> None:
     if len(data) > MAX_CHECKPOINT:
         raise ValueError(f"checkpoint is {len(data)} bytes of JSON, over {MAX_CHECKPOINT}: save a cursor, not data")
     if b"\\ud" in data:  # refused here, not at the next claim (issue 27 item 4): Redis's JSON cannot read it
-        bad = _jobs.lone_surrogate(value)
+        bad = lone_surrogate(value)
         if bad is not None:
             raise ValueError(f"checkpoint contains a lone surrogate ({bad!r}), which Redis's JSON cannot read; "
                              f"pass text as valid Unicode (bytes: e.g. base64)")
@@ -181,6 +182,20 @@ except OSError:
     pass
 
 
+def die_with_parent() -> bool:
+    """Have Linux SIGKILL this process when the process that forked it dies (PR_SET_PDEATHSIG): a job never runs on
+    unsupervised. False where there is no such call (not Linux)."""
+    if _libc is None:
+        return False
+    _libc.prctl(1, signal.SIGKILL)
+    return True
+
+
+def set_inline(on: bool) -> None:
+    """``worker.testing.inline()`` is active (``on``): :func:`checkpoint` is a no-op outside a worker's child."""
+    _state.inline = on
+
+
 def install(grace: float) -> None:
     """Install the child's signal dispositions once, in the fork server, before any fork.
 
@@ -209,10 +224,8 @@ def setup(parent_pid: int) -> None:
     except OSError:
         pass
     orphans.become_subreaper()  # what the job's helpers orphan stays below us (orphans.py), not another job's
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
-        if os.getppid() != parent_pid:  # it died before prctl took effect
-            os._exit(1)
+    if die_with_parent() and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def run_payload(data: bytes, report_fd: int) -> None:
@@ -254,7 +267,7 @@ def run(spec, doc, report_fd: int) -> None:
             if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
             if info is not None:
-                hooks.run(hooks._BEFORE, info)
+                hooks.run_before(info)
             value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
@@ -263,7 +276,7 @@ def run(spec, doc, report_fd: int) -> None:
         if info is not None:
             if report is not None and report["status"] == "error":  # a return value that cannot be kept
                 failure = ValueError(report["message"])
-                hooks.run(hooks._FAILURE, info, failure)
+                hooks.run_on_failure(info, failure)
                 outcome = hooks.HookOutcome("failed", error=failure)
             else:
                 outcome = hooks.HookOutcome("done", result=value)
@@ -275,10 +288,10 @@ def run(spec, doc, report_fd: int) -> None:
                   "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
         if info is not None:
             if not _state.raised:
-                hooks.run(hooks._FAILURE, info, exc)
+                hooks.run_on_failure(info, exc)
             outcome = hooks.HookOutcome("interrupted" if _state.raised else "failed", error=exc)
     if info is not None:
-        hooks.run(hooks._AFTER, info, outcome)
+        hooks.run_after(info, outcome)
     _finish(report, report_fd)
 
 

@@ -240,8 +240,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
     from . import child, jobs, log
     from .config import ConfigError
     log.setup(log_level, stamp)  # before the app's import: its own logging lines come out formatted too
-    if child._libc is not None:
-        child._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
+    child.die_with_parent()  # the worker
     orphans.become_subreaper()  # a dead job child's leftovers come to us: see _reaped
     if os.getppid() != parent:
         return 1

@@ -78,7 +78,7 @@ def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[
     """``{queue: (depth, latency_seconds)}`` in one round trip (see the module docstring). ``broker``: a
     ``worker.fetch.Broker`` (default: the one the enqueue API uses, from ``REDIS_URL``)."""
     from . import jobs
-    b = broker or jobs._broker()
+    b = broker or jobs.default_broker()
     all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
     if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
         return {q: (0, 0.0) for q in sorted(set(names))}
