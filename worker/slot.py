@@ -9,14 +9,13 @@ import time
 from enum import Enum
 from typing import Optional
 
-from .child import _FRAME
+from . import protocol
 from .claimed import ClaimedJob
 from .policy import Kill, Result, result_of
 from .signals import kill_job
 from .stops import Stage
 
 EXIT_WAIT = 0.25        # a killed child seen exiting (pidfd) is written off after this long without its S frame
-MAX_FRAME = 2 << 20     # a report frame is at most a 512 KiB result plus a traceback; a checkpoint 64 KiB
 
 
 class Report:
@@ -49,22 +48,22 @@ class Report:
         if self.garbled:
             self.buf.clear()
             return
-        buf, at, head = self.buf, 0, _FRAME.size
-        while len(buf) - at >= head:
-            kind, n = _FRAME.unpack_from(buf, at)
-            if kind not in (b"C", b"R", b"I") or n > MAX_FRAME:  # not ours (the job wrote on the fd): ignore the rest
+        buf, at = self.buf, 0
+        while True:
+            try:
+                frame = protocol.decode_report(buf, at)
+            except protocol.Garbled:  # not ours (the job wrote on the fd): ignore the rest
                 self.garbled = True
                 buf.clear()
                 return
-            if len(buf) - at - head < n:
+            if frame is None:
                 break
-            body = bytes(buf[at + head:at + head + n])
-            at += head + n
-            if kind == b"C":
+            kind, body, at = frame
+            if kind == protocol.CHECKPOINT:
                 self.checkpoint = body.decode("utf-8", "replace")
             else:
                 self.report = body
-                self.interrupted = kind == b"I"
+                self.interrupted = kind == protocol.INTERRUPTED
         del buf[:at]
 
     def close(self) -> None:
