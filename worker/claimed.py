@@ -1,6 +1,6 @@
 """One claimed job, resolved once (Sidekiq's ``UnitOfWork``, dramatiq's ``MessageProxy``).
 
-A claim becomes a job in one place, :meth:`worker.supervisor.Supervisor._start`, which parses the payload and calls
+A claim becomes a job in one place, :meth:`worker.ledger.Ledger.start`, which parses the payload and calls
 :meth:`ClaimedJob.of`. From there the job travels whole and frozen: to its slot (``slot.Slot.job``) and to
 ``policy.decide``, which needs nothing else of it. Every per-job option is resolved here (``jobs.JobOptions``):
 nothing downstream defaults one.
