@@ -5,8 +5,9 @@ Every other module receives a :class:`Config`; nothing else reads ``os.environ``
 it and exits 2 before connecting anywhere.
 
 The shutdown timeline is derived from one number, the platform's SIGTERM->SIGKILL window ``SHUTDOWN_WINDOW``, and
-described once, in ``stops.py``. ``TERM_TIMEOUT`` defaults to ``WINDOW - 1.5 - TERM_GRACE`` (8.5 s at the 10 s default) and is refused when
-``TERM_GRACE + TERM_TIMEOUT > WINDOW - 1.0``: the last second is for killing, putting back and exiting.
+described once, in ``stops.py``. ``TERM_TIMEOUT`` defaults to ``WINDOW - 1.5 - TERM_GRACE`` (8.5 s at the 10 s
+default) and is refused when ``TERM_GRACE + TERM_TIMEOUT > WINDOW - 1.0``: the last second is for killing, putting
+back and exiting.
 """
 from __future__ import annotations
 

@@ -163,8 +163,9 @@ class Membership:
         info = self._info()
         for s in self.slots.slots:
             if s.busy and not s.lost:
-                info.update({f"job:{s.index}": s.job.raw, f"started:{s.index}": s.job.claimed_ms or int(time.time() * 1000),
-                             f"queue:{s.index}": s.job.queue})  # where recovery puts it back (lua.CYCLE)
+                job, i = s.job, s.index
+                info.update({f"job:{i}": job.raw, f"started:{i}": job.claimed_ms or int(time.time() * 1000),
+                             f"queue:{i}": job.queue})  # where recovery puts it back (lua.CYCLE)
                 s.saved = None
         return info
 

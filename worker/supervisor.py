@@ -118,9 +118,6 @@ class Supervisor:
         m = self.member
         return self.burst and self._drained and not self.ledger.pending and not m.adopted and not m.suspects
 
-    def _give_back_adopted(self) -> None:
-        self.ledger.give_back(self._fallback_queue())
-
     def _fallback_queue(self) -> str:
         return "default" if self.cfg.all_queues else self.cfg.queues[0]
 
@@ -166,10 +163,7 @@ class Supervisor:
                 self._first_contact()
             if m.resync:
                 m.adopt(self.ledger.pending)
-            if self.ticker and (self.leaving or self.fatal):
-                self.ticker = None  # a stopping worker enqueues no more ticks, and waits for none (quiet)
-            elif self.ticker and self.ticker.due():
-                self._guarded(self.ticker.run)  # claims and enqueues the periodic jobs whose tick is due
+            self._tick()
             self._start_adopted()
             if self._paused != self.sig.paused:
                 self._paused = self.sig.paused
@@ -184,8 +178,7 @@ class Supervisor:
                 m.stalled(now)
             if m.recovery_due(now):
                 self._recover()
-            self._guarded(self.metrics.maybe_sample, self.broker, self.log, now, self.name)
-            self._guarded(self.housekeeper.maybe_run, self.broker, self.log, now, self.name)
+            self._extras(now)
             m.up()
         except redis.RedisError as exc:
             m.resync = True  # the failed call may have run: check our processing list when Redis is back
@@ -212,6 +205,16 @@ class Supervisor:
             self.log.warning("job.adopted", job=jobs.loose_id(raw), queue=queue,
                              reason="claimed by a call whose reply was lost")
             self.ledger.start(self.slots.free()[0], raw, queue)
+
+    def _tick(self) -> None:
+        if self.ticker and (self.leaving or self.fatal):
+            self.ticker = None  # a stopping worker enqueues no more ticks, and waits for none (quiet)
+        elif self.ticker and self.ticker.due():
+            self._guarded(self.ticker.run)  # claims and enqueues the periodic jobs whose tick is due
+
+    def _extras(self, now: float) -> None:
+        self._guarded(self.metrics.maybe_sample, self.broker, self.log, now, self.name)
+        self._guarded(self.housekeeper.maybe_run, self.broker, self.log, now, self.name)
 
     def _guarded(self, fn, *args) -> None:
         """Run an extra (metrics, schedules) so that nothing but a Redis error escapes it: a bug or odd data there
@@ -354,7 +357,7 @@ class Supervisor:
         """From the first TERM/INT (or a QUIT) on, every turn: claim nothing more (``_can_claim``), hand back the
         claims not yet started (adopted ones here; one that arrives with the stop, in ``_claimed``), enqueue no
         more periodic jobs."""
-        self._give_back_adopted()
+        self.ledger.give_back(self._fallback_queue())
         self.ticker = None
 
     def wait_for(self) -> bool:
@@ -368,7 +371,8 @@ class Supervisor:
         sig.announce(self.log)
         self.waiter.cancel()
         broker = self.member.last_connection(sig.stop_at)
-        self._give_back_adopted()  # adopted in the last turn (its reply arrived as the stop did): never started
+        # adopted in the last turn (its reply arrived as the stop did): never started
+        self.ledger.give_back(self._fallback_queue())
         self.ledger.pending = self.member.unpark(force=True) + self.ledger.pending  # one last try, else claimed
         try:
             if self.ledger.pending and self.member.registered:
