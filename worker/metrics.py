@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Optional
 
 import redis
 
-from .status import _latency
+from .api_values import latency as head_latency
 
 #: KEYS: none (the prefix builds them, as in lua.py). ARGV: prefix, interval_ms ('0' = read only, no claim),
 #: worker, '1' to add every known queue (P:queues), then queue names. Reply: {sec, usec, won, name, depth, head, ...}
@@ -61,7 +61,7 @@ def _parse(res) -> tuple:
     now = int(res[0]) + int(res[1]) / 1e6
     stats = {}
     for i in range(3, len(res), 3):
-        stats[res[i]] = (int(res[i + 1]), _latency(res[i + 2], now))
+        stats[res[i]] = (int(res[i + 1]), head_latency(res[i + 2], now))
     return bool(int(res[2])), now, stats
 
 
@@ -78,7 +78,7 @@ def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[
     """``{queue: (depth, latency_seconds)}`` in one round trip (see the module docstring). ``broker``: a
     ``worker.fetch.Broker`` (default: the one the enqueue API uses, from ``REDIS_URL``)."""
     from . import jobs
-    b = broker or jobs._broker()
+    b = broker or jobs.default_broker()
     all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
     if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
         return {q: (0, 0.0) for q in sorted(set(names))}
