@@ -552,6 +552,47 @@ def test_a_stop_puts_every_job_back_beside_a_wrong_typed_queue_index(r, spawn):
     assert "event=redis.wrong_type key=worker:queues type=string" in w.output
 
 
+@pytest.mark.timeout(60)
+def test_usr1_while_idle_does_not_kill_the_next_job(r, cli, spawn):
+    """Origin: runtime review (9f32e73, hardening)."""
+    w = spawn(HEARTBEAT_INTERVAL="0.5")
+    w.wait_for(r"event=worker.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
+    name = r.zrange("worker:workers", 0, 0)[0]
+    # Wait for the worker to have taken the USR1, not for a guessed time: a USR2 sent after it (the kernel delivers
+    # and Python runs pending handlers in signal-number order, USR1 first) shows up as state=paused, written by a
+    # loop turn that had both; the CONT that follows is taken in a later turn, whose first step (slots.service)
+    # consumes the USR1 before anything can be claimed.
+    w.signal(signal.SIGUSR1)
+    w.signal(signal.SIGUSR2)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "the paused state")
+    w.signal(signal.SIGCONT)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "idle", 10, "the idle state")
+    assert cli("enqueue", "push", "--args", '["out", "survived"]').returncode == 0
+    got = r.blpop("out", 15)
+    assert got and got[1] == "survived", w.output
+    assert r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_usr2_paused_worker_keeps_its_heartbeat(r, spawn):
+    """Origin: runtime review (9f32e73, hardening)."""
+    w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="1.5")
+    w.wait_for(r"event=worker.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
+    name = r.zrange("worker:workers", 0, 0)[0]
+    w.signal(signal.SIGUSR2)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "paused state")
+    for _ in range(4):  # well past HEARTBEAT_TTL
+        sec, usec = r.time()
+        now_ms = sec * 1000 + usec / 1000
+        wait_until(lambda: float(r.hget(f"worker:worker:{name}", "seen")) > now_ms, 5, "a fresh heartbeat")
+        # its score is its own deadline: a fresh beat puts it a whole TTL ahead of Redis's clock
+        assert r.zscore("worker:workers", name) >= now_ms + 1500
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0
+
+
 # --- a stop reaches the job at once; a claim not yet started goes back ---
 
 @pytest.mark.timeout(30)
@@ -639,47 +680,3 @@ def test_adopted_claim_not_yet_started_is_put_back_on_stop(r, spawn, enqueue):
     assert sorted(queued) == sorted([running, lost_id]), (queued, w.output)
     assert processing(r) == {} and r.zscore(WORKERS, name) is None, w.output
     assert r.llen("out") == 0, "the adopted claim ran although its slot was busy"
-
-
-
-# --- USR1 and USR2 on an idle worker ---
-
-@pytest.mark.timeout(60)
-def test_usr1_while_idle_does_not_kill_the_next_job(r, cli, spawn):
-    """Origin: runtime review (9f32e73, hardening)."""
-    w = spawn(HEARTBEAT_INTERVAL="0.5")
-    w.wait_for(r"event=worker.start")
-    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
-    name = r.zrange("worker:workers", 0, 0)[0]
-    # Wait for the worker to have taken the USR1, not for a guessed time: a USR2 sent after it (the kernel delivers
-    # and Python runs pending handlers in signal-number order, USR1 first) shows up as state=paused, written by a
-    # loop turn that had both; the CONT that follows is taken in a later turn, whose first step (slots.service)
-    # consumes the USR1 before anything can be claimed.
-    w.signal(signal.SIGUSR1)
-    w.signal(signal.SIGUSR2)
-    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "the paused state")
-    w.signal(signal.SIGCONT)
-    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "idle", 10, "the idle state")
-    assert cli("enqueue", "push", "--args", '["out", "survived"]').returncode == 0
-    got = r.blpop("out", 15)
-    assert got and got[1] == "survived", w.output
-    assert r.zcard("worker:failed") == 0
-
-
-@pytest.mark.timeout(60)
-def test_a_usr2_paused_worker_keeps_its_heartbeat(r, spawn):
-    """Origin: runtime review (9f32e73, hardening)."""
-    w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="1.5")
-    w.wait_for(r"event=worker.start")
-    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
-    name = r.zrange("worker:workers", 0, 0)[0]
-    w.signal(signal.SIGUSR2)
-    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "paused state")
-    for _ in range(4):  # well past HEARTBEAT_TTL
-        sec, usec = r.time()
-        now_ms = sec * 1000 + usec / 1000
-        wait_until(lambda: float(r.hget(f"worker:worker:{name}", "seen")) > now_ms, 5, "a fresh heartbeat")
-        # its score is its own deadline: a fresh beat puts it a whole TTL ahead of Redis's clock
-        assert r.zscore("worker:workers", name) >= now_ms + 1500
-    w.signal(signal.SIGTERM)
-    assert w.wait(10) == 0
