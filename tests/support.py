@@ -24,12 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(pred, timeout, what):
-    """Poll ``pred`` (a cheap Redis read or /proc look-up) until true; fail after ``timeout`` seconds."""
+def wait_until(pred, timeout=15.0, what="condition", proc=None):
+    """Poll ``pred`` (a cheap Redis read or /proc look-up: the state change itself is the event waited for) until it
+    returns something true, and return that; fail after ``timeout`` seconds (with ``proc``'s output if given)."""
     deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"; worker output:\n{proc.output}" if proc else ""))
+        time.sleep(0.02)
 
 
 _SEEN_LATE = """

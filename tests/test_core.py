@@ -11,7 +11,6 @@ import json
 import re
 import shlex
 import signal
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,7 @@ import redis
 import tests.jobs  # noqa: F401 - registers the test jobs in this process too (for enqueue through the Python API)
 import worker
 from tests.conftest import PYTHON, REPO
-from tests.support import job_json, make_broker, processing, still_works
+from tests.support import job_json, make_broker, processing, still_works, wait_until
 from worker import config, jobs
 from worker.fetch import Broker
 
@@ -36,16 +35,6 @@ def broker(r, redis_server):
     b = Broker(r, config.from_mapping({"REDIS_URL": redis_server.url}))
     yield b
     jobs.use(None)
-
-
-def wait_until(predicate, timeout=15.0, what="condition", proc=None):
-    """Poll Redis-visible state until ``predicate()`` is true (for state that has no event to BLPOP)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f"; worker output:\n{proc.output}" if proc else ""))
-        time.sleep(0.02)
 
 
 def leftovers(r) -> list:

@@ -3,12 +3,11 @@ workers: queued, running, failed, scheduled and paused work, checked field by fi
 400-digit ``enqueued_at``) shows as an unknown latency and stops neither status nor the metrics sampler."""
 import json
 import socket
-import time
 
 import pytest
 import redis
 
-from tests.support import still_works
+from tests.support import still_works, wait_until
 from worker import config, status
 from worker.keys import Keys
 
@@ -41,17 +40,6 @@ def table(text: str, header: str) -> dict:
         assert len(cells) == len(cols), f"misaligned row {line!r} under {lines[start]!r}"
         rows[cells[0]] = dict(zip(cols, cells))
     return rows
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    """Poll a Redis-side condition until it holds: the state change itself is the event waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
