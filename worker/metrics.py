@@ -20,7 +20,7 @@ from typing import Dict, Iterable, Optional
 
 import redis
 
-from .api_values import latency as head_latency
+from .api_values import latency as _latency
 
 #: KEYS: none (the prefix builds them, as in lua.py). ARGV: prefix, interval_ms ('0' = read only, no claim),
 #: worker, '1' to add every known queue (P:queues), then queue names. Reply: {sec, usec, won, name, depth, head, ...}
@@ -61,7 +61,7 @@ def _parse(res) -> tuple:
     now = int(res[0]) + int(res[1]) / 1e6
     stats = {}
     for i in range(3, len(res), 3):
-        stats[res[i]] = (int(res[i + 1]), head_latency(res[i + 2], now))
+        stats[res[i]] = (int(res[i + 1]), _latency(res[i + 2], now))
     return bool(int(res[2])), now, stats
 
 
