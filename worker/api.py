@@ -27,9 +27,8 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Optional
 
-from .api_lua import BACKLOG, FAILED_MATCH, FAILED_PAGE, FIND_QUEUED, HOUSEKEEP
 from .keys import Keys
-from .lua import WAKE
+from .lua import HOUSEKEEP, WAKE, Registry, calls  # noqa: F401  (HOUSEKEEP, WAKE: in __all__)
 
 SCHEMA = 1
 MINUTES = 60            # the throughput chart's span
@@ -181,22 +180,13 @@ class API:
     def __init__(self, r, cfg):
         self.r, self.cfg = r, cfg
         self.k = Keys(cfg.key_prefix)
-        self._scripts = {}
-
-    def _script(self, src: str):
-        s = self._scripts.get(src)
-        if s is None:
-            s = self._scripts[src] = self.r.register_script(src)
-        return s
+        self.scripts = Registry(r)
 
     def housekeep(self) -> dict:
         """Trim failed records past ``FAILED_TTL`` and sample this minute's counters (one script call).
         Returns ``{"time", "trimmed", "wrong_typed": [keys]}``."""
-        k = self.k
-        res = self._script(HOUSEKEEP)(keys=[k.failed, k.failed_data, k.processed, k.failed_count],
-                                      args=[k.prefix, int(self.cfg.failed_ttl * 1000), TRIM_BATCH, SAMPLE_TTL_S])
-        return {"time": int(res[0]) + int(res[1]) / 1e6, "trimmed": int(res[2]),
-                "wrong_typed": [x for x in (res[3] or "").split(",") if x]}
+        return calls.parse_housekeep(self.scripts.run(
+            calls.housekeep(self.k, int(self.cfg.failed_ttl * 1000), TRIM_BATCH, SAMPLE_TTL_S)))
 
     def overview(self) -> dict:
         """The ``status --json`` document (schema 1, see status.py) plus ``throughput`` and ``skipped``."""
@@ -207,11 +197,11 @@ class API:
         with self.r.pipeline(transaction=False) as p:
             p.time().smembers(k.queues).smembers(k.paused).zrange(k.workers, 0, -1, withscores=True)
             p.zcard(k.failed).zcard(k.scheduled).get(k.processed).get(k.failed_count)
-            p.zrange(f"{k.prefix}:schedules", 0, -1)
+            p.zrange(k.schedules, 0, -1)
             res = p.execute(raise_on_error=False)
         res = [self._ok(v, what, skipped) for v, what in zip(res, (
             None, k.queues, k.paused, k.workers, k.failed, k.scheduled, k.processed, k.failed_count,
-            f"{k.prefix}:schedules"))]
+            k.schedules))]
         (sec, usec), known, paused, workers, n_failed, n_scheduled, processed, failed_total, sched = res
         known, paused, workers, sched = known or set(), paused or set(), workers or [], sched or []
         now = int(sec) + int(usec) / 1e6
@@ -224,8 +214,8 @@ class API:
             for w, _ in workers:
                 p.hgetall(k.worker(w))
             for n in sched:
-                p.hgetall(f"{k.prefix}:sched:{n}")
-            p.mget([f"{k.prefix}:stat:minute:{m}" for m in range(minute - MINUTES, minute + 1)])
+                p.hgetall(k.sched(n))
+            p.mget([k.stat_minute(m) for m in range(minute - MINUTES, minute + 1)])
             res = p.execute(raise_on_error=False)
         queues = []
         for i, q in enumerate(names):
@@ -283,7 +273,7 @@ class API:
     def backlog(self, queues) -> int:
         """Jobs waiting for a worker on ``queues`` (``("*",)``: every known queue), due scheduled jobs included."""
         names = [q for q in queues if q != "*"]
-        return int(self._script(BACKLOG)(keys=[], args=[self.k.prefix, "1" if "*" in queues else "0", *names]))
+        return int(self.scripts.run(calls.backlog(self.k, "*" in queues, names)))
 
     # --- one queue ---
 
@@ -339,7 +329,7 @@ class API:
         if payload is None and doc["status"] == "running":
             payload = self._running_payload(job_id)
         if payload is None and doc["status"] == "queued" and doc.get("queue"):
-            payload = self._script(FIND_QUEUED)(keys=[k.queue(doc["queue"])], args=[f'"id":"{job_id}"'])
+            payload = self.scripts.run(calls.find_queued(k, doc["queue"], job_id))
             payload = payload or None
         body = _loads(payload)
         body = body if isinstance(body, dict) else {}
@@ -375,12 +365,11 @@ class API:
         k = self.k
         self.housekeep()
         page, per_page = max(1, int(page)), max(0, min(1000, int(per_page)))
-        res = self._script(FAILED_PAGE)(keys=[k.failed, k.failed_data],
-                                        args=[name or "", error or "", (page - 1) * per_page, per_page])
-        total, matched, skipped = int(res[0]), int(res[1]), int(res[2])
-        names, types, skipped_ids = (_loads(x) or {} for x in res[3:6])
+        total, matched, skipped, lists, raws = calls.parse_failed_page(self.scripts.run(
+            calls.failed_page(k, name or "", error or "", (page - 1) * per_page, per_page)))
+        names, types, skipped_ids = (_loads(x) or {} for x in lists)
         jobs = []
-        for raw in res[6:]:
+        for raw in raws:
             rec = _loads(raw)
             if isinstance(rec, dict):
                 jobs.append(rec)
@@ -398,7 +387,7 @@ class API:
 
     def failed_matching(self, name: str = "", error: str = "") -> list:
         """Ids of every failed record matching the filters (for "retry/delete all matching")."""
-        return list(self._script(FAILED_MATCH)(keys=[self.k.failed, self.k.failed_data], args=[name, error]))
+        return list(self.scripts.run(calls.failed_match(self.k, name, error)))
 
     # --- scheduled and retries ---
 

@@ -2,6 +2,8 @@
 
 Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
 
+    P                       (none)  the prefix itself, passed to the Lua scripts as a key (KEYS[1]): the root
+                                    their other keys are derived from. Never read or written.
     P:queues                SET     names of every queue ever enqueued to (for QUEUES=* and status)
     P:queue:<q>             LIST    waiting job payloads (JSON). Enqueue RPUSHes the tail; workers claim from
                                     the head; a job put back after an interruption is LPUSHed to the head.
@@ -45,10 +47,16 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     back into its processing list, so they stay recoverable and can be put back
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
+    P:stat:minute:<m>       STRING  "processed failed" counters as sampled in unix minute <m> (housekeep.lua, SET NX,
+                                    for the dashboard's rates); expires after SAMPLE_TTL_S (worker/api.py)
+    P:metrics:<n>           STRING  the name of the worker that logs metrics interval <n> (floor(Redis ms /
+                                    METRICS_INTERVAL ms)): SET NX by stats.lua, expires after two intervals
 
-The Lua scripts in ``fetch.py`` receive the prefix and build ``P:queue:<q>``, ``P:wake:<q>``,
-``P:processing:<w>``, ``P:worker:<w>`` and ``P:recovered:<w>`` the same way (a job's queue is only known once its
-payload is read).
+The Lua scripts (``worker/lua/*.lua``) receive the prefix ``P`` itself as a key (KEYS[1]; schedule.lua derives it
+from ``P:schedules``) and build the keys above whose suffix comes from data the same way (``P:queue:<q>``,
+``P:wake:<q>``, ``P:job:<id>``, ``P:processing:<w>``, ``P:worker:<w>``, ``P:recovered:<w>``, ``P:sched:<name>``,
+``P:metrics:<n>``, ``P:stat:minute:<m>``: a job's queue is only known once its payload is read): every key a script
+touches is passed in KEYS or derived from one key passed in KEYS, as Redis Cluster needs (each header says which).
 Worker names are ``<$DYNO or host>:<pid>``; they may contain ``:``, which is fine inside a key suffix.
 """
 from __future__ import annotations
@@ -58,7 +66,7 @@ class Keys:
     """Key builder for one prefix. Cheap to construct; holds only strings."""
 
     __slots__ = ("prefix", "queues", "workers", "scheduled", "failed", "failed_data", "paused",
-                 "processed", "failed_count", "suspects", "epoch")
+                 "processed", "failed_count", "suspects", "epoch", "schedules")
 
     def __init__(self, prefix: str = "worker"):
         self.prefix = prefix
@@ -72,6 +80,7 @@ class Keys:
         self.failed_count = f"{prefix}:stat:failed"
         self.suspects = f"{prefix}:suspects"
         self.epoch = f"{prefix}:epoch"
+        self.schedules = f"{prefix}:schedules"
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"
@@ -93,3 +102,12 @@ class Keys:
 
     def recovered(self, worker: str) -> str:
         return f"{self.prefix}:recovered:{worker}"
+
+    def sched(self, name: str) -> str:
+        return f"{self.prefix}:sched:{name}"
+
+    def stat_minute(self, minute: int) -> str:
+        return f"{self.prefix}:stat:minute:{minute}"
+
+    def metrics(self, index: int) -> str:
+        return f"{self.prefix}:metrics:{index}"
