@@ -17,12 +17,13 @@
 --   P:schedules is pruned of names no worker has written for 30 days. A queue key of the wrong type is an error
 --   text for that schedule, never a raise; a wake list of the wrong type is skipped.
 local paused, queues, schedules = KEYS[1], KEYS[2], KEYS[3]
+local prefix_arg = ARGV[1]
+local SCHEDULES_AT, SCHEDULE_LEN = 2, 8
 local SUFFIX = ':schedules'
 local prefix = string.sub(schedules, 1, #schedules - #SUFFIX)
-if prefix .. SUFFIX ~= schedules or prefix ~= ARGV[1] then
-  return redis.error_reply('ERR schedule: KEYS[3] ' .. schedules .. ' is not ' .. tostring(ARGV[1]) .. SUFFIX)
+if prefix .. SUFFIX ~= schedules or prefix ~= prefix_arg then
+  return redis.error_reply('ERR schedule: the schedules key ' .. schedules .. ' is not ' .. prefix_arg .. SUFFIX)
 end
-local SCHEDULES_AT, SCHEDULE_LEN = 2, 8
 local now = clock()
 local all_paused = redis.call('SISMEMBER', paused, '*') == 1
 local res = {now}
