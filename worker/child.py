@@ -5,7 +5,7 @@ process that forked it is the fork server (``forkserver.py``). The child never t
 worker does all bookkeeping from the report (and from the exit status when there is no report: a segfault, an OOM
 kill, ``os._exit(3)``).
 
-Signals in the child:
+Signals in the child (its column of ``signals.TABLE``):
 
 * TERM / INT (sent straight to the child by Heroku, by honcho's group kill, by a terminal's Ctrl-C) and the parent's
   RAISE signal all lead to exactly one :class:`TermException`. With ``TERM_GRACE`` > 0 a TERM/INT only makes
@@ -21,7 +21,6 @@ import ctypes
 import json
 import os
 import signal
-import struct
 import sys
 import threading
 import time
@@ -31,7 +30,10 @@ from typing import Any
 from . import hooks
 from . import jobs as _jobs
 from . import log as _log
-from . import orphans
+from . import orphans, protocol
+from .payload import lone_surrogate
+from .protocol import MAX_CHECKPOINT, MAX_RESULT
+from . import signals
 from .signals import RAISE_SIGNAL
 from .signals import fast as _fast
 
@@ -64,11 +66,8 @@ class _ChildState:
 
 _state = _ChildState()
 
-#: Largest checkpoint (JSON bytes). It travels in the job's payload when the job is put back.
-MAX_CHECKPOINT = 64 * 1024
-#: Report pipe frames: kind, length, JSON body. Kinds: C checkpoint; R final report; I final report of an interrupted
-#: run (the job goes back to a queue: the worker waits for the exit, and the end of the process group, first).
-_FRAME = struct.Struct(">cI")
+#: The report pipe's frames (kinds C checkpoint, R report, I interrupted report) are in protocol.py.
+_FRAME, _OK = protocol.REPORT_HEAD, protocol.OK_REPORT  # tests/test_units.py reads these names
 
 
 def checkpoint(value: Any) -> None:
@@ -87,11 +86,11 @@ def checkpoint(value: Any) -> None:
     if len(data) > MAX_CHECKPOINT:
         raise ValueError(f"checkpoint is {len(data)} bytes of JSON, over {MAX_CHECKPOINT}: save a cursor, not data")
     if b"\\ud" in data:  # refused here, not at the next claim (issue 27 item 4): Redis's JSON cannot read it
-        bad = _jobs.lone_surrogate(value)
+        bad = lone_surrogate(value)
         if bad is not None:
             raise ValueError(f"checkpoint contains a lone surrogate ({bad!r}), which Redis's JSON cannot read; "
                              f"pass text as valid Unicode (bytes: e.g. base64)")
-    _write_frame(b"C", data)
+    _write_frame(protocol.CHECKPOINT, data)
 
 
 def last_checkpoint(default: Any = None) -> Any:
@@ -112,7 +111,7 @@ def _write_frame(kind: bytes, data: bytes) -> None:
         if main:
             _state.writing = True
         try:
-            view = memoryview(_FRAME.pack(kind, len(data)) + data)
+            view = memoryview(protocol.report_frame(kind, data))
             while view:
                 view = view[os.write(_state.report_fd, view):]
         finally:
@@ -183,6 +182,20 @@ except OSError:
     pass
 
 
+def die_with_parent() -> bool:
+    """Have Linux SIGKILL this process when the process that forked it dies (PR_SET_PDEATHSIG): a job never runs on
+    unsupervised. False where there is no such call (not Linux)."""
+    if _libc is None:
+        return False
+    _libc.prctl(1, signal.SIGKILL)
+    return True
+
+
+def set_inline(on: bool) -> None:
+    """``worker.testing.inline()`` is active (``on``): :func:`checkpoint` is a no-op outside a worker's child."""
+    _state.inline = on
+
+
 def install(grace: float) -> None:
     """Install the child's signal dispositions once, in the fork server, before any fork.
 
@@ -195,14 +208,9 @@ def install(grace: float) -> None:
     sys.unraisablehook = _on_unraisable
     _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
     _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
-    _fast.signal(signal.SIGCHLD, _fast.SIG_DFL)  # job code may use subprocess
-    _fast.signal(signal.SIGCONT, _fast.SIG_DFL)
-    _fast.signal(signal.SIGALRM, _fast.SIG_DFL)  # job code may use alarm()
-    for sig in (signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2):
-        _fast.signal(sig, _fast.SIG_IGN)
-    _fast.signal(signal.SIGTERM, _on_stop)
-    _fast.signal(signal.SIGINT, _on_stop)
-    _fast.signal(RAISE_SIGNAL, _on_raise)
+    handlers = {signals.DEFAULT: _fast.SIG_DFL, signals.IGNORE: _fast.SIG_IGN, "stop": _on_stop, "raise": _on_raise}
+    for sig, action in signals.actions(signals.CHILD):  # the job child's column of the one table
+        _fast.signal(sig, handlers[action])
 
 
 def setup(parent_pid: int) -> None:
@@ -216,10 +224,8 @@ def setup(parent_pid: int) -> None:
     except OSError:
         pass
     orphans.become_subreaper()  # what the job's helpers orphan stays below us (orphans.py), not another job's
-    if _libc is not None:
-        _libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the process that forked us
-        if os.getppid() != parent_pid:  # it died before prctl took effect
-            os._exit(1)
+    if die_with_parent() and os.getppid() != parent_pid:  # it died before prctl took effect
+        os._exit(1)
 
 
 def run_payload(data: bytes, report_fd: int) -> None:
@@ -246,7 +252,7 @@ def run_payload(data: bytes, report_fd: int) -> None:
 
 def run(spec, doc, report_fd: int) -> None:
     """Run the job (with the hooks of ``worker.hooks``, if any) and exit. Never returns."""
-    report = None  # success: the constant _OK, no encoding on the hot path
+    report = None  # success: the constant OK_REPORT, no encoding on the hot path
     _state.report_fd = report_fd
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
@@ -261,7 +267,7 @@ def run(spec, doc, report_fd: int) -> None:
             if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
             if info is not None:
-                hooks.run(hooks._BEFORE, info)
+                hooks.run_before(info)
             value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
@@ -270,7 +276,7 @@ def run(spec, doc, report_fd: int) -> None:
         if info is not None:
             if report is not None and report["status"] == "error":  # a return value that cannot be kept
                 failure = ValueError(report["message"])
-                hooks.run(hooks._FAILURE, info, failure)
+                hooks.run_on_failure(info, failure)
                 outcome = hooks.HookOutcome("failed", error=failure)
             else:
                 outcome = hooks.HookOutcome("done", result=value)
@@ -282,14 +288,13 @@ def run(spec, doc, report_fd: int) -> None:
                   "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
         if info is not None:
             if not _state.raised:
-                hooks.run(hooks._FAILURE, info, exc)
+                hooks.run_on_failure(info, exc)
             outcome = hooks.HookOutcome("interrupted" if _state.raised else "failed", error=exc)
     if info is not None:
-        hooks.run(hooks._AFTER, info, outcome)
+        hooks.run_after(info, outcome)
     _finish(report, report_fd)
 
 
-MAX_RESULT = 512 * 1024  # JSON bytes of a return value kept for get_job (RESULT_TTL)
 FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)
 
 
@@ -308,9 +313,6 @@ def _returned(value) -> dict:
     return {"status": "ok", "result": value}
 
 
-_OK = _FRAME.pack(b"R", 15) + b'{"status":"ok"}'
-
-
 def _finish(report, fd):
     """Send the final report, flush the job's output, exit.
 
@@ -326,11 +328,11 @@ def _finish(report, fd):
             if not _lock.acquire(timeout=5):  # a thread of the job still writes a checkpoint: never mix into it
                 raise TimeoutError("report pipe busy")
             if report is None:
-                data = memoryview(_OK)
+                data = memoryview(protocol.OK_REPORT)
             else:
                 body = json.dumps(report, default=str).encode()
-                kind = b"I" if report.get("status") == "interrupted" else b"R"
-                data = memoryview(_FRAME.pack(kind, len(body)) + body)
+                kind = protocol.INTERRUPTED if report.get("status") == "interrupted" else protocol.REPORT
+                data = memoryview(protocol.report_frame(kind, body))
             while data:  # the parent reads while we write, so a report larger than the pipe buffer cannot block
                 data = data[os.write(fd, data):]
         except BaseException:

@@ -56,33 +56,6 @@ def outage_backoff() -> ExponentialWithJitterBackoff:
     return ExponentialWithJitterBackoff(base=0.2, cap=5.0)
 
 
-def blocking_pop(r: redis.Redis, keys, timeout: float, wake_fd: int) -> Optional[tuple]:
-    """``BLPOP keys timeout`` that returns ``None`` early when ``wake_fd`` becomes readable (a signal arrived).
-
-    redis-py retries interrupted reads (PEP 475) and signal handlers here only record, so a plain BLPOP would hold
-    an idle worker's exit back for up to ``timeout``. Instead the command is sent and both the socket and the
-    signal wake-up pipe are watched; if a signal wins, the connection is dropped (the server discards the blocked
-    BLPOP with it) and the next command reconnects.
-    """
-    pool = r.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_command("BLPOP", *keys, timeout)
-        sock = getattr(conn, "_sock", None)
-        if sock is None:  # unknown redis-py internals: fall back to an uninterruptible read
-            return conn.read_response()
-        ready, _, _ = select.select([sock, wake_fd], [], [], timeout + max(1.0, conn.socket_timeout or 1.0))
-        if sock in ready:
-            return conn.read_response()
-        conn.disconnect()
-        return None
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
-
-
 class Link:
     """The supervisor's command connection, driven from its loop.
 

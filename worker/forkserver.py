@@ -12,9 +12,9 @@ Process tree::
         ├── job child                  one per running job (child.py), each in its own process group,
         └── job child ...              signalled by the worker directly (by process group for kills)
 
-* The fork server blocks the stop signals: Heroku's or a group's TERM/INT/QUIT/USR1/USR2 stay pending and are never
-  acted on. The job child inherits that mask, so a signal that reaches it before its handlers exist is delivered
-  right after (``child.run`` unblocks), never lost.
+* The fork server blocks the stop signals (its column of ``signals.TABLE``): Heroku's or a group's
+  TERM/INT/QUIT/USR1/USR2 stay pending and are never acted on. The job child inherits that mask, so a signal that
+  reaches it before its handlers exist is delivered right after (``child.run`` unblocks), never lost.
 * It dies with the worker (parent-death signal, and end of file on its socket); job children die with it. At end of
   file it first gives the children still exiting after their final report (the worker records a job from its
   report and does not wait for the exit) ``LEAVE_GRACE`` to finish flushing the job's output, then ends every
@@ -25,36 +25,28 @@ Process tree::
 * It keeps one spare child forked ahead of time, blocked waiting for its payload, so the fork for the next job
   overlaps the current ones; each child still runs exactly one job.
 
-Protocol on a Unix stream socket. Worker to server: a header (4-byte length, 8-byte sequence number, big-endian),
-the payload JSON, with the write end of the job's report pipe passed (SCM_RIGHTS) on the first chunk. Server to
-worker, fixed frames ``(kind, seq, value)``: ``P`` seq pid once the child has the job, ``S`` seq wait-status once it
-is reaped; ``R`` 0 pid once at start, followed by a 4-byte length and the JSON of the job registry (what the worker
-needs of each job: queue, timeout, retries), or ``E`` 0 0 followed by a length and a one-line error if the app
-cannot be imported. Every ``P``/``S`` names the job it is about, so a late frame can never be taken for another's.
+The worker and the server talk over a Unix stream socket: one message per job in, ``P`` (the child has it) and
+``S`` (it is reaped) frames out, ``R``/``E`` once at start. The formats are in ``protocol.py``.
 """
 from __future__ import annotations
 
 import gc
-import json
 import os
 import select
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import time
 from typing import Optional
 
-from . import orphans
-from .signals import RAISE_SIGNAL
+from . import orphans, protocol
+from . import signals
 
-FRAME = struct.Struct(">cqq")
-_HEAD = struct.Struct(">IQ")
-_LEN = struct.Struct(">I")
+FRAME, _recv_job = protocol.SERVER_FRAME, protocol.recv_job  # tests/test_units.py reads these names
 SEND_TIMEOUT = 2.0  # a payload the server does not take this fast (it is stalled): the server is replaced
 LEAVE_GRACE = 0.5   # at end of file, children still exiting get this long before their process groups are killed
-BLOCKED = {signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2, RAISE_SIGNAL}
+BLOCKED = signals.blocked(signals.FORK_SERVER)  # the fork server's column of signals.TABLE
 
 
 class ForkServerError(Exception):
@@ -98,7 +90,7 @@ class ForkServer:
         try:
             self.sock.settimeout(SEND_TIMEOUT)  # a payload larger than the socket buffer waits for the server
             try:
-                _send_job(self.sock, seq, raw.encode("utf-8", "surrogateescape"), report_w)
+                protocol.send_job(self.sock, seq, raw.encode("utf-8", "surrogateescape"), report_w)
             finally:
                 self.sock.settimeout(None)  # frames are read with MSG_DONTWAIT on a blocking socket
         except socket.timeout:
@@ -123,23 +115,18 @@ class ForkServer:
         except OSError as exc:
             raise ForkServerError(f"fork server unavailable: {exc}") from None
         out = []
-        while len(self._buf) >= FRAME.size:
-            kind, seq, value = FRAME.unpack_from(self._buf)
-            size = FRAME.size
-            if kind in (b"R", b"E"):  # followed by a length-prefixed JSON body
-                if len(self._buf) < size + _LEN.size:
-                    break
-                n = _LEN.unpack_from(self._buf, size)[0]
-                if len(self._buf) < size + _LEN.size + n:
-                    break
-                body = json.loads(self._buf[size + _LEN.size:size + _LEN.size + n])
-                size += _LEN.size + n
-                if kind == b"R":
-                    self.meta = body
-                else:
-                    self.error = str(body)
-            elif kind not in (b"P", b"S"):
-                raise ForkServerError(f"fork server answered {kind!r}")
+        while True:
+            try:
+                frame = protocol.decode_server_frame(self._buf)
+            except protocol.UnknownFrame as exc:
+                raise ForkServerError(f"fork server answered {exc.args[0]!r}") from None
+            if frame is None:
+                break
+            kind, seq, value, body, size = frame
+            if kind == protocol.READY:
+                self.meta = body
+            elif kind == protocol.FAILED:
+                self.error = str(body)
             self._buf = self._buf[size:]
             out.append((kind, seq, value))
         if self._eof and not out:
@@ -174,34 +161,6 @@ class ForkServer:
         self.meta = None
 
 
-def _send_job(sock: socket.socket, seq: int, data: bytes, report_w: int) -> None:
-    """One job message: header, payload, and the report pipe's write end riding on the first chunk."""
-    head = _HEAD.pack(len(data), seq) + data[:65536]
-    sent = socket.send_fds(sock, [head], [report_w])
-    rest = head[sent:] + data[65536:]
-    if rest:  # sendall(b"") still calls send(): EPIPE if the reader already took the message and closed
-        sock.sendall(rest)
-
-
-def _recv_job(sock: socket.socket):
-    """``(seq, payload bytes, report fd)``, or None at end of file (the sender is gone; a sender that left frames of
-    ours unread resets the connection, which means the same)."""
-    try:
-        msg, fds, _, _ = socket.recv_fds(sock, 65536 + _HEAD.size, 1)
-        if len(msg) < _HEAD.size or not fds:
-            return None
-        need, seq = _HEAD.unpack_from(msg)
-        data = msg[_HEAD.size:]
-        while len(data) < need:
-            more = sock.recv(need - len(data))
-            if not more:
-                return None
-            data += more
-    except ConnectionResetError:
-        return None
-    return seq, data, fds[0]
-
-
 def _spare(listen: socket.socket, me: int, child, jobs) -> None:
     """Body of a pre-forked child: wait for one job, run it, exit. Never returns.
 
@@ -211,7 +170,7 @@ def _spare(listen: socket.socket, me: int, child, jobs) -> None:
     """
     try:
         child.setup(me)
-        job = _recv_job(listen)
+        job = protocol.recv_job(listen)
         if job is None:
             os._exit(0)
         _, data, report_w = job
@@ -226,11 +185,7 @@ def _spare(listen: socket.socket, me: int, child, jobs) -> None:
 
 
 def _frame(sock, kind: bytes, seq: int, value: int, body=None) -> None:
-    data = FRAME.pack(kind, seq, value)
-    if body is not None:
-        blob = json.dumps(body).encode()
-        data += _LEN.pack(len(blob)) + blob
-    sock.sendall(data)
+    sock.sendall(protocol.server_frame(kind, seq, value, body))
 
 
 def _end_group(pid: int) -> None:
@@ -285,8 +240,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
     from . import child, jobs, log
     from .config import ConfigError
     log.setup(log_level, stamp)  # before the app's import: its own logging lines come out formatted too
-    if child._libc is not None:
-        child._libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG: die with the worker
+    child.die_with_parent()  # the worker
     orphans.become_subreaper()  # a dead job child's leftovers come to us: see _reaped
     if os.getppid() != parent:
         return 1
@@ -301,12 +255,12 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
         jobs.import_modules(modules)
         registry = jobs.meta()  # checks the schedules too: a bad one is a config error, like a bad module
     except ConfigError as exc:
-        _frame(sock, b"E", 0, 0, str(exc))
+        _frame(sock, protocol.FAILED, 0, 0, str(exc))
         return 2
     child.install(grace)  # blocked here; inherited by every child
     gc.freeze()  # the app is imported: keep its objects out of the children's collections (fewer pages touched)
     me = os.getpid()
-    _frame(sock, b"R", 0, me, registry)
+    _frame(sock, protocol.READY, 0, me, registry)
 
     def fork_spare():
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -348,10 +302,10 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
                 status = os.waitpid(pid, 0)[1]
             del running[w]
             _reaped(running, spare[0])  # before the S frame: the job's exit is reported once all of it is gone
-            _frame(sock, b"S", seq, status)
+            _frame(sock, protocol.REAPED, seq, status)
         if sock not in ready:
             continue
-        job = _recv_job(sock)
+        job = protocol.recv_job(sock)
         if job is None:  # the worker closed the socket: leave (the spare dies with us)
             _leave(running, spare[0])
             return 0
@@ -361,7 +315,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
             line.close()
             pid, line = fork_spare()
         try:
-            _send_job(line, seq, data, report_w)
+            protocol.send_job(line, seq, data, report_w)
         except OSError:
             # Never hand the job to a second child: this one may have it. Kill it; the worker records how it ended.
             os.kill(pid, signal.SIGKILL)
@@ -369,7 +323,7 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
         os.close(report_w)
         w = _watch(pid)
         running[w if w is not None else -pid] = (pid, seq)
-        _frame(sock, b"P", seq, pid)
+        _frame(sock, protocol.STARTED, seq, pid)
         spare = fork_spare()  # while the job runs
 
 

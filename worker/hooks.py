@@ -67,6 +67,21 @@ def active() -> bool:
     return bool(_BEFORE or _AFTER or _FAILURE)
 
 
+def run_before(info: JobInfo) -> None:
+    """The ``before_job`` hooks (in the job child, before the job function)."""
+    run(_BEFORE, info)
+
+
+def run_on_failure(info: JobInfo, exc: BaseException) -> None:
+    """The ``on_failure`` hooks (the job raised, not a TermException)."""
+    run(_FAILURE, info, exc)
+
+
+def run_after(info: JobInfo, outcome: HookOutcome) -> None:
+    """The ``after_job`` hooks, last, whatever happened."""
+    run(_AFTER, info, outcome)
+
+
 def run(hooks: list, *args) -> None:
     """Call each hook; one that raises (an ``Exception``) is logged and the others still run."""
     for hook in hooks:

@@ -15,7 +15,6 @@ from typing import Any, Callable, Optional, Union
 from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
-from .payload import lone_surrogate  # noqa: F401  (used by child.checkpoint)
 from .payload import REGISTRY as _REGISTRY
 
 
@@ -147,20 +146,6 @@ def import_modules(modules) -> None:
             ORIGIN.setdefault(name, mod)
 
 
-def decode(raw: str, max_payload: int) -> tuple:
-    """:func:`parse`, then check the name and arguments against the registry. Returns ``(spec, payload_dict)``;
-    raises :class:`BadJob`."""
-    doc = parse(raw, max_payload)
-    spec = _REGISTRY.get(doc["name"])
-    if spec is None:
-        raise BadJob(f"job name {doc['name']!r} is not registered (JOB_MODULES)")
-    try:
-        spec.signature.bind(*doc["args"], **doc["kwargs"])
-    except TypeError as exc:
-        raise BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
-    return spec, doc
-
-
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, "timeout": s.timeout, "retries": s.retries,
@@ -174,7 +159,9 @@ def meta() -> dict:
 _default = None
 
 
-def _broker():
+def default_broker():
+    """The broker of the module-level enqueue API (``worker.enqueue``, ``get_job``, ``queue_depth``): the one set with
+    :func:`use`, else one connected from the environment on first use."""
     global _default
     if _default is None:
         from . import config as _config
@@ -182,6 +169,11 @@ def _broker():
         from .client import connect
         cfg = _config.load(export=False)  # a web process's os.environ is not ours to change (issue 21 item 8)
         _default = Broker(connect(cfg, name="enqueue"), cfg)
+    return _default
+
+
+def current_broker():
+    """The broker :func:`use` set (or :func:`default_broker` connected), None before either: what to restore."""
     return _default
 
 
@@ -193,7 +185,7 @@ def use(broker) -> None:
 
 def _send(method: str, *args, **kwargs):
     """Call the broker; a refused connection says which Redis it tried and where that address came from."""
-    b = _broker()
+    b = default_broker()
     try:
         return getattr(b, method)(*args, **kwargs)
     except Exception as exc:

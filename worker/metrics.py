@@ -20,13 +20,14 @@ from typing import Dict, Iterable, Optional
 
 import redis
 
+from .api_values import latency as head_latency
 from .lua import Registry, calls
-from .status import _latency
+
 
 def _parse(res) -> tuple:
     """``(won, redis_now, {queue: (depth, latency)})`` from a STATS reply (``worker/lua/stats.lua``)."""
     won, now, rows = calls.parse_stats(res)
-    return won, now, {q: (depth, _latency(head, now)) for q, depth, head in rows}
+    return won, now, {q: (depth, head_latency(head, now)) for q, depth, head in rows}
 
 
 def _names(queues, cfg) -> tuple:
@@ -42,7 +43,7 @@ def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[
     """``{queue: (depth, latency_seconds)}`` in one round trip (see the module docstring). ``broker``: a
     ``worker.fetch.Broker`` (default: the one the enqueue API uses, from ``REDIS_URL``)."""
     from . import jobs
-    b = broker or jobs._broker()
+    b = broker or jobs.default_broker()
     all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
     if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
         return {q: (0, 0.0) for q in sorted(set(names))}

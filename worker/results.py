@@ -105,5 +105,5 @@ def get_job(job_id: str) -> Optional[Job]:
     if testing.active():  # worker.testing.inline(): jobs run in-process, no Redis
         found = testing.lookup(job_id)
         return None if found is None else Job(**found)
-    broker = jobs._broker()
+    broker = jobs.default_broker()
     return fetch(broker.r, broker.keys, job_id)

@@ -1,25 +1,29 @@
-"""The parent's signal handling: handlers only record; the supervisor's loop acts.
+"""Signals: the one table of what each process does with each signal (:data:`TABLE`, Sidekiq's
+``SIGNAL_HANDLERS``), and the worker's (parent's) handling of them: handlers only record; the supervisor's loop acts.
 
 Handlers set attributes on one :class:`SignalState` and nothing else (no I/O, no Redis, no logging: none of that is
 safe to run at an arbitrary point of the main thread). ``signal.set_wakeup_fd`` makes the C-level handler write the
 signal number to a non-blocking pipe, so a loop waiting in ``select`` on that pipe wakes at once, even while a
 Redis BLPOP is pending.
 
-Signals (Resque's set):
+The worker's actions (Resque's set):
 
-* TERM, INT  - shut down: stop claiming, TermException in the jobs, kill at the deadline, put back, exit 0.
+* stop (TERM, INT) - shut down: stop claiming, TermException in the jobs, kill at the deadline, put back, exit 0.
               Only the first one counts: repeats never move the deadline. The first one is also forwarded to the
               running children by the handler itself (``os.kill``, async-signal-safe), so the exception never
               waits for a loop that is blocked on a slow Redis call; everything else waits for the loop.
-* QUIT       - stop claiming, let the running jobs finish, then exit; no exception.
-* USR1       - kill every running job child at once (each recorded as failed); keep working.
-* USR2, CONT - pause claiming / resume.
-* CHLD       - a child exited (wakes the loop so it can reap at once).
-* ALRM       - the watchdog: the first TERM/INT arms a timer for the hard exit (``SHUTDOWN_WINDOW`` - 0.5 s). If the
+* quit (QUIT) - stop claiming, let the running jobs finish, then exit; no exception.
+* kill_jobs (USR1) - kill every running job child at once (each recorded as failed); keep working.
+* pause, resume (USR2, CONT) - pause claiming / resume.
+* wake (CHLD) - a child exited (wakes the loop so it can reap at once).
+* watchdog (ALRM) - the first TERM/INT arms a timer for the hard exit (``SHUTDOWN_WINDOW`` - 0.5 s). If the
               loop has not exited by then (a Redis call hung past its timeouts), the handler SIGKILLs the children
               and calls ``os._exit``: async-signal-safe calls only. This is the single handler that acts, because
               it exists for the case where the loop cannot; the jobs it abandons are still in the processing list
               and are recovered by another worker, so they are not lost.
+
+The fork server blocks every signal it marks ``BLOCK`` (they stay pending and are inherited, still blocked, by each
+job child, which unblocks them as its job starts: ``child.run``). The job child's actions are ``child.py``'s.
 """
 from __future__ import annotations
 
@@ -39,6 +43,37 @@ from typing import Optional
 RAISE_SIGNAL = getattr(signal, "SIGRTMIN", signal.SIGUSR2)
 
 WATCHDOG_EXIT = 3
+
+#: A signal's disposition in a process, when it is no handler: blocked (pending, inherited by a fork), ignored, or
+#: the system default.
+BLOCK, IGNORE, DEFAULT = "block", "ignore", "default"
+
+#: What each process does with each signal: ``(signal, worker, fork server, job child)``. A name is a handler: the
+#: worker's ``SignalState._on_<name>``, the child's ``child._on_<name>``. Installed in this order (where there is no
+#: real-time signal RAISE_SIGNAL is USR2, and its row, last, wins).
+TABLE = (
+    # signal          worker (supervisor)  fork server  job child
+    (signal.SIGTERM,  "stop",              BLOCK,       "stop"),     # Heroku's stop, a group kill
+    (signal.SIGINT,   "stop",              BLOCK,       "stop"),     # Ctrl-C
+    (signal.SIGQUIT,  "quit",              BLOCK,       IGNORE),     # meant for the worker: the job runs on
+    (signal.SIGUSR1,  "kill_jobs",         BLOCK,       IGNORE),
+    (signal.SIGUSR2,  "pause",             BLOCK,       IGNORE),
+    (signal.SIGCONT,  "resume",            DEFAULT,     DEFAULT),
+    (signal.SIGCHLD,  "wake",              DEFAULT,     DEFAULT),    # job code may use subprocess
+    (signal.SIGALRM,  "watchdog",          DEFAULT,     DEFAULT),    # job code may use alarm()
+    (RAISE_SIGNAL,    DEFAULT,             BLOCK,       "raise"),    # the worker's "TermException now"
+)
+WORKER, FORK_SERVER, CHILD = 1, 2, 3
+
+
+def actions(process: int) -> list:
+    """``[(signal, action)]`` of one process (a column of :data:`TABLE`: WORKER, FORK_SERVER or CHILD), in order."""
+    return [(row[0], row[process]) for row in TABLE]
+
+
+def blocked(process: int) -> set:
+    """The signals ``process`` keeps blocked."""
+    return {sig for sig, action in actions(process) if action == BLOCK}
 
 
 class SignalState:
@@ -73,7 +108,7 @@ class SignalState:
                 if self.grace <= 0:
                     _send(pid, RAISE_SIGNAL)
 
-    def _on_alarm(self, signum, frame):
+    def _on_watchdog(self, signum, frame):
         for pid in list(self.child_pids):
             kill_job(pid, signal.SIGKILL)
         try:
@@ -84,16 +119,16 @@ class SignalState:
     def _on_quit(self, signum, frame):
         self.quit = True
 
-    def _on_usr1(self, signum, frame):
+    def _on_kill_jobs(self, signum, frame):
         self.kill_child = True
 
-    def _on_usr2(self, signum, frame):
+    def _on_pause(self, signum, frame):
         self.paused = True
 
-    def _on_cont(self, signum, frame):
+    def _on_resume(self, signum, frame):
         self.paused = False
 
-    def _on_chld(self, signum, frame):
+    def _on_wake(self, signum, frame):
         pass  # the wake-up fd already woke the loop; waitpid happens there
 
     def announce(self, log) -> None:
@@ -115,14 +150,9 @@ class SignalState:
             os.set_inheritable(fd, False)
         self.wake_r, self._wake_w = r, w
         signal.set_wakeup_fd(w, warn_on_full_buffer=False)
-        signal.signal(signal.SIGTERM, self._on_stop)
-        signal.signal(signal.SIGINT, self._on_stop)
-        signal.signal(signal.SIGQUIT, self._on_quit)
-        signal.signal(signal.SIGUSR1, self._on_usr1)
-        signal.signal(signal.SIGUSR2, self._on_usr2)
-        signal.signal(signal.SIGCONT, self._on_cont)
-        signal.signal(signal.SIGCHLD, self._on_chld)
-        signal.signal(signal.SIGALRM, self._on_alarm)
+        for sig, action in actions(WORKER):
+            if action != DEFAULT:
+                signal.signal(sig, getattr(self, f"_on_{action}"))
 
     @staticmethod
     def ignore_stops() -> None:

@@ -22,8 +22,7 @@ import signal
 import time
 from typing import Optional
 
-from . import orphans
-from .child import _FRAME
+from . import orphans, protocol
 from .forkserver import ForkServer, ForkServerError
 from .policy import Kill, Result, result_of
 from .signals import RAISE_SIGNAL, kill_job
@@ -33,7 +32,6 @@ REAP_TIMEOUT = 10.0     # ... or that has not reported a child's exit this long 
 EXIT_WAIT = 0.25        # a killed child seen exiting (pidfd) is written off after this long without its S frame
 START_TIMEOUT = 120.0   # importing the app (Django set-up and the like) may take this long
 MEMORY_POLL = 0.25      # how often a child's memory is read when JOB_MAX_MEMORY_MB is set
-MAX_FRAME = 2 << 20     # a report frame is at most a 512 KiB result plus a traceback; a checkpoint 64 KiB
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
@@ -152,22 +150,22 @@ class Slot:
         if self.garbled:
             self.buf.clear()
             return
-        buf, at, head = self.buf, 0, _FRAME.size
-        while len(buf) - at >= head:
-            kind, n = _FRAME.unpack_from(buf, at)
-            if kind not in (b"C", b"R", b"I") or n > MAX_FRAME:  # not ours (the job wrote on the fd): ignore the rest
+        buf, at = self.buf, 0
+        while True:
+            try:
+                frame = protocol.decode_report(buf, at)
+            except protocol.Garbled:  # not ours (the job wrote on the fd): ignore the rest
                 self.garbled = True
                 buf.clear()
                 return
-            if len(buf) - at - head < n:
+            if frame is None:
                 break
-            body = bytes(buf[at + head:at + head + n])
-            at += head + n
-            if kind == b"C":
+            kind, body, at = frame
+            if kind == protocol.CHECKPOINT:
                 self.checkpoint = body.decode("utf-8", "replace")
             else:
                 self.report = body
-                self.interrupted = kind == b"I"
+                self.interrupted = kind == protocol.INTERRUPTED
         del buf[:at]
 
     def kill(self, why: Kill) -> None:

@@ -59,7 +59,7 @@ import json
 import sys
 import time
 
-from .api import API, SCHEMA, duration, latency as _latency  # noqa: F401  (_latency: metrics.py reads it)
+from .api import API, duration
 from .client import connect
 from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
 from . import schedule

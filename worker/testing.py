@@ -166,16 +166,16 @@ def inline(*, raise_errors: bool = True, run_scheduled: bool = True) -> Iterator
     docstring). Nests; the enqueue API's previous broker is restored on exit."""
     from . import child
     ctx = InlineJobs(raise_errors, run_scheduled)
-    previous = jobs._default
+    previous = jobs.current_broker()
     _stack.append(ctx)
     jobs.use(ctx)
-    child._state.inline = True
+    child.set_inline(True)
     try:
         yield ctx
     finally:
         _stack.remove(ctx)
         jobs.use(_stack[-1] if _stack else previous)
-        child._state.inline = bool(_stack)
+        child.set_inline(bool(_stack))
 
 
 # --- integration tests: a real worker in burst mode ---
