@@ -17,10 +17,10 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     score) for its grace (its interval + 1 s) since a live worker first saw it
                                     late, it is dead and its processing list is requeued by whoever notices.
     P:recovered:<w>         SET     ids of the jobs recovered from dead worker <w> ('' alone: it held none), written by
-                                    lua.RECOVER, kept 24 h. A worker presumed dead that was not (it stalled) finds
+                                    recover.lua, kept 24 h. A worker presumed dead that was not (it stalled) finds
                                     it at its next beat: it kills its runs of those jobs, which run elsewhere now,
                                     and registers again (which deletes it)
-    P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (lua.RECOVER); an entry
+    P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (recover.lua); an entry
                                     whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
                                     beat, ms), ttl and interval (ms), started, and per busy slot s: job:<s> (payload),
@@ -41,7 +41,7 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
     P:epoch                 STRING  a random id, set by the first worker to register (SET NX) and never deleted
                                     by the runtime. A worker remembers it; if, at a call of its (checked before
-                                    the first write; see lua.CYCLE for the one skip), it is gone or another,
+                                    the first write; see cycle.lua for the one skip), it is gone or another,
                                     Redis lost its data since (a restart without persistence, a stale replica
                                     promoted): the worker registers again and puts the claims of the jobs it holds
                                     back into its processing list, so they stay recoverable and can be put back
