@@ -152,3 +152,15 @@ def test_wake_skips_a_wrong_typed_list_and_rings_the_others(r):
     r.rpush(k.wake("c"), "1")
     lua.Registry(r).run(calls.wake(k, ["a", "b", "c", "d"]))
     assert [r.llen(k.wake(q)) for q in "acd"] == [1, 1, 1] and r.get(k.wake("b")) == "x"
+
+
+def test_schedule_enqueues_and_records_its_tick_past_a_wrong_typed_wake_list(r):
+    """schedule.lua rang the wake list with redis.call after its RPUSH: a wrong-typed P:wake:<q> raised after that
+    first write (issue 27), leaving the job queued and its tick unclaimed, to be enqueued again. Now the prelude's
+    wake (pcall) skips it."""
+    k = Keys("pfx")
+    r.set(k.wake("q"), "x")
+    now = int(r.time()[0]) * 1000
+    call = calls.schedule(k, [("s", "q", now - 10, now + 60_000, 60_000, 120_000, "every 60s", '{"id":"a"}')])
+    assert lua.Registry(r).run(call)[1] == "enqueued"
+    assert r.llen(k.queue("q")) == 1 and r.hget(k.sched("s"), "tick") == str(now - 10)
