@@ -217,15 +217,17 @@ class Broker:
                            mode=mode, busy=busy, tidy=tidy, epoch=self.epoch,
                            queues=[] if c.all_queues else list(c.queues), checkpoints=checkpoints,
                            outcomes=[o.wire(c) for o in outcomes], claim=claim)
-        return wire.parse_cycle(self._call(call))
+        return wire.parse_cycle(self.run(call))
 
-    def _call(self, call: "wire.Call"):
-        """Run ``call`` (a :class:`worker.lua.calls.Call`): through ``link`` in the worker (its wait sits in the
-        loop's ``select``), else directly."""
+    def run(self, call: "wire.Call"):
+        """Run a script call (a :class:`worker.lua.calls.Call`): through ``link`` in the worker (its wait sits in
+        the loop's ``select``), else directly."""
         script = self.scripts.script(call.script)
         if self.link is not None:
             return self.link.script(script, call.keys, call.args)
         return script(keys=call.keys, args=call.args)
+
+    _call = run  # (its name before issue 22)
 
     def wake(self, queues) -> None:
         """Ring the wake lists of ``queues`` (a token taken by a worker that could not use it is given back)."""
@@ -267,7 +269,7 @@ class Broker:
         """Requeue the jobs of dead workers (late past their grace, see ``recover.lua``); returns
         ``['requeued:<id>' | 'failed:<id>', ...]`` with ``.wait``: seconds until a late worker's grace ends."""
         c = self.cfg
-        return wire.parse_recover(self._call(wire.recover(
+        return wire.parse_recover(self.run(wire.recover(
             self.keys, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max, int(c.failed_ttl * 1000), skip,
             RECOVER_SLACK_MS)))
 

@@ -88,7 +88,7 @@ class Sampler:
         self._next = after if after > now_monotonic else now_monotonic + self.interval
         all_known, names = _names(None, self.cfg)
         try:
-            res = broker._call(calls.stats(broker.keys, int(self.interval * 1000), worker or self.worker, all_known,
+            res = broker.run(calls.stats(broker.keys, int(self.interval * 1000), worker or self.worker, all_known,
                                            names))
         except redis.RedisError as exc:
             log.debug("metrics.skipped", error=f"{type(exc).__name__}: {exc}")

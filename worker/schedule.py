@@ -196,7 +196,7 @@ class Ticker:
             rows.append((s.name, s.queue, last, nxt, grace, ttl, s.spec, payload))
             sent.append((s, last, job_id, nxt))
         sent_at = time.time()
-        res = self.broker._call(calls.schedule(k, rows))
+        res = self.broker.run(calls.schedule(k, rows))
         redis_ms = int(res[0])
         self.offset = redis_ms / 1000 - (sent_at + time.time()) / 2
         skew = False
