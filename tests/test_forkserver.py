@@ -112,6 +112,76 @@ def test_a_fork_server_becoming_ready_ends_the_wait(redis_server, monkeypatch):
         w.close()
 
 
+# --- the worker leaving: the fork server ends its children and itself cleanly ---
+
+@pytest.mark.timeout(60)
+def test_a_burst_worker_exit_ends_no_leftover(cli, enqueue):
+    """The pre-forked spare is ended and reaped by the fork server as it leaves; left to die with it, the spare
+    reached the worker (a subreaper) as an orphan and every exit logged ``forkserver.leftovers_ended count=1``
+    (found by the issue-22 protocol review: 15 of 15 burst exits)."""
+    enqueue("print_tail", "hello", 0)
+    done = cli("--burst", timeout=45)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "event=job.done" in done.stdout + done.stderr
+    assert "leftovers_ended" not in done.stdout + done.stderr, done.stdout + done.stderr
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_leaving_while_a_childs_exit_is_reported_ends_the_fork_server_cleanly(redis_server, capfd):
+    """The worker closes the socket (it had the job's report and left) just as the fork server reports that job's
+    exit: the ``S`` frame meets a closed socket. That is the worker's end of file, as ``take`` would read it next:
+    the server leaves with 0, not with a BrokenPipeError traceback (found by the issue-22 protocol review: 2 of 28
+    burst exits). Made deterministic by stopping the server until the child has exited and the socket is closed."""
+    from worker.config import from_mapping
+    from worker.forkserver import ForkServer
+    from worker import protocol
+    from worker.payload import build_payload
+    cfg = from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": "tests.jobs"})
+    fs = ForkServer(cfg)
+    fs.start()
+    try:
+        deadline = time.monotonic() + 30
+        while not fs.ready:
+            assert time.monotonic() < deadline and fs.error is None, fs.error
+            select.select([fs.fileno()], [], [], 1.0)
+            fs.frames()
+        _, _, raw = build_payload("exit_with", [0], {}, None, 1 << 20)
+        report_r, report_w = os.pipe()
+        fs.send(1, raw, report_w)
+        os.close(report_w)
+        child = None
+        while child is None:
+            assert time.monotonic() < deadline, "no STARTED frame"
+            select.select([fs.fileno()], [], [], 1.0)
+            child = next((value for kind, seq, value in fs.frames() if kind == protocol.STARTED), None)
+        os.kill(fs.proc.pid, signal.SIGSTOP)
+        while _state(fs.proc.pid) != "T":  # stopped for sure before the child may exit
+            assert time.monotonic() < deadline, "the fork server never stopped"
+            time.sleep(0.01)
+        while os.read(report_r, 65536):  # the child reports and exits; its pipe closes
+            pass
+        os.close(report_r)
+        while _state(child) != "Z":  # exited, not yet reaped
+            assert time.monotonic() < deadline, "the job child never exited"
+            time.sleep(0.01)
+        fs.sock.close()
+        fs.sock = None
+        os.kill(fs.proc.pid, signal.SIGCONT)
+        code = fs.proc.wait(10)
+        err = capfd.readouterr().err
+        assert code == 0 and "Traceback" not in err, (code, err)
+    finally:
+        if fs.proc is not None and fs.proc.poll() is None:
+            os.kill(fs.proc.pid, signal.SIGCONT)
+            fs.proc.kill()
+            fs.proc.wait()
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
 # --- a stalled or slow fork server: no job handed over twice, the loop and the heartbeat go on ---
 
 @pytest.mark.slow

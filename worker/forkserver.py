@@ -206,21 +206,26 @@ def _watch(pid: int):
 def _leave(running: dict, spare: int) -> None:
     """End of file: the worker is leaving. Its slots are empty, but children whose job it recorded from their
     report may still be exiting (flushing the job's output): give them ``LEAVE_GRACE`` s, then end every child's
-    process group (what the jobs left running) and reap it, then what they left elsewhere (``spare``, the
-    pre-forked child, dies with us)."""
+    process group (what the jobs left running) and reap it, and the pre-forked ``spare``, then what they left
+    elsewhere."""
     deadline = time.monotonic() + LEAVE_GRACE
     fds = [w for w in running if w >= 0]
     while fds and deadline > time.monotonic():
         ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
         fds = [w for w in fds if w not in ready]
-    for pid, _ in running.values():
+    for pid in [pid for pid, _ in running.values()] + [spare]:
         _end_group(pid)
         try:
             os.kill(pid, signal.SIGKILL)  # in case it left its own group: the wait must end
         except OSError:
             pass
-        os.waitpid(pid, 0)
-    orphans.sweep(keep={spare}, single=True)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    # the spare is ended and reaped here too: left to die with us, it would reach the worker (a subreaper) as an
+    # orphan and be counted as a job's leftover (forkserver.leftovers_ended on every exit)
+    orphans.sweep(single=True)
 
 
 def _reaped(running: dict, spare: int) -> None:
@@ -307,7 +312,13 @@ class _Server:
             watch = [self.sock] + [w for w in self.running if w >= 0]
             polling = any(w < 0 for w in self.running)
             ready, _, _ = select.select(watch, [], [], 0.05 if polling else None)
-            self.reap(ready)
+            try:
+                self.reap(ready)
+            except (BrokenPipeError, ConnectionResetError):
+                # the worker closed the socket while a child's exit was being reported (it had the job's report
+                # and left): the same end of file that take() would have read next
+                _leave(self.running, self.spare[0])
+                return 0
             if self.sock in ready and not self.take():
                 return 0
 
@@ -335,7 +346,7 @@ class _Server:
         """Hand the worker's next job to the spare child (``P`` frame) and fork the next spare; False when the
         worker closed the socket (everything is ended: leave)."""
         job = protocol.recv_job(self.sock)
-        if job is None:  # the worker closed the socket: leave (the spare dies with us)
+        if job is None:  # the worker closed the socket: leave
             _leave(self.running, self.spare[0])
             return False
         seq, data, report_w = job
