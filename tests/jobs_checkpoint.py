@@ -113,3 +113,14 @@ def ck_threaded_checkpoints(key, size=60_000, rounds=20):
         t.join()
     event(key, "finished", errors=errors)
     return "ok"
+
+
+@job(retries=1)
+def ck_fail_once(key):
+    """First run: checkpoint 7, then raise. The retry records what it resumed from (docs/user-guide.md: a retry
+    after an exception resumes from the last checkpoint)."""
+    seen = last_checkpoint()
+    event(key, "run", resumed_from=seen)
+    if seen is None:
+        checkpoint(7)
+        raise RuntimeError("first run fails after its checkpoint")

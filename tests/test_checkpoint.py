@@ -172,6 +172,19 @@ def test_no_checkpoint_left_once_a_job_ends_and_status_shows_a_running_one(r, cl
     assert not r.exists(key)  # the worker's hash (and every ckpt field) went with its clean exit
 
 
+@pytest.mark.timeout(60)
+def test_a_retry_after_an_exception_resumes_from_the_failed_runs_checkpoint(r, cli, spawn):
+    """A retry resumes where the failed run got to, as a put-back does; only a finished job discards its
+    checkpoint (the user guide said a failing job discards it: settled on resuming, the review of issue 27)."""
+    job_id = enqueue(cli, "ck_fail_once", "retried")
+    w = spawn(**FAST)
+    assert next_event(r, "retried")["resumed_from"] is None
+    assert next_event(r, "retried", timeout=30)["resumed_from"] == 7  # after the retry's backoff (about 2 s)
+    wait_until(lambda: r.hget(K.job(job_id), "status") == "done", 10, "the retry recorded as done")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("seed", [11, 23])
