@@ -161,5 +161,15 @@ def run_cli(env, *args, timeout=30, **overrides):
 
 
 @pytest.fixture
+def enqueue(r, redis_server):
+    """``enqueue(name, *args, **kwargs)`` pushes a job with the runtime's own producer (``Broker.push``) and returns
+    its id; the job need not be registered in the test process."""
+    from worker.config import from_mapping
+    from worker.fetch import Broker
+    broker = Broker(r, from_mapping({"REDIS_URL": redis_server.url}))
+    return lambda name, *args, **kwargs: broker.push(name, args, kwargs)
+
+
+@pytest.fixture
 def cli(env):
     return lambda *args, **kw: run_cli(env, *args, **kw)

@@ -1,12 +1,15 @@
 """Jobs used by the test suite (JOB_MODULES=worker.sample,tests.jobs).
 
 They report to Redis lists so tests can BLPOP events instead of sleeping. The connection is the job's own (made in
-the child from REDIS_URL): that is test code, not the runtime.
+the child from REDIS_URL, or EVENTS_REDIS_URL when a test puts a proxy between the worker and Redis and still wants
+to hear from its jobs directly): that is test code, not the runtime.
 """
 import ctypes
 import json
 import os
 import signal
+import struct
+import sys
 import time
 
 import redis
@@ -20,7 +23,8 @@ def r():
     pid = os.getpid()
     if pid not in _conn:
         _conn.clear()
-        _conn[pid] = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
+        url = os.environ.get("EVENTS_REDIS_URL") or os.environ["REDIS_URL"]
+        _conn[pid] = redis.Redis.from_url(url, decode_responses=True)
     return _conn[pid]
 
 
@@ -152,7 +156,7 @@ def on_high(key, value):
     r().rpush(key, value)
 
 
-# --- concurrency and core-defect tests (tests/test_concurrency.py, tests/test_core_defects.py) ---
+# --- concurrency, recovery and fork-server tests (tests/test_concurrency.py, test_recovery.py, test_forkserver.py) ---
 
 @job
 def cc_span(key, tag, seconds=0.5, again=None):
@@ -270,3 +274,90 @@ def cc_probe(key, pids, mb=0):
             hold[i] = 1
         event(key, "holding")
         time.sleep(60)
+
+
+# --- the job's own process: its report, what it leaves behind, its fork server (tests/test_child.py,
+# tests/test_forkserver.py) ---
+
+def nested_list(n):
+    value = []
+    for _ in range(n - 1):
+        value = [value]
+    return value
+
+
+@job
+def deep_return(key, depth=5000):
+    """Returns a list nested ``depth`` deep (JSON the job itself can encode with its raised recursion limit)."""
+    sys.setrecursionlimit(20000)
+    event(key, "started")
+    return nested_list(depth)
+
+
+@job
+def forged_report(key, body='{"status":"error","type":5}'):
+    """Writes a report frame of its own making to the report pipe and leaves."""
+    from worker import child
+    event(key, "started")
+    data = body.encode()
+    os.write(child._state.report_fd, struct.pack(">cI", b"R", len(data)) + data)
+    os._exit(0)
+
+
+@job
+def sleep_then_return(key, seconds=1.0):
+    event(key, "started")
+    time.sleep(seconds)
+    event(key, "ended")
+    return "slept"
+
+
+@job
+def blob(key, blob):
+    event(key, "ran", n=len(blob))
+
+
+@job
+def leaves_a_sleep(key):
+    """Starts ``sleep 77`` and returns at once, leaving it running."""
+    import subprocess
+    p = subprocess.Popen(["sleep", "77"])
+    r().rpush(key, str(p.pid))
+
+
+@job
+def forks_a_helper(key, seconds=1.0, how="exit"):
+    """Forks a helper process that leaves through the runtime (``sys.exit(0)``, or returning from the job function),
+    then works on for ``seconds`` and returns "parent": the helper must not end the job with a report of its own."""
+    event(key, "start")
+    if os.fork() == 0:
+        if how == "exit":
+            sys.exit(0)
+        return "helper"
+    time.sleep(seconds)
+    event(key, "end")
+    return "parent"
+
+
+@job
+def leaves_sleep_and_stalls_server(key):
+    """Leaves ``sleep 300`` in its process group, stops its fork server (a stall), and returns ok."""
+    import signal
+    import subprocess
+    p = subprocess.Popen(["sleep", "300"])
+    event(key, "started", child=p.pid, server=os.getppid())
+    os.kill(os.getppid(), signal.SIGSTOP)
+
+
+@job
+def hanging_flush(key):
+    """Does its work, then leaves a stdout whose flush never returns (a stalled log pipe behind a custom stream)."""
+    class Stuck:
+        def write(self, data):
+            return len(data)
+
+        def flush(self):
+            time.sleep(3600)
+
+    event(key, "work-done")
+    sys.stdout = Stuck()

@@ -1,8 +1,10 @@
 """Resumable test jobs (JOB_MODULES=worker.sample,tests.jobs,tests.jobs_checkpoint): they record each item they
 process to a Redis list, so a test can check that no item was skipped and count the ones done twice."""
+import sys
+import threading
 import time
 
-from tests.jobs import event, r
+from tests.jobs import nested_list, event, r
 from worker import TermException, checkpoint, job, last_checkpoint
 
 
@@ -76,3 +78,49 @@ def ck_surrogate(key):
         event(key, "refused", message=str(exc))
     else:
         event(key, "accepted")
+
+
+# --- checkpoints the worker cannot decode, or from several threads (tests/test_checkpoint.py) ---
+
+@job
+def ck_deep_checkpoint(key, depth=5000):
+    """Checkpoints a list nested ``depth`` deep, then waits for an item on ``key:go`` and returns."""
+    sys.setrecursionlimit(20000)
+    checkpoint(nested_list(depth))
+    event(key, "checkpointed")
+    r().blpop(key + ":go", 30)
+    event(key, "finished")
+
+
+@job
+def ck_threaded_checkpoints(key, size=60_000, rounds=20):
+    """Three threads call checkpoint() at once, each ``rounds`` times with a ``size``-character value."""
+    start = threading.Barrier(3)
+    errors = []
+
+    def body(n):
+        start.wait()
+        try:
+            for i in range(rounds):
+                checkpoint({"t": n, "i": i, "pad": chr(ord("a") + n) * size})
+        except BaseException as exc:  # noqa: B902
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=body, args=(n,)) for n in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    event(key, "finished", errors=errors)
+    return "ok"
+
+
+@job(retries=1)
+def ck_fail_once(key):
+    """First run: checkpoint 7, then raise. The retry records what it resumed from (docs/user-guide.md: a retry
+    after an exception resumes from the last checkpoint)."""
+    seen = last_checkpoint()
+    event(key, "run", resumed_from=seen)
+    if seen is None:
+        checkpoint(7)
+        raise RuntimeError("first run fails after its checkpoint")

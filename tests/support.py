@@ -24,12 +24,18 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_until(pred, timeout, what):
-    """Poll ``pred`` (a cheap Redis read or /proc look-up) until true; fail after ``timeout`` seconds."""
+def wait_until(pred, timeout=15.0, what="condition", proc=None):
+    """Poll ``pred`` (a cheap Redis read or /proc look-up: the state change itself is the event waited for) until it
+    returns something true, and return that; fail after ``timeout`` seconds (with ``proc``'s output if given)."""
     deadline = time.monotonic() + timeout
-    while not pred():
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.05)
+    while True:
+        value = pred()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
+                                 + (f"; worker output:\n{proc.output}" if proc else ""))
+        time.sleep(0.02)
 
 
 _SEEN_LATE = """
@@ -237,3 +243,124 @@ def _ppid(pid: int) -> int:
     except OSError:
         return -1
     return int(stat[stat.rindex(")") + 2:].split()[1])
+
+
+# --- helpers the feature files share (one definition each) ---
+
+def url_of(r) -> str:
+    """The ``redis://`` URL of a client's connection (a TCP client)."""
+    kw = r.connection_pool.connection_kwargs
+    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+
+
+def make_broker(r, **env):
+    """A :class:`worker.fetch.Broker` on client ``r`` (its own URL as REDIS_URL), ``env`` as further variables."""
+    import worker.config
+    from worker.fetch import Broker
+    return Broker(r, worker.config.from_mapping({"REDIS_URL": url_of(r), **env}))
+
+
+def pop(r, key, timeout=15.0):
+    """BLPOP in 1 s slices (a longer BLPOP would hit redis-py's socket timeout): the item, or None after
+    ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        item = r.blpop(key, 1)
+        if item is not None:
+            return item[1]
+        if time.monotonic() >= deadline:
+            return None
+
+
+def next_event(r, key, timeout=20.0) -> dict:
+    """The next event a test job recorded on ``key`` (tests/jobs.py ``event``), consumed; fails on timeout."""
+    import json
+    item = pop(r, key, timeout)
+    assert item is not None, f"no event on {key!r} within {timeout}s"
+    return json.loads(item)
+
+
+def processing(r) -> dict:
+    """Processing lists that still hold something (the only place an in-flight job can be)."""
+    return {k: r.lrange(k, 0, -1) for k in r.keys("worker:processing:*") if r.llen(k)}
+
+
+def queued_ids(r, queue="default") -> list:
+    """The ids of the payloads in a queue, head first."""
+    import json
+    return [json.loads(p)["id"] for p in r.lrange(f"worker:queue:{queue}", 0, -1)]
+
+
+def name_of(w) -> str:
+    """A spawned worker's name, from its ``worker.start`` line."""
+    import re
+    return re.search(r"worker=(\S+)", w.wait_for(r"event=worker\.start")).group(1)
+
+
+def redis_ms(r) -> int:
+    """Redis's clock in milliseconds (the clock every deadline is measured on)."""
+    sec, usec = r.time()
+    return sec * 1000 + usec // 1000
+
+
+
+def status_of(r, job_id):
+    """A job's status in its status record (``worker:job:<id>``), or None."""
+    return r.hget(f"worker:job:{job_id}", "status")
+
+
+def heartbeat(r, name):
+    """A worker's last beat (``seen``, Redis ms) from its hash, or None."""
+    seen = r.hget(f"worker:worker:{name}", "seen")
+    return int(float(seen)) if seen else None
+
+
+def release(*pids) -> None:
+    """Teardown of SIGSTOPped processes: let each go, then kill it (it may already be gone; 0/None are skipped)."""
+    import signal
+    for pid in pids:
+        for sig in (signal.SIGCONT, signal.SIGKILL):
+            if pid:
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+
+
+def still_works(r, w, enqueue, tag) -> None:
+    """The spawned worker ``w`` is alive and runs a new job (``enqueue``: the conftest fixture)."""
+    assert w.popen.poll() is None, f"the worker exited:\n{w.output}"
+    enqueue("push", f"alive:{tag}", "yes")
+    assert pop(r, f"alive:{tag}", 15) == "yes", f"the worker did not run a later job:\n{w.output}"
+    assert w.popen.poll() is None, f"the worker exited:\n{w.output}"
+
+
+def count(r, key, kind, tag=None) -> int:
+    """How many events of ``kind`` (and ``tag``) a test job recorded on ``key`` (not consumed)."""
+    return sum(e["event"] == kind and (tag is None or e.get("tag") == tag) for e in events(r, key))
+
+
+def wait_event(r, key, kind, tag=None, n=1, timeout=20.0) -> None:
+    """Wait until ``key`` holds ``n`` events of ``kind`` (and ``tag``), without consuming them."""
+    wait_until(lambda: count(r, key, kind, tag) >= n, timeout, f"{n} {kind!r} {tag or ''} on {key}")
+
+
+def assert_ran_once(r, key, tags) -> None:
+    """Each ``tag`` (tests/jobs.py ``cc_span``) ran exactly once, and no two runs of one tag overlapped."""
+    evs = events(r, key)
+    assert overlaps(evs) == [], f"a job ran twice at once: {overlaps(evs)}"
+    got = runs(evs)
+    for tag in tags:
+        assert len(got.get(tag, [])) == 1, f"{tag} ran {len(got.get(tag, []))} times: {got}"
+
+
+def job_json(job_id, queue="default", **extra) -> str:
+    """A payload of the ``push`` job, as a producer writes it (fields in ``extra`` added or replaced)."""
+    import json
+    return json.dumps({"id": job_id, "name": "push", "queue": queue, "args": [], "kwargs": {}, **extra})
+
+
+def queued_loose_ids(r, queue="default") -> list:
+    """The ids in a queue, sorted, read as leniently as the runtime reads them (also from hostile payloads)."""
+    from worker import jobs
+    return sorted(jobs.loose_id(p) for p in r.lrange(f"worker:queue:{queue}", 0, -1))

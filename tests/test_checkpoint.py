@@ -1,5 +1,7 @@
 """Long jobs survive restarts: checkpoint() / last_checkpoint() through real stops (the dyno emulator), whole-tree
-SIGKILLs, the TERM_TIMEOUT kill, max_interruptions, and no checkpoint left behind once a job ends."""
+SIGKILLs, the TERM_TIMEOUT kill, max_interruptions, and no checkpoint left behind once a job ends; a checkpoint the
+worker cannot decode (deep nesting) or checkpoints from several threads at once leave the worker and the report
+intact."""
 import json
 import os
 import random
@@ -9,7 +11,8 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import descendants, wait_until
+from tests.support import (descendants, heartbeat, name_of, next_event, processing, redis_ms, status_of, still_works,
+                           wait_until)
 from worker.keys import Keys
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_checkpoint"
@@ -169,6 +172,19 @@ def test_no_checkpoint_left_once_a_job_ends_and_status_shows_a_running_one(r, cl
     assert not r.exists(key)  # the worker's hash (and every ckpt field) went with its clean exit
 
 
+@pytest.mark.timeout(60)
+def test_a_retry_after_an_exception_resumes_from_the_failed_runs_checkpoint(r, cli, spawn):
+    """A retry resumes where the failed run got to, as a put-back does; only a finished job discards its
+    checkpoint (the user guide said a failing job discards it: settled on resuming, the review of issue 27)."""
+    job_id = enqueue(cli, "ck_fail_once", "retried")
+    w = spawn(**FAST)
+    assert next_event(r, "retried")["resumed_from"] is None
+    assert next_event(r, "retried", timeout=30)["resumed_from"] == 7  # after the retry's backoff (about 2 s)
+    wait_until(lambda: r.hget(K.job(job_id), "status") == "done", 10, "the retry recorded as done")
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0, w.output
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(150)
 @pytest.mark.parametrize("seed", [11, 23])
@@ -232,3 +248,37 @@ def test_checkpoint_refuses_a_lone_surrogate_at_the_call(r, cli, spawn):
     got = json.loads(r.blpop("said", 30)[1])
     assert got["event"] == "refused" and "lone surrogate" in got["message"], (got, w.output)
     w.signal(signal.SIGTERM)
+
+
+# --- checkpoints the worker cannot decode, or from several threads ---
+
+@pytest.mark.timeout(30)
+def test_deeply_nested_checkpoint_does_not_kill_the_worker(r, spawn, enqueue):
+    """Origin: core review (9a4b9fe), #2."""
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL=1)
+    name = name_of(w)
+    job_id = enqueue("ck_deep_checkpoint", "ev")
+    assert next_event(r, "ev")["event"] == "checkpointed"
+    # two heartbeats after the checkpoint: the worker has looked at it (progress() saves checkpoints at beats)
+    t0 = redis_ms(r)
+    wait_until(lambda: (heartbeat(r, name) or 0) >= t0 + 1500 or w.popen.poll() is not None, 10,
+               "two heartbeats after the checkpoint")
+    assert w.popen.poll() is None, f"the worker died on the checkpoint:\n{w.output}"
+    r.rpush("ev:go", "1")
+    assert next_event(r, "ev")["event"] == "finished"
+    wait_until(lambda: status_of(r, job_id) in ("done", "failed"), 15, "the job recorded")
+    wait_until(lambda: processing(r) == {}, 10, "the processing list emptied")
+    still_works(r, w, enqueue, "deep-ckpt")
+
+
+@pytest.mark.timeout(30)
+def test_checkpoints_from_three_threads_keep_the_report_intact(r, spawn, enqueue):
+    """Origin: core review (9a4b9fe), #6."""
+    w = spawn(JOB_MODULES=MODULES)
+    job_id = enqueue("ck_threaded_checkpoints", "ev")
+    ev = next_event(r, "ev")
+    assert ev["event"] == "finished" and ev["errors"] == [], ev
+    line = w.wait_for(rf"event=job\.(done|failed|retry|bad) .*job={job_id}", 15)
+    assert "event=job.done" in line, w.output
+    wait_until(lambda: status_of(r, job_id) == "done", 10, "the job recorded done")
+    assert processing(r) == {}

@@ -16,33 +16,15 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import events, failure, forkserver_of, runs, wait_until
-from worker.config import from_mapping
-from worker.fetch import Broker
+from tests.support import events, failure, forkserver_of, next_event, processing, queued_ids, runs, wait_until
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_term"
 QUEUE = "worker:queue:default"
 FAST = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2"}
 
 
-@pytest.fixture
-def enqueue(r, redis_server):
-    broker = Broker(r, from_mapping({"REDIS_URL": redis_server.url}))
-    return lambda name, *args, **kwargs: broker.push(name, args, kwargs)
-
-
-def pop(r, key, timeout=15.0):
-    """BLPOP in 1 s slices (a longer BLPOP would hit redis-py's socket timeout)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        item = r.blpop(key, 1)
-        if item is not None:
-            return json.loads(item[1])
-        assert time.monotonic() < deadline, f"no event on {key!r} within {timeout}s"
-
-
 def expect(r, key, kind, timeout=15.0) -> dict:
-    ev = pop(r, key, timeout)
+    ev = next_event(r, key, timeout)
     assert ev["event"] == kind, ev
     return ev
 
@@ -50,14 +32,6 @@ def expect(r, key, kind, timeout=15.0) -> dict:
 def seen(r, key, kind, n, timeout=15.0) -> None:
     """Wait until ``key`` holds ``n`` events of ``kind``, without consuming them (the test reads them all later)."""
     wait_until(lambda: sum(e["event"] == kind for e in events(r, key)) >= n, timeout, f"{n} {kind!r} on {key}")
-
-
-def queued_ids(r) -> list:
-    return [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)]
-
-
-def processing(r) -> dict:
-    return {k: r.lrange(k, 0, -1) for k in r.keys("worker:processing:*") if r.llen(k)}
 
 
 def wait_sleeping(w, n, timeout=10.0) -> list:

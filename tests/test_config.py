@@ -1,4 +1,5 @@
-"""Configuration: validation before any connection, derived shutdown defaults, `.env` loading, no leaked password.
+"""Configuration: validation before any connection, derived shutdown defaults, `.env` loading, no leaked password
+(redaction of URLs parsers misread), a Unix-socket REDIS_URL, and the warning about a Redis that evicts keys.
 
 A bad value must stop `python -m worker` (and every other command) with exit 2 and one stderr line naming the
 variable, the value and what is accepted - and it must do so before touching Redis, which we prove with the test
@@ -6,13 +7,15 @@ server's own connection counter.
 """
 from __future__ import annotations
 
+import shutil
 import subprocess
 
 import pytest
 
 from tests.conftest import PYTHON, free_port
+from tests.support import make_broker, wait_until
 from worker import config
-from worker.config import ConfigError
+from worker.config import ConfigError, redact_url
 
 COMMANDS = [pytest.param([], id="run"), pytest.param(["enqueue", "noop"], id="enqueue")]
 
@@ -234,3 +237,44 @@ def test_a_job_result_ttl_past_what_redis_can_expire_is_refused():
     from worker import jobs
     with pytest.raises(ValueError, match="result_ttl"):
         jobs.job(result_ttl=9e15)(lambda: None)
+
+
+# --- REDIS_URL: Unix sockets, redacted passwords; the server's eviction policy checked ---
+
+@pytest.mark.timeout(60)
+def test_unix_socket_redis_url(tmp_path, env, cli):
+    """Origin: runtime review (9f32e73, hardening)."""
+    if not shutil.which("redis-server"):
+        pytest.skip("redis-server missing")
+    sock = tmp_path / "redis.sock"
+    srv = subprocess.Popen(["redis-server", "--port", "0", "--unixsocket", str(sock), "--save", "",
+                            "--appendonly", "no", "--dir", str(tmp_path)], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(sock.exists, 10, "the unix socket")
+        res = cli("enqueue", "push", "--args", '["out", 1]', REDIS_URL=f"unix://{sock}")
+        assert res.returncode == 0, res.stderr
+        res = cli("--burst", REDIS_URL=f"unix://{sock}")
+        assert res.returncode == 0 and "event=job.done" in res.stdout, res.stdout + res.stderr
+    finally:
+        srv.kill()
+        srv.wait(10)
+
+
+@pytest.mark.parametrize("url,secret", [
+    ("redis://:p#ss@h:1/0", "p#ss"), ("redis://h:1/0?password=s3cret", "s3cret"),
+    ("rediss://user:pa:ss@h", "pa:ss"), ("redis://secret@h", "secret"), ("redis://:a/b?c@h/0", "a/b?c")])
+def test_redaction_hides_passwords_parsers_would_misread(url, secret):
+    """Origin: runtime review (9f32e73, hardening)."""
+    assert secret not in redact_url(url)
+
+
+def test_check_server_warns_about_eviction(r):
+    """Origin: issue 10, adversarial review, hardening."""
+    b = make_broker(r)
+    assert b.check_server() is None
+    r.config_set("maxmemory-policy", "allkeys-lru")
+    try:
+        warning = b.check_server()
+    finally:
+        r.config_set("maxmemory-policy", "noeviction")
+    assert warning and "allkeys-lru" in warning and "noeviction" in warning

@@ -1,5 +1,7 @@
 """Core behaviour against a real redis-server and real forks: enqueue, claim/ack, queue priority, every crash path,
-malformed entries, burst and long-running modes, the Procfile command, and the child's silence towards Redis.
+malformed entries (NaN, deep nesting, oversized: failed with a reason, never fatal), burst and long-running modes,
+the Procfile command, the child's silence towards Redis, and outcomes (CYCLE) that take effect once: a call repeated
+after a lost reply, or beside a bookkeeping key of the wrong type.
 
 Workers are real `python -m worker` processes; tests synchronise on Redis state (job events, counters) or log lines.
 """
@@ -9,16 +11,20 @@ import json
 import re
 import shlex
 import signal
-import time
 from pathlib import Path
 
 import pytest
+import redis
 
 import tests.jobs  # noqa: F401 - registers the test jobs in this process too (for enqueue through the Python API)
 import worker
 from tests.conftest import PYTHON, REPO
+from tests.support import job_json, make_broker, processing, still_works, wait_until
 from worker import config, jobs
 from worker.fetch import Broker
+
+MODULES = "worker.sample,tests.jobs"
+WORKERS = "worker:workers"
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
@@ -29,16 +35,6 @@ def broker(r, redis_server):
     b = Broker(r, config.from_mapping({"REDIS_URL": redis_server.url}))
     yield b
     jobs.use(None)
-
-
-def wait_until(predicate, timeout=15.0, what="condition", proc=None):
-    """Poll Redis-visible state until ``predicate()`` is true (for state that has no event to BLPOP)."""
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}"
-                                 + (f"; worker output:\n{proc.output}" if proc else ""))
-        time.sleep(0.02)
 
 
 def leftovers(r) -> list:
@@ -334,3 +330,93 @@ def test_a_wrong_typed_key_a_claim_reads_is_named_not_taken_for_an_outage(r, bro
     assert r.blpop("out", timeout=15) == ("out", "x"), w.output
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0, w.output
+
+
+# --- outcomes take effect once, whatever the keys around them ---
+
+@pytest.mark.parametrize("op", ["ack", "fail", "retry", "requeue"])
+def test_an_outcome_recorded_twice_takes_effect_once(r, op):
+    """The supervisor re-sends its pending outcomes when a CYCLE call's reply is lost (the call may have run).
+    "Only if the job is still ours" (LREM == 1) is what keeps at-least-once from becoming at-least-twice: the
+    second copy must count nothing, push nothing, schedule nothing and record no second failure.
+
+    Origin: issue 15, blind spot 2."""
+    from worker.fetch import Outcome
+    b = make_broker(r)
+    payload = job_json("j1", attempts=0)
+    r.rpush("worker:queue:default", payload, job_json("behind"))
+    (claim,) = b.cycle("w:1", claim=[0]).claims
+    assert claim.payload == payload
+    retried = job_json("j1", attempts=1)
+    outcome = {"ack": Outcome.ack(payload, 0),
+               "fail": Outcome.fail(payload, "j1", {"id": "j1", "cause": "error", "payload": payload}, 0),
+               "retry": Outcome.retry(payload, retried, 0.0, 0),  # due at once: moved to its queue by the call
+               "requeue": Outcome.requeue(payload, "default", 0)}[op]
+    first = b.cycle("w:1", [outcome])
+    second = b.cycle("w:1", [outcome])  # the same call again, as after a lost reply
+    assert first.held == second.held == 0 and r.llen("worker:processing:w:1") == 0
+    assert int(r.get("worker:stat:processed") or 0) == (op == "ack")
+    assert int(r.get("worker:stat:failed") or 0) == (op == "fail")
+    assert r.zcard("worker:failed") == r.hlen("worker:failed:data") == (op == "fail")
+    assert r.zcard("worker:scheduled") == 0
+    behind = job_json("behind")  # a requeue goes back to the head, a due retry to the tail: each exactly once
+    expected = {"requeue": [payload, behind], "retry": [behind, retried]}.get(op, [behind])
+    assert r.lrange("worker:queue:default", 0, -1) == expected
+
+
+@pytest.mark.parametrize("bad", ["workers", "worker_hash"])
+def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
+    """Chaos review of the lean CYCLE: its first write is now the outcome's LREM, so nothing after it may raise on
+    a key of the wrong type. A ``P:workers`` that is not a zset (the beat's ZADD) or a worker hash that is not a hash
+    (a checkpoint's HSET) made the call fail after the job had left the processing list: it was in no list at all.
+    Whatever else the call does with such keys, the job is either still claimed or back in its queue.
+
+    Origin: chaos review of the lean CYCLE (4ed505f)."""
+    from worker.fetch import Outcome
+    b = make_broker(r)
+    job_id = b.push("push", ["out", "x"], {})
+    (claim,) = b.cycle("w:1", [], [0], 0, "").claims
+    key = WORKERS if bad == "workers" else "worker:worker:w:1"
+    r.delete(key)
+    r.set(key, "corrupt")
+    try:
+        b.cycle("w:1", [Outcome.requeue(claim.payload, "default", 0)], (), 0, "stopping",
+                checkpoints=[(0, '{"step":1}')], beat=True)
+    except redis.ResponseError:
+        pass  # a call may still fail on such a key, after its outcome took effect
+    held = r.lrange("worker:processing:w:1", 0, -1) + r.lrange("worker:queue:default", 0, -1)
+    assert [jobs.loose_id(p) for p in held] == [job_id]
+
+
+
+# --- bad payloads are failed with a reason, never fatal ---
+
+@pytest.mark.timeout(60)
+def test_nan_and_deeply_nested_payloads_are_failed_not_fatal(r, spawn):
+    """Origin: runtime review (9f32e73, hardening)."""
+    r.rpush("worker:queue:default",
+            '{"id":"n1","name":"push","queue":"default","args":["out",NaN],"kwargs":{}}',
+            '{"id":"d1","name":"push","args":' + "[" * 5000 + "]" * 5000 + ',"kwargs":{}}',
+            json.dumps({"id": "ok", "name": "push", "args": ["out", "after"], "kwargs": {}}))
+    w = spawn("--burst", JOB_RETRIES="2")
+    assert w.wait(30) == 0, w.output
+    assert r.lrange("out", 0, -1) == ["after"]
+    assert r.zcard("worker:failed") == 2
+    for rec in r.hvals("worker:failed:data"):
+        assert json.loads(rec)["cause"] == "bad_payload"
+
+
+@pytest.mark.timeout(30)
+def test_oversized_bad_payload_is_failed_with_a_bounded_copy(r, spawn, enqueue):
+    """Origin: core review (9a4b9fe), #8."""
+    r.rpush("worker:queue:default", "j" * 200_000)
+    r.sadd("worker:queues", "default")
+    w = spawn(JOB_MODULES=MODULES, MAX_PAYLOAD_BYTES=1024)
+    wait_until(lambda: r.hlen("worker:failed:data") == 1, 15, "the failure record")
+    (rec,) = [json.loads(v) for v in r.hvals("worker:failed:data")]
+    reason = " ".join(str(rec.get(k) or "") for k in ("cause", "type", "message"))
+    assert "MAX_PAYLOAD_BYTES" in reason or "over" in reason, rec.keys()
+    assert isinstance(rec.get("payload"), str) and len(rec["payload"]) <= 70_000, len(rec.get("payload") or "")
+    assert r.llen("worker:queue:default") == 0
+    wait_until(lambda: processing(r) == {}, 10, "the processing list emptied")
+    still_works(r, w, enqueue, "oversized")

@@ -13,13 +13,9 @@ import worker
 from worker import config, jobs, metrics, testing
 from worker.fetch import Broker
 from worker.log import Logger
-from tests.support import wait_until
+from tests.support import make_broker, wait_until
 
 from tests.conftest import REPO
-
-
-def _broker(r, url, **env):
-    return Broker(r, config.from_mapping({"REDIS_URL": url, **env}))
 
 
 def _put(r, queue, n, age):
@@ -34,7 +30,7 @@ def _put(r, queue, n, age):
 
 @pytest.fixture
 def b(r, redis_server):
-    broker = _broker(r, redis_server.url, QUEUES="default,empty")
+    broker = make_broker(r, QUEUES="default,empty")
     jobs.use(broker)
     yield broker
     jobs.use(None)
@@ -94,7 +90,7 @@ def test_one_worker_per_interval_logs_the_sample_lines(r, redis_server):
     workers = []
     for i, s in enumerate(streams):
         cfg = config.from_mapping({"REDIS_URL": redis_server.url, "METRICS_INTERVAL": "0.5", "QUEUES": "default,low"})
-        workers.append((metrics.Sampler(cfg, f"w{i}"), _broker(r, redis_server.url, METRICS_INTERVAL="0.5"),
+        workers.append((metrics.Sampler(cfg, f"w{i}"), make_broker(r, METRICS_INTERVAL="0.5"),
                         Logger("INFO", stamp=False, stream=s, worker=f"w{i}")))
     t0 = time.monotonic()
     while time.monotonic() - t0 < 2.6:  # three "workers" whose loops turn every 20 ms

@@ -1,18 +1,11 @@
 """Lua bookkeeping must never change a job's own arguments (cjson turns [] into {} if it re-encodes)."""
 import json
 
-from tests.support import seen_late_long_ago
-from worker.config import from_mapping
+from tests.support import make_broker, seen_late_long_ago
 from worker.failed import FailedRegistry
-from worker.fetch import Broker
 
 ARGS = [[], {}, [[]], "x", 1.5]
 KWARGS = {"items": [], "opts": {}, "nested": {"empty": []}}
-
-
-def _broker(r, **env):
-    url = "redis://{host}:{port}/{db}".format(**r.connection_pool.connection_kwargs)
-    return Broker(r, from_mapping({"REDIS_URL": url, **env}))
 
 
 def _payload(job_id="j1", **extra):
@@ -21,7 +14,7 @@ def _payload(job_id="j1", **extra):
 
 
 def test_recovery_keeps_arguments_and_counts_the_attempt(r):
-    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    b = make_broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
     r.zadd("worker:workers", {"dead:1": 0})  # heartbeat at the epoch: long expired
     r.rpush("worker:processing:dead:1", _payload())
     seen_late_long_ago(r, "dead:1")
@@ -42,7 +35,7 @@ def test_recovery_keeps_arguments_and_counts_the_attempt(r):
 
 
 def test_failed_retry_keeps_arguments_and_resets_attempts(r):
-    b = _broker(r)
+    b = make_broker(r)
     rec = {"id": "j2", "name": "push", "queue": "default", "payload": _payload("j2", attempts=3), "cause": "error"}
     r.zadd("worker:failed", {"j2": 1})
     r.hset("worker:failed:data", "j2", json.dumps(rec))
@@ -59,7 +52,7 @@ def test_a_restarted_worker_never_shares_keys_with_its_previous_incarnation(r):
 
     from worker.log import Logger
     from worker.supervisor import Supervisor
-    b = _broker(r, DYNO="worker.1")
+    b = make_broker(r, DYNO="worker.1")
     sup = Supervisor(b.cfg, b, Logger("INFO", stream=io.StringIO()))
     old = sup.name
     assert old.startswith("worker.1:")
@@ -77,7 +70,7 @@ def test_a_restarted_worker_never_shares_keys_with_its_previous_incarnation(r):
 def test_repeated_recoveries_carry_each_runtime_field_once(r):
     """Issue 27 item 3: each recovery appended its attempts/errors beside the previous recovery's (duplicate keys,
     the history repeated each time). A recovery replaces the fragment the previous one appended."""
-    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2", MAX_ATTEMPTS="10")
+    b = make_broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2", MAX_ATTEMPTS="10")
     payload = _payload()
     for n in range(1, 4):
         r.zadd("worker:workers", {f"dead:{n}": 0})
@@ -94,7 +87,7 @@ def test_repeated_recoveries_carry_each_runtime_field_once(r):
 def test_recovery_puts_a_job_back_in_the_queue_it_was_claimed_from(r):
     """Issue 27 item 6: a payload without a ``queue`` field (or naming another) was recovered into ``default``,
     which nobody may serve; the dead worker's hash says where it was claimed from (queue:<slot>)."""
-    b = _broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    b = make_broker(r, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
     p = json.dumps({"id": "q1", "name": "push", "args": [], "kwargs": {}})
     r.zadd("worker:workers", {"dead:1": 0})
     r.rpush("worker:processing:dead:1", p)

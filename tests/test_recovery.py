@@ -2,13 +2,16 @@
 back and run by another worker; recovery is atomic under concurrency; a live worker's job is never stolen; a job
 whose worker keeps vanishing ends in the failed registry (MAX_ATTEMPTS) with its history.
 
+Liveness is judged per worker (its own HEARTBEAT_TTL, a grace from the first sighting of a late beat), so Redis stalls
+past a TTL and workers with different heartbeat settings never make a live job run twice; and the recovery script
+survives hostile payloads and wrong-typed keys (nothing after its first write may raise).
+
 Delivery is at-least-once: a recovered job may run twice, but it must never disappear.
 """
 from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -24,18 +27,19 @@ from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
 from tests import dyno
-from tests.support import seen_late_long_ago, wait_until
+from tests.support import (assert_ran_once, client_pause, count, job_json, make_broker, name_of, next_event,
+                           processing, queued_loose_ids, redis_ms, seen_late_long_ago, url_of, wait_event,
+                           wait_until)
+from worker import jobs as worker_jobs
+from worker.config import from_mapping
 
 from .conftest import PYTHON, REPO
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
 FAST = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "JOB_MODULES": MODULES}
 WORKERS = "worker:workers"
-
-
-def _url(r) -> str:
-    kw = r.connection_pool.connection_kwargs
-    return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
+QUEUE = "worker:queue:default"
+TERM_MODULES = "worker.sample,tests.jobs,tests.jobs_term"
 
 
 def broker_for(url, **env) -> Broker:
@@ -53,22 +57,6 @@ def blpop(r, key, timeout):
     return None
 
 
-def next_event(r, key, timeout=20.0) -> dict:
-    got = blpop(r, key, timeout)
-    assert got is not None, f"no event on {key!r} within {timeout}s"
-    return json.loads(got[1])
-
-
-def redis_ms(r) -> int:
-    sec, usec = r.time()
-    return sec * 1000 + usec // 1000
-
-
-def live_processing(r) -> dict:
-    """Processing lists that still hold something (the only place an in-flight job can be)."""
-    return {k: r.lrange(k, 0, -1) for k in r.keys("worker:processing:*") if r.llen(k)}
-
-
 def test_worker_name_includes_dyno(r, spawn):
     w = spawn(DYNO="worker.7", **FAST)
     wait_until(lambda: r.zrange(WORKERS, 0, -1), 15, "the worker's heartbeat")
@@ -80,10 +68,10 @@ def test_worker_name_includes_dyno(r, spawn):
 def test_sigkilled_worker_job_runs_on_a_live_worker(r, spawn):
     """B is already running and idle when A dies: recovery must come from B's periodic check, not its start-up."""
     a = spawn(DYNO="worker.1", **FAST)
-    job_id = broker_for(_url(r)).push("nl_hang_first", ["ev"], {})
+    job_id = broker_for(url_of(r)).push("nl_hang_first", ["ev"], {})
     first = next_event(r, "ev")
     assert (first["event"], first["run"]) == ("started", 1)
-    assert f"worker:processing:worker.1:{a.pid}" in live_processing(r)
+    assert f"worker:processing:worker.1:{a.pid}" in processing(r)
 
     b = spawn(DYNO="worker.2", **FAST)
     wait_until(lambda: r.zscore(WORKERS, f"worker.2:{b.pid}") is not None, 15, "worker B registered")
@@ -97,7 +85,7 @@ def test_sigkilled_worker_job_runs_on_a_live_worker(r, spawn):
     assert (again["event"], again["run"]) == ("started", 2)
     assert next_event(r, "ev")["event"] == "done"
     b.wait_for(rf"event=recovery\.requeued job={job_id}")
-    wait_until(lambda: live_processing(r) == {}, 10, "the recovered job's ack")
+    wait_until(lambda: processing(r) == {}, 10, "the recovered job's ack")
     assert r.zscore(WORKERS, f"worker.1:{a.pid}") is None
     assert not r.exists(f"worker:processing:worker.1:{a.pid}", f"worker:worker:worker.1:{a.pid}")
     assert r.llen("worker:queue:default") == 0
@@ -126,7 +114,7 @@ def test_burst_worker_recovers_a_dead_workers_job_at_start_up(r, spawn, dead):
     assert w.wait(30) == 0, w.output
     assert r.lrange("out", 0, -1) == ["recovered"], w.output
     assert "event=recovery.requeued job=orphan" in w.output
-    assert live_processing(r) == {} and r.llen("worker:queue:default") == 0
+    assert processing(r) == {} and r.llen("worker:queue:default") == 0
     assert r.zscore(WORKERS, name) is None and not r.exists(f"worker:worker:{name}")
 
 
@@ -140,7 +128,7 @@ def test_a_stall_far_longer_than_ttl_and_grace_still_gets_its_grace_from_the_fir
     r.rpush(f"worker:processing:{name}", job)
     r.zadd(WORKERS, {name: redis_ms(r) - 3_600_000})  # its deadline: an hour ago
     r.hset(f"worker:worker:{name}", mapping={"state": "busy", "ttl": 2000, "interval": 500})
-    b = broker_for(_url(r), **FAST)
+    b = broker_for(url_of(r), **FAST)
     seen_at = redis_ms(r)
     first = b.recover(skip="test")
     assert list(first) == [] and first.wait is not None and 1.3 <= first.wait <= 1.5, (list(first), first.wait)
@@ -161,9 +149,9 @@ def test_a_stall_far_longer_than_ttl_and_grace_still_gets_its_grace_from_the_fir
 def test_recovery_puts_a_dead_workers_job_back_at_the_head_of_its_queue(r, spawn):
     """Issue 27 item 16: a recovered job goes back to the head of its queue (fetch.py), ahead of a job already
     queued there, and runs first. Every other recovery test starts from an empty queue."""
-    broker_for(_url(r)).push("push", ["out", "queued"], {})
+    broker_for(url_of(r)).push("push", ["out", "queued"], {})
     [lost] = _dead_worker(r, "worker.8:4242", 1, "out")
-    assert list(broker_for(_url(r), **FAST).recover(skip="test")) == [f"requeued:{lost}"]
+    assert list(broker_for(url_of(r), **FAST).recover(skip="test")) == [f"requeued:{lost}"]
     assert [json.loads(p)["id"] for p in r.lrange("worker:queue:default", 0, -1)][0] == lost
     w = spawn("--burst", **FAST)
     assert w.wait(30) == 0, w.output
@@ -178,7 +166,7 @@ def test_recovery_time_with_default_heartbeat_settings(r, spawn):
     25-40 s. Measured and printed; the assertion is only the issue's 60 s."""
     defaults = {"JOB_MODULES": MODULES}
     a = spawn(**defaults)
-    broker_for(_url(r)).push("nl_hang_first", ["ev"], {})
+    broker_for(url_of(r)).push("nl_hang_first", ["ev"], {})
     assert next_event(r, "ev")["run"] == 1
     b = spawn(**defaults)
     wait_until(lambda: r.zscore(WORKERS, f"{socket.gethostname()}:{b.pid}") is not None, 15, "worker B registered")
@@ -215,7 +203,7 @@ def _assert_requeued_once(r, name, ids, results):
 
 
 def test_concurrent_recovery_from_threads_requeues_once(r):
-    url = _url(r)
+    url = url_of(r)
     for round_ in range(10):
         r.delete("worker:queue:default")
         name = f"dead.{round_}:4242"
@@ -253,7 +241,7 @@ print(json.dumps(b.recover(skip=me)))
 def test_concurrent_recovery_from_processes_requeues_once(r, env):
     name = "dead.proc:4343"
     ids = _dead_worker(r, name, 20, "out")
-    procs = [subprocess.Popen([PYTHON, "-c", _RECOVER_PROC, _url(r), f"p{i}"], env=env, cwd=str(REPO),
+    procs = [subprocess.Popen([PYTHON, "-c", _RECOVER_PROC, url_of(r), f"p{i}"], env=env, cwd=str(REPO),
                               stdout=subprocess.PIPE, text=True) for i in range(6)]
     try:
         for _ in procs:  # every process connected and waiting, then released together
@@ -278,10 +266,10 @@ def test_live_busy_worker_job_is_never_stolen(r, spawn, interval, ttl):
     a = spawn(**hb)
     a_name = f"{socket.gethostname()}:{a.pid}"
     job_seconds = max(5.0, 3 * float(ttl))
-    broker_for(_url(r)).push("nl_hang_first", ["ev", job_seconds], {})
+    broker_for(url_of(r)).push("nl_hang_first", ["ev", job_seconds], {})
     assert next_event(r, "ev")["run"] == 1
     others = [spawn(**hb) for _ in range(2)]
-    recoverer = broker_for(_url(r), HEARTBEAT_INTERVAL=interval, HEARTBEAT_TTL=ttl)
+    recoverer = broker_for(url_of(r), HEARTBEAT_INTERVAL=interval, HEARTBEAT_TTL=ttl)
     deadline = time.monotonic() + job_seconds + 15
     while r.llen("ev") == 0:
         assert time.monotonic() < deadline, "the job never finished"
@@ -291,7 +279,7 @@ def test_live_busy_worker_job_is_never_stolen(r, spawn, interval, ttl):
     assert (done["event"], done["run"]) == ("done", 1)
     wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
     assert r.get("ev:runs") == "1", "the job ran more than once"
-    assert r.llen("worker:queue:default") == 0 and live_processing(r) == {}
+    assert r.llen("worker:queue:default") == 0 and processing(r) == {}
     for w in [a] + others:
         assert "event=recovery." not in w.output, w.output
     assert r.zscore(WORKERS, a_name) is not None
@@ -303,7 +291,7 @@ def _stall_until_recovered(r, w, timeout=20.0) -> list:
     name = f"{socket.gethostname()}:{w.pid}"
     wait_until(lambda: r.zscore(WORKERS, name) is not None, 10, "the worker registered")
     os.kill(w.pid, signal.SIGSTOP)
-    recoverer = broker_for(_url(r), **FAST)
+    recoverer = broker_for(url_of(r), **FAST)
     deadline = time.monotonic() + timeout
     got = []
     while r.zscore(WORKERS, name) is not None:
@@ -315,7 +303,7 @@ def _stall_until_recovered(r, w, timeout=20.0) -> list:
 
 def _works(r, w, tag: str) -> None:
     """``w`` (the only worker left) claims and runs a job."""
-    job_id = broker_for(_url(r)).push("cc_span", ["works", tag], {"seconds": 0})
+    job_id = broker_for(url_of(r)).push("cc_span", ["works", tag], {"seconds": 0})
     assert next_event(r, "works")["event"] == "start"
     w.wait_for(rf"event=job\.done outcome=done job={job_id}")
 
@@ -333,12 +321,12 @@ def test_a_worker_that_stalled_past_its_ttl_stops_its_copy_of_a_recovered_job(r,
     a = spawn(**env)
     a.wait_for(r"event=worker\.start")
     a_name = f"{socket.gethostname()}:{a.pid}"
-    job_id = broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 60, "again": 1})
+    job_id = broker_for(url_of(r)).push("cc_span", ["ev", "t"], {"seconds": 60, "again": 1})
     first = next_event(r, "ev")
     assert (first["event"], first["run"]) == ("start", 1), first
     try:
         assert _stall_until_recovered(r, a) == [f"requeued:{job_id}"]
-        assert broker_for(_url(r)).name_in_use(a_name)  # a new worker of the same name would erase the record
+        assert broker_for(url_of(r)).name_in_use(a_name)  # a new worker of the same name would erase the record
         b = spawn(**env)
         second = next_event(r, "ev")
         assert (second["event"], second["run"]) == ("start", 2), second
@@ -359,7 +347,7 @@ def test_a_worker_that_stalled_past_its_ttl_stops_its_copy_of_a_recovered_job(r,
     os.kill(a.pid, signal.SIGTERM)
     assert a.wait(10) == 0, a.output
     assert r.get("ev:runs:t") == "2" and r.llen("ev") == 0
-    assert live_processing(r) == {} and r.zcard(WORKERS) == 0 and r.llen("worker:queue:default") == 0
+    assert processing(r) == {} and r.zcard(WORKERS) == 0 and r.llen("worker:queue:default") == 0
 
 
 @pytest.mark.timeout(60)
@@ -391,7 +379,7 @@ def test_a_claim_redis_lost_without_a_recovery_is_not_killed(r, spawn):
     a = spawn(**FAST)
     a.wait_for(r"event=worker\.start")
     a_name = f"{socket.gethostname()}:{a.pid}"
-    job_id = broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 3})
+    job_id = broker_for(url_of(r)).push("cc_span", ["ev", "t"], {"seconds": 3})
     first = next_event(r, "ev")
     assert first["event"] == "start"
     assert r.delete(f"worker:processing:{a_name}") == 1
@@ -404,7 +392,7 @@ def test_a_claim_redis_lost_without_a_recovery_is_not_killed(r, spawn):
     _works(r, a, "after")
     os.kill(a.pid, signal.SIGTERM)
     assert a.wait(10) == 0, a.output
-    assert live_processing(r) == {} and r.llen("worker:queue:default") == 0
+    assert processing(r) == {} and r.llen("worker:queue:default") == 0
 
 
 @pytest.mark.timeout(60)
@@ -415,7 +403,7 @@ def test_a_failover_that_missed_a_claim_records_the_job_once(r, spawn):
     a = spawn(WORKER_CONCURRENCY="2", **FAST)
     a.wait_for(r"event=worker\.start")
     name = f"{socket.gethostname()}:{a.pid}"
-    broker_for(_url(r)).push("cc_span", ["ev", "t"], {"seconds": 3, "again": 3})
+    broker_for(url_of(r)).push("cc_span", ["ev", "t"], {"seconds": 3, "again": 3})
     assert next_event(r, "ev")["run"] == 1
     (raw,) = r.lrange(f"worker:processing:{name}", 0, -1)
     with r.pipeline(transaction=True) as p:
@@ -426,7 +414,7 @@ def test_a_failover_that_missed_a_claim_records_the_job_once(r, spawn):
     assert next_event(r, "ev")["run"] == 2  # the queued copy runs too (the failover's doing)
     a.wait_for(r"event=redis\.claim_missing", timeout=10)
     wait_until(lambda: a.output.count("event=job.done") == 2, 15, "both runs ended")
-    wait_until(lambda: live_processing(r) == {}, 10, "the claim recorded")
+    wait_until(lambda: processing(r) == {}, 10, "the claim recorded")
     assert r.get("worker:stat:processed") == "1", a.output
     os.kill(a.pid, signal.SIGTERM)
     assert a.wait(10) == 0, a.output
@@ -436,7 +424,7 @@ def test_a_recovery_record_of_the_wrong_type_neither_wedges_nor_aborts(r):
     """``P:recovered:<w>`` holding something else (written by another program): the worker's call still works and
     reports it, reading it yields no recovered job, registering deletes it, and RECOVER still recovers a dead
     worker whose record it cannot write."""
-    b = broker_for(_url(r), **FAST)
+    b = broker_for(url_of(r), **FAST)
     b.register("w:1", {"host": "h"})
     b.push("cc_span", ["ev", "t"], {"seconds": 0})
     r.set("worker:recovered:w:1", "x")
@@ -461,8 +449,8 @@ def test_job_whose_worker_keeps_vanishing_goes_to_failed(r, spawn):
     with a 3-entry history instead of running it again. Each replacement starts once the dead worker's heartbeat
     has expired (a crashed dyno takes a while to come back) and recovers at start-up."""
     hb = dict(FAST, MAX_ATTEMPTS="3")
-    reg = FailedRegistry(broker_for(_url(r)))
-    job_id = broker_for(_url(r)).push("nl_hang", ["ev"], {})
+    reg = FailedRegistry(broker_for(url_of(r)))
+    job_id = broker_for(url_of(r)).push("nl_hang", ["ev"], {})
     dead = []
     for _ in range(3):
         w = spawn(**hb)
@@ -480,7 +468,7 @@ def test_job_whose_worker_keeps_vanishing_goes_to_failed(r, spawn):
     assert [h["worker"] for h in rec["history"]] == dead
     assert json.loads(rec["payload"])["id"] == job_id
     assert r.llen("ev") == 0, "the poison job ran a fourth time"
-    assert r.llen("worker:queue:default") == 0 and live_processing(r) == {}
+    assert r.llen("worker:queue:default") == 0 and processing(r) == {}
     assert reg.count() == 1
 
 
@@ -497,5 +485,232 @@ def test_a_dead_workers_claims_are_recovered_after_a_wrong_typed_workers_key_is_
     w.wait_for(r"event=redis\.wrong_type key=worker:workers")
     r.delete(WORKERS)  # the fix the log line asks for
     got = [blpop(r, "ran", 20) for _ in ids]
-    assert all(got), f"the dead worker's jobs never ran: processing={live_processing(r)} {w.output[-2500:]}"
+    assert all(got), f"the dead worker's jobs never ran: processing={processing(r)} {w.output[-2500:]}"
     assert not r.exists("worker:processing:gone:1")
+
+
+# --- a live worker's job is never recovered: each worker judged by its own TTL, through Redis stalls ---
+
+@pytest.mark.timeout(60)
+def test_redis_stall_past_the_ttl_recovers_no_live_workers_job(r, spawn, enqueue, redis_server):
+    """Origin: issue 10, core defect #3a."""
+    hb = {"JOB_MODULES": TERM_MODULES, "HEARTBEAT_INTERVAL": "1", "HEARTBEAT_TTL": "3"}
+    a = spawn(**hb)
+    enqueue("cc_span", "ev", "long", seconds=9)
+    wait_event(r, "ev", "start", "long")
+    b = spawn(**hb)  # idle: the one that used to recover at once after the stall
+    name_of(b)
+    client_pause(redis_server.url, 4000)
+    time.sleep(4.2)  # the stall; the test's own commands would only queue behind it
+    wait_event(r, "ev", "end", "long", timeout=30)
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
+    assert_ran_once(r, "ev", ["long"])
+    for w in (a, b):
+        assert "event=recovery." not in w.output, w.output
+    assert processing(r) == {} and r.llen(QUEUE) == 0
+
+
+@pytest.mark.timeout(60)
+def test_fast_heartbeat_worker_never_recovers_a_default_workers_job(r, spawn, enqueue):
+    """Origin: issue 10, core defect #3b."""
+    a = spawn(JOB_MODULES=TERM_MODULES)  # defaults: HEARTBEAT_INTERVAL=5, HEARTBEAT_TTL=30
+    enqueue("cc_span", "ev", "long", seconds=8)
+    wait_event(r, "ev", "start", "long")
+    b = spawn(JOB_MODULES=TERM_MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")  # a one-off dyno, or a new release
+    name_of(b)
+    wait_event(r, "ev", "end", "long", timeout=30)
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
+    assert_ran_once(r, "ev", ["long"])
+    assert "event=recovery." not in b.output, b.output
+    assert processing(r) == {} and r.llen(QUEUE) == 0
+
+
+@pytest.mark.timeout(60)
+def test_workers_with_different_heartbeats_through_a_stall_never_run_a_job_twice(r, spawn, enqueue, redis_server):
+    """Issue 10's "done when": two busy workers with different heartbeat settings and an idle third one, and a
+    Redis stall longer than the shorter TTL (and than the longer one): every job runs once.
+
+    Origin: issue 10, core defect #3b."""
+    a = spawn(JOB_MODULES=TERM_MODULES, HEARTBEAT_INTERVAL="1", HEARTBEAT_TTL="3")
+    enqueue("cc_span", "ev", "a", seconds=9)
+    wait_event(r, "ev", "start", "a")
+    b = spawn(JOB_MODULES=TERM_MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    name_of(b)
+    enqueue("cc_span", "ev", "b", seconds=8)
+    wait_event(r, "ev", "start", "b")
+    c = spawn(JOB_MODULES=TERM_MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    name_of(c)
+    client_pause(redis_server.url, 3500)
+    time.sleep(3.7)  # the stall
+    wait_event(r, "ev", "end", "a", timeout=30)
+    wait_event(r, "ev", "end", "b", timeout=30)
+    wait_until(lambda: r.get("worker:stat:processed") == "2", 10, "both acks")
+    assert_ran_once(r, "ev", ["a", "b"])
+    for w in (a, b, c):
+        assert "event=recovery." not in w.output, w.output
+
+
+@pytest.mark.timeout(60)
+def test_a_recovery_call_queued_in_a_stall_spares_the_owner(r, spawn, enqueue, redis_server):
+    """The race the test above can hit by chance, made certain: a recovery pass sent while Redis is paused runs
+    first when it resumes (Redis resumes paused clients in order), before the owner's queued heartbeat, and finds
+    the owner's deadline passed. It must only mark it late; the owner beats within its grace, and its job runs
+    once.
+
+    Origin: issue 10, core defect #3b."""
+    a = spawn(JOB_MODULES=TERM_MODULES, HEARTBEAT_INTERVAL="1", HEARTBEAT_TTL="3")
+    a_name = name_of(a)
+    enqueue("cc_span", "ev", "a", seconds=7)
+    wait_event(r, "ev", "start", "a")
+    recoverer = Broker(redis.Redis.from_url(redis_server.url, decode_responses=True, socket_timeout=30),
+                       from_mapping({"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.5",
+                                     "HEARTBEAT_TTL": "2"}))
+    recoverer.r.ping()
+    client_pause(redis_server.url, 4000)  # longer than A's TTL: its deadline passes inside the stall
+    first = recoverer.recover(skip="test")  # queued behind the pause, ahead of A's next beat
+    assert first == [] and first.wait is not None, (first, a.output)  # A was seen late, and only marked
+    assert recoverer.r.hget("worker:suspects", a_name) is not None
+    while count(r, "ev", "end", "a") == 0:  # every later pass finds A alive (it beat within its grace)
+        assert recoverer.recover(skip="test") == [], a.output
+        time.sleep(0.05)
+    wait_until(lambda: r.get("worker:stat:processed") == "1", 10, "the ack")
+    assert_ran_once(r, "ev", ["a"])
+    assert not r.hexists("worker:suspects", a_name), "the mark goes once A beat again"
+
+
+def test_a_late_worker_is_dead_only_after_its_grace_from_the_first_sighting(r, redis_server):
+    """lua.RECOVER's rule on a registered worker, step by step (no processes): late -> marked; beats -> mark
+    dropped; late again -> marked afresh (an old mark never counts); late for its grace -> recovered.
+
+    Origin: issue 10, core defect #3b."""
+    cfg = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.1", "HEARTBEAT_TTL": "0.7"}
+    owner, other = Broker(r, from_mapping(cfg)), Broker(r, from_mapping(cfg))
+    owner.register("w:1", {"state": "busy"})
+    r.rpush("worker:processing:w:1", worker_jobs.build_payload("push", ["out", 1], {}, None, 1024)[2])
+    assert r.hget("worker:worker:w:1", "interval") == "100"
+    r.zadd(WORKERS, {"w:1": redis_ms(r) - 1})  # its deadline just passed
+    seen = other.recover()
+    assert seen == [] and 0 < seen.wait <= 1.1, seen.wait  # grace: its interval (0.1 s) + 1 s
+    assert other.recover() == []  # still within its grace
+    owner.heartbeat("w:1")
+    again = other.recover()
+    assert again == [] and again.wait is None and not r.exists("worker:suspects")
+    r.zadd(WORKERS, {"w:1": redis_ms(r) - 1})
+    fresh = other.recover()
+    assert fresh == [] and fresh.wait > 1.0, fresh.wait  # marked afresh: the grace starts over
+    time.sleep(fresh.wait + 0.05)
+    done = other.recover()
+    assert len(done) == 1 and done[0].startswith("requeued:") and done.wait is None
+    assert r.llen(QUEUE) == 1 and not r.exists("worker:suspects", "worker:processing:w:1")
+
+
+def test_a_mark_from_the_future_is_replaced(r, redis_server):
+    """A first-seen time ahead of Redis's clock (the clock stepped back, a failover to another host) must not
+    delay recovery by the size of the step: the mark is taken afresh.
+
+    Origin: issue 10, core defect #3b."""
+    cfg = {"REDIS_URL": redis_server.url, "HEARTBEAT_INTERVAL": "0.1", "HEARTBEAT_TTL": "0.7"}
+    owner, other = Broker(r, from_mapping(cfg)), Broker(r, from_mapping(cfg))
+    owner.register("w:2", {"state": "busy"})
+    score = redis_ms(r) - 1
+    r.zadd(WORKERS, {"w:2": score})
+    r.hset("worker:suspects", "w:2", f"{score}@{redis_ms(r) + 10 ** 12}")
+    seen = other.recover()
+    assert seen == [] and 0 < seen.wait <= 1.1, seen.wait
+
+
+
+# --- the recovery script survives hostile payloads and wrong-typed keys (nothing after its first write raises) ---
+
+HOSTILE_ATTEMPTS = ["1e400", "-1e400", "NaN", "1e300", "-3", "2.5", '"7"', "[]", "true"]
+
+
+@pytest.mark.parametrize("attempts", HOSTILE_ATTEMPTS)
+def test_hostile_attempts_do_not_stop_recovery_of_any_worker(r, attempts):
+    """``"attempts": 1e400`` made RECOVER raise on cjson.encode(inf) after its first write: the dead worker was never
+    removed, so its earlier items were pushed again on every pass, and later dead workers were never recovered.
+
+    Origin: issue 10, adversarial review #2."""
+    b = make_broker(r, MAX_ATTEMPTS="5")
+    hostile = '{"id":"h","name":"push","queue":"default","args":[],"kwargs":{},"attempts":%s}' % attempts
+    r.zadd(WORKERS, {"dead:1": 0, "dead:2": 1})
+    # recovery walks a list from its tail: g2 is handled before the hostile entry, g1 after it
+    r.rpush("worker:processing:dead:1", job_json("g1"), hostile, job_json("g2"))
+    r.rpush("worker:processing:dead:2", job_json("g3", queue="mail"))
+    seen_late_long_ago(r, "dead:1", "dead:2")
+    results = [b.recover() for _ in range(3)]
+    assert results[1] == [] and results[2] == [], results
+    assert queued_loose_ids(r, "mail") == ["g3"]
+    queued = queued_loose_ids(r)
+    failed = r.zrange("worker:failed", 0, -1)
+    assert sorted(x for x in queued if x != "h") == ["g1", "g2"]
+    assert queued.count("h") + failed.count("h") == 1, (queued, failed)
+    assert r.zrange(WORKERS, 0, -1) == []
+    assert not r.exists("worker:processing:dead:1", "worker:processing:dead:2")
+    # whatever was written is valid JSON that the worker can read back
+    for p in r.lrange("worker:queue:default", 0, -1):
+        spec_doc = json.loads(p)
+        assert isinstance(spec_doc["errors"], list)
+    for rec in r.hvals("worker:failed:data"):
+        assert json.loads(rec)["id"] == "h"
+
+
+def test_recovery_survives_a_wake_key_of_the_wrong_type(r):
+    """A payload names its queue, so it chooses the wake key RECOVER writes; a wrong-typed one must not abort it.
+
+    Origin: issue 10, adversarial review #2."""
+    b = make_broker(r)
+    r.set("worker:wake:odd", "not a list")
+    r.zadd(WORKERS, {"dead:1": 0, "dead:2": 1})
+    r.rpush("worker:processing:dead:1", job_json("g1"), job_json("o", queue="odd"), job_json("g2"))
+    r.rpush("worker:processing:dead:2", job_json("g3"))
+    seen_late_long_ago(r, "dead:1", "dead:2")
+    for _ in range(3):
+        b.recover()
+    assert queued_loose_ids(r) == ["g1", "g2", "g3"]
+    assert queued_loose_ids(r, "odd") == ["o"]
+    assert r.zrange(WORKERS, 0, -1) == []
+
+
+def test_recovery_records_the_queue_of_a_payload_cjson_cannot_read(r):
+    """#5: a lone surrogate escape defeats cjson; the failed record must still name the queue, or `failed retry`
+    refuses to move it.
+
+    Origin: issue 10, adversarial review #5."""
+    b = make_broker(r)
+    r.zadd(WORKERS, {"dead:1": 0})
+    r.rpush("worker:processing:dead:1", '{"id":"s","name":"push","queue":"mail","args":["\\udce9"],"kwargs":{}}')
+    seen_late_long_ago(r, "dead:1")
+    assert len(b.recover()) == 1
+    (rec,) = [json.loads(x) for x in r.hvals("worker:failed:data")]
+    assert rec["queue"] == "mail"
+    reg = FailedRegistry(b)
+    assert reg.retry(reg.ids()) == [rec["id"]]
+    assert r.llen("worker:queue:mail") == 1
+
+
+def test_recovery_survives_unencodable_history_and_requeues_each_job_once(r):
+    """cjson refuses to encode NaN: an error half-way through the recovery script kept its earlier writes and
+    re-pushed the same jobs on every call.
+
+    Origin: runtime review (9f32e73, hardening)."""
+    b = make_broker(r, MAX_ATTEMPTS="5")
+    poison = '{"id":"p","name":"push","queue":"default","args":[],"kwargs":{},"errors":[{"at":NaN}]}'
+    good = json.dumps({"id": "g", "name": "push", "queue": "default", "args": [], "kwargs": {}})
+    r.zadd("worker:workers", {"dead:1": 0})
+    r.rpush("worker:processing:dead:1", poison, good)
+    seen_late_long_ago(r, "dead:1")
+    assert sorted(b.recover()) == ["requeued:g", "requeued:p"]
+    assert b.recover() == [] and b.recover() == []
+    ids = sorted(json.loads(x.replace("NaN", "0"))["id"] for x in r.lrange("worker:queue:default", 0, -1))
+    assert ids == ["g", "p"]
+
+
+def test_recovery_without_a_queue_field_goes_to_default(r):
+    """Origin: runtime review (9f32e73, hardening)."""
+    b = make_broker(r)
+    r.zadd("worker:workers", {"dead:2": 0})
+    r.rpush("worker:processing:dead:2", '{"id":"q","name":"push","args":[],"kwargs":{}}')
+    seen_late_long_ago(r, "dead:2")
+    assert b.recover() == ["requeued:q"]
+    assert json.loads(r.lindex("worker:queue:default", 0))["id"] == "q"

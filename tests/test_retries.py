@@ -1,5 +1,6 @@
 """Retries with backoff, delayed jobs, and the failed registry (CLI and API): a failed job is retried or recorded,
-a delayed job runs no sooner than asked and exactly once, and the failed registry stays bounded.
+a delayed job runs no sooner than asked and exactly once, and the failed registry stays bounded (``--limit``
+checked, messages a strict-UTF-8 stdout cannot encode escaped).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ import worker.jobs
 from worker.failed import FailedRegistry
 from worker.fetch import Broker
 
-from tests.support import wait_until
+from tests.support import job_json, make_broker, wait_until
 import tests.jobs_chaos  # noqa: F401,E402  (registers nl_stamp: enqueue by name needs the job's module imported)
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
@@ -338,3 +339,41 @@ def test_an_unparseable_payload_still_fails_at_once(r, spawn):
     w = spawn("--burst", JOB_MODULES=MODULES)
     assert w.wait(30) == 0, w.output
     assert r.zcard("worker:failed") == 1 and r.zcard("worker:scheduled") == 0
+
+
+# --- the failed registry: --limit, and messages a strict stdout cannot encode ---
+
+def _store_failed(r, n=3, message="boom"):
+    for i in range(n):
+        rec = {"id": f"f{i}", "name": "push", "queue": "default", "payload": job_json(f"f{i}"), "cause": "error",
+               "type": "ValueError", "message": message, "traceback": "", "worker": "w", "attempts": 1,
+               "failed_at": time.time(), "history": []}
+        r.zadd("worker:failed", {f"f{i}": time.time() * 1000 + i})  # now: older records are past FAILED_TTL
+        r.hset("worker:failed:data", f"f{i}", json.dumps(rec))
+
+
+def test_failed_limit_zero_and_negative(r, cli):
+    """Origin: issue 10, adversarial review #8."""
+    _store_failed(r, 3)
+    out = cli("failed", "--json", "--limit", "0")
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["jobs"] == []
+    out = cli("failed", "--json", "--limit", "2")
+    assert [j["id"] for j in json.loads(out.stdout)["jobs"]] == ["f2", "f1"]
+    out = cli("failed", "--limit", "-1")
+    assert out.returncode == 2 and "--limit" in out.stderr, (out.stdout, out.stderr)
+    reg = FailedRegistry(make_broker(r))
+    assert reg.list(0) == [] and reg.ids(0) == []
+    with pytest.raises(ValueError):
+        reg.list(-1)
+
+
+def test_failed_list_with_a_surrogate_message_on_strict_utf8_stdout(r, cli):
+    """Origin: issue 10, adversarial review #8."""
+    _store_failed(r, 1)
+    rec = json.loads(r.hget("worker:failed:data", "f0"))
+    rec["message"] = "cannot open caf\udce9.txt"
+    r.hset("worker:failed:data", "f0", json.dumps(rec))
+    out = cli("failed", PYTHONIOENCODING="utf-8:strict")
+    assert out.returncode == 0, out.stderr
+    assert "caf\\udce9.txt" in out.stdout

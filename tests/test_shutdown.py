@@ -6,7 +6,9 @@ foreman binaries. Tests assert outcomes (where the job ended up, how many TermEx
 never had to SIGKILL, exit code 0) and that each stage of the escalation comes on time from both sides (never early,
 at most ``LATE`` late: read from the worker's ``elapsed=`` log fields and the emulator's exit times); typical
 latencies are measured in bench/shutdown.py. Windows are small (SHUTDOWN_WINDOW=4: TermException budget 2.5 s) to
-keep the suite fast.
+keep the suite fast. Also: USR1/USR2/CONT (kill the job, pause), a stop that must reach a job whose pid is not yet
+known, and claims adopted after a lost reply put back. A stop with the fork server stopped or dying is in
+tests/test_forkserver.py; a stop while Redis is unreachable in tests/test_outage.py.
 """
 from __future__ import annotations
 
@@ -22,22 +24,18 @@ import pytest
 
 from tests import dyno
 from tests.conftest import PYTHON, REPO, descendants
-from tests.support import InProcessWorker, failure
-from worker.config import from_mapping
-from worker.fetch import Broker
+import tests.jobs_term  # noqa: F401  (registers the tt_ jobs for Broker.push)
+from tests.support import (InProcessWorker, children, count, failure, forkserver_of, name_of, next_event, pop,
+                           processing, queued_ids, status_of, wait_until)
+from worker import jobs as worker_jobs
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_term"
 QUEUE = "worker:queue:default"
+WORKERS = "worker:workers"
 WINDOW = 4.0  # TERM_TIMEOUT defaults to 2.5 s
 
 
 # --- helpers ---
-
-@pytest.fixture
-def enqueue(r, redis_server):
-    broker = Broker(r, from_mapping({"REDIS_URL": redis_server.url}))
-    return lambda name, *args, **kwargs: broker.push(name, args, kwargs)
-
 
 @pytest.fixture
 def worker(spawn):
@@ -50,30 +48,9 @@ def worker(spawn):
     return _worker
 
 
-def pop(r, key, timeout=15.0):
-    """BLPOP in 1 s slices: redis-py 8's default socket timeout (5 s) would cut a longer BLPOP with an error."""
-    deadline = time.monotonic() + timeout
-    while True:
-        item = r.blpop(key, 1)
-        if item is not None:
-            return item[1]
-        if time.monotonic() >= deadline:
-            return None
-
-
-def next_event(r, key, timeout=15.0) -> dict:
-    item = pop(r, key, timeout)
-    assert item is not None, f"no event on {key!r} within {timeout}s"
-    return json.loads(item)
-
-
 def rest(r, key) -> list:
     """The events left on ``key`` (read after the worker is gone, so nothing more can arrive)."""
     return [json.loads(x)["event"] for x in r.lrange(key, 0, -1)]
-
-
-def queued_ids(r) -> list:
-    return [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)]
 
 
 def assert_clean_exit(w, rep, r):
@@ -371,7 +348,7 @@ def test_stop_as_a_claim_is_adopted_puts_it_back(r, inproc):
     """A claim whose reply was lost is found in the worker's processing list (adopted) in the very turn a stop
     arrives, with no job running: it must go back to its queue. The loop used to leave at once, before giving
     adopted claims back, and the exit left it for recovery as a lost attempt (the cause of a CI failure of
-    test_core_defects.py::test_adopted_claim_not_yet_started_is_put_back_on_stop)."""
+    test_adopted_claim_not_yet_started_is_put_back_on_stop, below)."""
     w = inproc()
     lost_id = w.broker.push("push", ["out", "lost"], {})
     raw = r.lpop("worker:queue:default")
@@ -573,3 +550,133 @@ def test_a_stop_puts_every_job_back_beside_a_wrong_typed_queue_index(r, spawn):
     assert sorted(back) == sorted(ids), w.output
     assert [k for k in r.keys("worker:processing:*") if r.llen(k)] == []
     assert "event=redis.wrong_type key=worker:queues type=string" in w.output
+
+
+@pytest.mark.timeout(60)
+def test_usr1_while_idle_does_not_kill_the_next_job(r, cli, spawn):
+    """Origin: runtime review (9f32e73, hardening)."""
+    w = spawn(HEARTBEAT_INTERVAL="0.5")
+    w.wait_for(r"event=worker.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
+    name = r.zrange("worker:workers", 0, 0)[0]
+    # Wait for the worker to have taken the USR1, not for a guessed time: a USR2 sent after it (the kernel delivers
+    # and Python runs pending handlers in signal-number order, USR1 first) shows up as state=paused, written by a
+    # loop turn that had both; the CONT that follows is taken in a later turn, whose first step (slots.service)
+    # consumes the USR1 before anything can be claimed.
+    w.signal(signal.SIGUSR1)
+    w.signal(signal.SIGUSR2)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "the paused state")
+    w.signal(signal.SIGCONT)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "idle", 10, "the idle state")
+    assert cli("enqueue", "push", "--args", '["out", "survived"]').returncode == 0
+    got = r.blpop("out", 15)
+    assert got and got[1] == "survived", w.output
+    assert r.zcard("worker:failed") == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_usr2_paused_worker_keeps_its_heartbeat(r, spawn):
+    """Origin: runtime review (9f32e73, hardening)."""
+    w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="1.5")
+    w.wait_for(r"event=worker.start")
+    wait_until(lambda: r.zcard("worker:workers") == 1, 10, "registration")
+    name = r.zrange("worker:workers", 0, 0)[0]
+    w.signal(signal.SIGUSR2)
+    wait_until(lambda: r.hget(f"worker:worker:{name}", "state") == "paused", 10, "paused state")
+    for _ in range(4):  # well past HEARTBEAT_TTL
+        sec, usec = r.time()
+        now_ms = sec * 1000 + usec / 1000
+        wait_until(lambda: float(r.hget(f"worker:worker:{name}", "seen")) > now_ms, 5, "a fresh heartbeat")
+        # its score is its own deadline: a fresh beat puts it a whole TTL ahead of Redis's clock
+        assert r.zscore("worker:workers", name) >= now_ms + 1500
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0
+
+
+# --- a stop reaches the job at once; a claim not yet started goes back ---
+
+@pytest.mark.timeout(30)
+def test_parent_only_stop_reaches_a_running_job_at_once(r, spawn, enqueue):
+    """Origin: core review (9a4b9fe), #9."""
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=4, TERM_TIMEOUT=2)
+    w.wait_for(r"event=worker\.start")
+    enqueue("tt_term_probe", "ev")
+    assert next_event(r, "ev")["event"] == "started"
+    wait_until(lambda: dyno.sleeping(w.pid), 5, "the job in its sleep")
+    t_sig = time.time()
+    w.signal(signal.SIGTERM)  # the worker only (foreman)
+    try:
+        term = next_event(r, "ev", timeout=10)
+    except AssertionError:
+        raise AssertionError(f"no term event; worker output:\n{w.output}") from None
+    assert term["event"] == "term" and term["t"] - t_sig < 0.3, (term, t_sig)
+    assert w.wait(10) == 0
+
+
+@pytest.mark.timeout(30)
+def test_parent_only_stop_before_the_pid_is_known_reaches_the_job_at_once(r, spawn, enqueue):
+    """Deterministic 'pid not yet known': the fork server's spare child is stopped, so handing it a 400 KB job
+    blocks the server before it can send the pid; the worker gets its SIGTERM meanwhile; 0.3 s later the spare goes
+    on and the pid reaches the worker. The exception must follow at once, not at the loop's next wake-up (up to
+    1 s later) or the TERM_TIMEOUT deadline. (Stopping the fork server itself would not do: its SIGCONT sends the
+    worker a SIGCHLD, which wakes the loop by chance.)
+
+    Origin: core review (9a4b9fe), #9."""
+    w = spawn(JOB_MODULES=MODULES, SHUTDOWN_WINDOW=4, TERM_TIMEOUT=2)
+    w.wait_for(r"event=worker\.start")
+    warm = enqueue("push", "warm", "1")
+    w.wait_for(rf"event=job\.done .*job={warm}")  # the warm-up child is reaped: the server's one child is the spare
+    [server] = forkserver_of(w.pid)
+    wait_until(lambda: len(children(server)) == 1, 5, "the fork server's spare")
+    [spare] = children(server)
+    os.kill(spare, signal.SIGSTOP)
+    try:
+        job_id = enqueue("tt_term_probe", "ev", blob="b" * 400_000)
+        w.wait_for(rf"event=job\.start .*job={job_id}", timeout=10)
+        t_sig = time.monotonic()
+        w.signal(signal.SIGTERM)
+        w.wait_for(r"event=shutdown\.signal", timeout=5)
+        time.sleep(0.3)
+        assert "event=shutdown.exception_delivered" not in w.output, "the pid was known before the stop"
+    finally:
+        t_cont = time.monotonic()
+        os.kill(spare, signal.SIGCONT)
+    line = w.wait_for(r"event=shutdown\.exception_delivered", timeout=10)
+    elapsed = float(re.search(r"elapsed=([\d.]+)", line).group(1))
+    # promptly once the server reports the pid (before the fix: at the loop's next 1 s wake-up, or the deadline)
+    assert elapsed < (t_cont - t_sig) + 0.3, (line, round(t_cont - t_sig, 3))
+    assert w.wait(10) == 0
+    assert "shutdown.child_killed" not in w.output, w.output
+    # put back before the job function ran, or it caught the exception and returned: done
+    assert r.llen("worker:queue:default") == 1 or status_of(r, job_id) == "done", w.output
+
+
+@pytest.mark.timeout(60)
+def test_adopted_claim_not_yet_started_is_put_back_on_stop(r, spawn, enqueue):
+    """A claim whose reply was lost sits in the worker's processing list unknown to it; the worker adopts it when
+    its count of held jobs disagrees. Here the single slot is busy, so the adopted claim cannot start; a TERM must
+    put it back at the head of its queue, not leave it to recovery (a false "worker vanished" attempt).
+
+    Origin: issue 10, core-defect hardening."""
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2", SHUTDOWN_WINDOW="4")
+    name = name_of(w)
+    running = enqueue("tt_reraise", "ev")
+    wait_until(lambda: count(r, "ev", "started") == 1, 15, "the running job")
+    wait_until(lambda: dyno.sleeping(w.pid), 10, "the job sleeping")
+    lost_id, _, lost = worker_jobs.build_payload("push", ["out", "lost"], {}, None, 512 * 1024)
+    r.rpush(f"worker:processing:{name}", lost)  # as a CYCLE whose reply never arrived would have left it
+    seen = [r.zscore(WORKERS, name)]
+
+    def beats():  # a few heartbeats later the worker has seen the count and adopted the claim
+        s = r.zscore(WORKERS, name)
+        if s != seen[-1]:
+            seen.append(s)
+        return len(seen) > 3
+    wait_until(beats, 10, "three heartbeats")
+    rep = dyno.shutdown(w.pid, window=4)
+    assert not rep.sigkilled, rep
+    assert w.wait(5) == 0, w.output
+    queued = [json.loads(p)["id"] for p in r.lrange(QUEUE, 0, -1)]
+    assert sorted(queued) == sorted([running, lost_id]), (queued, w.output)
+    assert processing(r) == {} and r.zscore(WORKERS, name) is None, w.output
+    assert r.llen("out") == 0, "the adopted claim ran although its slot was busy"

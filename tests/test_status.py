@@ -1,16 +1,18 @@
 """``python -m worker status [--json]`` and ``pause``/``resume`` (worker/status.py) against the real Redis, with real
-workers: queued, running, failed, scheduled and paused work, checked field by field."""
+workers: queued, running, failed, scheduled and paused work, checked field by field; a hostile queue head (a
+400-digit ``enqueued_at``) shows as an unknown latency and stops neither status nor the metrics sampler."""
 import json
 import socket
-import time
 
 import pytest
 import redis
 
+from tests.support import still_works, wait_until
 from worker import config, status
 from worker.keys import Keys
 
 K = Keys("worker")
+MODULES = "worker.sample,tests.jobs"
 SCHEMA_KEYS = {"schema", "time", "paused", "queues", "workers", "failed", "scheduled", "totals", "schedules",
                "throughput", "skipped"}
 QUEUE_KEYS = {"name", "depth", "latency", "paused"}
@@ -38,17 +40,6 @@ def table(text: str, header: str) -> dict:
         assert len(cells) == len(cols), f"misaligned row {line!r} under {lines[start]!r}"
         rows[cells[0]] = dict(zip(cols, cells))
     return rows
-
-
-def wait_until(predicate, timeout=10.0, what="condition"):
-    """Poll a Redis-side condition until it holds: the state change itself is the event waited for."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"{what} not reached within {timeout}s"
-        time.sleep(0.05)
 
 
 @pytest.mark.timeout(90)
@@ -258,3 +249,28 @@ def test_job_prints_iso_utc_times_and_durations(r, cli):
     rows = dict(line.split(None, 1) for line in res.stdout.splitlines())
     assert rows["enqueued_at"] == "2023-11-14T22:13:20.000Z" and rows["started_at"] == "2023-11-14T22:13:22.500Z"
     assert rows["waited"] == "2.5s" and rows["ran"] == "1m02s"
+
+
+# --- a hostile queue head ---
+
+HUGE = '{"id":"x","name":"noop","queue":"other","args":[],"kwargs":{},"enqueued_at":1' + "0" * 400 + "}"
+
+
+@pytest.mark.timeout(40)
+def test_huge_enqueued_at_crashes_neither_the_metrics_sampler_nor_status(r, spawn, cli, enqueue):
+    """Origin: core review (9a4b9fe), #1."""
+    r.rpush("worker:queue:other", HUGE)
+    r.sadd("worker:queues", "other")
+    w = spawn(JOB_MODULES=MODULES, QUEUES="default", METRICS_INTERVAL=1)
+    w.wait_for(r"event=worker\.start")
+    w.wait_for(r"event=metrics ", timeout=10)  # a sample taken with the bad head in view (the sampler ran)
+    still_works(r, w, enqueue, "huge")
+    res = cli("status")
+    assert res.returncode == 0, res.stdout + res.stderr
+    row = next((line for line in res.stdout.splitlines() if line.split()[:1] == ["other"]), None)
+    assert row is not None and row.split()[1:3] == ["1", "?"], res.stdout  # depth 1, latency unknown
+    res = cli("status", "--json")
+    assert res.returncode == 0, res.stdout + res.stderr
+    (q,) = [q for q in json.loads(res.stdout)["queues"] if q["name"] == "other"]
+    assert q["depth"] == 1 and q["latency"] is None, q
+    assert w.popen.poll() is None, w.output

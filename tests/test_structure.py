@@ -148,6 +148,39 @@ def test_every_module_has_a_layer_and_imports_none_above_it():
     assert not upward, "imports from a lower layer up to a higher one:\n" + "\n".join(upward)
 
 
+def private_uses(mod: str, path: Path, mods: dict) -> list:
+    """``from .x import _y`` and ``x._y`` (``x`` a worker module) in ``mod``: a private name used across modules."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = mod.split(".") if path.name == "__init__.py" and mod != "__init__" else mod.split(".")[:-1]
+    bound, out = {}, []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            up = package[:len(package) - (node.level - 1)] if node.level > 1 else package
+            base = up + (node.module.split(".") if node.module else [])
+            for a in node.names:
+                target = ".".join(base + [a.name])
+                if target in mods:
+                    bound[a.asname or a.name] = target
+                elif _private(a.name):
+                    out.append(f"{mod}:{node.lineno}: from {'.' * node.level}{node.module or ''} import {a.name}")
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in bound:
+            if _private(node.attr) and bound[node.value.id] != mod:
+                out.append(f"{mod}:{node.lineno}: {node.value.id}.{node.attr}")
+    return out
+
+
+def _private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def test_no_private_name_is_used_across_worker_modules():
+    """issue 22 point 4: a name another module needs is public where it lives (or the user moves there)."""
+    mods = modules()
+    found = [use for m, p in mods.items() for use in private_uses(m, p, mods)]
+    assert not found, "private names used across modules:\n" + "\n".join(found)
+
+
 def test_the_checks_see_imports_inside_functions_and_packages():
     """The reader itself: a function-level import, a relative import from a subpackage and an attribute import all
     count, so a cycle hidden in a function is found."""

@@ -18,8 +18,8 @@ Every reader tolerates junk (records written by foreign producers, wrong-typed f
 it can and lists what it skipped in a ``skipped`` entry (issue 27 item 9), never a traceback.
 
 Split by concern: this module reads (one method per page), :mod:`worker.api_overview` builds the overview
-document, :mod:`worker.api_values` holds the junk-tolerant conversions and display formats, :mod:`worker.api_lua`
-the scripts.
+document, :mod:`worker.api_values` holds the junk-tolerant conversions and display formats, :mod:`worker.lua`
+the scripts (``worker/lua/*.lua``; their arguments and replies: :mod:`worker.lua.calls`).
 
 ``FAILED_TTL`` is applied on read here (and by every worker's housekeeping, see :func:`housekeep`), not only when
 a new failure arrives (issue 27 item 8).
@@ -29,11 +29,10 @@ from __future__ import annotations
 from typing import Optional
 
 from . import api_overview
-from .api_lua import BACKLOG, FAILED_MATCH, FAILED_PAGE, FIND_QUEUED, HOUSEKEEP
 from .api_overview import SCHEMA
 from .api_values import as_num, as_str, duration, elapsed, iso, latency, parse_json, summary
 from .keys import Keys
-from .lua import WAKE
+from .lua import HOUSEKEEP, WAKE, Registry, calls  # noqa: F401  (HOUSEKEEP, WAKE: in __all__)
 
 SAMPLE_TTL_S = 2 * 3600  # a minute sample expires after two hours: at most ~120 small keys, whatever happens
 TRIM_BATCH = 1000       # failed records trimmed per housekeeping call (bounded work per call)
@@ -45,22 +44,13 @@ class API:
     def __init__(self, r, cfg):
         self.r, self.cfg = r, cfg
         self.k = Keys(cfg.key_prefix)
-        self._scripts = {}
-
-    def _script(self, src: str):
-        s = self._scripts.get(src)
-        if s is None:
-            s = self._scripts[src] = self.r.register_script(src)
-        return s
+        self.scripts = Registry(r)
 
     def housekeep(self) -> dict:
         """Trim failed records past ``FAILED_TTL`` and sample this minute's counters (one script call).
         Returns ``{"time", "trimmed", "wrong_typed": [keys]}``."""
-        k = self.k
-        res = self._script(HOUSEKEEP)(keys=[k.failed, k.failed_data, k.processed, k.failed_count],
-                                      args=[k.prefix, int(self.cfg.failed_ttl * 1000), TRIM_BATCH, SAMPLE_TTL_S])
-        return {"time": int(res[0]) + int(res[1]) / 1e6, "trimmed": int(res[2]),
-                "wrong_typed": [x for x in (res[3] or "").split(",") if x]}
+        return calls.parse_housekeep(self.scripts.run(
+            calls.housekeep(self.k, int(self.cfg.failed_ttl * 1000), TRIM_BATCH, SAMPLE_TTL_S)))
 
     def overview(self) -> dict:
         """The ``status --json`` document (schema 1, see status.py) plus ``throughput`` and ``skipped``
@@ -70,7 +60,7 @@ class API:
     def backlog(self, queues) -> int:
         """Jobs waiting for a worker on ``queues`` (``("*",)``: every known queue), due scheduled jobs included."""
         names = [q for q in queues if q != "*"]
-        return int(self._script(BACKLOG)(keys=[], args=[self.k.prefix, "1" if "*" in queues else "0", *names]))
+        return int(self.scripts.run(calls.backlog(self.k, "*" in queues, names)))
 
     # --- one queue ---
 
@@ -126,7 +116,7 @@ class API:
         if payload is None and doc["status"] == "running":
             payload = self._running_payload(job_id)
         if payload is None and doc["status"] == "queued" and doc.get("queue"):
-            payload = self._script(FIND_QUEUED)(keys=[k.queue(doc["queue"])], args=[f'"id":"{job_id}"'])
+            payload = self.scripts.run(calls.find_queued(k, doc["queue"], job_id))
             payload = payload or None
         body = parse_json(payload)
         body = body if isinstance(body, dict) else {}
@@ -162,12 +152,11 @@ class API:
         k = self.k
         self.housekeep()
         page, per_page = max(1, int(page)), max(0, min(1000, int(per_page)))
-        res = self._script(FAILED_PAGE)(keys=[k.failed, k.failed_data],
-                                        args=[name or "", error or "", (page - 1) * per_page, per_page])
-        total, matched, skipped = int(res[0]), int(res[1]), int(res[2])
-        names, types, skipped_ids = (parse_json(x) or {} for x in res[3:6])
+        total, matched, skipped, lists, raws = calls.parse_failed_page(self.scripts.run(
+            calls.failed_page(k, name or "", error or "", (page - 1) * per_page, per_page)))
+        names, types, skipped_ids = (parse_json(x) or {} for x in lists)
         jobs = []
-        for raw in res[6:]:
+        for raw in raws:
             rec = parse_json(raw)
             if isinstance(rec, dict):
                 jobs.append(rec)
@@ -185,7 +174,7 @@ class API:
 
     def failed_matching(self, name: str = "", error: str = "") -> list:
         """Ids of every failed record matching the filters (for "retry/delete all matching")."""
-        return list(self._script(FAILED_MATCH)(keys=[self.k.failed, self.k.failed_data], args=[name, error]))
+        return list(self.scripts.run(calls.failed_match(self.k, name, error)))
 
     # --- scheduled and retries ---
 

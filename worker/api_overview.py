@@ -41,11 +41,11 @@ def _counts(api, skipped: list) -> list:
     with api.r.pipeline(transaction=False) as p:
         p.time().smembers(k.queues).smembers(k.paused).zrange(k.workers, 0, -1, withscores=True)
         p.zcard(k.failed).zcard(k.scheduled).get(k.processed).get(k.failed_count)
-        p.zrange(f"{k.prefix}:schedules", 0, -1)
+        p.zrange(k.schedules, 0, -1)
         res = p.execute(raise_on_error=False)
     return [_ok(v, what, skipped) for v, what in zip(res, (
         None, k.queues, k.paused, k.workers, k.failed, k.scheduled, k.processed, k.failed_count,
-        f"{k.prefix}:schedules"))]
+        k.schedules))]
 
 
 def _details(api, names, workers, sched, minute: int) -> list:
@@ -57,8 +57,8 @@ def _details(api, names, workers, sched, minute: int) -> list:
         for w, _ in workers:
             p.hgetall(k.worker(w))
         for n in sched:
-            p.hgetall(f"{k.prefix}:sched:{n}")
-        p.mget([f"{k.prefix}:stat:minute:{m}" for m in range(minute - MINUTES, minute + 1)])
+            p.hgetall(k.sched(n))
+        p.mget([k.stat_minute(m) for m in range(minute - MINUTES, minute + 1)])
         return p.execute(raise_on_error=False)
 
 

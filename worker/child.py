@@ -252,14 +252,12 @@ def run_payload(data: bytes, report_fd: int) -> None:
 
 def run(spec, doc, report_fd: int) -> None:
     """Run the job (with the hooks of ``worker.hooks``, if any) and exit. Never returns."""
-    report = None  # success: the constant OK_REPORT, no encoding on the hot path
     _state.report_fd = report_fd
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
     _state.log_fields = {"job": doc["id"], "name": spec.name}  # on every logging record of the job's own code
     info = hooks.JobInfo(doc["id"], spec.name, doc.get("queue") or "", doc["args"], doc["kwargs"],
                          doc.get("attempts") or 0) if _state.hooks_on else None
-    outcome = None
     try:
         _fast.pthread_sigmask(signal.SIG_SETMASK, ())  # pending TERM/INT (sent during fork) fire now
         try:
@@ -271,28 +269,38 @@ def run(spec, doc, report_fd: int) -> None:
             value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
-        if value is not None:
-            report = _returned(value)
-        if info is not None:
-            if report is not None and report["status"] == "error":  # a return value that cannot be kept
-                failure = ValueError(report["message"])
-                hooks.run_on_failure(info, failure)
-                outcome = hooks.HookOutcome("failed", error=failure)
-            else:
-                outcome = hooks.HookOutcome("done", result=value)
+        report, outcome = _returned_outcome(info, value)
     except TermException as exc:
-        report = {"status": "interrupted"}
-        outcome = hooks.HookOutcome("interrupted", error=exc)
+        report, outcome = {"status": "interrupted"}, hooks.HookOutcome("interrupted", error=exc)
     except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
-        report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
-                  "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
-        if info is not None:
-            if not _state.raised:
-                hooks.run_on_failure(info, exc)
-            outcome = hooks.HookOutcome("interrupted" if _state.raised else "failed", error=exc)
+        report, outcome = _raised_outcome(info, exc)
     if info is not None:
         hooks.run_after(info, outcome)
     _finish(report, report_fd)
+
+
+def _returned_outcome(info, value):
+    """``(report, hooks' outcome)`` of a job that returned ``value``; the report None for success (the constant
+    OK_REPORT, no encoding on the hot path), the outcome None without hooks."""
+    report = None if value is None else _returned(value)
+    if info is None:
+        return report, None
+    if report is not None and report["status"] == "error":  # a return value that cannot be kept
+        failure = ValueError(report["message"])
+        hooks.run_on_failure(info, failure)
+        return report, hooks.HookOutcome("failed", error=failure)
+    return report, hooks.HookOutcome("done", result=value)
+
+
+def _raised_outcome(info, exc: BaseException):
+    """``(report, hooks' outcome)`` of a job that raised ``exc`` (called while it is handled: its traceback)."""
+    report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
+              "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
+    if info is None:
+        return report, None
+    if not _state.raised:
+        hooks.run_on_failure(info, exc)
+    return report, hooks.HookOutcome("interrupted" if _state.raised else "failed", error=exc)
 
 
 FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)

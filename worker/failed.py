@@ -10,39 +10,7 @@ import json
 import time
 from typing import Iterable, Optional
 
-from .lua import PRELUDE
-
-# KEYS: failed zset, failed data, queues set.  ARGV: prefix, ids...
-# Retrying puts the original payload (attempts reset, history kept) at the tail of its queue, atomically with the
-# removal of the record, so a job is never both failed and queued, nor neither.
-_RETRY = PRELUDE + r"""
-local out = {}
-for i = 2, #ARGV do
-  local id = ARGV[i]
-  local rec = redis.call('HGET', KEYS[2], id)
-  if rec then
-    local ok, doc = pcall(cjson.decode, rec)
-    local q = ok and type(doc) == 'table' and doc['queue']
-    if type(q) == 'string' and q ~= '' and type(doc['payload']) == 'string' then
-      local payload = doc['payload']
-      local pok, job = pcall(cjson.decode, payload)
-      if pok and type(job) == 'table' and job['id'] then
-        payload = with_fields(payload, '"attempts":0')
-      end
-      redis.call('RPUSH', prefix .. ':queue:' .. q, payload)
-      redis.call('SADD', KEYS[3], q)
-      wake(q)
-      redis.call('HDEL', KEYS[2], id)
-      redis.call('ZREM', KEYS[1], id)
-      -- its status record says queued again (get_job, `job ID`, the dashboard); pcall: never raise after a write
-      local jk = prefix .. ':job:' .. id
-      if redis.pcall('EXISTS', jk) == 1 then redis.pcall('HSET', jk, 'status', 'queued') end
-      out[#out + 1] = id
-    end
-  end
-end
-return out
-"""
+from .lua import Registry, calls
 
 
 def _loads(raw):
@@ -67,7 +35,7 @@ class FailedRegistry:
         self.broker = broker
         self.r = broker.r
         self.k = broker.keys
-        self._retry = self.r.register_script(_RETRY)
+        self.scripts = Registry(self.r)
 
     def count(self) -> int:
         return self.r.zcard(self.k.failed)
@@ -94,11 +62,11 @@ class FailedRegistry:
         return [rec for rec in recs if isinstance(rec, dict)]
 
     def retry(self, ids: Iterable[str]) -> list:
-        """Put these failed jobs back on their queues; returns the ids actually moved."""
+        """Put these failed jobs back on their queues (``worker/lua/retry_failed.lua``: atomically with the removal
+        of their records, attempts reset, history kept); returns the ids actually moved."""
         ids, moved = list(ids), []
         for i in range(0, len(ids), 500):
-            moved += self._retry(keys=[self.k.failed, self.k.failed_data, self.k.queues],
-                                 args=[self.k.prefix, *ids[i:i + 500]])
+            moved += self.scripts.run(calls.retry_failed(self.k, ids[i:i + 500]))
         return moved
 
     def remove(self, ids: Iterable[str]) -> int:

@@ -1,4 +1,5 @@
-"""Claim and acknowledge: the fetch contract, on a few atomic Lua scripts (``lua.py``; key schema: ``keys.py``).
+"""Claim and acknowledge: the fetch contract, on a few atomic Lua scripts (``worker/lua/*.lua``, called through
+``worker.lua.calls``; key schema: ``keys.py``).
 
 Invariants (at-least-once delivery; losing a job is worse than running it twice):
 
@@ -21,14 +22,16 @@ import random
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Iterable, NamedTuple, Optional
+from typing import Iterable, Optional
 
 import redis
 
 from .payload import build_payload
 from .config import Config
 from .keys import Keys
-from .lua import CYCLE, ENQUEUE, HEARTBEAT, RECOVER, UNREGISTER, WAKE
+from . import lua
+from .lua import calls as wire
+from .lua.calls import Claim, Cycle, Recovered  # noqa: F401  (their home is the scripts' reply parsing)
 
 
 class Op(str, Enum):
@@ -80,44 +83,12 @@ class Outcome:
                    attempts=attempts)
 
     def wire(self, cfg: Config) -> tuple:
-        """The eight CYCLE arguments of this outcome: op, slot, payload, job id, a, b, c, started (``lua.CYCLE``)."""
-        if self.op is Op.ACK:
-            keep = self.keep_ms if self.keep_ms is not None else int(cfg.result_ttl * 1000)
-            a, b, c = self.result, keep, ""
-        elif self.op is Op.FAIL:
-            a, b, c = self.record, int(cfg.failed_ttl * 1000), self.attempts
-        elif self.op is Op.RETRY:
-            a, b, c = self.new_payload, self.delay_ms, self.attempts
-        else:
-            a, b, c = self.queue, self.new_payload, self.attempts or ""
-        return self.op.value, self.slot, self.payload, self.job_id, a, b, c, self.started_ms or ""
+        """The eight CYCLE fields of this outcome (``cycle.lua``; laid out by :func:`worker.lua.calls.outcome`)."""
+        return wire.outcome(self, int(cfg.result_ttl * 1000), int(cfg.failed_ttl * 1000))
 
-
-class Claim(NamedTuple):
-    slot: int
-    payload: str
-    queue: str
-    at: int = 0  # when it was claimed (ms, Redis clock): the job's started_at, handed back with its outcome
 
 #: Seconds an enqueue call's dedupe key lives at least (``P:enq:<id>``, see :attr:`Broker.dedupe_ttl_ms`).
 ENQUEUE_DEDUPE_MIN = 60.0
-
-
-class Cycle(NamedTuple):
-    """What :meth:`Broker.cycle` found: the claims made (one per slot at most), the milliseconds until the next
-    scheduled job is due on Redis's clock (when nothing was claimed), the queue names considered (when nothing was claimed), and how many jobs the
-    processing list holds afterwards."""
-
-    claims: list
-    next_due: Optional[float]
-    queues: list
-    held: int
-    lost: bool = False  # Redis lost its data since we registered (P:epoch): nothing was recorded; see Broker.restore
-    recovered: int = 0  # beats only: 1 another worker took us for dead and recovered our jobs (P:recovered:<w>);
-    #                     2 our registration was gone all the same (P:workers)
-    refused: Optional[tuple] = None  # (key, type): a key this call had to write is of the wrong type; nothing was
-    #                                  written (lua.CYCLE), the claims stay in the processing list
-    odd: tuple = ()     # keys found wrong-typed and skipped (bookkeeping only: the call's outcomes took effect)
 
 
 def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float:
@@ -126,15 +97,6 @@ def backoff_delay(attempt: int, base: float = 2.0, cap: float = 3600.0) -> float
 
 
 RECOVER_SLACK_MS = 1000  # a late worker's grace is its own interval + this: time to beat again after a stall
-
-
-class Recovered(list):
-    """What :meth:`Broker.recover` did (``'requeued:<id>'`` / ``'failed:<id>'`` items), and ``wait``: seconds until
-    the grace of a worker seen late (not yet dead) ends, when another pass may find it dead; ``None`` if none."""
-
-    def __init__(self, items, wait: Optional[float] = None):
-        super().__init__(items)
-        self.wait = wait
 
 
 class Broker:
@@ -147,10 +109,7 @@ class Broker:
         self.link = link  # a client.Link: script calls wait in the supervisor's select (see Supervisor)
         self.epoch = ""   # P:epoch as :meth:`register` found it ('' = not registered: CYCLE does not check it)
         self.keys = Keys(cfg.key_prefix)
-        self._enqueue = redis_client.register_script(ENQUEUE)
-        self._cycle = redis_client.register_script(CYCLE)
-        self._recover = redis_client.register_script(RECOVER)
-        self._unregister = redis_client.register_script(UNREGISTER)
+        self.scripts = lua.Registry(redis_client)
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
@@ -194,11 +153,7 @@ class Broker:
 
     def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None):
         """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
-        k = self.keys
-        ids = [j[0] for j in jobs_]
-        return self._enqueue(keys=[k.queue(q), k.queues, k.scheduled, k.enqueued(dedupe_id)],
-                             args=[k.prefix, q, self.dedupe_ttl_ms, when, jobs_[0][1], len(ids), *ids,
-                                   *[j[2] for j in jobs_]], client=client)
+        return self.scripts.run(wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_), client)
 
     @property
     def dedupe_ttl_ms(self) -> int:
@@ -225,13 +180,13 @@ class Broker:
 
     # --- the worker's side ---
     def register(self, worker: str, info: dict) -> None:
-        """Register ``worker`` (its hash holds ``ttl``: its score in P:workers is a deadline, see ``lua.RECOVER``);
+        """Register ``worker`` (its hash holds ``ttl``: its score in P:workers is a deadline, see ``recover.lua``);
         a ``P:recovered:<w>`` of an earlier incarnation, or one already acted on, goes."""
         k, ttl = self.keys, int(self.cfg.heartbeat_ttl * 1000)
         with self.r.pipeline(transaction=True) as pipe:
             pipe.delete(k.worker(worker), k.recovered(worker))
             pipe.hset(k.worker(worker), mapping=dict(info, ttl=ttl, interval=int(self.cfg.heartbeat_interval * 1000)))
-            pipe.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, ttl)
+            self.scripts.run(wire.heartbeat(k, worker, ttl), pipe)
             pipe.set(k.epoch, os.urandom(8).hex(), nx=True)
             pipe.get(k.epoch)
             self.epoch = pipe.execute()[-1] or ""
@@ -251,42 +206,33 @@ class Broker:
     def cycle(self, worker: str, outcomes=(), claim=(), busy: int = 0, mode: str = "", checkpoints=(),
               beat: bool = True, tidy: bool = True) -> Cycle:
         """Record ``outcomes``, refresh the heartbeat (``beat``), move due scheduled jobs (``tidy``) and claim a job
-        for each slot number in ``claim``, in one round trip (``lua.CYCLE``). ``busy``: slots still running besides
+        for each slot number in ``claim``, in one round trip (``cycle.lua``). ``busy``: slots still running besides
         new claims; ``mode``: a state to show instead of the derived one; ``checkpoints``: ``(slot, JSON)`` of
         running jobs whose progress changed, kept for recovery. ``Cycle.held`` counts what the processing list holds
         afterwards (-1 when not beating): more than the caller knows of means an earlier call's reply was lost after
         it claimed."""
-        k, c = self.keys, self.cfg
-        queues = [] if c.all_queues else list(c.queues)
-        args = [k.prefix, worker, int(c.heartbeat_ttl * 1000) if beat else "", c.failed_max,
-                int(c.failed_ttl * 1000), "1" if c.all_queues else "0", mode, busy, "1" if tidy else "0",
-                self.epoch, len(queues), *queues, len(checkpoints)]
-        for slot, value in checkpoints:
-            args += [slot, value]
-        args.append(len(outcomes))
-        for o in outcomes:
-            args.extend(o.wire(c))
-        args.extend(claim)
-        res = self._call(self._cycle, [k.processing(worker), k.workers, k.worker(worker), k.scheduled, k.paused,
-                                       k.queues, k.epoch, k.recovered(worker)], args)
-        if int(res[0]) == -2:
-            return Cycle([], None, [], -1, lost=True)
-        if int(res[0]) == -3:
-            return Cycle([], None, [], -1, refused=(res[1], res[2]))
-        now, n = int(res[2]), int(res[3])
-        claims = [Claim(int(res[6 + 3 * i]), res[7 + 3 * i], res[8 + 3 * i], now) for i in range(n)]
-        return Cycle(claims, float(res[1]) if res[1] else None, list(res[6 + 3 * n:]), int(res[0]),
-                     recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else ())
+        c = self.cfg
+        call = wire.cycle(self.keys, worker, beat_ttl_ms=int(c.heartbeat_ttl * 1000) if beat else "",
+                           failed_max=c.failed_max, failed_ttl_ms=int(c.failed_ttl * 1000), wildcard=c.all_queues,
+                           mode=mode, busy=busy, tidy=tidy, epoch=self.epoch,
+                           queues=[] if c.all_queues else list(c.queues), checkpoints=checkpoints,
+                           outcomes=[o.wire(c) for o in outcomes], claim=claim)
+        return wire.parse_cycle(self.run(call))
 
-    def _call(self, script, keys, args):
+    def run(self, call: "wire.Call"):
+        """Run a script call (a :class:`worker.lua.calls.Call`): through ``link`` in the worker (its wait sits in
+        the loop's ``select``), else directly."""
+        script = self.scripts.script(call.script)
         if self.link is not None:
-            return self.link.script(script, keys, args)
-        return script(keys=keys, args=args)
+            return self.link.script(script, call.keys, call.args)
+        return script(keys=call.keys, args=call.args)
+
+    _call = run  # (its name before issue 22)
 
     def wake(self, queues) -> None:
         """Ring the wake lists of ``queues`` (a token taken by a worker that could not use it is given back)."""
         if queues:
-            self.r.eval(WAKE, len(queues), *[self.keys.wake(q) for q in queues])
+            self.scripts.run(wire.wake(self.keys, queues))
 
     def claimed(self, worker: str) -> list:
         """What this worker's processing list holds (used to re-adopt claims whose reply was lost)."""
@@ -317,19 +263,15 @@ class Broker:
         self.r.hset(self.keys.worker(worker), "state", state)
 
     def heartbeat(self, worker: str) -> None:
-        k = self.keys
-        self.r.eval(HEARTBEAT, 2, k.workers, k.worker(worker), worker, int(self.cfg.heartbeat_ttl * 1000))
+        self.scripts.run(wire.heartbeat(self.keys, worker, int(self.cfg.heartbeat_ttl * 1000)))
 
     def recover(self, skip: str = "") -> "Recovered":
-        """Requeue the jobs of dead workers (late past their grace, see ``lua.RECOVER``); returns
+        """Requeue the jobs of dead workers (late past their grace, see ``recover.lua``); returns
         ``['requeued:<id>' | 'failed:<id>', ...]`` with ``.wait``: seconds until a late worker's grace ends."""
-        c, k = self.cfg, self.keys
-        res = self._call(self._recover, [k.workers, k.suspects],
-                         [k.prefix, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max,
-                          int(c.failed_ttl * 1000), skip, RECOVER_SLACK_MS])
-        if res[0] == "wrongtype":  # nothing written (lua.RECOVER)
-            return Recovered([f"wrongtype:{res[1]}"])
-        return Recovered(res[1:], float(res[0]) / 1000 if res[0] else None)
+        c = self.cfg
+        return wire.parse_recover(self.run(wire.recover(
+            self.keys, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max, int(c.failed_ttl * 1000), skip,
+            RECOVER_SLACK_MS)))
 
     def wrong_types(self, worker: str = "", extra=()) -> list:
         """``[(key, type), ...]``: the runtime's fixed keys (and ``worker``'s own) that hold another type than the
@@ -349,9 +291,7 @@ class Broker:
         return [(key, t) for (key, w), t in zip(want, got) if t not in (w, "none")]
 
     def unregister(self, worker: str) -> bool:
-        k = self.keys
-        return bool(self._unregister(keys=[k.workers, k.processing(worker), k.worker(worker)],
-                                     args=[k.prefix, worker]))
+        return bool(self.scripts.run(wire.unregister(self.keys, worker)))
 
     def wake_keys(self, queues) -> list:
         return [self.keys.wake(q) for q in queues]

@@ -206,21 +206,26 @@ def _watch(pid: int):
 def _leave(running: dict, spare: int) -> None:
     """End of file: the worker is leaving. Its slots are empty, but children whose job it recorded from their
     report may still be exiting (flushing the job's output): give them ``LEAVE_GRACE`` s, then end every child's
-    process group (what the jobs left running) and reap it, then what they left elsewhere (``spare``, the
-    pre-forked child, dies with us)."""
+    process group (what the jobs left running) and reap it, and the pre-forked ``spare``, then what they left
+    elsewhere."""
     deadline = time.monotonic() + LEAVE_GRACE
     fds = [w for w in running if w >= 0]
     while fds and deadline > time.monotonic():
         ready = select.select(fds, [], [], max(0.0, deadline - time.monotonic()))[0]
         fds = [w for w in fds if w not in ready]
-    for pid, _ in running.values():
+    for pid in [pid for pid, _ in running.values()] + [spare]:
         _end_group(pid)
         try:
             os.kill(pid, signal.SIGKILL)  # in case it left its own group: the wait must end
         except OSError:
             pass
-        os.waitpid(pid, 0)
-    orphans.sweep(keep={spare}, single=True)
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
+    # the spare is ended and reaped here too: left to die with us, it would reach the worker (a subreaper) as an
+    # orphan and be counted as a job's leftover (forkserver.leftovers_ended on every exit)
+    orphans.sweep(single=True)
 
 
 def _reaped(running: dict, spare: int) -> None:
@@ -234,18 +239,31 @@ def _reaped(running: dict, spare: int) -> None:
 
 
 def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", stamp: bool = True) -> int:
-    """The fork server's loop (runs in the exec'd process): hand each job to the spare child, fork the next spare,
-    and report each child's exit, for any number of children at once."""
+    """The fork server's process (exec'd by :meth:`ForkServer.start`): import the app, say ``R`` (or ``E``), then
+    :meth:`_Server.loop` until the worker leaves. Returns the exit code."""
     signal.pthread_sigmask(signal.SIG_BLOCK, BLOCKED)
-    from . import child, jobs, log
-    from .config import ConfigError
+    from . import child, log
     log.setup(log_level, stamp)  # before the app's import: its own logging lines come out formatted too
     child.die_with_parent()  # the worker
     orphans.become_subreaper()  # a dead job child's leftovers come to us: see _reaped
     if os.getppid() != parent:
         return 1
     sock = socket.socket(fileno=fd)
-    from . import frameworks
+    registry = _import_app(sock, modules)
+    if registry is None:
+        return 2
+    child.install(grace)  # blocked here; inherited by every child
+    gc.freeze()  # the app is imported: keep its objects out of the children's collections (fewer pages touched)
+    server = _Server(sock)
+    _frame(sock, protocol.READY, 0, server.me, registry)
+    return server.loop()
+
+
+def _import_app(sock, modules) -> Optional[dict]:
+    """Import ``JOB_MODULES`` (Django set up first) and return the job registry; on a config error, send the ``E``
+    frame and return None."""
+    from . import frameworks, jobs
+    from .config import ConfigError
     try:
         try:
             frameworks.setup()  # Django: django.setup() before the app's jobs modules (which then need none)
@@ -253,26 +271,35 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
             frames, summary = frameworks.import_failure("django (DJANGO_SETTINGS_MODULE)", exc)
             raise ConfigError("\n".join(frames + [f"DJANGO_SETTINGS_MODULE is not valid: {summary}"])) from None
         jobs.import_modules(modules)
-        registry = jobs.meta()  # checks the schedules too: a bad one is a config error, like a bad module
+        return jobs.meta()  # checks the schedules too: a bad one is a config error, like a bad module
     except ConfigError as exc:
         _frame(sock, protocol.FAILED, 0, 0, str(exc))
-        return 2
-    child.install(grace)  # blocked here; inherited by every child
-    gc.freeze()  # the app is imported: keep its objects out of the children's collections (fewer pages touched)
-    me = os.getpid()
-    _frame(sock, protocol.READY, 0, me, registry)
+        return None
 
-    def fork_spare():
+
+class _Server:
+    """The fork server once the app is imported: hand each job to the spare child, fork the next spare, and report
+    each child's exit, for any number of children at once."""
+
+    def __init__(self, sock: socket.socket):
+        from . import child, frameworks, jobs
+        self.child, self.frameworks, self.jobs = child, frameworks, jobs
+        self.sock, self.me = sock, os.getpid()
+        self.running: dict = {}    # pidfd (or -pid where pidfds are missing) -> (pid, seq)
+        self.spare = self.fork_spare()
+
+    def fork_spare(self):
+        """``(pid, socket)`` of a new pre-forked child waiting for its job (:func:`_spare`)."""
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        frameworks.before_fork()  # no database connection shared with a child
+        self.frameworks.before_fork()  # no database connection shared with a child
         pid = os.fork()
         if pid == 0:
-            sock.close()
+            self.sock.close()
             ours.close()
-            for w in running:
+            for w in self.running:
                 if w >= 0:
                     os.close(w)
-            _spare(theirs, me, child, jobs)
+            _spare(theirs, self.me, self.child, self.jobs)
         theirs.close()
         try:
             os.setpgid(pid, pid)  # also done by the child: whichever runs first, the group exists before any kill
@@ -280,13 +307,24 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
             pass
         return pid, ours
 
-    running: dict = {}    # pidfd (or -pid where pidfds are missing) -> (pid, seq)
-    spare = fork_spare()
-    while True:
-        watch = [sock] + [w for w in running if w >= 0]
-        polling = any(w < 0 for w in running)
-        ready, _, _ = select.select(watch, [], [], 0.05 if polling else None)
-        for w, (pid, seq) in list(running.items()):
+    def loop(self) -> int:
+        while True:
+            watch = [self.sock] + [w for w in self.running if w >= 0]
+            polling = any(w < 0 for w in self.running)
+            ready, _, _ = select.select(watch, [], [], 0.05 if polling else None)
+            try:
+                self.reap(ready)
+            except (BrokenPipeError, ConnectionResetError):
+                # the worker closed the socket while a child's exit was being reported (it had the job's report
+                # and left): the same end of file that take() would have read next
+                _leave(self.running, self.spare[0])
+                return 0
+            if self.sock in ready and not self.take():
+                return 0
+
+    def reap(self, ready) -> None:
+        """Reap every job child that exited, ending what it left first; an ``S`` frame for each."""
+        for w, (pid, seq) in list(self.running.items()):
             if w >= 0:
                 if w not in ready:
                     continue
@@ -300,20 +338,22 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
                     continue
                 _end_group(pid)
                 status = os.waitpid(pid, 0)[1]
-            del running[w]
-            _reaped(running, spare[0])  # before the S frame: the job's exit is reported once all of it is gone
-            _frame(sock, protocol.REAPED, seq, status)
-        if sock not in ready:
-            continue
-        job = protocol.recv_job(sock)
-        if job is None:  # the worker closed the socket: leave (the spare dies with us)
-            _leave(running, spare[0])
-            return 0
+            del self.running[w]
+            _reaped(self.running, self.spare[0])  # before the S frame: reported once all of the job is gone
+            _frame(self.sock, protocol.REAPED, seq, status)
+
+    def take(self) -> bool:
+        """Hand the worker's next job to the spare child (``P`` frame) and fork the next spare; False when the
+        worker closed the socket (everything is ended: leave)."""
+        job = protocol.recv_job(self.sock)
+        if job is None:  # the worker closed the socket: leave
+            _leave(self.running, self.spare[0])
+            return False
         seq, data, report_w = job
-        pid, line = spare
+        pid, line = self.spare
         if os.waitpid(pid, os.WNOHANG)[0]:  # the spare died while waiting (killed from outside): replace it
             line.close()
-            pid, line = fork_spare()
+            pid, line = self.fork_spare()
         try:
             protocol.send_job(line, seq, data, report_w)
         except OSError:
@@ -322,9 +362,10 @@ def serve(fd: int, parent: int, grace: float, modules, log_level: str = "INFO", 
         line.close()
         os.close(report_w)
         w = _watch(pid)
-        running[w if w is not None else -pid] = (pid, seq)
-        _frame(sock, protocol.STARTED, seq, pid)
-        spare = fork_spare()  # while the job runs
+        self.running[w if w is not None else -pid] = (pid, seq)
+        _frame(self.sock, protocol.STARTED, seq, pid)
+        self.spare = self.fork_spare()  # while the job runs
+        return True
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
 
+    P                       (none)  the prefix itself, passed to the Lua scripts as a key (KEYS[1]): the root
+                                    their other keys are derived from. Never read or written.
     P:queues                SET     names of every queue ever enqueued to (for QUEUES=* and status)
     P:queue:<q>             LIST    waiting job payloads (JSON). Enqueue RPUSHes the tail; workers claim from
                                     the head; a job put back after an interruption is LPUSHed to the head.
@@ -15,10 +17,10 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     score) for its grace (its interval + 1 s) since a live worker first saw it
                                     late, it is dead and its processing list is requeued by whoever notices.
     P:recovered:<w>         SET     ids of the jobs recovered from dead worker <w> ('' alone: it held none), written by
-                                    lua.RECOVER, kept 24 h. A worker presumed dead that was not (it stalled) finds
+                                    recover.lua, kept 24 h. A worker presumed dead that was not (it stalled) finds
                                     it at its next beat: it kills its runs of those jobs, which run elsewhere now,
                                     and registers again (which deletes it)
-    P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (lua.RECOVER); an entry
+    P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (recover.lua); an entry
                                     whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
                                     beat, ms), ttl and interval (ms), started, and per busy slot s: job:<s> (payload),
@@ -39,16 +41,22 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
     P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
     P:epoch                 STRING  a random id, set by the first worker to register (SET NX) and never deleted
                                     by the runtime. A worker remembers it; if, at a call of its (checked before
-                                    the first write; see lua.CYCLE for the one skip), it is gone or another,
+                                    the first write; see cycle.lua for the one skip), it is gone or another,
                                     Redis lost its data since (a restart without persistence, a stale replica
                                     promoted): the worker registers again and puts the claims of the jobs it holds
                                     back into its processing list, so they stay recoverable and can be put back
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
+    P:stat:minute:<m>       STRING  "processed failed" counters as sampled in unix minute <m> (housekeep.lua, SET NX,
+                                    for the dashboard's rates); expires after SAMPLE_TTL_S (worker/api.py)
+    P:metrics:<n>           STRING  the name of the worker that logs metrics interval <n> (floor(Redis ms /
+                                    METRICS_INTERVAL ms)): SET NX by stats.lua, expires after two intervals
 
-The Lua scripts in ``fetch.py`` receive the prefix and build ``P:queue:<q>``, ``P:wake:<q>``,
-``P:processing:<w>``, ``P:worker:<w>`` and ``P:recovered:<w>`` the same way (a job's queue is only known once its
-payload is read).
+The Lua scripts (``worker/lua/*.lua``) receive the prefix ``P`` itself as a key (KEYS[1]; schedule.lua derives it
+from ``P:schedules``) and build the keys above whose suffix comes from data the same way (``P:queue:<q>``,
+``P:wake:<q>``, ``P:job:<id>``, ``P:processing:<w>``, ``P:worker:<w>``, ``P:recovered:<w>``, ``P:sched:<name>``,
+``P:metrics:<n>``, ``P:stat:minute:<m>``: a job's queue is only known once its payload is read): every key a script
+touches is passed in KEYS or derived from one key passed in KEYS, as Redis Cluster needs (each header says which).
 Worker names are ``<$DYNO or host>:<pid>``; they may contain ``:``, which is fine inside a key suffix.
 """
 from __future__ import annotations
@@ -58,7 +66,7 @@ class Keys:
     """Key builder for one prefix. Cheap to construct; holds only strings."""
 
     __slots__ = ("prefix", "queues", "workers", "scheduled", "failed", "failed_data", "paused",
-                 "processed", "failed_count", "suspects", "epoch")
+                 "processed", "failed_count", "suspects", "epoch", "schedules")
 
     def __init__(self, prefix: str = "worker"):
         self.prefix = prefix
@@ -72,6 +80,7 @@ class Keys:
         self.failed_count = f"{prefix}:stat:failed"
         self.suspects = f"{prefix}:suspects"
         self.epoch = f"{prefix}:epoch"
+        self.schedules = f"{prefix}:schedules"
 
     def queue(self, name: str) -> str:
         return f"{self.prefix}:queue:{name}"
@@ -93,3 +102,12 @@ class Keys:
 
     def recovered(self, worker: str) -> str:
         return f"{self.prefix}:recovered:{worker}"
+
+    def sched(self, name: str) -> str:
+        return f"{self.prefix}:sched:{name}"
+
+    def stat_minute(self, minute: int) -> str:
+        return f"{self.prefix}:stat:minute:{minute}"
+
+    def metrics(self, index: int) -> str:
+        return f"{self.prefix}:metrics:{index}"

@@ -21,48 +21,13 @@ from typing import Dict, Iterable, Optional
 import redis
 
 from .api_values import latency as head_latency
-
-#: KEYS: none (the prefix builds them, as in lua.py). ARGV: prefix, interval_ms ('0' = read only, no claim),
-#: worker, '1' to add every known queue (P:queues), then queue names. Reply: {sec, usec, won, name, depth, head, ...}
-#: or {sec, usec, 0} when another worker has this interval. The interval is claimed on the Redis clock, so every
-#: worker agrees on its number whatever its own clock says.
-STATS = """
-local prefix, interval, worker, all = ARGV[1], tonumber(ARGV[2]), ARGV[3], ARGV[4]
-local t = redis.call('TIME')
-if interval > 0 then
-  local ms = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-  local key = prefix .. ':metrics:' .. math.floor(ms / interval)
-  if not redis.call('SET', key, worker, 'NX', 'PX', 2 * interval) then
-    return {t[1], t[2], 0}
-  end
-end
-local names, seen = {}, {}
-local function add(q)
-  if not seen[q] then seen[q] = true; names[#names + 1] = q end
-end
-for i = 5, #ARGV do add(ARGV[i]) end
-if all == '1' then
-  for _, q in ipairs(redis.call('SMEMBERS', prefix .. ':queues')) do add(q) end
-end
-table.sort(names)
-local out = {t[1], t[2], 1}
-for _, q in ipairs(names) do
-  local key = prefix .. ':queue:' .. q
-  out[#out + 1] = q
-  out[#out + 1] = redis.call('LLEN', key)
-  out[#out + 1] = redis.call('LINDEX', key, 0)  -- false (nil) when empty
-end
-return out
-"""
+from .lua import Registry, calls
 
 
 def _parse(res) -> tuple:
-    """``(won, redis_now, {queue: (depth, latency)})`` from a STATS reply."""
-    now = int(res[0]) + int(res[1]) / 1e6
-    stats = {}
-    for i in range(3, len(res), 3):
-        stats[res[i]] = (int(res[i + 1]), head_latency(res[i + 2], now))
-    return bool(int(res[2])), now, stats
+    """``(won, redis_now, {queue: (depth, latency)})`` from a STATS reply (``worker/lua/stats.lua``)."""
+    won, now, rows = calls.parse_stats(res)
+    return won, now, {q: (depth, head_latency(head, now)) for q, depth, head in rows}
 
 
 def _names(queues, cfg) -> tuple:
@@ -82,7 +47,7 @@ def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[
     all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
     if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
         return {q: (0, 0.0) for q in sorted(set(names))}
-    res = b.r.register_script(STATS)(keys=[], args=[b.keys.prefix, 0, "", "1" if all_known else "0", *names])
+    res = Registry(b.r).run(calls.stats(b.keys, 0, "", all_known, names))
     return _parse(res)[2]
 
 
@@ -111,7 +76,6 @@ class Sampler:
         self.worker = worker
         self.interval = float(cfg.metrics_interval)
         self._next = float("-inf") if self.interval > 0 else float("inf")  # -inf: look on the first turn
-        self._script = None
 
     def maybe_sample(self, broker, log, now_monotonic: float, worker: Optional[str] = None) -> bool:
         """Log ``sample#queue.<q>.depth=N sample#queue.<q>.latency=Xs`` for every queue if due and this worker
@@ -123,11 +87,9 @@ class Sampler:
         after = self._next + self.interval
         self._next = after if after > now_monotonic else now_monotonic + self.interval
         all_known, names = _names(None, self.cfg)
-        if self._script is None or self._script.registered_client is not broker.r:
-            self._script = broker.r.register_script(STATS)
         try:
-            res = broker._call(self._script, [], [broker.keys.prefix, int(self.interval * 1000),
-                                                  worker or self.worker, "1" if all_known else "0", *names])
+            res = broker.run(calls.stats(broker.keys, int(self.interval * 1000), worker or self.worker, all_known,
+                                           names))
         except redis.RedisError as exc:
             log.debug("metrics.skipped", error=f"{type(exc).__name__}: {exc}")
             return False

@@ -1,7 +1,7 @@
 """Periodic jobs: ``@job(every=300)`` or ``@job(cron="*/5 * * * *")``, enqueued by the workers themselves.
 
 No leader and no clock process. Every worker that registered the job (``JOB_MODULES``) computes the schedule's
-current tick on Redis's clock and, when a tick is due, runs :data:`worker.lua.SCHEDULE`: one atomic call that
+current tick on Redis's clock and, when a tick is due, runs ``worker/lua/schedule.lua``: one atomic call that
 claims the tick (``P:sched:<name>`` field ``tick``, only ever raised) and, in the same call, pushes the job and
 rings the queue's wake list. However many workers make that call for the same tick, one of them enqueues it.
 
@@ -30,6 +30,8 @@ from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from .config import ConfigError
+from .keys import Keys
+from .lua import calls
 
 MAX_CHECK = 60.0      # seconds between checks at most (keeps the worker's estimate of Redis's clock fresh)
 MIN_CHECK = 0.05      # seconds between checks at least (a clock that disagrees with Redis's cannot make us spin)
@@ -160,10 +162,8 @@ class Ticker:
     """The worker's side: which schedules to check and when (``next_check``, monotonic seconds)."""
 
     def __init__(self, schedules: list, broker, log):
-        from .lua import SCHEDULE
         self.schedules = schedules
         self.broker, self.log = broker, log
-        self.script = broker.r.register_script(SCHEDULE)
         self.offset = 0.0      # Redis's clock minus ours, seconds (learnt from every reply)
         self.next_check = 0.0  # monotonic
         self._ticks: dict = {}  # name -> (latest tick, next tick, job id, payload) last computed
@@ -184,7 +184,7 @@ class Ticker:
         k = self.broker.keys
         self.next_check = time.monotonic() + 1.0  # if this call fails: again in a second (or after the outage)
         now_ms = int((time.time() + self.offset) * 1000)
-        args, sent = [k.prefix], []
+        rows, sent = [], []
         for s in self.schedules:
             last, nxt, job_id, payload = self._ticks.get(s.name, (1, 0, "", ""))
             if not last <= now_ms < nxt:  # cron's ticks cost ~0.1 ms to compute: only when the tick moved on
@@ -193,10 +193,10 @@ class Ticker:
                 self._ticks[s.name] = (last, nxt, job_id, payload)
             grace = s.grace(last, nxt)
             ttl = 2 * max(grace, nxt - last) + 60_000
-            args += [s.name, s.queue, last, nxt, grace, ttl, s.spec, payload]
+            rows.append((s.name, s.queue, last, nxt, grace, ttl, s.spec, payload))
             sent.append((s, last, job_id, nxt))
         sent_at = time.time()
-        res = self.broker._call(self.script, [k.paused, k.queues, f"{k.prefix}:schedules"], args)
+        res = self.broker.run(calls.schedule(k, rows))
         redis_ms = int(res[0])
         self.offset = redis_ms / 1000 - (sent_at + time.time()) / 2
         skew = False
@@ -221,10 +221,11 @@ class Ticker:
 
 def collect(r, prefix: str, now_ms: float) -> list:
     """The schedules workers have written (``P:schedules``, each ``P:sched:<name>``), for ``status --json``."""
-    names = r.zrange(f"{prefix}:schedules", 0, -1)
+    k = Keys(prefix)
+    names = r.zrange(k.schedules, 0, -1)
     with r.pipeline(transaction=False) as p:
         for n in names:
-            p.hgetall(f"{prefix}:sched:{n}")
+            p.hgetall(k.sched(n))
         infos = p.execute() if names else []
     out = []
     for name, h in zip(names, infos):

@@ -64,7 +64,7 @@ from .client import connect
 from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
 from . import schedule
 from .keys import Keys
-from .lua import WAKE
+from .lua import Registry, calls
 
 
 def collect(r, cfg: Config) -> dict:
@@ -161,7 +161,7 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
         if not paused:
             targets = sorted(known) if queue == "*" else [queue]
             if targets:
-                r.eval(WAKE, len(targets), *[k.wake(q) for q in targets])
+                Registry(r).run(calls.wake(k, targets))
         still = sorted(r.smembers(k.paused))
     finally:
         r.close()

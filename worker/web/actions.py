@@ -5,26 +5,8 @@ from __future__ import annotations
 
 from ..failed import FailedRegistry
 from ..keys import Keys
-from ..lua import PRELUDE, WAKE
+from ..lua import Registry, calls
 
-# KEYS: scheduled zset, queues set.  ARGV: prefix, payloads...  Moves each still-scheduled payload to the tail of its
-# queue (the queue named in the payload; payloads without one stay where they are). Returns how many moved.
-RUN_NOW = PRELUDE + r"""
-local moved = 0
-for i = 2, #ARGV do
-  local raw = ARGV[i]
-  local ok, doc = pcall(cjson.decode, raw)
-  local q = ok and type(doc) == 'table' and doc['queue']
-  if type(q) == 'string' and q ~= '' and redis.call('ZSCORE', KEYS[1], raw) then
-    redis.call('ZREM', KEYS[1], raw)
-    redis.call('RPUSH', prefix .. ':queue:' .. q, raw)
-    redis.call('SADD', KEYS[2], q)
-    wake(q)
-    moved = moved + 1
-  end
-end
-return moved
-"""
 
 
 class _BrokerView:
@@ -38,14 +20,14 @@ class Actions:
     def __init__(self, r, cfg):
         self.r, self.cfg = r, cfg
         self.k = Keys(cfg.key_prefix)
-        self._run_now = r.register_script(RUN_NOW)
+        self.scripts = Registry(r)
 
     def pause(self, queue: str) -> bool:
         return bool(self.r.sadd(self.k.paused, queue))
 
     def resume(self, queue: str) -> bool:
         changed = self.r.srem(self.k.paused, queue)
-        self.r.eval(WAKE, 1, self.k.wake(queue))  # idle workers blocked on it claim at once
+        self.scripts.run(calls.wake(self.k, [queue]))  # idle workers blocked on it claim at once
         return bool(changed)
 
     def delete_queued(self, queue: str, payload: str) -> int:
@@ -59,8 +41,7 @@ class Actions:
 
     def run_scheduled(self, payloads) -> int:
         payloads = list(payloads)
-        return int(self._run_now(keys=[self.k.scheduled, self.k.queues], args=[self.k.prefix, *payloads])) \
-            if payloads else 0
+        return int(self.scripts.run(calls.run_now(self.k, payloads))) if payloads else 0
 
     def delete_scheduled(self, payloads) -> int:
         payloads = list(payloads)

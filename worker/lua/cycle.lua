@@ -1,0 +1,252 @@
+-- CYCLE: one call per turn of the supervisor's loop: record the outcomes of finished jobs, refresh the heartbeat
+-- (when due), move due scheduled jobs (when asked: tidy), and claim up to one job for each free slot. The hot path
+-- (a job's outcome plus the next claim) is this one call.
+-- KEYS[1] prefix      P                 the key space's root; derived from it: P:queue:<q>, P:wake:<q>,
+--                                       P:job:<id>, P:failed, P:failed:data, P:stat:processed, P:stat:failed
+-- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
+-- KEYS[3] workers     P:workers         worker name -> deadline (ms)
+-- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
+-- KEYS[5] scheduled   P:scheduled       retries and delayed jobs (payload -> due ms)
+-- KEYS[6] paused      P:paused          paused queue names ('*': all)
+-- KEYS[7] queues      P:queues          known queue names
+-- KEYS[8] epoch       P:epoch           Redis's data generation
+-- KEYS[9] recovered   P:recovered:<w>   read when beating: another worker took this one for dead
+-- ARGV[1] worker_name  <w>
+-- ARGV[2] beat_ttl     the worker's HEARTBEAT_TTL in ms; '' = no beat this call
+-- ARGV[3] failed_max   FAILED_MAX
+-- ARGV[4] failed_ttl   FAILED_TTL in ms
+-- ARGV[5] wildcard     '1': claim from every known queue, in name order (QUEUES=*)
+-- ARGV[6] mode         '' = derive idle/busy/paused; else the state to show (e.g. 'stopping')
+-- ARGV[7] busy         slots still running after this call, not counting new claims
+-- ARGV[8] tidy         '1': move due scheduled jobs, and ring the wake list of a queue this call left work in
+-- ARGV[9] epoch        P:epoch as the worker registered it ('' = not checked)
+-- ARGV[10] nq          then (from QUEUES_AT) nq queue names in priority order
+--   then nck (at ckpt_count_at), then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in
+--     the worker hash (ckpt:<slot>) so that recovery of a dyno killed outright puts them back with their progress;
+--     '' clears the slot's (its job ended)
+--   then nout (at outcome_count_at), then nout outcomes of OUTCOME_LEN (8) fields each:
+--     op, slot, payload, job id ('' = keep no status), a, b, c, started (ms, Redis clock: when it was claimed, as
+--     this script returned it; '' = read started:<slot>)
+--       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
+--       fail:    a = failure record, b = ms to keep the status record, c = attempts
+--       retry:   a = new payload, b = delay ms, c = attempts
+--       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint),
+--                c = attempts for the status record ('' = unchanged: an interruption; else a run lost, issue 27)
+--   then (from slots_at to the end) the slot numbers to claim into (one claim per slot, as far as the queues go)
+-- Reply: {held (LLEN of the processing list; -1 when not beating), ms until the next scheduled job is due ('' if
+--   none; only when nothing was claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists,
+--   2 if only this worker's P:workers entry was gone, else 0), odd keys ('' or key names joined by newlines),
+--   slot1, payload1, queue1, ..., then the queue names considered (only when nothing was claimed)};
+--   {-2}: Redis lost its data since the worker registered (P:epoch differs), nothing written;
+--   {-3, key, type}: a key this call must write is of the wrong type, nothing written.
+-- Invariants:
+-- * A claimed job moves from its queue to the processing list by LMOVE here; it leaves that list only here, with
+--   its outcome, and only if it is still there (a repeated call, or a job another worker recovered, records
+--   nothing twice).
+-- * The epoch is checked before the first write. The check is skipped only when the first outcome's job was still
+--   in the processing list (LREM, which writes nothing when it finds nothing, runs first): data lost since the
+--   claim would have taken the list with it.
+-- * Wrong-typed keys (issue 27 item 1): the processing list, and P:scheduled, P:failed, P:failed:data when an
+--   outcome of this call writes them, are TYPE-checked before the LREM ({-3, key, type}). Every other key is
+--   written or read with pcall; those found wrong-typed are skipped and named in the reply (odd keys).
+-- * Status records (P:job:<id>) follow each outcome: done/failed/scheduled/queued (a running job is found in its
+--   worker's hash, job:<slot>: no write per claim). The worker hash records per claim the queue it came from
+--   (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
+-- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
+--   and no GET of the epoch on the hot path (see above).
+local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local scheduled, paused, known, epoch_key, recovered_key = KEYS[5], KEYS[6], KEYS[7], KEYS[8], KEYS[9]
+local worker_name, beat_ttl, failed_max, failed_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local wildcard, mode, busy, tidy, epoch = ARGV[5] == '1', ARGV[6], ARGV[7], ARGV[8] == '1', ARGV[9]
+local beating = beat_ttl ~= ''
+local nq = tonumber(ARGV[10])
+local QUEUES_AT = 11                                                       -- the nq queue names
+local ckpt_count_at = QUEUES_AT + nq                                       -- nck, then its pairs
+local outcome_count_at = ckpt_count_at + 1 + 2 * tonumber(ARGV[ckpt_count_at])  -- nout, then the outcomes
+local nout = tonumber(ARGV[outcome_count_at])
+local OUTCOME_LEN = 8
+local outcomes_at = outcome_count_at + 1
+local slots_at = outcomes_at + OUTCOME_LEN * nout                          -- the slots to claim into
+local now, now_s = clock()
+local got = wrong_type(processing, 'list')  -- types first: nothing is written yet (see above)
+if got then return {-3, processing, got} end
+for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
+  local op = ARGV[at]
+  if op == 'retry' then
+    got = wrong_type(scheduled, 'zset')
+    if got then return {-3, scheduled, got} end
+  elseif op == 'fail' then
+    got = wrong_type(prefix .. ':failed', 'zset')
+    if got then return {-3, prefix .. ':failed', got} end
+    got = wrong_type(prefix .. ':failed:data', 'hash')
+    if got then return {-3, prefix .. ':failed:data', got} end
+  end
+end
+local first = nout > 0 and redis.call('LREM', processing, -1, ARGV[outcomes_at + 2]) or 0
+if epoch ~= '' and first ~= 1 then  -- no write yet
+  local e = redis.pcall('GET', epoch_key)
+  if type(e) == 'table' then return {-3, epoch_key, redis.call('TYPE', epoch_key)['ok']} end
+  if e ~= epoch then return {-2} end
+end
+local odd = nil  -- keys found wrong-typed (and skipped), for the reply
+-- The first LREM above may already have written: from here on, a bookkeeping key of the wrong type must not make
+-- the script raise before the outcomes are recorded (pcall), or the job would be in no list at all.
+local readded = false
+if beating then
+  readded = redis.pcall('ZADD', workers, now + tonumber(beat_ttl), worker_name)
+  if type(readded) == 'table' then odd = workers end
+  readded = readded == 1
+end
+for at = ckpt_count_at + 1, outcome_count_at - 1, 2 do
+  if ARGV[at + 1] == '' then
+    redis.pcall('HDEL', worker_hash, 'ckpt:' .. ARGV[at])
+  else
+    redis.pcall('HSET', worker_hash, 'ckpt:' .. ARGV[at], ARGV[at + 1])
+  end
+end
+for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
+  local op, slot, payload, id = ARGV[at], ARGV[at + 1], ARGV[at + 2], ARGV[at + 3]
+  -- The outcome takes effect only if the job is still ours: a call repeated after a lost reply, or a job already
+  -- recovered by another worker, records nothing twice.
+  local removed = first
+  if at > outcomes_at then removed = redis.call('LREM', processing, -1, payload) end
+  if removed == 1 then
+    local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
+    local jk = prefix .. ':job:' .. id
+    if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
+      started = redis.pcall('HGET', worker_hash, 'started:' .. slot)
+      if type(started) ~= 'string' then started = now_s end
+    end
+    -- status records are written with pcall: a key of the wrong type never aborts the script
+    if op == 'ack' then
+      if type(redis.pcall('INCR', prefix .. ':stat:processed')) == 'table' then
+        odd = add_line(odd, prefix .. ':stat:processed')
+      end
+      if id ~= '' then
+        if b ~= '0' then
+          redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
+                      'started_at', started)
+          redis.pcall('PEXPIRE', jk, b)
+        else
+          redis.call('DEL', jk)
+        end
+      end
+    elseif op == 'fail' then
+      record_failure(prefix, now, id, a, tonumber(failed_max), tonumber(failed_ttl))
+      if id ~= '' then
+        redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker_name,
+                    'started_at', started)
+        redis.pcall('PEXPIRE', jk, b)
+      end
+    elseif op == 'retry' then
+      redis.call('ZADD', scheduled, now + tonumber(b), a)
+      if id ~= '' then redis.pcall('HSET', jk, 'status', 'scheduled', 'attempts', c) end
+    elseif op == 'requeue' then
+      local back = (b ~= '') and b or payload
+      local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
+      if type(pushed) == 'number' then
+        wake(prefix, a)
+        if type(redis.pcall('SADD', known, a)) == 'table' then  -- a QUEUES=* worker finds it (P:queues may be
+          odd = add_line(odd, known)                              -- gone with lost data)
+        end
+      else  -- its queue is not a list: the claim stays (processing: TYPE-checked above)
+        redis.call('RPUSH', processing, payload)
+        odd = add_line(odd, prefix .. ':queue:' .. a)
+      end
+      if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
+      elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
+    end
+  end
+end
+local due = tidy and redis.pcall('ZRANGEBYSCORE', scheduled, '-inf', now, 'LIMIT', 0, 100) or {}
+if due.err then due, odd = {}, add_line(odd, scheduled) end
+if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queues; ZREM makes each move happen once
+  for _, p in ipairs(due) do
+    local ok, doc = pcall(cjson.decode, p)
+    -- the queue it names; read without cjson if cjson cannot (a foreign producer's lone surrogate escape)
+    local q = (ok and type(doc) == 'table' and type(doc['queue']) == 'string') and doc['queue']
+      or string.match(p, '"queue":"([%w_%.:%-]+)"') or 'default'
+    -- push first, and only then remove from the schedule: a queue key of the wrong type leaves the job scheduled
+    -- (visible in status) instead of raising half-way through this script and losing it
+    local pushed = redis.pcall('RPUSH', prefix .. ':queue:' .. q, p)
+    if type(pushed) == 'number' then
+      redis.call('ZREM', scheduled, p)  -- (a zset: ZRANGEBYSCORE read it)
+      redis.pcall('SADD', known, q)
+      wake(prefix, q)
+      local id = string.match(p, '^{"id":"([%w_%-]+)"')
+      if id then redis.pcall('HSET', prefix .. ':job:' .. id, 'status', 'queued') end
+    end
+  end
+end
+local queues = wildcard and redis.pcall('SORT', known, 'ALPHA') or nil  -- else ARGV[QUEUES_AT ..]
+if queues and queues.err then queues, odd = {}, add_line(odd, known) end
+local nqs = queues and #queues or nq
+local res, wf = {0, '', now, 0, 0, ''}, {}  -- wf: the worker hash's fields, written once at the end
+local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
+local next_slot = slots_at  -- ARGV[next_slot]: the slot the next claim goes into
+if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
+  local p
+  if queues then p = redis.pcall('SMISMEMBER', paused, '*', unpack(queues))
+  else p = redis.pcall('SMISMEMBER', paused, '*', unpack(ARGV, QUEUES_AT, QUEUES_AT + nq - 1)) end
+  if p.err then p, odd = {1}, add_line(odd, paused) end  -- unreadable: claim nothing
+  local i = 1
+  while p[1] == 0 and i <= nqs and next_slot <= #ARGV do
+    local q = queues and queues[i] or ARGV[QUEUES_AT + i - 1]
+    local v = false
+    if p[i + 1] == 0 then
+      anyopen = true
+      v = redis.pcall('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
+      if type(v) == 'table' then v, odd = false, add_line(odd, prefix .. ':queue:' .. q) end
+    end
+    if v then
+      -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
+      local slot = ARGV[next_slot]
+      wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. slot, v, 'started:' .. slot, now_s
+      wf[#wf + 1], wf[#wf + 2] = 'queue:' .. slot, q  -- where recovery puts it back
+      res[#res + 1], res[#res + 2], res[#res + 3] = slot, v, q
+      claimed, next_slot = claimed + 1, next_slot + 1
+      if tidy then left = left or {}; left[q] = true end
+    else
+      if left then left[q] = nil end
+      i = i + 1
+    end
+  end
+end
+if left then  -- we took work and left some behind: ring for the next idle worker (when tidying)
+  for q in pairs(left) do
+    if redis.call('LLEN', prefix .. ':queue:' .. q) > 0 then wake(prefix, q) end
+  end
+end
+local state = mode
+if state == '' then
+  if claimed > 0 or busy ~= '0' then state = 'busy'
+  elseif nqs > 0 and not anyopen and next_slot <= #ARGV then state = 'paused'
+  else state = 'idle' end
+end
+wf[#wf + 1], wf[#wf + 2] = 'state', state
+if beating then wf[#wf + 1], wf[#wf + 2] = 'seen', now_s end
+local freed = nil  -- slots whose job ended: their job:/started: fields go, unless this call claimed into them
+for at = outcomes_at + 1, slots_at - 1, OUTCOME_LEN do  -- (outcome field 2: its slot)
+  local slot, again = ARGV[at], false
+  for c = slots_at, next_slot - 1 do
+    if ARGV[c] == slot then again = true end
+  end
+  if not again then
+    freed = freed or {}
+    freed[#freed + 1], freed[#freed + 2], freed[#freed + 3] = 'job:' .. slot, 'started:' .. slot, 'queue:' .. slot
+  end
+end
+if freed then redis.pcall('HDEL', worker_hash, unpack(freed)) end
+if type(redis.pcall('HSET', worker_hash, unpack(wf))) == 'table' then odd = add_line(odd, worker_hash) end
+res[1], res[4] = beating and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
+if beating then  -- taken for dead: our jobs were recovered (1), or at least our registration is gone (2)
+  res[5] = (redis.call('EXISTS', recovered_key) == 1) and 1 or (readded and 2 or 0)
+end
+if claimed == 0 then
+  local nxt = redis.pcall('ZRANGE', scheduled, 0, 0, 'WITHSCORES')
+  res[2] = nxt[2] and tostring(math.max(0, tonumber(nxt[2]) - now)) or ''  -- ms from now, on Redis's clock
+  if nxt.err and not tidy then odd = add_line(odd, scheduled) end
+  for i = 1, nqs do res[#res + 1] = queues and queues[i] or ARGV[QUEUES_AT + i - 1] end
+end
+res[6] = odd or ''
+return res

@@ -1,0 +1,81 @@
+-- prelude.lua: the helpers the scripts share. The loader (worker/lua/__init__.py) puts in front of a script the
+-- functions below that it calls (and those they call), in this order; each is one block starting with
+-- `local function <name>`, separated by a blank line. They are pure: everything they use comes in as arguments
+-- (a script's own locals are not visible here), and every key they touch is built from the prefix their caller
+-- received in KEYS (never from ARGV).
+
+-- Redis's clock: ms as a number, the same ms as the string written to records (no number formatting on the hot
+-- path), and TIME's own reply {seconds, microseconds}.
+local function clock()
+  local t = redis.call('TIME')
+  local s = t[1] .. string.sub('000' .. string.sub(t[2], 1, -4), -3)
+  return tonumber(s), s, t
+end
+
+-- The type of `key` when it is neither `want` nor absent, else nil. Scripts check the keys that must take a job or
+-- an outcome with it before their first write, and refuse the whole call on a wrong one (issue 27 item 1).
+local function wrong_type(key, want)
+  local got = redis.call('TYPE', key)['ok']
+  if got ~= want and got ~= 'none' then return got end
+  return nil
+end
+
+-- `list` (a string of key names joined by newlines, or nil) with `key` added: the keys a call found wrong-typed
+-- and skipped, named in its reply.
+local function add_line(list, key)
+  return (list and list .. '\n' or '') .. key
+end
+
+-- Ring a wake list for idle workers, once: a token already there is enough. pcall: a wake list of the wrong type
+-- is a doorbell that does not ring, never an error after a write.
+local function ring(wake_key)
+  if redis.pcall('LLEN', wake_key) == 0 then redis.pcall('RPUSH', wake_key, '1') end
+end
+
+-- Ring queue q's wake list (P:wake:<q>, derived from the prefix).
+local function wake(prefix, q)
+  ring(prefix .. ':wake:' .. q)
+end
+
+-- Set bookkeeping fields without re-encoding the payload: cjson cannot tell [] from {} and would change the job's
+-- own arguments, so the fields are appended as duplicate keys, which JSON decoders (Python's, cjson) resolve to
+-- the last occurrence. Payloads are objects with at least an id, so the body before the final brace is never
+-- empty. Growth is bounded: only recovery (at most MAX_ATTEMPTS times) and failed-retry append.
+local function with_fields(p, fragment)
+  local body = string.match(p, '^(.*)}%s*$')
+  if not body then return p end
+  return body .. ',' .. fragment .. '}'
+end
+
+-- A job's status record (P:job:<id>): written with pcall, so a key of the wrong type never aborts a script.
+local function jset(prefix, id, ...)
+  if id and id ~= '' then redis.pcall('HSET', prefix .. ':job:' .. id, ...) end
+end
+
+-- The failed registry (P:failed, P:failed:data): add a record, count it (P:stat:failed), then trim what is past
+-- ttl_ms (FAILED_TTL) or beyond max_n (FAILED_MAX). The caller TYPE-checks P:failed and P:failed:data before its
+-- first write (wrong_type), so the redis.call writes here cannot raise.
+local function record_failure(prefix, now, id, record, max_n, ttl_ms)
+  local fz, fd = prefix .. ':failed', prefix .. ':failed:data'
+  redis.call('ZADD', fz, now, id)
+  redis.call('HSET', fd, id, record)
+  redis.pcall('INCR', prefix .. ':stat:failed')
+  local old = redis.call('ZRANGEBYSCORE', fz, '-inf', now - ttl_ms, 'LIMIT', 0, 500)
+  for _, v in ipairs(old) do redis.call('HDEL', fd, v); redis.call('ZREM', fz, v) end
+  local n = redis.call('ZCARD', fz)
+  if n > max_n then
+    local extra = redis.call('ZRANGE', fz, 0, n - max_n - 1)
+    for _, v in ipairs(extra) do redis.call('HDEL', fd, v) end
+    redis.call('ZREMRANGEBYRANK', fz, 0, n - max_n - 1)
+  end
+end
+
+-- A failed record decoded (ok, doc). cjson refuses a lone surrogate escape (Python's json writes one for a
+-- surrogate-escaped file name): such a record is decoded again with those escapes replaced, only to read its name
+-- and type.
+local function decode_record(raw)
+  local ok, doc = pcall(cjson.decode, raw)
+  if not ok then ok, doc = pcall(cjson.decode, (string.gsub(raw, '\\u[dD][89abAB]%x%x', '?'))) end
+  if not ok then ok, doc = pcall(cjson.decode, (string.gsub(raw, '\\u[dD][c-fC-F]%x%x', '?'))) end
+  return ok, doc
+end

@@ -1,0 +1,36 @@
+-- RETRY_FAILED: put failed jobs back on their queues (worker/failed.py: `failed retry`, the dashboard).
+-- KEYS[1] prefix       P               the key space's root; derived from it: P:queue:<q>, P:wake:<q>, P:job:<id>
+-- KEYS[2] failed       P:failed        job id -> time of failure
+-- KEYS[3] failed_data  P:failed:data   job id -> failure record (JSON)
+-- KEYS[4] queues       P:queues        known queue names
+-- ARGV[1..] the ids of the failed jobs to retry
+-- Reply: the ids actually moved (a record that is missing, unreadable or names no queue or payload stays).
+-- Invariants: the original payload (attempts reset to 0, history kept) goes to the tail of its queue atomically
+--   with the removal of the record, so a job is never both failed and queued, nor neither. Its status record says
+--   queued again (pcall: never raise after a write).
+local prefix, failed, failed_data, queues = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
+local out = {}
+for i = 1, #ARGV do
+  local id = ARGV[i]
+  local rec = redis.call('HGET', failed_data, id)
+  if rec then
+    local ok, doc = pcall(cjson.decode, rec)
+    local q = ok and type(doc) == 'table' and doc['queue']
+    if type(q) == 'string' and q ~= '' and type(doc['payload']) == 'string' then
+      local payload = doc['payload']
+      local pok, job = pcall(cjson.decode, payload)
+      if pok and type(job) == 'table' and job['id'] then
+        payload = with_fields(payload, '"attempts":0')
+      end
+      redis.call('RPUSH', prefix .. ':queue:' .. q, payload)
+      redis.call('SADD', queues, q)
+      wake(prefix, q)
+      redis.call('HDEL', failed_data, id)
+      redis.call('ZREM', failed, id)
+      local jk = prefix .. ':job:' .. id
+      if redis.pcall('EXISTS', jk) == 1 then redis.pcall('HSET', jk, 'status', 'queued') end
+      out[#out + 1] = id
+    end
+  end
+end
+return out
