@@ -145,7 +145,7 @@ def test_the_worker_leaving_while_a_childs_exit_is_reported_ends_the_fork_server
             assert time.monotonic() < deadline and fs.error is None, fs.error
             select.select([fs.fileno()], [], [], 1.0)
             fs.frames()
-        _, _, raw = build_payload("exit_with", [0], {}, None, 1 << 20)
+        _, _, raw = build_payload("kill_self", ["SIGSTOP"], {}, None, 1 << 20)  # the child waits, stopped
         report_r, report_w = os.pipe()
         fs.send(1, raw, report_w)
         os.close(report_w)
@@ -154,11 +154,15 @@ def test_the_worker_leaving_while_a_childs_exit_is_reported_ends_the_fork_server
             assert time.monotonic() < deadline, "no STARTED frame"
             select.select([fs.fileno()], [], [], 1.0)
             child = next((value for kind, seq, value in fs.frames() if kind == protocol.STARTED), None)
+        while _state(child) != "T":  # the job stopped itself: it cannot exit before the server is stopped too
+            assert time.monotonic() < deadline, "the job child never stopped itself"
+            time.sleep(0.01)
         os.kill(fs.proc.pid, signal.SIGSTOP)
-        while _state(fs.proc.pid) != "T":  # stopped for sure before the child may exit
+        while _state(fs.proc.pid) != "T":
             assert time.monotonic() < deadline, "the fork server never stopped"
             time.sleep(0.01)
-        while os.read(report_r, 65536):  # the child reports and exits; its pipe closes
+        os.kill(child, signal.SIGCONT)  # the job returns, reports and exits; the stopped server cannot reap it
+        while os.read(report_r, 65536):
             pass
         os.close(report_r)
         while _state(child) != "Z":  # exited, not yet reaped
