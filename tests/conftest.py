@@ -20,7 +20,7 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-from tests.support import CONFIG_VARS, descendants, free_port, start_redis_server  # noqa: F401 (descendants: used by tests)
+from tests.support import CONFIG_VARS, LocalCluster, descendants, free_port, start_redis_server  # noqa: F401 (descendants: used by tests)
 
 
 class RedisServer:
@@ -49,6 +49,23 @@ def redis_server(tmp_path_factory):
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory):
+    """A real 3-primary Redis Cluster on loopback ports (issue 26 point 4), started once per session when a test asks
+    for it; skipped, with the reason, where redis-server/redis-cli cannot make one. ``.url`` is one node's URL."""
+    why = LocalCluster.why_not()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"no local Redis Cluster in CI: {why}")
+        pytest.skip(f"no local Redis Cluster: {why}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 @pytest.fixture

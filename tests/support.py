@@ -364,3 +364,127 @@ def queued_loose_ids(r, queue="default") -> list:
     """The ids in a queue, sorted, read as leniently as the runtime reads them (also from hostile payloads)."""
     from worker import jobs
     return sorted(jobs.loose_id(p) for p in r.lrange(f"worker:queue:{queue}", 0, -1))
+
+
+# --- a local Redis Cluster (issue 26 point 4) ---
+
+class LocalCluster:
+    """A real Redis Cluster on loopback ports: ``primaries`` redis-server processes in cluster mode (each with
+    ``replicas`` replicas), joined by ``redis-cli --cluster create``; ``start()`` returns once every node reports
+    ``cluster_state:ok``. No persistence. ``why_not()`` says why this machine cannot run one (None if it can)."""
+
+    def __init__(self, workdir, primaries: int = 3, replicas: int = 0):
+        self.workdir = workdir
+        self.ports = [_cluster_port() for _ in range(primaries * (1 + replicas))]
+        self.replicas = replicas
+        self.procs: dict = {}
+
+    @staticmethod
+    def why_not():
+        if not shutil.which("redis-server"):
+            return "redis-server is not installed"
+        if not shutil.which("redis-cli"):
+            return "redis-cli is not installed (Debian: redis-tools)"
+        out = subprocess.run([shutil.which("redis-server"), "--version"], capture_output=True, text=True).stdout
+        version = out.split("v=")[1].split()[0] if "v=" in out else "0"
+        if int(version.split(".")[0]) < 5:
+            return f"redis-server {version} has no `redis-cli --cluster create` (needs 5.0 or newer)"
+        return None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.ports[0]}/0"
+
+    def start_node(self, port: int) -> None:
+        d = os.path.join(str(self.workdir), str(port))
+        os.makedirs(d, exist_ok=True)
+        self.procs[port] = subprocess.Popen(
+            [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", d, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+             "--cluster-node-timeout", "2000", "--loglevel", "warning"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        try:
+            wait_until(lambda: _pings(client), timeout=10, what=f"cluster node {port} to answer PING")
+        finally:
+            client.close()
+
+    def start(self) -> "LocalCluster":
+        for port in self.ports:
+            self.start_node(port)
+        subprocess.run([shutil.which("redis-cli"), "--cluster", "create",
+                        *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", str(self.replicas),
+                        "--cluster-yes"], check=True, capture_output=True, timeout=60)
+        self.wait_ok()
+        return self
+
+    def wait_ok(self, timeout: float = 30.0) -> None:
+        """Until every live node says ``cluster_state:ok`` and agrees on the slot map."""
+        def ok():
+            for port, proc in self.procs.items():
+                if proc.poll() is not None:
+                    continue
+                c = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2, decode_responses=True)
+                try:
+                    if c.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                        return False
+                except redis.RedisError:
+                    return False
+                finally:
+                    c.close()
+            return True
+        wait_until(ok, timeout=timeout, what="cluster_state:ok on every node")
+
+    def node_of(self, key: str) -> int:
+        """The port of the primary that holds ``key``'s slot."""
+        c = redis.Redis(port=self.ports[0], decode_responses=True)
+        try:
+            slot = c.execute_command("CLUSTER KEYSLOT", key)
+            for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(primary[1])
+        finally:
+            c.close()
+        raise LookupError(key)
+
+    def flush(self) -> None:
+        """FLUSHALL on every live primary."""
+        for port, proc in self.procs.items():
+            if proc.poll() is None:
+                c = redis.Redis(port=port, decode_responses=True)
+                try:
+                    if c.info("replication")["role"] == "master":
+                        c.flushall()
+                finally:
+                    c.close()
+
+    def kill(self, port: int) -> None:
+        proc = self.procs[port]
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+
+    def stop(self) -> None:
+        for port in list(self.procs):
+            self.kill(port)
+
+
+def _cluster_port() -> int:
+    """A free port whose cluster bus port (port + 10000) is free and valid too."""
+    while True:
+        port = free_port()
+        if port + 10000 > 65535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+
+
+def _pings(client) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.ConnectionError:
+        return False
