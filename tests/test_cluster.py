@@ -1,20 +1,86 @@
 """Redis Cluster (issue 26): the runtime on a real local cluster of 3 primaries (tests/support.py LocalCluster).
 
-The cluster is one per session (``redis_cluster`` in conftest.py); each test flushes every primary first.
+The cluster is one per session (``redis_cluster`` in conftest.py); each test flushes every primary first. Jobs
+record what they did on the session's single redis-server (``EVENTS_REDIS_URL``), not on the cluster under test.
 """
 from __future__ import annotations
 
+import json
+import threading
+
+import pytest
 import redis
 
+import worker.config
+from tests.conftest import run_cli
+from tests.support import wait_until
+from worker.client import connect, is_cluster
+from worker.config import ConfigError
+from worker.fetch import Broker
 
-def test_local_cluster_is_up(redis_cluster):
-    """Issue 26 point 4: three primaries sharing the 16384 slots, every node in cluster_state:ok."""
+
+@pytest.fixture
+def cr(redis_cluster):
+    """A cluster client on flushed primaries."""
+    redis_cluster.flush()
     c = redis.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
-    try:
-        primaries = c.get_primaries()
-        assert len(primaries) == 3
-        assert c.cluster_info()["cluster_state"] == "ok"
-        c.set("{a}x", 1)
-        assert c.get("{a}x") == "1"
-    finally:
-        c.close()
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def cenv(env, r, redis_cluster, redis_server):
+    """Worker environment on the cluster; job events go to the single server (``r``)."""
+    return dict(env, REDIS_URL=redis_cluster.url, REDIS_CLUSTER="1", EVENTS_REDIS_URL=redis_server.url,
+                HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+
+
+def broker_for(cenv) -> Broker:
+    cfg = worker.config.from_mapping(cenv)
+    return Broker(connect(cfg, name="test"), cfg)
+
+
+def all_keys(cr) -> list:
+    return sorted(cr.keys(target_nodes=redis.RedisCluster.ALL_NODES))
+
+
+def test_local_cluster_is_up(redis_cluster, cr):
+    """Issue 26 point 4: three primaries sharing the 16384 slots, every node in cluster_state:ok."""
+    assert len(cr.get_primaries()) == 3
+    assert cr.cluster_info()["cluster_state"] == "ok"
+
+
+def test_cluster_config_wraps_the_prefix_in_one_hash_tag_and_refuses_what_a_cluster_lacks():
+    """Issue 26 point 1: REDIS_CLUSTER=1 makes every key ``{KEY_PREFIX}:...``; unix sockets and db != 0 are refused."""
+    cfg = worker.config.from_mapping({"REDIS_CLUSTER": "1", "KEY_PREFIX": "app", "REDIS_URL": "rediss://h:6380"})
+    assert cfg.redis_cluster and cfg.key_prefix == "{app}"
+    assert worker.config.from_mapping({}).key_prefix == "worker"
+    for url, word in (("unix:///tmp/r.sock", "TCP"), ("redis://h:6379/2", "database 0")):
+        with pytest.raises(ConfigError, match=f"REDIS_CLUSTER.*{word}"):
+            worker.config.from_mapping({"REDIS_CLUSTER": "1", "REDIS_URL": url})
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER"):
+        worker.config.from_mapping({"REDIS_CLUSTER": "maybe"})
+
+
+def test_worker_producer_and_cli_on_a_cluster_keep_every_key_in_one_slot(cenv, cr, r, spawn, redis_cluster):
+    """Issue 26 point 1: producer (push, push_many), a worker, `enqueue`, `status` and `failed` on the cluster client;
+    every key the runtime wrote is ``{worker}:...`` on the one primary that holds that slot."""
+    b = broker_for(cenv)
+    assert is_cluster(b.r)
+    ids = [b.push("push", ["out", i], {}) for i in range(5)]
+    ids += b.push_many("push", [["out", 100 + i] for i in range(20)])
+    assert run_cli(cenv, "enqueue", "push", "--args", '["out", 999]').returncode == 0
+    b.push("fail", ["boom"], {})
+    w = spawn("--burst", **{k: v for k, v in cenv.items() if k not in ("PATH",)})
+    assert w.wait(60) == 0, w.output
+    assert sorted(int(x) for x in r.lrange("out", 0, -1)) == sorted([*range(5), *range(100, 120), 999])
+    status = json.loads(run_cli(cenv, "status", "--json").stdout)
+    assert status["totals"] == {"processed": 26, "failed": 1} and status["failed"] == 1, status
+    assert "boom" in run_cli(cenv, "failed").stdout
+    keys = all_keys(cr)
+    assert keys and all(k.startswith("{worker}:") for k in keys), keys
+    home = redis_cluster.node_of("{worker}")
+    for port in redis_cluster.ports:
+        n = redis.Redis(port=port).dbsize()
+        assert (n > 0) == (port == home), (port, home, n)
+    b.r.close()

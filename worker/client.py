@@ -48,7 +48,91 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     if cfg.redis_url.startswith("rediss://") and not cfg.redis_tls_verify:
         kwargs["ssl_cert_reqs"] = None
         kwargs["ssl_check_hostname"] = False
+    if cfg.redis_cluster:
+        return _cluster(cfg, kwargs)
     return redis.Redis.from_url(cfg.redis_url, **kwargs)
+
+
+def _cluster(cfg: Config, kwargs: dict) -> "SlotClient":
+    from redis.cluster import RedisCluster
+    kwargs.pop("health_check_interval", None)
+    kwargs.pop("retry_on_error", None)  # the cluster client retries connection errors and MOVED/ASK itself
+    return SlotClient(RedisCluster.from_url(cfg.redis_url, **kwargs), cfg.key_prefix)
+
+
+class SlotClient:
+    """``REDIS_CLUSTER``: redis-py's cluster client for a key space that lives in one hash slot (``{prefix}``).
+
+    Commands and scripts go through ``RedisCluster``, which routes them by key, follows MOVED and ASK (sending
+    ASKING before a script during a slot migration) and re-reads the slot map after a failover. Pipelines (MULTI
+    transactions, TIME, scripts inside them) and SCAN go to the plain client of the node that holds the slot: all
+    their keys are there. A MOVED/ASK/TRYAGAIN/CLUSTERDOWN reply to one re-reads the slot map and is raised as a
+    ``ConnectionError``, which every caller already retries (a MULTI refused by MOVED applied nothing)."""
+
+    def __init__(self, cluster, prefix: str):
+        self.cluster, self.prefix = cluster, prefix
+
+    def __getattr__(self, name):
+        return getattr(self.cluster, name)
+
+    def node(self):
+        """The plain client of the node that holds the key space's slot now (redis-py's cached slot map)."""
+        return self.cluster.get_node_from_key(self.prefix).redis_connection
+
+    def pipeline(self, transaction: bool = True, shard_hint=None):
+        return _SlotPipeline(self, self.node().pipeline(transaction=transaction))
+
+    def scan(self, *args, **kwargs):
+        return self.redirected(lambda: self.node().scan(*args, **kwargs))
+
+    def redirected(self, fn):
+        try:
+            return fn()
+        except redis.ResponseError as e:
+            if not is_redirect(e):
+                raise
+            self.cluster.nodes_manager.initialize()
+            raise redis.ConnectionError(f"cluster slot moved: {e}") from e
+
+    def close(self) -> None:
+        self.cluster.close()
+
+
+class _SlotPipeline:
+    """A node's pipeline whose ``execute`` turns a redirection into a retryable error (see :class:`SlotClient`)."""
+
+    def __init__(self, owner: SlotClient, pipe):
+        self._owner, self.pipe = owner, pipe  # .pipe: lua.Registry queues scripts on it (redis-py loads them)
+
+    def __getattr__(self, name):
+        return getattr(self.pipe, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.pipe.reset()
+
+    def execute(self, raise_on_error: bool = True):
+        out = self._owner.redirected(lambda: self.pipe.execute(raise_on_error=raise_on_error))
+        for item in out:
+            if isinstance(item, redis.ResponseError) and is_redirect(item):
+                self._owner.cluster.nodes_manager.initialize()
+                raise redis.ConnectionError(f"cluster slot moved: {item}")
+        return out
+
+
+def is_redirect(err: Exception) -> bool:
+    return str(err).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
+
+
+def is_cluster(r) -> bool:
+    return isinstance(r, SlotClient)
+
+
+def node_client(r, key: str):
+    """The plain client of the node that holds ``key``'s slot (``r`` itself when not a cluster)."""
+    return r.cluster.get_node_from_key(key).redis_connection if is_cluster(r) else r
 
 
 def outage_backoff() -> ExponentialWithJitterBackoff:
@@ -69,6 +153,8 @@ class Link:
         self.r, self.wake_fd, self.service, self.due = r, wake_fd, service, due
 
     def execute(self, *args):
+        if is_cluster(self.r):  # redis-py routes it and follows MOVED/ASK; bounded by the socket timeout
+            return self.r.execute_command(*args)
         pool = self.r.connection_pool
         conn = pool.get_connection()
         try:
@@ -114,6 +200,7 @@ class Waiter:
     def __init__(self, r: redis.Redis):
         self.r = r
         self.conn = None
+        self.pool = None
         self.since = 0.0
         self.timeout = 0.0
 
@@ -124,14 +211,16 @@ class Waiter:
     def arm(self, keys, timeout: float) -> None:
         if self.conn is not None:
             return
-        conn = self.r.connection_pool.get_connection()
+        # on a cluster the wake lists (one hash tag) live on one node: the BLPOP goes to its pool
+        pool = node_client(self.r, keys[0]).connection_pool
+        conn = pool.get_connection()
         try:
             conn.send_command("BLPOP", *keys, round(max(0.01, timeout), 3))
         except BaseException:
             conn.disconnect()
-            self.r.connection_pool.release(conn)
+            pool.release(conn)
             raise
-        self.conn, self.since, self.timeout = conn, time.monotonic(), timeout
+        self.conn, self.pool, self.since, self.timeout = conn, pool, time.monotonic(), timeout
 
     def fileno(self) -> int:
         sock = getattr(self.conn, "_sock", None)
@@ -142,17 +231,23 @@ class Waiter:
         conn, self.conn = self.conn, None
         try:
             return conn.read_response()
+        except redis.ResponseError as e:
+            if is_cluster(self.r) and is_redirect(e):
+                # the slot moved (or is moving) while we waited: re-read the slot map; the loop claims anyway
+                self.r.nodes_manager.initialize()
+                return None
+            raise
         except BaseException:
             conn.disconnect()
             raise
         finally:
-            self.r.connection_pool.release(conn)
+            self.pool.release(conn)
 
     def cancel(self) -> None:
         if self.conn is not None:
             conn, self.conn = self.conn, None
             conn.disconnect()
-            self.r.connection_pool.release(conn)
+            self.pool.release(conn)
 
     def close(self) -> None:
         self.cancel()

@@ -52,6 +52,7 @@ class Config:
 
     redis_url: str = "redis://localhost:6379/0"
     redis_tls_verify: bool = False
+    redis_cluster: bool = False  # REDIS_CLUSTER: redis-py's cluster client; key_prefix is then "{KEY_PREFIX}"
     redis_timeout: float = 5.0
     queues: tuple = ("default",)
     job_modules: tuple = ("worker.sample",)
@@ -193,6 +194,17 @@ def _redis_url(env) -> str:
     return url
 
 
+def _cluster_url(url: str) -> None:
+    """A cluster is reached over TCP and has database 0 only."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        raise ConfigError(f"REDIS_CLUSTER=1 is not valid with REDIS_URL={redact_url(url)!r}: a cluster is reached "
+                          f"over TCP (redis:// or rediss://)")
+    if parts.path.lstrip("/") not in ("", "0"):
+        raise ConfigError(f"REDIS_CLUSTER=1 is not valid with REDIS_URL={redact_url(url)!r}: a cluster has "
+                          f"database 0 only")
+
+
 def from_mapping(env: Mapping[str, str]) -> Config:
     """Validate ``env`` (a mapping like ``os.environ``) into a :class:`Config`. Raises :class:`ConfigError`."""
     level = (env.get("LOG_LEVEL") or "INFO").strip().upper()
@@ -232,9 +244,14 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         raise ConfigError(f"WORKER_CONCURRENCY={env.get('WORKER_CONCURRENCY')!r} is not valid: expected a whole "
                           f"number from 1 to {MAX_CONCURRENCY}")
     dyno = (env.get("DYNO") or "").strip() or None
+    url, cluster = _redis_url(env), _bool(env, "REDIS_CLUSTER", False)
+    if cluster:
+        _cluster_url(url)
+        prefix = "{" + prefix + "}"  # one hash tag: every key of the key space in one slot (docs/cluster.md)
     return Config(
-        redis_url=_redis_url(env),
+        redis_url=url,
         redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", False),
+        redis_cluster=cluster,
         redis_timeout=_number(env, "REDIS_TIMEOUT", Config.redis_timeout, positive=True),
         queues=queues,
         job_modules=_list(env, "JOB_MODULES", Config.job_modules, _MODULE_RE, "an importable module path"),

@@ -202,6 +202,7 @@ class Membership:
         RECOVER's grace from its first late sighting, as for any other entry."""
         k, r = self.broker.keys, self.broker.r
         try:
+            # (on a cluster, client.SlotClient sends it to the node that holds the key space's one slot)
             cursor, found = r.scan(self._orphan_cursor, match=k.processing("*"), count=1000)
             self._orphan_cursor = int(cursor)
             head = len(k.processing(""))

@@ -97,4 +97,5 @@ class Registry:
 
     def run(self, call, client=None):
         """Run a :class:`worker.lua.calls.Call` (``client``: a pipeline to queue it on instead)."""
+        client = getattr(client, "pipe", client)  # a cluster's node pipeline (client.SlotClient): redis-py's own
         return self.script(call.script)(keys=call.keys, args=call.args, client=client)
