@@ -448,6 +448,46 @@ class LocalCluster:
             c.close()
         raise LookupError(key)
 
+    def node_id(self, port: int) -> str:
+        c = redis.Redis(port=port, decode_responses=True)
+        try:
+            return c.execute_command("CLUSTER MYID")
+        finally:
+            c.close()
+
+    def migrate_slot(self, key: str, to_port: int, batch: int = 10, between=None) -> int:
+        """Move ``key``'s hash slot to the primary on ``to_port`` the way ``redis-cli --cluster reshard`` does:
+        IMPORTING/MIGRATING, then MIGRATE of ``batch`` keys at a time (``between()`` runs after each batch) while
+        clients get ASK for the keys already moved, then SETSLOT NODE on every primary. Returns the keys moved."""
+        src_port = self.node_of(key)
+        src, dst = (redis.Redis(port=p, decode_responses=True) for p in (src_port, to_port))
+        try:
+            slot = src.execute_command("CLUSTER KEYSLOT", key)
+            src_id, dst_id = self.node_id(src_port), self.node_id(to_port)
+            dst.execute_command("CLUSTER SETSLOT", slot, "IMPORTING", src_id)
+            src.execute_command("CLUSTER SETSLOT", slot, "MIGRATING", dst_id)
+            moved = 0
+            while True:
+                keys = src.execute_command("CLUSTER GETKEYSINSLOT", slot, batch)
+                if not keys:
+                    break
+                src.execute_command("MIGRATE", "127.0.0.1", to_port, "", 0, 5000, "REPLACE", "KEYS", *keys)
+                moved += len(keys)
+                if between:
+                    between()
+            for port, proc in self.procs.items():
+                if proc.poll() is None:
+                    c = redis.Redis(port=port, decode_responses=True)
+                    try:
+                        if c.info("replication")["role"] == "master":
+                            c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
+                    finally:
+                        c.close()
+            return moved
+        finally:
+            src.close()
+            dst.close()
+
     def flush(self) -> None:
         """FLUSHALL on every live primary."""
         for port, proc in self.procs.items():

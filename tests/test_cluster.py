@@ -84,3 +84,33 @@ def test_worker_producer_and_cli_on_a_cluster_keep_every_key_in_one_slot(cenv, c
         n = redis.Redis(port=port).dbsize()
         assert (n > 0) == (port == home), (port, home, n)
     b.r.close()
+
+
+def test_slot_migration_while_four_workers_drain_2000_jobs_runs_each_once(cenv, cr, r, spawn, redis_cluster):
+    """Issue 26 point 3: the key space's hash slot moves to another primary (IMPORTING/MIGRATING, MIGRATE in
+    batches, SETSLOT NODE) while 4 workers drain 2,000 jobs: every job runs exactly once, nothing is left behind or
+    failed. While the slot is half-moved a script's keys are split between two nodes, so Redis answers TRYAGAIN (or
+    ASK, followed by redis-py with ASKING): the workers log ``redis.unavailable`` and retry until it has moved, then
+    go on against the new primary (MOVED)."""
+    b = broker_for(cenv)
+    n = 2000
+    b.push_many("push", [["out", i] for i in range(n)])
+    workers = [spawn("--burst", **cenv) for _ in range(4)]
+    wait_until(lambda: r.llen("out") >= 100, timeout=60, what="the first 100 jobs")
+    home = redis_cluster.node_of("{worker}")
+    target = next(p for p in redis_cluster.ports if p != home)
+
+    def between():  # after the first batch, hold the slot half-moved until the workers have met it
+        wait_until(lambda: any("event=redis.unavailable" in w.output for w in workers), timeout=30,
+                   what="a worker to meet the half-moved slot (TRYAGAIN/ASK)")
+
+    moved = redis_cluster.migrate_slot("{worker}", target, batch=100, between=between)
+    assert moved > 0 and redis_cluster.node_of("{worker}") == target
+    for w in workers:
+        assert w.wait(120) == 0, w.output
+    done = [int(x) for x in r.lrange("out", 0, -1)]
+    assert len(done) == n and sorted(done) == list(range(n)), (len(done), len(set(done)))
+    status = json.loads(run_cli(cenv, "status", "--json").stdout)
+    assert status["totals"] == {"processed": n, "failed": 0}, status
+    assert not cr.keys("{worker}:processing:*"), "a claim was left behind"
+    b.r.close()
