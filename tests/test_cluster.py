@@ -114,3 +114,20 @@ def test_slot_migration_while_four_workers_drain_2000_jobs_runs_each_once(cenv, 
     assert status["totals"] == {"processed": n, "failed": 0}, status
     assert not cr.keys("{worker}:processing:*"), "a claim was left behind"
     b.r.close()
+
+
+def test_a_pipeline_sent_to_the_slots_old_node_raises_a_retryable_error_and_the_next_goes_to_the_new(
+        cenv, cr, redis_cluster):
+    """Issue 26 point 3: pipelines (MULTI, TIME, scripts) go to the node that held the slot when last looked up; after
+    the slot moved, its MOVED is raised as a ConnectionError (which every caller retries like an outage, and a MULTI
+    refused by MOVED applied nothing) after re-reading the slot map, so the retry goes to the new primary."""
+    b = broker_for(cenv)
+    b.register("w:1", {"host": "h"})
+    assert b.claims_and_recovered("w:1") == ([], set())
+    home = redis_cluster.node_of("{worker}")
+    redis_cluster.migrate_slot("{worker}", next(p for p in redis_cluster.ports if p != home))
+    with pytest.raises(redis.ConnectionError, match="cluster slot moved"):
+        b.claims_and_recovered("w:1")
+    assert b.claims_and_recovered("w:1") == ([], set())
+    b.register("w:1", {"host": "h"})
+    b.r.close()

@@ -86,13 +86,20 @@ class SlotClient:
         return self.redirected(lambda: self.node().scan(*args, **kwargs))
 
     def redirected(self, fn):
+        node = self.node()
         try:
             return fn()
         except redis.ResponseError as e:
-            if not is_redirect(e):
+            # a MULTI whose commands were refused with MOVED/ASK ends in EXECABORT; anything else is not ours
+            if not is_redirect(e) and not (isinstance(e, redis.exceptions.ExecAbortError) and self._moved(node)):
                 raise
             self.cluster.nodes_manager.initialize()
             raise redis.ConnectionError(f"cluster slot moved: {e}") from e
+
+    def _moved(self, node) -> bool:
+        """Whether the slot map, re-read, puts the key space on another node than ``node``."""
+        self.cluster.nodes_manager.initialize()
+        return self.node() is not node
 
     def close(self) -> None:
         self.cluster.close()
@@ -122,8 +129,12 @@ class _SlotPipeline:
         return out
 
 
+_REDIRECTS = (redis.exceptions.AskError, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)
+
+
 def is_redirect(err: Exception) -> bool:
-    return str(err).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
+    """MOVED (redis-py's MovedError is an AskError), ASK, TRYAGAIN or CLUSTERDOWN, parsed or as plain text."""
+    return isinstance(err, _REDIRECTS) or str(err).startswith(("MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"))
 
 
 def is_cluster(r) -> bool:
