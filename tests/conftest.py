@@ -190,3 +190,19 @@ def enqueue(r, redis_server):
 @pytest.fixture
 def cli(env):
     return lambda *args, **kw: run_cli(env, *args, **kw)
+
+
+@pytest.fixture
+def redis_cluster_ha(tmp_path_factory):
+    """A 3-primary cluster with one replica each (6 processes), for one failover test (issue 26 point 3)."""
+    why = LocalCluster.why_not()
+    if why:
+        if os.environ.get("CI"):
+            pytest.fail(f"no local Redis Cluster in CI: {why}")
+        pytest.skip(f"no local Redis Cluster: {why}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster-ha"), replicas=1)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

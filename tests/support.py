@@ -420,7 +420,7 @@ class LocalCluster:
         return self
 
     def wait_ok(self, timeout: float = 30.0) -> None:
-        """Until every live node says ``cluster_state:ok`` and agrees on the slot map."""
+        """Until every live node says ``cluster_state:ok`` and every replica is in sync with its primary."""
         def ok():
             for port, proc in self.procs.items():
                 if proc.poll() is not None:
@@ -428,6 +428,11 @@ class LocalCluster:
                 c = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2, decode_responses=True)
                 try:
                     if c.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
+                        return False
+                    repl = c.info("replication")  # a replica that never synced is never promoted
+                    if repl["role"] == "slave" and repl.get("master_link_status") != "up":
+                        return False
+                    if repl["role"] == "master" and int(repl.get("connected_slaves", 0)) < self.replicas:
                         return False
                 except redis.RedisError:
                     return False
@@ -437,8 +442,8 @@ class LocalCluster:
         wait_until(ok, timeout=timeout, what="cluster_state:ok on every node")
 
     def node_of(self, key: str) -> int:
-        """The port of the primary that holds ``key``'s slot."""
-        c = redis.Redis(port=self.ports[0], decode_responses=True)
+        """The port of the primary that holds ``key``'s slot (as a live node sees it)."""
+        c = redis.Redis(port=self.live()[0], decode_responses=True)
         try:
             slot = c.execute_command("CLUSTER KEYSLOT", key)
             for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
@@ -498,6 +503,17 @@ class LocalCluster:
                         c.flushall()
                 finally:
                     c.close()
+
+    def live(self) -> list:
+        return [p for p, proc in self.procs.items() if proc.poll() is None]
+
+    def replica_of(self, port: int) -> int:
+        """The port of a replica of the primary on ``port``."""
+        c = redis.Redis(port=port, decode_responses=True)
+        try:
+            return int(c.info("replication")["slave0"]["port"])
+        finally:
+            c.close()
 
     def kill(self, port: int) -> None:
         proc = self.procs[port]
