@@ -10,7 +10,7 @@ MIN := .venv-min/.installed
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
 # (`dist`: the sdist and wheel in dist/, checked as PyPI would; CI runs it)
-.PHONY: setup demo run test test-fast test-min dist redis-stop bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint bench-schedule redis clean
+.PHONY: setup demo run test test-fast test-min dist redis-stop bench bench-shutdown bench-throughput bench-concurrency bench-concurrency-celery bench-checkpoint bench-schedule bench-cluster redis clean
 
 # Runtime dependencies only (what Heroku installs): enough for the demo and a worker.
 $(RUNTIME): requirements.txt
@@ -104,3 +104,8 @@ clean:
 # What checkpoint() costs per call, and no-op drain rates with and without one checkpoint per job (issue 13).
 bench-checkpoint: $(DEV)
 	$(PY) bench/checkpoint.py
+
+# Redis Cluster (issue 26): Redis CPU per job on each node and the drain rate, single primary vs one key space on a
+# 3-primary cluster vs three key spaces on three primaries (a local cluster: redis-server + redis-cli).
+bench-cluster: $(DEV)
+	$(PY) bench/cluster.py $(ARGS)
