@@ -374,8 +374,9 @@ class LocalCluster:
     ``replicas`` replicas), joined by ``redis-cli --cluster create``; ``start()`` returns once every node reports
     ``cluster_state:ok``. No persistence. ``why_not()`` says why this machine cannot run one (None if it can)."""
 
-    def __init__(self, workdir, primaries: int = 3, replicas: int = 0):
+    def __init__(self, workdir, primaries: int = 3, replicas: int = 0, tls=None):
         self.workdir = workdir
+        self.tls = tls  # (cert, key): TLS only, on every port and the cluster bus (self-signed, not verified)
         self.ports = [_cluster_port() for _ in range(primaries * (1 + replicas))]
         self.replicas = replicas
         self.procs: dict = {}
@@ -394,7 +395,22 @@ class LocalCluster:
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.ports[0]}/0"
+        return f"{'rediss' if self.tls else 'redis'}://127.0.0.1:{self.ports[0]}/0"
+
+    def client(self, port: int, **kw) -> redis.Redis:
+        if self.tls:
+            kw.update(ssl=True, ssl_cert_reqs=None, ssl_check_hostname=False)
+        return redis.Redis(port=port, **kw)
+
+    def _tls_args(self, cli: bool = False) -> list:
+        if not self.tls:
+            return []
+        if cli:
+            return ["--tls", "--insecure"]
+        cert, key = self.tls
+        return ["--port", "0", "--tls-port", "{port}", "--tls-cluster", "yes", "--tls-replication", "yes",
+                "--tls-cert-file", str(cert), "--tls-key-file", str(key), "--tls-ca-cert-file", str(cert),
+                "--tls-auth-clients", "no"]
 
     def start_node(self, port: int) -> None:
         d = os.path.join(str(self.workdir), str(port))
@@ -402,9 +418,10 @@ class LocalCluster:
         self.procs[port] = subprocess.Popen(
             [shutil.which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--save", "",
              "--appendonly", "no", "--dir", d, "--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-             "--cluster-node-timeout", "2000", "--loglevel", "warning"],
+             "--cluster-node-timeout", "2000", "--loglevel", "warning",
+             *[a.replace("{port}", str(port)) for a in self._tls_args()]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        client = redis.Redis(port=port, socket_connect_timeout=0.2)
+        client = self.client(port, socket_connect_timeout=0.2)
         try:
             wait_until(lambda: _pings(client), timeout=10, what=f"cluster node {port} to answer PING")
         finally:
@@ -413,7 +430,7 @@ class LocalCluster:
     def start(self) -> "LocalCluster":
         for port in self.ports:
             self.start_node(port)
-        subprocess.run([shutil.which("redis-cli"), "--cluster", "create",
+        subprocess.run([shutil.which("redis-cli"), *self._tls_args(cli=True), "--cluster", "create",
                         *[f"127.0.0.1:{p}" for p in self.ports], "--cluster-replicas", str(self.replicas),
                         "--cluster-yes"], check=True, capture_output=True, timeout=60)
         self.wait_ok()
@@ -425,7 +442,7 @@ class LocalCluster:
             for port, proc in self.procs.items():
                 if proc.poll() is not None:
                     continue
-                c = redis.Redis(port=port, socket_connect_timeout=0.5, socket_timeout=2, decode_responses=True)
+                c = self.client(port, socket_connect_timeout=0.5, socket_timeout=2, decode_responses=True)
                 try:
                     if c.execute_command("CLUSTER INFO").get("cluster_state") != "ok":
                         return False
@@ -443,7 +460,7 @@ class LocalCluster:
 
     def node_of(self, key: str) -> int:
         """The port of the primary that holds ``key``'s slot (as a live node sees it)."""
-        c = redis.Redis(port=self.live()[0], decode_responses=True)
+        c = self.client(self.live()[0], decode_responses=True)
         try:
             slot = c.execute_command("CLUSTER KEYSLOT", key)
             for start, end, primary, *_ in c.execute_command("CLUSTER SLOTS"):
@@ -454,7 +471,7 @@ class LocalCluster:
         raise LookupError(key)
 
     def node_id(self, port: int) -> str:
-        c = redis.Redis(port=port, decode_responses=True)
+        c = self.client(port, decode_responses=True)
         try:
             return c.execute_command("CLUSTER MYID")
         finally:
@@ -465,7 +482,7 @@ class LocalCluster:
         IMPORTING/MIGRATING, then MIGRATE of ``batch`` keys at a time (``between()`` runs after each batch) while
         clients get ASK for the keys already moved, then SETSLOT NODE on every primary. Returns the keys moved."""
         src_port = self.node_of(key)
-        src, dst = (redis.Redis(port=p, decode_responses=True) for p in (src_port, to_port))
+        src, dst = (self.client(p, decode_responses=True) for p in (src_port, to_port))
         try:
             slot = src.execute_command("CLUSTER KEYSLOT", key)
             src_id, dst_id = self.node_id(src_port), self.node_id(to_port)
@@ -482,7 +499,7 @@ class LocalCluster:
                     between()
             for port, proc in self.procs.items():
                 if proc.poll() is None:
-                    c = redis.Redis(port=port, decode_responses=True)
+                    c = self.client(port, decode_responses=True)
                     try:
                         if c.info("replication")["role"] == "master":
                             c.execute_command("CLUSTER SETSLOT", slot, "NODE", dst_id)
@@ -497,7 +514,7 @@ class LocalCluster:
         """FLUSHALL on every live primary."""
         for port, proc in self.procs.items():
             if proc.poll() is None:
-                c = redis.Redis(port=port, decode_responses=True)
+                c = self.client(port, decode_responses=True)
                 try:
                     if c.info("replication")["role"] == "master":
                         c.flushall()
@@ -509,7 +526,7 @@ class LocalCluster:
 
     def replica_of(self, port: int) -> int:
         """The port of a replica of the primary on ``port``."""
-        c = redis.Redis(port=port, decode_responses=True)
+        c = self.client(port, decode_responses=True)
         try:
             return int(c.info("replication")["slave0"]["port"])
         finally:

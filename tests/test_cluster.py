@@ -159,3 +159,33 @@ def test_primary_killed_with_jobs_in_flight_its_replica_takes_over_and_nothing_i
     assert sorted(set(done)) == list(range(n)), f"lost: {sorted(set(range(n)) - set(done))[:10]}"
     assert len(done) == n, f"{len(done) - n} ran twice"
     b.r.close()
+
+
+def test_a_tls_cluster_with_a_self_signed_certificate_works_as_a_single_primary_does(
+        env, r, redis_server, tmp_path, spawn):
+    """Issue 26 point 1: ``rediss://`` to a cluster whose nodes (and cluster bus) speak TLS only, with a self-signed
+    certificate as Heroku-style managed Redis presents: not verified unless REDIS_TLS_VERIFY; producer, worker and
+    `status` work."""
+    import shutil
+    import subprocess
+
+    from tests.support import LocalCluster
+    if not shutil.which("openssl"):
+        pytest.skip("openssl is not installed (needed to make a self-signed certificate)")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out",
+                    str(cert), "-days", "2", "-subj", "/CN=localhost"], check=True, capture_output=True)
+    cluster = LocalCluster(tmp_path, tls=(cert, key))
+    try:
+        cluster.start()
+        cenv = dict(env, REDIS_URL=cluster.url, REDIS_CLUSTER="1", EVENTS_REDIS_URL=redis_server.url)
+        assert cenv["REDIS_URL"].startswith("rediss://")
+        b = broker_for(cenv)
+        b.push_many("push", [["out", i] for i in range(20)])
+        w = spawn("--burst", **cenv)
+        assert w.wait(60) == 0, w.output
+        assert sorted(int(x) for x in r.lrange("out", 0, -1)) == list(range(20))
+        assert json.loads(run_cli(cenv, "status", "--json").stdout)["totals"]["processed"] == 20
+        b.r.close()
+    finally:
+        cluster.stop()
