@@ -189,3 +189,27 @@ def test_a_tls_cluster_with_a_self_signed_certificate_works_as_a_single_primary_
         b.r.close()
     finally:
         cluster.stop()
+
+
+def test_the_supervisors_script_call_after_the_slot_moved_is_resent_where_it_belongs(cenv, cr, redis_cluster):
+    """Issue 26 point 3: the supervisor's calls (client.Link) are sent to the slot's node and awaited in its select;
+    after the slot moved, the old node's MOVED makes the call go again through redis-py's cluster client (the node
+    refused it, nothing ran), so it succeeds on the new primary instead of failing."""
+    import os
+
+    from worker.client import Link
+    b = broker_for(cenv)
+    rfd, wfd = os.pipe()
+    try:
+        b.link = Link(b.r, rfd, lambda: None, lambda: 1.0)
+        b.register("w:1", {"host": "h"})
+        b.heartbeat("w:1")
+        b.push("push", ["out", 1], {})
+        home = redis_cluster.node_of("{worker}")
+        redis_cluster.migrate_slot("{worker}", next(p for p in redis_cluster.ports if p != home))
+        c = b.cycle("w:1", claim=[0])  # through the Link: MOVED from the old node, then the new one claims
+        assert len(c.claims) == 1
+    finally:
+        os.close(rfd)
+        os.close(wfd)
+        b.r.close()

@@ -164,19 +164,22 @@ class Link:
         self.r, self.wake_fd, self.service, self.due = r, wake_fd, service, due
 
     def execute(self, *args):
-        if is_cluster(self.r):  # redis-py routes it and follows MOVED/ASK; bounded by the socket timeout
-            return self.r.execute_command(*args)
-        pool = self.r.connection_pool
+        cluster = is_cluster(self.r)  # on a cluster: the node that holds the key space's slot (SlotClient)
+        pool = self.r.node().connection_pool if cluster else self.r.connection_pool
         conn = pool.get_connection()
         try:
             conn.send_command(*args)
             self._wait(conn)
             return conn.read_response()
-        except BaseException:
+        except BaseException as e:
             conn.disconnect()
-            raise
+            if not (cluster and isinstance(e, redis.ResponseError) and is_redirect(e)):
+                raise
         finally:
             pool.release(conn)
+        # the slot moved or is moving, so the node refused the command (nothing ran): redis-py's cluster client sends
+        # it where it belongs (ASKING first during a migration; TRYAGAIN retried) and re-reads the slot map
+        return self.r.execute_command(*args)
 
     def script(self, script, keys, args):
         """Run a registered redis-py ``Script`` by its SHA, loading it on first use (``NOSCRIPT``)."""
