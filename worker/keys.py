@@ -27,8 +27,12 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     started:<s> (ms), ckpt:<s> (its last checkpoint, saved at heartbeats)
     P:job:<id>              HASH    a job's status record (get_job): status queued|scheduled|running|done|failed,
                                     name, queue, enqueued_at, started_at, ended_at (ms), attempts, worker, result
-                                    (JSON). Written at enqueue, claim and outcome; expires RESULT_TTL after the job
-                                    is done (FAILED_TTL after it failed); a failure's error is its failed record
+                                    (JSON), waiting (1: Job.wait waits for it). Written at enqueue, claim and
+                                    outcome; expires RESULT_TTL after the job is done (FAILED_TTL after it
+                                    failed); a failure's error is its failed record
+    P:done:<id>             LIST    job <id>'s final record ("<status>\n<result or failure JSON>"), pushed by the
+                                    script that records its outcome only when someone waits for it (the record's
+                                    ``waiting`` field, set by await.lua: Job.wait); expires after 60 s
     P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
     P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
     P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)
@@ -96,6 +100,9 @@ class Keys:
 
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
+
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}:done:{job_id}"
 
     def worker(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"

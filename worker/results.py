@@ -10,10 +10,13 @@ in its worker's slots (``P:worker:<w>``, fields ``job:<slot>`` and ``started:<sl
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
 STATUSES = ("queued", "scheduled", "running", "done", "failed")
+FINAL = ("done", "failed")  # a job in one of these has ended: wait() returns it
+WAIT_SLICE = 1.0  # seconds a wait() blocks at most before it reads the status again (a lost push cannot hang it)
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,12 @@ class Job:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def wait(self, timeout: Optional[float] = None) -> "Job":
+        """Block until this job has ended (done or failed) and return its final :class:`Job` (a failed job is
+        returned, not raised). ``TimeoutError`` after ``timeout`` seconds (None: no limit). Woken by the script
+        that records the outcome (no polling); see :func:`wait`. Under ``worker.testing.inline()``: at once."""
+        return wait(self.id, timeout)
 
 
 def _seconds(ms) -> Optional[float]:
@@ -107,3 +116,49 @@ def get_job(job_id: str) -> Optional[Job]:
         return None if found is None else Job(**found)
     broker = jobs.default_broker()
     return fetch(broker.r, broker.keys, job_id)
+
+
+def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
+    """Job ``job_id``'s final :class:`Job` once it has ended; None if it has no status record (unknown, or
+    expired: a job done with ``result_ttl=0`` before the wait began). ``TimeoutError`` after ``timeout`` s.
+
+    The waiter marks the job's record (``waiting``, await.lua, which also reads its status) and blocks on
+    ``P:done:<id>`` (BLPOP), where the script recording the outcome pushes the final record only for a marked job:
+    jobs nobody waits for pay one HGET inside CYCLE. It blocks in slices of at most ``WAIT_SLICE`` s and marks and
+    reads the status again between them, so a push lost in a failover (or a job failed by recovery, which pushes
+    nothing) delays the return by a slice at most, never hangs it."""
+    from . import jobs, testing
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"wait: timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    if testing.active():
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
+    broker = jobs.default_broker()
+    r, keys = broker.r, broker.keys
+    from .lua import calls
+    deadline = None if timeout is None else time.monotonic() + timeout
+    piece = max(0.05, min(WAIT_SLICE, broker.cfg.redis_timeout / 2))
+    while True:
+        status = broker.scripts.run(calls.await_(keys, job_id))
+        if status in FINAL or not status:
+            return fetch(r, keys, job_id)
+        left = piece if deadline is None else min(piece, deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"job {job_id} has not ended within {timeout:g} s (status: {status})")
+        pushed = r.blpop([keys.done(job_id)], timeout=left)
+        if pushed is not None:
+            with r.pipeline(transaction=False) as p:  # put it back for any other waiter (it expires on its own)
+                p.lpush(keys.done(job_id), pushed[1]).pexpire(keys.done(job_id), 60000)
+                p.execute()
+            return fetch(r, keys, job_id) or _pushed(job_id, pushed[1])
+
+
+def _pushed(job_id: str, item: str) -> Job:
+    """A Job from the record the outcome pushed (``<status>\n<body>``): for a job whose status record is gone
+    already (``result_ttl=0``)."""
+    status, _, body = item.partition("\n")
+    if status == "failed":
+        rec = _json(body) or {}
+        return Job(id=job_id, name=rec.get("name"), queue=rec.get("queue"), status=status,
+                   error={k: rec.get(k) for k in ("type", "message", "traceback", "cause")})
+    return Job(id=job_id, name=None, queue=None, status=status, result=_json(body))

@@ -181,3 +181,9 @@ def find_queued(k, queue: str, job_id: str) -> Call:
 
 def backlog(k, all_known: bool, names) -> Call:
     return Call("backlog", [k.prefix], ["1" if all_known else "0", *names])
+
+
+# --- the job API: wait, cancel ---
+
+def await_(k, job_id: str) -> Call:
+    return Call("await", [k.prefix], [job_id])

@@ -2,7 +2,8 @@
 -- (when due), move due scheduled jobs (when asked: tidy), and claim up to one job for each free slot. The hot path
 -- (a job's outcome plus the next claim) is this one call.
 -- KEYS[1] prefix      P                 the key space's root; derived from it: P:queue:<q>, P:wake:<q>,
---                                       P:job:<id>, P:failed, P:failed:data, P:stat:processed, P:stat:failed
+--                                       P:job:<id>, P:done:<id>, P:failed, P:failed:data, P:stat:processed,
+--                                       P:stat:failed
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -50,8 +51,9 @@
 --   outcome of this call writes them, are TYPE-checked before the LREM ({-3, key, type}). Every other key is
 --   written or read with pcall; those found wrong-typed are skipped and named in the reply (odd keys).
 -- * Status records (P:job:<id>) follow each outcome: done/failed/scheduled/queued (a running job is found in its
---   worker's hash, job:<slot>: no write per claim). The worker hash records per claim the queue it came from
---   (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
+--   worker's hash, job:<slot>: no write per claim). A done or failed job whose record has 'waiting' set also
+--   has its final record pushed to P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
+--   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -123,6 +125,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         odd = add_line(odd, prefix .. ':stat:processed')
       end
       if id ~= '' then
+        notify(prefix, id, 'done', a)
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
                       'started_at', started)
@@ -134,6 +137,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
     elseif op == 'fail' then
       record_failure(prefix, now, id, a, tonumber(failed_max), tonumber(failed_ttl))
       if id ~= '' then
+        notify(prefix, id, 'failed', a)
         redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker_name,
                     'started_at', started)
         redis.pcall('PEXPIRE', jk, b)
