@@ -39,3 +39,9 @@ def until_stopped(key):
     except TermException:
         r().rpush(key + ":term", "1")
         raise
+
+
+@job(retries=3)
+def fail_often(key):
+    r().rpush(key, "ran")
+    raise ValueError("again")

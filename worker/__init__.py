@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # what type checkers see; at run time these load on first use (below)
     from .metrics import queue_depth, queue_latency
     from .results import Job, get_job
+    from .control import cancel
 
-_LAZY = {"get_job": "results", "Job": "results", "queue_depth": "metrics", "queue_latency": "metrics"}
+_LAZY = {"cancel": "control", "get_job": "results", "Job": "results", "queue_depth": "metrics", "queue_latency": "metrics"}
 
 
 def __getattr__(name):
@@ -36,5 +37,5 @@ def __getattr__(name):
 
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
-           "checkpoint", "last_checkpoint", "get_job", "Job", "queue_depth", "queue_latency"]
+           "checkpoint", "last_checkpoint", "get_job", "Job", "cancel", "queue_depth", "queue_latency"]
 __version__ = "0.2.0"

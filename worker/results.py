@@ -14,8 +14,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-STATUSES = ("queued", "scheduled", "running", "done", "failed")
-FINAL = ("done", "failed")  # a job in one of these has ended: wait() returns it
+STATUSES = ("queued", "scheduled", "running", "done", "failed", "canceled")
+FINAL = ("done", "failed", "canceled")  # a job in one of these has ended: wait() returns it
 WAIT_SLICE = 1.0  # seconds a wait() blocks at most before it reads the status again (a lost push cannot hang it)
 
 
@@ -39,7 +39,7 @@ class Job:
         return asdict(self)
 
     def wait(self, timeout: Optional[float] = None) -> "Job":
-        """Block until this job has ended (done or failed) and return its final :class:`Job` (a failed job is
+        """Block until this job has ended (done, failed or canceled) and return its final :class:`Job` (a failed job is
         returned, not raised). ``TimeoutError`` after ``timeout`` seconds (None: no limit). Woken by the script
         that records the outcome (no polling); see :func:`wait`. Under ``worker.testing.inline()``: at once."""
         return wait(self.id, timeout)

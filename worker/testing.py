@@ -71,6 +71,11 @@ def lookup(job_id: str) -> Optional[dict]:
     return None
 
 
+def cancel(job_id: str) -> bool:
+    """``worker.cancel`` in inline mode: only a scheduled job held back (``run_scheduled=False``) can be."""
+    return any(ctx.cancel(job_id) for ctx in reversed(_stack))
+
+
 class InlineJobs:
     """What :func:`inline` yields: the jobs enqueued in the block, and the broker the enqueue API uses meanwhile.
 
@@ -98,6 +103,14 @@ class InlineJobs:
         for job_id, doc in held:
             self._run(doc)
         return [job_id for job_id, _ in held]
+
+    def cancel(self, job_id: str) -> bool:
+        held = [h for h in self._held if h[0] == job_id]
+        if not held:
+            return False
+        self._held.remove(held[0])
+        self._by_id[job_id].update(status="canceled", ended_at=round(time.time(), 6))
+        return True
 
     # --- the broker interface of worker.jobs (push / push_many) ---
     def push(self, name, args, kwargs, queue=None, due=None, delay=None, **_ignored) -> str:

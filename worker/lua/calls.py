@@ -187,3 +187,7 @@ def backlog(k, all_known: bool, names) -> Call:
 
 def await_(k, job_id: str) -> Call:
     return Call("await", [k.prefix], [job_id])
+
+
+def cancel(k, job_id: str, keep_ms: int) -> Call:
+    return Call("cancel", [k.prefix, k.scheduled], [job_id, keep_ms])
