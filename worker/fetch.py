@@ -113,9 +113,11 @@ class Broker:
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
-             delay: Optional[float] = None) -> str:
+             delay: Optional[float] = None, job_id: Optional[str] = None, options: Optional[dict] = None) -> str:
         """Enqueue one job now, ``delay`` seconds from now (on the Redis clock, which moves scheduled jobs) or at
-        unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice."""
+        unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice.
+        ``job_id``: the producer's own id; while a job of that id is queued, scheduled or running, nothing is
+        enqueued (enqueue.lua) and the id is returned all the same. ``options``: per-call (payload.PER_CALL)."""
         if delay is not None:
             delay = float(delay)
             if not math.isfinite(delay):
@@ -128,8 +130,12 @@ class Broker:
             when, at = f"@{int(due * 1000)}", due
         else:
             when, at = "", None
-        job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
-        self._call_enqueue(q, job_id, when, [(job_id, name, payload)])
+        own = job_id is not None
+        job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at, job_id=job_id,
+                                           options=options)
+        # an own id may come again once its job ended: the call's dedupe marker must be the call's, not the id's
+        dedupe = f"{job_id}:{os.urandom(6).hex()}" if own else job_id
+        self._call_enqueue(q, dedupe, when, [(job_id, name, payload)], unique=own)
         return job_id
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
@@ -151,9 +157,10 @@ class Broker:
             pipe.execute()
         return ids
 
-    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None):
+    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None, unique: bool = False):
         """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
-        return self.scripts.run(wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_), client)
+        return self.scripts.run(wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_, unique),
+                                client)
 
     @property
     def dedupe_ttl_ms(self) -> int:

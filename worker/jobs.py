@@ -15,6 +15,7 @@ from typing import Any, Callable, Optional, Union
 from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
+from .payload import check_job_id, check_options
 from .payload import REGISTRY as _REGISTRY
 
 
@@ -33,10 +34,18 @@ class JobOptions:
     max_attempts: int = field(default=5, metadata={"cfg": "max_attempts"})  # lost attempts (no @job form yet)
 
     @classmethod
-    def resolve(cls, declared: dict, cfg) -> "JobOptions":
-        """``declared``: the job's ``meta()`` entry (None: not given in ``@job``); ``cfg``: the worker's Config."""
-        return cls(**{f.name: declared[f.name] if declared.get(f.name) is not None else getattr(cfg, f.metadata["cfg"])
-                      for f in fields(cls)})
+    def resolve(cls, declared: dict, cfg, per_call=None) -> "JobOptions":
+        """``declared``: the job's ``meta()`` entry (None: not given in ``@job``); ``cfg``: the worker's Config;
+        ``per_call``: the payload's "options" (``f.options(...)``), which win; one that is not valid is ignored."""
+        given = {}
+        if isinstance(per_call, dict):
+            for name, value in per_call.items():
+                try:
+                    given.update(check_options({name: value}))
+                except (TypeError, ValueError):
+                    pass
+        return cls(**{f.name: given[f.name] if f.name in given else declared[f.name]
+                      if declared.get(f.name) is not None else getattr(cfg, f.metadata["cfg"]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -82,7 +91,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
     as a plain call and gains ``.enqueue(*args, **kwargs)``, ``.enqueue_in(seconds, ...)`` and
-    ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
+    ``.enqueue_at(datetime, ...)``, which return the job id, and ``.options(...)`` (per-call options: :func:`options`). ``timeout`` (seconds, enforced by the parent) and
     ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
     ``max_interruptions`` (put-backs after a stop before the job counts as failed; 0 = no limit) defaults to
     ``MAX_INTERRUPTIONS``; ``result_ttl`` (seconds its return value and status stay readable with ``get_job``
@@ -115,6 +124,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         # positional-only: a job's own parameters may be called name, seconds or when
         f.enqueue_in = lambda seconds, /, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
+        f.options = lambda **opts: options(job_name, **opts)
         return f
     return register(fn) if fn is not None else register
 
@@ -259,30 +269,89 @@ def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue
                **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued ``seconds`` (a number or a ``timedelta``) from now (on the Redis clock,
     the one that moves scheduled jobs; 0 or less: now); returns the job id."""
-    if isinstance(seconds, timedelta):
-        seconds = seconds.total_seconds()
-    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
-                        f"{type(seconds).__name__}")
-    seconds = float(seconds)
-    if not math.isfinite(seconds):
-        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    seconds = _seconds(seconds, "enqueue_in")
     _check_name(name, queue)
     _check_args(name, args, kwargs)
     return _send("push", name, args, kwargs, queue=queue, delay=seconds)
 
 
-def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
-    """Schedule job ``name`` to be queued at ``when``, a ``datetime`` (naive ones are taken as UTC); returns the
-    job id. Anything else (a unix time, a ``date``, None) raises ``TypeError``: use ``enqueue_in`` for a delay."""
+def _seconds(seconds, what: str) -> float:
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"{what}: expected seconds as an int, float or datetime.timedelta, not "
+                        f"{type(seconds).__name__}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"{what}: seconds must be a finite number, not {seconds!r}")
+    return seconds
+
+
+def _due(when) -> float:
     if not isinstance(when, datetime):
         raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
                         f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    return (when.replace(tzinfo=timezone.utc) if when.tzinfo is None else when).timestamp()
+
+
+def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """Schedule job ``name`` to be queued at ``when``, a ``datetime`` (naive ones are taken as UTC); returns the
+    job id. Anything else (a unix time, a ``date``, None) raises ``TypeError``: use ``enqueue_in`` for a delay."""
+    due = _due(when)
     _check_name(name, queue)
     _check_args(name, args, kwargs)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return _send("push", name, args, kwargs, queue=queue, due=when.timestamp())
+    return _send("push", name, args, kwargs, queue=queue, due=due)
+
+
+class JobCall:
+    """``f.options(...)`` (or :func:`options`): one call's options, checked when made, applied by its
+    ``.enqueue`` / ``.enqueue_in`` / ``.enqueue_at`` (same arguments as the function's own; each returns the id).
+    They win over ``@job``'s and the environment's defaults; the worker resolves them in ``JobOptions``."""
+
+    __slots__ = ("name", "queue", "delay", "job_id", "opts")
+
+    def __init__(self, name: str, queue=None, delay=None, job_id=None, **opts):
+        from .config import QUEUE_RULE, valid_queue_name
+        if queue is not None and (not isinstance(queue, str) or not valid_queue_name(queue)):
+            raise ValueError(f"options: invalid queue {queue!r}: expected {QUEUE_RULE}")
+        self.delay = None if delay is None else _seconds(delay, "options(delay=)")
+        if self.delay is not None and self.delay < 0:
+            raise ValueError(f"options: delay= must be >= 0 seconds, not {delay!r}")
+        self.name, self.queue = name, queue
+        self.job_id = None if job_id is None else check_job_id(job_id)
+        self.opts = check_options(opts)
+
+    def _push(self, args, kwargs, **when):
+        _check_name(self.name, self.queue)
+        _check_args(self.name, args, kwargs)
+        return _send("push", self.name, args, kwargs, queue=self.queue, job_id=self.job_id,
+                     options=self.opts or None, **when)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> str:
+        """Enqueue now (or ``delay`` seconds from now). With ``job_id``: while a job of that id is queued,
+        scheduled or running, nothing is enqueued and the id is returned."""
+        return self._push(args, kwargs, delay=self.delay)
+
+    def enqueue_in(self, seconds, /, *args: Any, **kwargs: Any) -> str:
+        if self.delay is not None:
+            raise TypeError("enqueue_in: this call has options(delay=) already; use .enqueue()")
+        return self._push(args, kwargs, delay=_seconds(seconds, "enqueue_in"))
+
+    def enqueue_at(self, when, /, *args: Any, **kwargs: Any) -> str:
+        if self.delay is not None:
+            raise TypeError("enqueue_at: this call has options(delay=) already; use .enqueue()")
+        return self._push(args, kwargs, due=_due(when))
+
+
+def options(name: str, /, *, queue: Optional[str] = None, delay=None, timeout: Optional[float] = None,
+            retries: Optional[int] = None, job_id: Optional[str] = None, result_ttl: Optional[float] = None,
+            max_interruptions: Optional[int] = None) -> JobCall:
+    """Per-call options for job ``name`` (what ``f.options(...)`` is): ``queue``, ``delay`` (seconds or a
+    timedelta), ``timeout``, ``retries``, ``result_ttl``, ``max_interruptions`` (as ``@job``'s, and winning over
+    them), ``job_id`` (:data:`worker.payload.JOB_ID_RULE`; deduplicated while such a job is queued, scheduled or
+    running). Checked here: ``TypeError``/``ValueError`` naming the bad one."""
+    return JobCall(name, queue=queue, delay=delay, job_id=job_id, timeout=timeout, retries=retries,
+                   result_ttl=result_ttl, max_interruptions=max_interruptions)
 
 
 def _calls(calls) -> list:

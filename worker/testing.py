@@ -113,10 +113,14 @@ class InlineJobs:
         return True
 
     # --- the broker interface of worker.jobs (push / push_many) ---
-    def push(self, name, args, kwargs, queue=None, due=None, delay=None, **_ignored) -> str:
+    def push(self, name, args, kwargs, queue=None, due=None, delay=None, job_id=None, options=None,
+             **_ignored) -> str:
         later = (delay is not None and float(delay) > 0) or (due is not None and float(due) > time.time())
         at = None if not later else (time.time() + float(delay) if delay is not None else float(due))
-        doc = self._record(name, args, kwargs, queue, at)
+        held = self._by_id.get(job_id) if job_id is not None else None
+        if held is not None and held["status"] in ("queued", "scheduled", "running"):
+            return job_id  # an own id whose job has not ended: nothing enqueued (as enqueue.lua)
+        doc = self._record(name, args, kwargs, queue, at, job_id, options)
         if later and not self.run_at_once:
             self._by_id[doc["id"]]["status"] = "scheduled"
             self._held.append((doc["id"], doc))
@@ -137,11 +141,12 @@ class InlineJobs:
         return [d["id"] for d in docs]
 
     # --- internals ---
-    def _record(self, name, args, kwargs, queue, at) -> dict:
+    def _record(self, name, args, kwargs, queue, at, job_id=None, options=None) -> dict:
         if jobs.registered(name) is None:
             raise ValueError(f"job {name!r} is not registered in this process: inline mode runs jobs in the test "
                              f"process, so import the module that defines it (e.g. `import myapp.jobs`)")
-        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, _MAX_PAYLOAD, at=at)
+        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, _MAX_PAYLOAD, at=at, job_id=job_id,
+                                                options=options)
         doc = json.loads(payload)  # the job sees what a worker would: the arguments after a JSON round trip
         self._by_id[job_id] = {"id": job_id, "name": name, "queue": q, "status": "queued", "result": None,
                                "error": None, "attempts": 0, "enqueued_at": doc["enqueued_at"], "started_at": None,

@@ -18,10 +18,12 @@ class Call(NamedTuple):
 
 # --- enqueue, the worker's hot path ---
 
-def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list) -> Call:
-    """ENQUEUE of ``jobs`` = ``[(job_id, name, payload), ...]`` (one name per call) onto ``queue``."""
+def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list, unique: bool = False) -> Call:
+    """ENQUEUE of ``jobs`` = ``[(job_id, name, payload), ...]`` (one name per call) onto ``queue``; ``unique``:
+    one job whose id is the producer's own (nothing enqueued while a job of that id has not ended)."""
     return Call("enqueue", [k.prefix, k.queue(queue), k.queues, k.scheduled, k.enqueued(dedupe_id)],
-                [queue, dedupe_ms, when, jobs[0][1], len(jobs), *[j[0] for j in jobs], *[j[2] for j in jobs]])
+                [queue, dedupe_ms, when, jobs[0][1], "1" if unique else "", len(jobs), *[j[0] for j in jobs],
+                 *[j[2] for j in jobs]])
 
 
 def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:

@@ -177,7 +177,7 @@ if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queue
       redis.call('ZREM', scheduled, p)  -- (a zset: ZRANGEBYSCORE read it)
       redis.pcall('SADD', known, q)
       wake(prefix, q)
-      local id = string.match(p, '^{"id":"([%w_%-]+)"')
+      local id = string.match(p, '^{"id":"([%w_%.:%-]+)"')
       if id then redis.pcall('HSET', prefix .. ':job:' .. id, 'status', 'queued') end
     end
   end
