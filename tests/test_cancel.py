@@ -102,3 +102,23 @@ def test_inline_cancels_only_a_held_scheduled_job():
         now = jobs.enqueue("forget", 2)
         assert cancel(later) is True and cancel(now) is False
         assert ctx.run_scheduled() == [] and get_job(later).status == "canceled"
+
+
+@pytest.mark.timeout(60)
+def test_cancel_running_stops_the_job_with_term_exception_and_it_ends_canceled(r, api, spawn, cli):
+    """running=True: the worker reads the request at its next beat, the job gets TermException, is not put back,
+    and ends canceled; without running=True a running job is left alone."""
+    job_id = jobs.enqueue("until_stopped", "c6")
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3", LOG_LEVEL="INFO")
+    assert r.blpop(["c6:started"], 20)
+    assert cancel(job_id) is False and get_job(job_id).status == "running"
+    asked = cli("cancel", job_id, "--running")
+    assert asked.returncode == 0 and "asked worker" in asked.stdout
+    assert r.blpop(["c6:term"], 20), "no TermException in the job"
+    j = get_job(job_id).wait(timeout=20)
+    assert j.status == "canceled" and j.worker and j.started_at
+    w.wait_for(r"event=job\.canceled .*job=" + job_id)
+    assert r.llen(K.queue("default")) == 0 and r.llen("c6:started") == 0  # not put back, not run again
+    assert cancel(job_id, running=True) is False  # it has ended
+    w.signal(15)
+    assert w.wait(15) == 0

@@ -41,6 +41,7 @@ class Op(str, Enum):
     FAIL = "fail"        # into the failed registry
     RETRY = "retry"      # into the schedule with a new payload (attempts + 1), due after a backoff
     REQUEUE = "requeue"  # back to the head of its queue (an interruption: not an attempt)
+    CANCEL = "cancel"    # stopped by cancel(running=True): status canceled, not put back
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,10 @@ class Outcome:
         interruption count). An interruption does not count as an attempt (``attempts`` 0: the status record's
         stays); a run lost with the fork server does (``attempts``: the new count, shown by its status record)."""
         return cls(Op.REQUEUE, payload, slot, job_id=job_id, queue=queue, new_payload=new_payload, attempts=attempts)
+
+    @classmethod
+    def cancel(cls, payload, slot=0, job_id="", keep_ms=None):
+        return cls(Op.CANCEL, payload, slot, job_id=job_id, keep_ms=keep_ms)
 
     @classmethod
     def fail(cls, payload, job_id, record: dict, slot=0, attempts=0):

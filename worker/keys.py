@@ -20,6 +20,8 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     recover.lua, kept 24 h. A worker presumed dead that was not (it stalled) finds
                                     it at its next beat: it kills its runs of those jobs, which run elsewhere now,
                                     and registers again (which deletes it)
+    P:cancel:<w>            SET     ids of the jobs worker <w> is asked to stop (cancel(running=True), cancel.lua);
+                                    CYCLE pops them at the worker's next beat; kept a day
     P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (recover.lua); an entry
                                     whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
@@ -106,6 +108,9 @@ class Keys:
 
     def worker(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
+
+    def cancel(self, worker: str) -> str:
+        return f"{self.prefix}:cancel:{worker}"
 
     def recovered(self, worker: str) -> str:
         return f"{self.prefix}:recovered:{worker}"

@@ -31,6 +31,7 @@ class Status(str, Enum):
     MEMORY = "memory"              # killed for passing JOB_MAX_MEMORY_MB
     CRASH = "crash"                # died without a report (segfault, OOM killer, os._exit)
     LOST = "lost"                  # the fork server died under it: not the job's fault, a lost attempt (as recovery)
+    CANCELED = "canceled"          # cancel(running=True) stopped it (TermException, or killed TERM_TIMEOUT later)
 
 
 class Kill(Enum):
@@ -42,6 +43,7 @@ class Kill(Enum):
     MEMORY = "memory"
     FORKSERVER = "forkserver"  # the fork server died or stalled: its children died with it
     LOST = "lost"              # its claim was recovered by another worker: the run is not ours to finish or record
+    CANCEL = "cancel"          # cancel(running=True): TermException was not enough within TERM_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,9 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
         return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000)),
                          "job.done", "info",
                          dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}))
+    if result.status is Status.CANCELED:  # not put back, not retried: the run ends here (issue 24 item 2)
+        return _decision(job, Outcome.cancel(job.raw, job.slot, job.id, int(opts.result_ttl * 1000)),
+                         "job.canceled", "info", dict(outcome="canceled", **base))
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
         return _interrupted(job, worker, checkpoint, progress, base, elapsed)

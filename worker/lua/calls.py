@@ -29,7 +29,7 @@ def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list
 def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
     """The eight CYCLE fields of a ``fetch.Outcome`` (cycle.lua: op, slot, payload, job id, a, b, c, started)."""
     op = o.op.value
-    if op == "ack":
+    if op == "ack" or op == "cancel":
         a, b, c = o.result, (o.keep_ms if o.keep_ms is not None else result_ttl_ms), ""
     elif op == "fail":
         a, b, c = o.record, failed_ttl_ms, o.attempts
@@ -77,6 +77,7 @@ class Cycle(NamedTuple):
     refused: Optional[tuple] = None  # (key, type): a key this call had to write is of the wrong type; nothing was
     #                                  written (cycle.lua), the claims stay in the processing list
     odd: tuple = ()     # keys found wrong-typed and skipped (bookkeeping only: the call's outcomes took effect)
+    cancel: tuple = ()  # beats only: ids of jobs cancel(running=True) asked this worker to stop (P:cancel:<w>)
 
 
 def parse_cycle(res) -> Cycle:
@@ -85,9 +86,10 @@ def parse_cycle(res) -> Cycle:
     if int(res[0]) == -3:
         return Cycle([], None, [], -1, refused=(res[1], res[2]))
     now, n = int(res[2]), int(res[3])
-    claims = [Claim(int(res[6 + 3 * i]), res[7 + 3 * i], res[8 + 3 * i], now) for i in range(n)]
-    return Cycle(claims, float(res[1]) if res[1] else None, list(res[6 + 3 * n:]), int(res[0]),
-                 recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else ())
+    claims = [Claim(int(res[7 + 3 * i]), res[8 + 3 * i], res[9 + 3 * i], now) for i in range(n)]
+    return Cycle(claims, float(res[1]) if res[1] else None, list(res[7 + 3 * n:]), int(res[0]),
+                 recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else (),
+                 cancel=tuple(res[6].split("\n")) if res[6] else ())
 
 
 # --- membership ---
@@ -191,5 +193,5 @@ def await_(k, job_id: str) -> Call:
     return Call("await", [k.prefix], [job_id])
 
 
-def cancel(k, job_id: str, keep_ms: int) -> Call:
-    return Call("cancel", [k.prefix, k.scheduled], [job_id, keep_ms])
+def cancel(k, job_id: str, keep_ms: int, running: bool = False) -> Call:
+    return Call("cancel", [k.prefix, k.scheduled, k.workers], [job_id, keep_ms, "1" if running else ""])

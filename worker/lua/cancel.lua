@@ -2,16 +2,20 @@
 -- KEYS[1] prefix     P              the key space's root; derived from it: P:job:<id>, P:queue:<q> (the queue its
 --                                   record names), P:done:<id> (notify)
 -- KEYS[2] scheduled  P:scheduled    delayed jobs and retries
+-- KEYS[3] workers    P:workers      live workers (running: derived from the prefix, P:worker:<w> and P:cancel:<w>)
 -- ARGV[1] job_id     <id>
 -- ARGV[2] keep_ms    how long the canceled record is kept (RESULT_TTL, ms)
--- Reply: {1} canceled; {0, reason}: nothing done, reason 'unknown' (no status record), '<status>' (done, failed,
+-- ARGV[3] running    '1': if a worker runs it, ask that worker to stop it (SADD P:cancel:<w>, kept a day; the worker
+--                    pops it at its next beat: TermException in the job, status canceled, not put back)
+-- Reply: {1} canceled; {2, worker} (running) that worker was asked to stop it; {0, reason}: nothing done, reason 'unknown' (no status record), '<status>' (done, failed,
 --   canceled: it has ended), 'running' (queued per its record but in no queue: a worker has claimed it), 'wrongtype'.
 -- Invariants: atomic with the claim (CYCLE): a job is either still in its queue and removed here (it never runs) or
 --   claimed (not found here: cancel returns 0, the job runs). The job is found by its payload's head
 --   ('{"id":"<id>"', how producers write it), scanning its queue or P:scheduled in chunks of 1000: O(length).
 --   Nothing is written before the job is found.
-local prefix, scheduled = KEYS[1], KEYS[2]
-local job_id, keep_ms = ARGV[1], ARGV[2]
+local prefix, scheduled, workers = KEYS[1], KEYS[2], KEYS[3]
+local job_id, keep_ms, running = ARGV[1], ARGV[2], ARGV[3] == '1'
+
 local jk = prefix .. ':job:' .. job_id
 local head = '{"id":"' .. job_id .. '"'
 local rec = redis.pcall('HMGET', jk, 'status', 'queue')
@@ -36,6 +40,20 @@ for _, place in ipairs(places) do
     end
   end
   if raw then from = place; break end
+end
+if not raw and status == 'queued' and running then  -- find the worker whose slot holds it (job:<slot>)
+  local ws = redis.pcall('ZRANGE', workers, 0, -1)
+  for _, w in ipairs(type(ws) == 'table' and not ws.err and ws or {}) do
+    local h = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
+    for i = 1, (type(h) == 'table' and not h.err) and #h or 0, 2 do
+      if string.sub(h[i], 1, 4) == 'job:' and string.sub(h[i + 1], 1, #head) == head then
+        local ck = prefix .. ':cancel:' .. w
+        if type(redis.pcall('SADD', ck, job_id)) ~= 'number' then return {0, 'wrongtype'} end
+        redis.pcall('PEXPIRE', ck, 86400000)
+        return {2, w}
+      end
+    end
+  end
 end
 if not raw then return {0, status == 'queued' and 'running' or 'missing'} end
 if from[4] == 'LREM' then redis.call('LREM', from[1], 1, raw) else redis.call('ZREM', from[1], raw) end
