@@ -46,7 +46,6 @@ def test_wait_returns_the_done_job_when_its_outcome_is_recorded(r, api, spawn):
     t.join(25)
     j = got["job"]
     assert (j.status, j.result) == ("done", "the result")
-    assert r.hget(K.job(job_id), "waiting") == "1"
     assert 0 < r.pttl(K.done(job_id)) <= 60_000  # what the outcome pushed expires
 
 
@@ -73,7 +72,7 @@ def test_jobs_nobody_waits_for_get_no_done_list(r, api, spawn):
     get_job(ids[-1]).wait(timeout=20)
     assert get_job(ids[-1]).status == "done"
     assert r.keys(K.done("*")) in ([], [K.done(ids[-1])])  # only the one waited for
-    assert r.hget(K.job(ids[0]), "waiting") is None
+    assert r.exists(K.done(ids[0])) == 0
 
 
 @pytest.mark.timeout(30)

@@ -29,12 +29,13 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     started:<s> (ms), ckpt:<s> (its last checkpoint, saved at heartbeats)
     P:job:<id>              HASH    a job's status record (get_job): status queued|scheduled|running|done|failed,
                                     name, queue, enqueued_at, started_at, ended_at (ms), attempts, worker, result
-                                    (JSON), waiting (1: Job.wait waits for it). Written at enqueue, claim and
-                                    outcome; expires RESULT_TTL after the job is done (FAILED_TTL after it
-                                    failed); a failure's error is its failed record
+                                    (JSON). Written at enqueue, claim and outcome; expires RESULT_TTL after the
+                                    job is done (FAILED_TTL after it failed); a failure's error is its failed
+                                    record. No expiry before its outcome, except a year set by Job.wait
+                                    (await.lua): the mark that makes the outcome push to P:done:<id>
     P:done:<id>             LIST    job <id>'s final record ("<status>\n<result or failure JSON>"), pushed by the
-                                    script that records its outcome only when someone waits for it (the record's
-                                    ``waiting`` field, set by await.lua: Job.wait); expires after 60 s
+                                    script that records its outcome only when someone waits for it (its record had
+                                    an expiry: await.lua's mark); expires after 60 s
     P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
     P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
     P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)

@@ -122,9 +122,9 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
     """Job ``job_id``'s final :class:`Job` once it has ended; None if it has no status record (unknown, or
     expired: a job done with ``result_ttl=0`` before the wait began). ``TimeoutError`` after ``timeout`` s.
 
-    The waiter marks the job's record (``waiting``, await.lua, which also reads its status) and blocks on
-    ``P:done:<id>`` (BLPOP), where the script recording the outcome pushes the final record only for a marked job:
-    jobs nobody waits for pay one HGET inside CYCLE. It blocks in slices of at most ``WAIT_SLICE`` s and marks and
+    The waiter marks the job's record (an expiry of a year on a record that has none, await.lua, which also
+    reads its status) and blocks on ``P:done:<id>`` (BLPOP), where the script recording the outcome pushes the
+    final record only for a marked job (its ``PEXPIRE ... NX`` finds the mark): jobs nobody waits for pay nothing. It blocks in slices of at most ``WAIT_SLICE`` s and marks and
     reads the status again between them, so a push lost in a failover (or a job failed by recovery, which pushes
     nothing) delays the return by a slice at most, never hangs it."""
     from . import jobs, testing

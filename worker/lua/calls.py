@@ -189,8 +189,11 @@ def backlog(k, all_known: bool, names) -> Call:
 
 # --- the job API: wait, cancel ---
 
+WAIT_MARK_MS = 365 * 86400 * 1000  # the expiry that marks a waited-for job's record (await.lua)
+
+
 def await_(k, job_id: str) -> Call:
-    return Call("await", [k.prefix], [job_id])
+    return Call("await", [k.prefix], [job_id, WAIT_MARK_MS])
 
 
 def cancel(k, job_id: str, keep_ms: int, running: bool = False) -> Call:

@@ -58,7 +58,7 @@ end
 if not raw then return {0, status == 'queued' and 'running' or 'missing'} end
 if from[4] == 'LREM' then redis.call('LREM', from[1], 1, raw) else redis.call('ZREM', from[1], raw) end
 local now, now_s = clock()
-notify(prefix, job_id, 'canceled', '')
+if redis.call('PTTL', jk) > 0 then notify(prefix, job_id, 'canceled', '') end  -- a waiter's mark (await.lua)
 redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s)
 if keep_ms ~= '0' then redis.pcall('PEXPIRE', jk, keep_ms) else redis.pcall('DEL', jk) end
 return {1}

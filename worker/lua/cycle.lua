@@ -52,8 +52,9 @@
 --   outcome of this call writes them, are TYPE-checked before the LREM ({-3, key, type}). Every other key is
 --   written or read with pcall; those found wrong-typed are skipped and named in the reply (odd keys).
 -- * Status records (P:job:<id>) follow each outcome: done/failed/scheduled/queued (a running job is found in its
---   worker's hash, job:<slot>: no write per claim). A done or failed job whose record has 'waiting' set also
---   has its final record pushed to P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
+--   worker's hash, job:<slot>: no write per claim). A job whose record had an expiry before its outcome (a
+--   waiter's mark, await.lua; PEXPIRE NX tells, at no extra command) also has its final record pushed to
+--   P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
 --   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
@@ -126,26 +127,31 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         odd = add_line(odd, prefix .. ':stat:processed')
       end
       if id ~= '' then
-        notify(prefix, id, 'done', a)
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
                       'started_at', started)
-          redis.pcall('PEXPIRE', jk, b)
+          if redis.pcall('PEXPIRE', jk, b, 'NX') == 0 then  -- it had an expiry: a waiter's mark (await.lua)
+            redis.pcall('PEXPIRE', jk, b)
+            notify(prefix, id, 'done', a)
+          end
         else
+          if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'done', a) end
           redis.call('DEL', jk)
         end
       end
     elseif op == 'fail' then
       record_failure(prefix, now, id, a, tonumber(failed_max), tonumber(failed_ttl))
       if id ~= '' then
-        notify(prefix, id, 'failed', a)
         redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker_name,
                     'started_at', started)
-        redis.pcall('PEXPIRE', jk, b)
+        if redis.pcall('PEXPIRE', jk, b, 'NX') == 0 then  -- a waiter's mark (see ack)
+          redis.pcall('PEXPIRE', jk, b)
+          notify(prefix, id, 'failed', a)
+        end
       end
     elseif op == 'cancel' then
       if id ~= '' then
-        notify(prefix, id, 'canceled', '')
+        if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end
         redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name, 'started_at', started)
         if b ~= '0' then redis.pcall('PEXPIRE', jk, b) else redis.pcall('DEL', jk) end
       end

@@ -52,10 +52,10 @@ local function jset(prefix, id, ...)
   if id and id ~= '' then redis.pcall('HSET', prefix .. ':job:' .. id, ...) end
 end
 
--- Wake whoever waits for job <id> (Job.wait: it set 'waiting' in P:job:<id>): push its final record
--- ('<status>\n<result or failure JSON>') to P:done:<id>, kept 60 s. Jobs nobody waits for cost one HGET. pcall only.
+-- Wake whoever waits for job <id> (Job.wait): push its final record ('<status>\n<result or failure JSON>') to
+-- P:done:<id>, kept 60 s. Called only for a waited-for job: one whose status record had an expiry before its outcome
+-- set one (await.lua gives a waiting job's record one; see cycle.lua's 'PEXPIRE ... NX'). pcall only.
 local function notify(prefix, id, status, body)
-  if redis.pcall('HGET', prefix .. ':job:' .. id, 'waiting') ~= '1' then return end
   local dk = prefix .. ':done:' .. id
   if type(redis.pcall('RPUSH', dk, status .. '\n' .. body)) == 'number' then redis.pcall('PEXPIRE', dk, 60000) end
 end
