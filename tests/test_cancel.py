@@ -122,3 +122,16 @@ def test_cancel_running_stops_the_job_with_term_exception_and_it_ends_canceled(r
     assert cancel(job_id, running=True) is False  # it has ended
     w.signal(15)
     assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancel_running_kills_a_job_that_swallows_term_exception_term_timeout_later(r, api, spawn):
+    job_id = jobs.enqueue("stubborn", "c7")
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3", TERM_TIMEOUT="1")
+    assert r.blpop(["c7"], 20)  # started
+    assert cancel(job_id, running=True) is True
+    assert '"swallowed"' in r.blpop(["c7"], 20)[1]
+    j = get_job(job_id).wait(timeout=20)
+    assert j.status == "canceled" and r.llen(K.queue("default")) == 0
+    w.signal(15)
+    assert w.wait(15) == 0
