@@ -168,3 +168,35 @@ def test_job_context_survives_an_app_that_reconfigures_logging(r, api, spawn):
     line = w.wait_for(r"APPFMT .*app says hi")
     assert f"job={job_id}" in line and "name=logconfig_job" in line, line
     assert "APPFMT job=- name=- imported" in w.output and "Logging error" not in w.output, w.output
+
+
+def _ctx(r, key):
+    return json.loads(r.blpop(key, 20)[1])
+
+
+@pytest.mark.timeout(60)
+def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn):
+    """Issue 24 item 5: current_job() in the job's child: its id, name, queue, 1-based attempt (a failed attempt
+    counts, a put-back after a stop does not), enqueued_at, and stop_requested turning True live; None outside."""
+    from worker import current_job
+    assert current_job() is None
+    job_id = jobs.enqueue("api_ctx", "ctx", fail_first=True, block=True)
+    w = spawn(JOB_MODULES=MODULES, QUEUES="ctxq")
+    first = _ctx(r, "ctx")
+    assert first == {"id": job_id, "name": "api_ctx", "queue": "ctxq", "attempt": 1,
+                     "enqueued_at": first["enqueued_at"], "stop_requested": False}
+    assert abs(first["enqueued_at"] - get_job(job_id).enqueued_at) < 0.01
+    second = _ctx(r, "ctx")  # the retry, after the failed attempt
+    assert second["attempt"] == 2 and second["stop_requested"] is False and second["enqueued_at"] > first["enqueued_at"]
+    assert get_job(job_id).attempts == 1
+    w.signal(15)
+    stopped = _ctx(r, "ctx")
+    assert stopped["term"] is True and stopped["stop_requested"] is True and stopped["attempt"] == 2
+    assert w.wait(15) == 0
+    assert get_job(job_id).status == "queued" and get_job(job_id).attempts == 1  # put back: not an attempt
+    w = spawn(JOB_MODULES=MODULES, QUEUES="ctxq")
+    again = _ctx(r, "ctx")
+    assert again["attempt"] == 2 and again["stop_requested"] is False
+    w.signal(15)
+    assert _ctx(r, "ctx")["term"] is True
+    assert w.wait(15) == 0

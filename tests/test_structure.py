@@ -21,7 +21,7 @@ OVER_LIMIT: dict = {}  # module -> its line count, for a module being split (iss
 LAYERS = [
     # 0: leaves: settings, the key schema, logging, wire formats, signal table, Lua sources, pure helpers
     {"config", "keys", "log", "protocol", "signals", "orphans", "hooks", "frameworks", "jobtypes", "startup", "lua",
-     "api_lua", "api_values"},
+     "api_lua", "api_values", "context"},
     # 1: the payload format and Redis access
     {"payload", "client", "schedule", "fetch"},
     # 2: the app-facing job API and the job's own process: registry, enqueue, results, inline testing, the child

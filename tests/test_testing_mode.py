@@ -235,3 +235,25 @@ def test_run_burst_never_runs_an_apps_own_worker_py(redis_server, tmp_path):
     res = testing.run_burst(redis_server.url, queues=["default"], job_modules=["appjobs_21"], cwd=str(tmp_path),
                             env=env, timeout=30)
     assert res.ok and "jobs=hello@default" in res.output, res.output
+
+
+@jobs.job(name="tm_ctx", queue="ctxq")
+def tm_ctx(tag):
+    c = worker.current_job()
+    calls.append((tag, c.id, c.name, c.queue, c.attempt, c.enqueued_at, c.stop_requested))
+    if tag == "outer":
+        tm_ctx.enqueue("inner")  # runs inline, nested: its own context, then the outer one again
+        assert worker.current_job() is c
+    return c.id
+
+
+def test_current_job_inline(no_redis):
+    """Issue 24 item 5: inline mode sets current_job() for the job (nested jobs included), None outside."""
+    assert worker.current_job() is None
+    with testing.inline() as run:
+        outer = tm_ctx.enqueue("outer")
+        assert worker.current_job() is None
+    inner = run.jobs[1]["id"]
+    (_, oid, name, queue, attempt, at, stop), (_, iid, *_rest) = calls
+    assert (oid, name, queue, attempt, stop) == (outer, "tm_ctx", "ctxq", 1, False)
+    assert at == run.jobs[0]["enqueued_at"] and iid == inner != outer

@@ -12,6 +12,7 @@ Public API::
 Run workers with ``python -m worker`` (see the README for configuration and the SIGTERM contract).
 """
 from .child import TermException, checkpoint, last_checkpoint, shutdown_requested
+from .context import current_job
 from .jobs import enqueue, enqueue_at, enqueue_in, enqueue_many, job
 
 # Imported on first use: the fork server (and every job child it forks) imports this package, and stays lean only
@@ -36,5 +37,5 @@ def __getattr__(name):
 
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
-           "checkpoint", "last_checkpoint", "get_job", "Job", "queue_depth", "queue_latency"]
+           "checkpoint", "last_checkpoint", "current_job", "get_job", "Job", "queue_depth", "queue_latency"]
 __version__ = "0.2.0"

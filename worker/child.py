@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from . import hooks
+from . import context, hooks
 from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
@@ -206,6 +206,7 @@ def install(grace: float) -> None:
     _state.grace = grace
     _app_unraisablehook = sys.unraisablehook  # the app's own, if its import set one: ours hands everything else on
     sys.unraisablehook = _on_unraisable
+    context.stop_source = shutdown_requested  # current_job().stop_requested reads the child's flag
     _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
     _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
     handlers = {signals.DEFAULT: _fast.SIG_DFL, signals.IGNORE: _fast.SIG_IGN, "stop": _on_stop, "raise": _on_raise}
@@ -256,6 +257,7 @@ def run(spec, doc, report_fd: int) -> None:
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
     _state.log_fields = {"job": doc["id"], "name": spec.name}  # on every logging record of the job's own code
+    context.enter(doc, spec.name)  # current_job(); never left: the child exits after the job
     info = hooks.JobInfo(doc["id"], spec.name, doc.get("queue") or "", doc["args"], doc["kwargs"],
                          doc.get("attempts") or 0) if _state.hooks_on else None
     try:

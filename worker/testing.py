@@ -46,7 +46,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from . import jobs
+from . import context, jobs
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
 _stack: list = []
@@ -139,6 +139,7 @@ class InlineJobs:
         rec = self._by_id[doc["id"]]
         spec = jobs.registered(doc["name"])
         rec.update(status="running", attempts=rec["attempts"] + 1, started_at=round(time.time(), 6))
+        prev = context.enter(doc, spec.name)
         try:
             try:
                 spec.signature.bind(*doc["args"], **doc["kwargs"])
@@ -157,6 +158,8 @@ class InlineJobs:
             if self.raise_errors:
                 raise
             return
+        finally:
+            context.leave(prev)
         rec.update(status="done", result=result, ended_at=round(time.time(), 6))
 
 
