@@ -257,3 +257,17 @@ def test_current_job_inline(no_redis):
     (_, oid, name, queue, attempt, at, stop), (_, iid, *_rest) = calls
     assert (oid, name, queue, attempt, stop) == (outer, "tm_ctx", "ctxq", 1, False)
     assert at == run.jobs[0]["enqueued_at"] and iid == inner != outer
+
+
+@jobs.job(name="tm_no_retry", retries=3, dont_retry=(ValueError,))
+def tm_no_retry(kind):
+    raise (UnicodeError if kind == "value" else OSError)(kind)
+
+
+def test_dont_retry_inline_records_what_a_worker_would_do(no_redis):
+    """Issue 24 item 6: inline mode runs one attempt; the error record says a worker would not retry it."""
+    with testing.inline(raise_errors=False) as run:
+        tm_no_retry.enqueue("value")
+        tm_no_retry.enqueue("io")
+    value, io = run.jobs
+    assert value["error"]["retryable"] is False and "retryable" not in io["error"]

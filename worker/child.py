@@ -275,7 +275,7 @@ def run(spec, doc, report_fd: int) -> None:
     except TermException as exc:
         report, outcome = {"status": "interrupted"}, hooks.HookOutcome("interrupted", error=exc)
     except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
-        report, outcome = _raised_outcome(info, exc)
+        report, outcome = _raised_outcome(info, exc, spec)
     if info is not None:
         hooks.run_after(info, outcome)
     _finish(report, report_fd)
@@ -294,10 +294,13 @@ def _returned_outcome(info, value):
     return report, hooks.HookOutcome("done", result=value)
 
 
-def _raised_outcome(info, exc: BaseException):
-    """``(report, hooks' outcome)`` of a job that raised ``exc`` (called while it is handled: its traceback)."""
+def _raised_outcome(info, exc: BaseException, spec):
+    """``(report, hooks' outcome)`` of a job that raised ``exc`` (called while it is handled: its traceback). The
+    report says ``"retryable": false`` when ``@job(dont_retry=/retry_on=)`` rules out a retry of ``exc``."""
     report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
               "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
+    if not _state.raised and not spec.retryable(exc):
+        report["retryable"] = False
     if info is None:
         return report, None
     if not _state.raised:

@@ -53,6 +53,15 @@ class JobSpec:
     result_ttl: Optional[float] = None
     schedule: Optional[dict] = None  # every=/cron= and fixed arguments (worker/schedule.py), None if not periodic
     fits: Optional[Callable] = None  # raises TypeError if the arguments do not fit (see arity_checker)
+    dont_retry: tuple = ()            # exception classes that fail the job at once (subclasses too)
+    retry_on: Optional[tuple] = None  # if given, only these exception classes are retried
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
+        process, where the app's exception classes live; the worker only sees the verdict in the report."""
+        if self.dont_retry and isinstance(exc, self.dont_retry):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
 
 # --- the types type checkers see for @job (runtime: the plain decorator below; see jobtypes.py) ---
@@ -71,13 +80,15 @@ def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] =
         max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
-        schedule_kwargs: Optional[dict] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+        schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
+        retry_on: Optional[tuple] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
-        misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None):
+        misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
+        retry_on=None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -90,8 +101,15 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
 
     Periodic: ``every=`` seconds or ``cron=`` (5 fields, UTC unless ``tz=``), called with ``schedule_args`` and
     ``schedule_kwargs``; ``misfire_grace`` (seconds, default one interval): see ``worker/schedule.py``.
+
+    ``dont_retry=(ValueError, ...)``: a run that raises one of these (or a subclass) fails at once, whatever
+    ``retries``; ``retry_on=(IOError, ...)``: only these are retried. Not both (``TypeError``). They concern
+    exceptions the job raises; a timeout, crash or memory kill is retried as before.
     """
     sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
+    no_retry, only_retry = _exception_classes("dont_retry", dont_retry), _exception_classes("retry_on", retry_on)
+    if no_retry is not None and only_retry is not None:
+        raise TypeError("@job: give dont_retry or retry_on, not both")
 
     def register(f):
         job_name = name or f.__name__
@@ -109,7 +127,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         if result_ttl is not None and not 0 <= result_ttl <= MAX_TTL:
             raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl, sched, arity_checker(f))
+                                      result_ttl, sched, arity_checker(f), no_retry or (), only_retry)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -117,6 +135,20 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
         return f
     return register(fn) if fn is not None else register
+
+
+def _exception_classes(option: str, value) -> Optional[tuple]:
+    """``@job(dont_retry=/retry_on=)`` as a tuple of exception classes (one class is taken as a tuple of one), None
+    if not given; anything else raises ``TypeError`` at decoration, not at the first failure."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple) or not all(isinstance(c, type) and issubclass(c, BaseException) for c in value):
+        raise TypeError(f"@job({option}=...) must be a tuple of exception classes, not {value!r}")
+    if option == "retry_on" and not value:
+        raise TypeError("@job(retry_on=()) would retry nothing: use retries=0")
+    return value
 
 
 def arity_checker(fn: Callable) -> Optional[Callable]:

@@ -152,9 +152,11 @@ class InlineJobs:
                 raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
                                 f"(dict, list, str, number, bool, None) or nothing") from None
         except Exception as exc:
-            rec.update(status="failed", ended_at=round(time.time(), 6),
-                       error={"type": type(exc).__name__, "message": str(exc)[:2000],
-                              "traceback": traceback.format_exc()[-20000:]})
+            error = {"type": type(exc).__name__, "message": str(exc)[:2000],
+                     "traceback": traceback.format_exc()[-20000:]}
+            if not spec.retryable(exc):  # dont_retry/retry_on: a worker would fail it at once, whatever retries
+                error["retryable"] = False
+            rec.update(status="failed", ended_at=round(time.time(), 6), error=error)
             if self.raise_errors:
                 raise
             return
