@@ -21,9 +21,22 @@ def api_none():
     return None
 
 
-@job
+@job(strict_result=True)
 def api_set():
+    """A return value that is not JSON, under strict_result: the job fails (before issue 24 item 8: every job)."""
     return {1, 2}
+
+
+class Opaque:
+    def __repr__(self):
+        return "Opaque(" + "x" * 300 + ")"
+
+
+@job
+def api_odd(kind):
+    """Returns a value that is not JSON (issue 24 item 8): done, with a marker for a result."""
+    import datetime
+    return {"set": {3}, "datetime": datetime.datetime(2026, 12, 6, 12, 0), "object": Opaque()}[kind]
 
 
 @job(retries=1)

@@ -200,3 +200,23 @@ def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn)
     w.signal(15)
     assert _ctx(r, "ctx")["term"] is True
     assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_return_value_that_is_not_json_is_done_with_a_marker_and_a_warning(r, api, spawn):
+    """Issue 24 item 8: a set, a datetime, an object returned: done (the work is not repeated for a serialisation
+    problem), the result a marker with the type and the repr cut to 200 characters, a warning in the status record
+    and a job.result_unserializable line; @job(strict_result=True) (api_set, above) still fails."""
+    ids = {kind: jobs.enqueue("api_odd", kind) for kind in ("set", "datetime", "object")}
+    plain = jobs.enqueue("api_add", 1, 2)
+    w = burst(spawn, LOG_LEVEL="INFO")
+    got = {kind: get_job(job_id) for kind, job_id in ids.items()}
+    assert {k: (j.status, j.attempts, j.error) for k, j in got.items()} == {k: ("done", 0, None) for k in ids}
+    assert got["set"].result == {"unserializable": "set", "repr": "{3}"}
+    assert got["datetime"].result == {"unserializable": "datetime",
+                                      "repr": "datetime.datetime(2026, 12, 6, 12, 0)"}
+    assert got["object"].result == {"unserializable": "Opaque", "repr": ("Opaque(" + "x" * 300)[:200]}
+    assert all("result_unserializable" in j.warning and "not JSON" in j.warning for j in got.values())
+    lines = [line for line in w.output.splitlines() if "event=job.result_unserializable" in line]
+    assert len(lines) == 3 and all("level=warning" in line and "name=api_odd" in line for line in lines)
+    assert get_job(plain).result == {"sum": 3} and get_job(plain).warning is None

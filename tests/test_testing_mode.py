@@ -36,7 +36,7 @@ def tm_boom(message):
     raise ValueError(message)
 
 
-@jobs.job(name="tm_bad_result")
+@jobs.job(name="tm_bad_result", strict_result=True)
 def tm_bad_result():
     return {1, 2}
 
@@ -271,3 +271,19 @@ def test_dont_retry_inline_records_what_a_worker_would_do(no_redis):
         tm_no_retry.enqueue("io")
     value, io = run.jobs
     assert value["error"]["retryable"] is False and "retryable" not in io["error"]
+
+
+@jobs.job(name="tm_odd_result")
+def tm_odd_result():
+    return {1, 2}
+
+
+def test_a_result_that_is_not_json_is_done_with_a_marker_inline(no_redis):
+    """Issue 24 item 8, inline: done with the marker and a warning, as on a worker; strict_result fails it."""
+    with testing.inline() as run:
+        tm_odd_result.enqueue()
+        with pytest.raises(TypeError, match="not JSON"):
+            tm_bad_result.enqueue()
+    odd, strict = run.jobs
+    assert odd["status"] == "done" and odd["result"] == {"unserializable": "set", "repr": "{1, 2}"}
+    assert "result_unserializable" in odd["warning"] and strict["status"] == "failed"

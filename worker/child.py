@@ -31,7 +31,7 @@ from . import context, hooks
 from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
-from .payload import lone_surrogate
+from .payload import lone_surrogate, unserializable
 from .protocol import MAX_CHECKPOINT, MAX_RESULT
 from . import signals
 from .signals import RAISE_SIGNAL
@@ -271,7 +271,7 @@ def run(spec, doc, report_fd: int) -> None:
             value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
-        report, outcome = _returned_outcome(info, value)
+        report, outcome = _returned_outcome(info, value, spec.strict_result)
     except TermException as exc:
         report, outcome = {"status": "interrupted"}, hooks.HookOutcome("interrupted", error=exc)
     except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
@@ -281,10 +281,10 @@ def run(spec, doc, report_fd: int) -> None:
     _finish(report, report_fd)
 
 
-def _returned_outcome(info, value):
+def _returned_outcome(info, value, strict: bool):
     """``(report, hooks' outcome)`` of a job that returned ``value``; the report None for success (the constant
     OK_REPORT, no encoding on the hot path), the outcome None without hooks."""
-    report = None if value is None else _returned(value)
+    report = None if value is None else _returned(value, strict)
     if info is None:
         return report, None
     if report is not None and report["status"] == "error":  # a return value that cannot be kept
@@ -311,11 +311,15 @@ def _raised_outcome(info, exc: BaseException, spec):
 FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)
 
 
-def _returned(value) -> dict:
-    """The report of a job that returned ``value``: kept as its result if it is JSON, else a failure saying so."""
+def _returned(value, strict: bool = False) -> dict:
+    """The report of a job that returned ``value``: kept as its result if it is JSON; else done with a marker and a
+    warning (``payload.unserializable``), or with ``strict`` (``@job(strict_result=True)``) a failure saying so."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
+        if not strict:
+            marker, warning = unserializable(value, exc)
+            return {"status": "ok", "result": marker, "warning": warning}
         return {"status": "error", "type": "ResultNotJSON",
                 "message": f"the job's return value is not JSON ({type(exc).__name__}: {exc}); return JSON data "
                            f"(dict, list, str, int, float, bool or None)"}

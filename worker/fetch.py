@@ -60,10 +60,11 @@ class Outcome:
     keep_ms: Optional[int] = None  # ACK: how long its status record (and result) is kept; None = RESULT_TTL
     attempts: int = 0       # FAIL, RETRY: failed attempts so far; REQUEUE: lost attempts so far (0: unchanged)
     started_ms: int = 0     # when it was claimed (ms, Redis clock, from Claim.at); 0 = unknown (read from Redis)
+    warning: str = ""       # ACK: a warning kept in its status record (a result that was not JSON); '' = none
 
     @classmethod
-    def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None):
-        return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms)
+    def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None, warning=""):
+        return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms, warning=warning)
 
     @classmethod
     def requeue(cls, payload, queue, slot=0, new_payload="", job_id="", attempts=0):

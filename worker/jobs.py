@@ -55,6 +55,7 @@ class JobSpec:
     fits: Optional[Callable] = None  # raises TypeError if the arguments do not fit (see arity_checker)
     dont_retry: tuple = ()            # exception classes that fail the job at once (subclasses too)
     retry_on: Optional[tuple] = None  # if given, only these exception classes are retried
+    strict_result: bool = False       # a return value that is not JSON fails the job (else: done, with a marker)
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
@@ -81,14 +82,14 @@ def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] =
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
         schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
-        retry_on: Optional[tuple] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+        retry_on: Optional[tuple] = None, strict_result: bool = False) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
-        retry_on=None):
+        retry_on=None, strict_result: bool = False):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -105,11 +106,16 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
     ``dont_retry=(ValueError, ...)``: a run that raises one of these (or a subclass) fails at once, whatever
     ``retries``; ``retry_on=(IOError, ...)``: only these are retried. Not both (``TypeError``). They concern
     exceptions the job raises; a timeout, crash or memory kill is retried as before.
+
+    A return value that is not JSON (a set, a datetime, an object) leaves the job done, its result replaced by
+    ``{"unserializable": "<type>", "repr": "<repr, 200 chars>"}`` and a warning; ``strict_result=True`` fails it.
     """
     sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
     no_retry, only_retry = _exception_classes("dont_retry", dont_retry), _exception_classes("retry_on", retry_on)
     if no_retry is not None and only_retry is not None:
         raise TypeError("@job: give dont_retry or retry_on, not both")
+    if not isinstance(strict_result, bool):
+        raise TypeError(f"@job(strict_result=...) must be True or False, not {strict_result!r}")
 
     def register(f):
         job_name = name or f.__name__
@@ -127,7 +133,8 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         if result_ttl is not None and not 0 <= result_ttl <= MAX_TTL:
             raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl, sched, arity_checker(f), no_retry or (), only_retry)
+                                      result_ttl, sched, arity_checker(f), no_retry or (), only_retry,
+                                      strict_result)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when

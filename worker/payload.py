@@ -34,6 +34,19 @@ def json_dumps(doc) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
+def unserializable(value, exc: BaseException) -> tuple:
+    """``(marker, warning)`` for a job's return value that is not JSON (issue 24 item 8): the job is done, its work
+    is not repeated for a serialisation problem, and its result is this marker instead. ``@job(strict_result=True)``
+    fails such a job instead."""
+    kind = type(value).__name__
+    try:
+        shown = repr(value)
+    except Exception as err:  # an app's __repr__ may raise anything
+        shown = f"<repr failed: {type(err).__name__}>"
+    warning = f"result_unserializable: the job returned a {kind}, which is not JSON ({type(exc).__name__}: {exc})"
+    return {"unserializable": kind, "repr": shown[:200]}, warning[:500]
+
+
 def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int,
                   at: Optional[float] = None) -> tuple:
     """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError.

@@ -52,6 +52,7 @@ class Result:
     message: Optional[str] = None
     traceback: Optional[str] = None
     value: str = ""  # DONE: the return value as JSON text ('' for None)
+    warning: Optional[str] = None  # DONE: the result was replaced by a marker (not JSON; payload.unserializable)
     retryable: bool = True  # ERROR: False when the job's dont_retry/retry_on rule out a retry (decided in the child)
 
     def fields(self) -> dict:
@@ -95,7 +96,8 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         except (ValueError, TypeError, RecursionError):
             return Result(Status.ERROR, duration, "ResultNotJSON", "the job's return value could not be kept")
         return Result(_REPORTED[report["status"]], duration, _text(report.get("type")), _text(report.get("message")),
-                      _text(report.get("traceback")), text, report.get("retryable") is not False)
+                      _text(report.get("traceback")), text, _text(report.get("warning")),
+                      report.get("retryable") is not False)
     if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
         return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
     if killed is Kill.TIMEOUT:
@@ -133,9 +135,12 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
     doc, opts = job.doc, job.options
     base = dict(job=job.id, name=job.name, queue=job.queue, duration=result.duration)
     if result.status is Status.DONE:
-        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000)),
-                         "job.done", "info",
-                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}))
+        notes = () if result.warning is None else (
+            ("warning", "job.result_unserializable", dict(job=job.id, name=job.name, warning=result.warning)),)
+        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000),
+                                          result.warning or ""), "job.done", "info",
+                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}),
+                         notes)
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
         return _interrupted(job, worker, checkpoint, progress, base, elapsed)

@@ -31,6 +31,7 @@ class Job:
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     worker: Optional[str] = None     # the worker that ran it last
+    warning: Optional[str] = None    # done, but its return value was not JSON: ``result`` is a marker
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,7 +93,7 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
     return Job(id=job_id, name=info.get("name"), queue=info.get("queue"), status=info.get("status") or "queued",
                result=_json(info.get("result")), error=error, attempts=attempts,
                enqueued_at=_seconds(info.get("enqueued_at")), started_at=_seconds(info.get("started_at")),
-               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"))
+               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"), warning=info.get("warning"))
 
 
 def get_job(job_id: str) -> Optional[Job]:

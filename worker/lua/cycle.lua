@@ -27,7 +27,8 @@
 --   then nout (at outcome_count_at), then nout outcomes of OUTCOME_LEN (8) fields each:
 --     op, slot, payload, job id ('' = keep no status), a, b, c, started (ms, Redis clock: when it was claimed, as
 --     this script returned it; '' = read started:<slot>)
---       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
+--       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now),
+--                c = a warning for the status record ('' = none; a result that was not JSON)
 --       fail:    a = failure record, b = ms to keep the status record, c = attempts
 --       retry:   a = new payload, b = delay ms, c = attempts
 --       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint),
@@ -126,6 +127,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
                       'started_at', started)
+          if c ~= '' then redis.pcall('HSET', jk, 'warning', c) end
           redis.pcall('PEXPIRE', jk, b)
         else
           redis.call('DEL', jk)
