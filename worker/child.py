@@ -27,7 +27,7 @@ import time
 import traceback
 from typing import Any
 
-from . import context, hooks
+from . import aio, context, hooks
 from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
@@ -131,6 +131,11 @@ def _raise_once():
     if _state.writing:
         _state.deferred = True
         return
+    runner = aio.Runner.active  # an async job: into its coroutine, at its current await (aio.py)
+    if runner is not None and _state.running and (not _state.raised or runner.pending):
+        _state.raised = True
+        runner.deliver()  # raises here if the job's own code runs; else the loop delivers it (or a nudge, again)
+        return
     if _state.running and not _state.raised:
         _state.raised = True
         raise TermException("worker is shutting down")
@@ -168,6 +173,12 @@ def _on_unraisable(unraisable) -> None:
             return
         except TermException:
             continue
+
+
+def _nudge() -> None:
+    """An async job's stop is still to be delivered and its task never waits on a future (``await sleep(0)``
+    between sync work): the RAISE signal again, a moment later, lands in the task's own code (aio.py)."""
+    threading.Thread(target=_raise_again, daemon=True).start()
 
 
 def _raise_again() -> None:
@@ -268,7 +279,10 @@ def run(spec, doc, report_fd: int) -> None:
                 _raise_once()
             if info is not None:
                 hooks.run_before(info)
-            value = spec.fn(*doc["args"], **doc["kwargs"])
+            if spec.is_async:
+                value = aio.Runner(TermException, _nudge).run(spec.fn, doc["args"], doc["kwargs"])
+            else:
+                value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
         report, outcome = _returned_outcome(info, value, spec.strict_result)

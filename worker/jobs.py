@@ -56,6 +56,7 @@ class JobSpec:
     dont_retry: tuple = ()            # exception classes that fail the job at once (subclasses too)
     retry_on: Optional[tuple] = None  # if given, only these exception classes are retried
     strict_result: bool = False       # a return value that is not JSON fails the job (else: done, with a marker)
+    is_async: bool = False            # ``async def``: the child runs it with asyncio.run (worker/aio.py)
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
@@ -134,7 +135,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
                                       result_ttl, sched, arity_checker(f), no_retry or (), only_retry,
-                                      strict_result)
+                                      strict_result, inspect.iscoroutinefunction(f))
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when

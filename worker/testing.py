@@ -48,7 +48,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from . import context, jobs
+from . import aio, context, jobs
 from .payload import unserializable
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
@@ -148,7 +148,11 @@ class InlineJobs:
                 spec.signature.bind(*doc["args"], **doc["kwargs"])
             except TypeError as exc:
                 raise jobs.BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
-            result, warning = _kept(spec, spec.fn(*doc["args"], **doc["kwargs"]))
+            if spec.is_async:
+                value = aio.run_inline(spec.fn, doc["args"], doc["kwargs"])
+            else:
+                value = spec.fn(*doc["args"], **doc["kwargs"])
+            result, warning = _kept(spec, value)
         except Exception as exc:
             error = {"type": type(exc).__name__, "message": str(exc)[:2000],
                      "traceback": traceback.format_exc()[-20000:]}
