@@ -144,3 +144,60 @@ def test_sample_async_work_cleans_up_on_a_heroku_stop(r, worker, enqueue):
     assert not rep.sigkilled and w.wait(5) == 0, w.output
     assert "caught TermException, cleaning up" in w.output and "graceful shutdown!" in w.output
     assert "complete job!" not in w.output and status_of(r, job_id) == "done"
+
+
+@pytest.mark.timeout(60)
+def test_async_producers_on_the_asyncio_client(r, redis_server, monkeypatch, worker):
+    """await f.enqueue_async / enqueue_in_async / enqueue_at_async and get_job_async on redis-py's asyncio client,
+    connected from REDIS_URL: the sync producer's checks, routing and payload; the worker runs what they enqueue."""
+    from datetime import datetime, timedelta, timezone
+
+    import tests.jobs_async as aj
+    import worker as api
+    from worker import aio_broker
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+    async def produce():
+        ids = {"add": await aj.aj_add.enqueue_async("prod", 2, 3),
+               "routed": await api.enqueue_async("aj_add", "prod", 1, 1, queue="elsewhere"),
+               "in": await aj.aj_add.enqueue_in_async(timedelta(hours=1), "prod", 0, 0),
+               "at": await aj.aj_add.enqueue_at_async(datetime.now(timezone.utc) + timedelta(hours=2), "prod", 0, 0)}
+        with pytest.raises(TypeError, match="do not fit"):
+            await aj.aj_add.enqueue_async("prod", 1)
+        with pytest.raises(ValueError, match="not registered"):
+            await api.enqueue_async("aj_nowhere", 1)
+        with pytest.raises(TypeError, match="enqueue_in"):
+            await aj.aj_add.enqueue_in_async("soon", "prod", 0, 0)
+        got = {k: await api.get_job_async(v) for k, v in ids.items()}
+        assert await api.get_job_async("f" * 32) is None
+        await aio_broker.close()
+        return ids, got
+    ids, got = asyncio.run(produce())
+    assert {k: (j.status, j.queue, j.name) for k, j in got.items()} == {
+        "add": ("queued", "default", "aj_add"), "routed": ("queued", "elsewhere", "aj_add"),
+        "in": ("scheduled", "default", "aj_add"), "at": ("scheduled", "default", "aj_add")}
+    (payload,) = r.lrange("worker:queue:default", 0, -1)
+    doc = json.loads(payload)
+    assert set(doc) == {"id", "name", "queue", "args", "kwargs", "enqueued_at", "attempts"}
+    assert (doc["id"], doc["args"], doc["kwargs"]) == (ids["add"], ["prod", 2, 3], {})
+    assert r.lrange("worker:queue:elsewhere", 0, -1) and r.zcard("worker:scheduled") == 2
+    w = worker()
+    assert next_event(r, "prod")["event"] == "ran"
+
+    async def follow():
+        done = None
+        for _ in range(200):
+            done = await api.get_job_async(ids["add"])
+            if done.status == "done":
+                break
+            await asyncio.sleep(0.05)
+        running_id = await aj.aj_wait.enqueue_async("ev", "sleep")
+        assert next_event(r, "ev")["event"] == "started"  # sync BLPOP: fine in a test
+        running = await api.get_job_async(running_id)
+        await aio_broker.close()
+        return done, running
+    done, running = asyncio.run(follow())
+    assert done.status == "done" and done.result == {"sum": 5} and done.worker
+    assert running.status == "running" and running.worker and running.started_at
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0

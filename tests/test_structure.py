@@ -23,7 +23,7 @@ LAYERS = [
     {"config", "keys", "log", "protocol", "signals", "orphans", "hooks", "frameworks", "jobtypes", "startup", "lua",
      "api_lua", "api_values", "context"},
     # 1: the payload format and Redis access
-    {"payload", "client", "schedule", "fetch"},
+    {"payload", "client", "schedule", "fetch", "aio_broker"},
     # 2: the app-facing job API and the job's own process: registry, enqueue, results, inline testing, the child
     {"jobs", "child", "testing", "results", "metrics", "aio"},
     # 3: the worker's parts: fork server, outcome policy, failed registry, the read model

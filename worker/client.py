@@ -26,6 +26,22 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     exponential backoff and jitter, ``retries`` times. ``READONLY`` replies (a failover demoted the node) drop
     the connection and retry the same way, even with ``retries=0`` the next call reconnects.
     """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0)
+    return redis.Redis.from_url(cfg.redis_url, **_options(cfg, timeout, name, retry))
+
+
+def connect_async(cfg: Config, *, name: str = "enqueue-async", retries: int = 3):
+    """A ``redis.asyncio`` client for ``cfg.redis_url`` with :func:`connect`'s settings (TLS, timeouts, retries on
+    the same errors with the same backoff): for producers in async web apps (``worker.aio_api``)."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+    retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else \
+        AsyncRetry(NoBackoff(), 0)
+    return redis.asyncio.Redis.from_url(cfg.redis_url, **_options(cfg, None, name, retry))
+
+
+def _options(cfg: Config, timeout: Optional[float], name: str, retry) -> dict:
+    """The client settings :func:`connect` documents, for either kind of client."""
     t = cfg.redis_timeout if timeout is None else max(0.01, timeout)
     kwargs = dict(
         socket_timeout=t,
@@ -36,7 +52,7 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
         # Queues may hold bytes that are not UTF-8 (anyone can RPUSH). surrogateescape round-trips them exactly,
         # so such an entry is claimed, recorded as a bad payload and removed by value like any other.
         encoding_errors="surrogateescape",
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0),
+        retry=retry,
         # ReadOnlyError: after a failover the node we are connected to became a replica (Heroku's failover moves
         # the DNS name to the new primary). Retrying on it makes redis-py drop the connection, so the retry, and
         # every later call, reconnects and resolves the name again; on the old connection every write would fail
@@ -48,7 +64,7 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     if cfg.redis_url.startswith("rediss://") and not cfg.redis_tls_verify:
         kwargs["ssl_cert_reqs"] = None
         kwargs["ssl_check_hostname"] = False
-    return redis.Redis.from_url(cfg.redis_url, **kwargs)
+    return kwargs
 
 
 def outage_backoff() -> ExponentialWithJitterBackoff:

@@ -117,6 +117,14 @@ class Broker:
              delay: Optional[float] = None) -> str:
         """Enqueue one job now, ``delay`` seconds from now (on the Redis clock, which moves scheduled jobs) or at
         unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice."""
+        job_id, call = self.push_call(name, args, kwargs, queue, due, delay)
+        self.scripts.run(call)
+        return job_id
+
+    def push_call(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
+                  delay: Optional[float] = None) -> tuple:
+        """``(job_id, Call)``: the checked payload and the ENQUEUE call :meth:`push` runs, for a client of another
+        kind to run (``worker.aio_api``, on redis-py's asyncio client)."""
         if delay is not None:
             delay = float(delay)
             if not math.isfinite(delay):
@@ -130,8 +138,7 @@ class Broker:
         else:
             when, at = "", None
         job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
-        self._call_enqueue(q, job_id, when, [(job_id, name, payload)])
-        return job_id
+        return job_id, self.enqueue_call(q, job_id, when, [(job_id, name, payload)])
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
         ids, by_queue = [], {}
@@ -154,7 +161,10 @@ class Broker:
 
     def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None):
         """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
-        return self.scripts.run(wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_), client)
+        return self.scripts.run(self.enqueue_call(q, dedupe_id, when, jobs_), client)
+
+    def enqueue_call(self, q: str, dedupe_id: str, when: str, jobs_: list):
+        return wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_)
 
     @property
     def dedupe_ttl_ms(self) -> int:

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Optional, Union
 
 from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
+from .payload import delay_of, due_of
 from .payload import REGISTRY as _REGISTRY
 
 
@@ -141,6 +141,9 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         # positional-only: a job's own parameters may be called name, seconds or when
         f.enqueue_in = lambda seconds, /, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
+        f.enqueue_async = lambda *a, **kw: enqueue_async(job_name, *a, **kw)
+        f.enqueue_in_async = lambda seconds, /, *a, **kw: enqueue_in_async(seconds, job_name, *a, **kw)
+        f.enqueue_at_async = lambda when, /, *a, **kw: enqueue_at_async(when, job_name, *a, **kw)
         return f
     return register(fn) if fn is not None else register
 
@@ -299,14 +302,7 @@ def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue
                **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued ``seconds`` (a number or a ``timedelta``) from now (on the Redis clock,
     the one that moves scheduled jobs; 0 or less: now); returns the job id."""
-    if isinstance(seconds, timedelta):
-        seconds = seconds.total_seconds()
-    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
-                        f"{type(seconds).__name__}")
-    seconds = float(seconds)
-    if not math.isfinite(seconds):
-        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    seconds = delay_of(seconds)
     _check_name(name, queue)
     _check_args(name, args, kwargs)
     return _send("push", name, args, kwargs, queue=queue, delay=seconds)
@@ -315,14 +311,10 @@ def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue
 def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued at ``when``, a ``datetime`` (naive ones are taken as UTC); returns the
     job id. Anything else (a unix time, a ``date``, None) raises ``TypeError``: use ``enqueue_in`` for a delay."""
-    if not isinstance(when, datetime):
-        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
-                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    due = due_of(when)
     _check_name(name, queue)
     _check_args(name, args, kwargs)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return _send("push", name, args, kwargs, queue=queue, due=when.timestamp())
+    return _send("push", name, args, kwargs, queue=queue, due=due)
 
 
 def _calls(calls) -> list:
@@ -359,3 +351,32 @@ def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
     for args, kwargs in pairs:
         _check_args(name, args, kwargs)
     return _send("push_many", name, pairs, queue=queue)
+
+
+# --- the same for async code (FastAPI, Starlette): redis-py's asyncio client (worker/aio_broker.py) ---
+
+async def _push_async(name: str, args, kwargs, queue: Optional[str], **when) -> str:
+    _check_name(name, queue)
+    _check_args(name, args, kwargs)
+    if getattr(_default, "inline", False):  # testing.inline(): the job runs now, as the sync enqueue runs it
+        return _default.push(name, args, kwargs, queue=queue, **when)
+    from . import aio_broker
+    return await aio_broker.default().push(name, args, kwargs, queue=queue, **when)
+
+
+async def enqueue_async(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """:func:`enqueue` for async code (``await``): the same checks, payload and script, on redis-py's asyncio
+    client (connected from ``REDIS_URL`` on first use, one per event loop)."""
+    return await _push_async(name, args, kwargs, queue)
+
+
+async def enqueue_in_async(seconds: Union[float, timedelta], name: str, /, *args: Any, queue: Optional[str] = None,
+                           **kwargs: Any) -> str:
+    """:func:`enqueue_in` for async code."""
+    return await _push_async(name, args, kwargs, queue, delay=delay_of(seconds))
+
+
+async def enqueue_at_async(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None,
+                           **kwargs: Any) -> str:
+    """:func:`enqueue_at` for async code."""
+    return await _push_async(name, args, kwargs, queue, due=due_of(when))

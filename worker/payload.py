@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from .config import QUEUE_RULE, valid_queue_name
@@ -45,6 +47,29 @@ def unserializable(value, exc: BaseException) -> tuple:
         shown = f"<repr failed: {type(err).__name__}>"
     warning = f"result_unserializable: the job returned a {kind}, which is not JSON ({type(exc).__name__}: {exc})"
     return {"unserializable": kind, "repr": shown[:200]}, warning[:500]
+
+
+def delay_of(seconds) -> float:
+    """``enqueue_in``'s ``seconds`` (a number or a ``timedelta``) as a finite float; TypeError/ValueError else."""
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
+                        f"{type(seconds).__name__}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    return seconds
+
+
+def due_of(when) -> float:
+    """``enqueue_at``'s ``when`` (a ``datetime``, naive = UTC) as a unix time; TypeError for anything else."""
+    if not isinstance(when, datetime):
+        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
+                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
 
 
 def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int,

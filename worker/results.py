@@ -61,6 +61,12 @@ def _running(r, keys, job_id: str) -> Optional[tuple]:
         for w in workers:
             p.hgetall(keys.worker(w))
         infos = p.execute()
+    return held_by(workers, infos, job_id)
+
+
+def held_by(workers, infos, job_id: str) -> Optional[tuple]:
+    """``(worker, started_ms)`` of the worker whose hash (in ``infos``, one per name in ``workers``) shows
+    ``job_id`` in a slot, or None."""
     needle = f'{{"id":"{job_id}"'
     for w, info in zip(workers, infos):
         for field, value in info.items():
@@ -78,10 +84,15 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
         info, failure = p.execute()
     if not info:
         return None
-    if info.get("status") in ("queued", "scheduled"):
-        held = _running(r, keys, job_id)
-        if held is not None:
-            info = dict(info, status="running", worker=held[0], started_at=held[1])
+    held = _running(r, keys, job_id) if info.get("status") in ("queued", "scheduled") else None
+    return build(job_id, info, failure, held)
+
+
+def build(job_id: str, info: dict, failure, held: Optional[tuple]) -> Job:
+    """The :class:`Job` from its status record ``info``, its failed-registry record ``failure`` (JSON text) and
+    ``held`` (:func:`held_by`'s answer): one reading for the sync and the async client (``worker.aio_api``)."""
+    if held is not None:
+        info = dict(info, status="running", worker=held[0], started_at=held[1])
     error = None
     if info.get("status") == "failed":
         rec = _json(failure) or {}
@@ -108,3 +119,17 @@ def get_job(job_id: str) -> Optional[Job]:
         return None if found is None else Job(**found)
     broker = jobs.default_broker()
     return fetch(broker.r, broker.keys, job_id)
+
+
+async def get_job_async(job_id: str) -> Optional[Job]:
+    """:func:`get_job` for async code (``await``), on redis-py's asyncio client (``worker.aio_broker``)."""
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError("job id must be a non-empty string")
+    from . import aio_broker, testing
+    if testing.active():
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
+    info, failure, held = await aio_broker.default().read_job(job_id)
+    if not info:
+        return None
+    return build(job_id, info, failure, None if held is None else held_by(held[0], held[1], job_id))
