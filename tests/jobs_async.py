@@ -79,3 +79,29 @@ async def aj_resumable(key, items=100):
 async def aj_too_slow(key):
     event(key, "started")
     await asyncio.sleep(30)
+
+
+@job
+async def aj_alloc(key, mb):
+    """Allocates ``mb`` MB (every page written), then awaits."""
+    buf = bytearray(mb * 1024 * 1024)
+    for i in range(0, len(buf), 4096):
+        buf[i] = 1
+    event(key, "allocated")
+    await asyncio.sleep(30)
+    del buf
+
+
+@job
+async def aj_flag(key):
+    """Awaits until current_job().stop_requested (TERM_GRACE: before the exception), records it, then waits for
+    the exception at its await."""
+    event(key, "started")
+    while not current_job().stop_requested:
+        await asyncio.sleep(0.01)
+    event(key, "flag")
+    try:
+        await asyncio.sleep(30)
+    except TermException:
+        event(key, "term")
+        raise

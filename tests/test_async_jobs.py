@@ -201,3 +201,28 @@ def test_async_producers_on_the_asyncio_client(r, redis_server, monkeypatch, wor
     assert running.status == "running" and running.worker and running.started_at
     w.signal(signal.SIGTERM)
     assert w.wait(10) == 0
+
+
+@pytest.mark.timeout(60)
+def test_memory_limit_kills_an_async_job(r, worker, enqueue):
+    hog = enqueue("aj_alloc", "ev", 200)
+    w = worker(JOB_MAX_MEMORY_MB=100)
+    wait_until(lambda: status_of(r, hog) == "failed", 30, "the hog failed")
+    assert json.loads(r.hget("worker:failed:data", hog))["cause"] == "memory"
+    w.signal(signal.SIGTERM)
+    assert w.wait(10) == 0
+
+
+@pytest.mark.timeout(40)
+def test_term_grace_sets_stop_requested_then_raises_at_the_await(r, worker, enqueue):
+    """With TERM_GRACE, current_job().stop_requested turns True at the SIGTERM and the TermException comes at the
+    end of the grace, at the coroutine's await; the job is put back."""
+    w = worker(TERM_GRACE=0.5)
+    job_id = enqueue("aj_flag", "ev")
+    assert next_event(r, "ev")["event"] == "started"
+    rep = dyno.shutdown(w.pid, mode="dyno", window=WINDOW)
+    assert not rep.sigkilled and w.wait(5) == 0, w.output
+    flag, term = events(r, "ev")
+    assert (flag["event"], term["event"]) == ("flag", "term")
+    assert flag["t"] - rep.signal_wall < 0.25 and term["t"] - rep.signal_wall >= 0.5
+    assert queued_ids(r) == [job_id]
