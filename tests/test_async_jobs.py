@@ -124,10 +124,11 @@ def test_async_jobs_run_inline_also_inside_a_running_loop():
             aj.aj_add.enqueue("k", 1, 2)
 
             async def from_a_loop():
-                return aj.aj_add.enqueue("k", 3, 4)
+                aj.aj_add.enqueue("k", 3, 4)
+                await aj.aj_add.enqueue_async("k", 5, 6)  # the async producer runs it inline too, no Redis
             asyncio.run(from_a_loop())
-        assert [j["result"] for j in run.jobs] == [{"sum": 3}, {"sum": 7}]
-        assert calls == [("k", "ran", {"name": "aj_add"})] * 2
+        assert [j["result"] for j in run.jobs] == [{"sum": 3}, {"sum": 7}, {"sum": 11}]
+        assert calls == [("k", "ran", {"name": "aj_add"})] * 3
     finally:
         from tests.jobs import event
         aj.event = event

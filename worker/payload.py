@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import reprlib
 import time
 import uuid
 from datetime import datetime, timedelta, timezone
@@ -36,13 +37,19 @@ def json_dumps(doc) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 4, 200, 200, 1 << 20
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdeque = _SHORT.maxarray = 60
+_SHORT.maxdict = 30
+
+
 def unserializable(value, exc: BaseException) -> tuple:
     """``(marker, warning)`` for a job's return value that is not JSON (issue 24 item 8): the job is done, its work
     is not repeated for a serialisation problem, and its result is this marker instead. ``@job(strict_result=True)``
     fails such a job instead."""
     kind = type(value).__name__
-    try:
-        shown = repr(value)
+    try:  # reprlib: a set of a million items is not turned into megabytes of text to keep 200 characters of it
+        shown = _SHORT.repr(value)
     except Exception as err:  # an app's __repr__ may raise anything
         shown = f"<repr failed: {type(err).__name__}>"
     warning = f"result_unserializable: the job returned a {kind}, which is not JSON ({type(exc).__name__}: {exc})"
