@@ -171,7 +171,17 @@ def test_job_context_survives_an_app_that_reconfigures_logging(r, api, spawn):
 
 
 def _ctx(r, key):
-    return json.loads(r.blpop(key, 20)[1])
+    from tests.support import pop
+    item = pop(r, key, 15)
+    assert item is not None, f"no event on {key}"
+    return json.loads(item)
+
+
+def _stop_when_sleeping(w):
+    """SIGTERM the worker once its job sleeps inside its try (not while it still reads its event's reply)."""
+    from tests import dyno
+    wait_until(lambda: dyno.sleeping(w.pid), 10, "the job to sleep")
+    w.signal(15)
 
 
 @pytest.mark.timeout(60)
@@ -189,7 +199,7 @@ def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn)
     second = _ctx(r, "ctx")  # the retry, after the failed attempt
     assert second["attempt"] == 2 and second["stop_requested"] is False and second["enqueued_at"] > first["enqueued_at"]
     assert get_job(job_id).attempts == 1
-    w.signal(15)
+    _stop_when_sleeping(w)
     stopped = _ctx(r, "ctx")
     assert stopped["term"] is True and stopped["stop_requested"] is True and stopped["attempt"] == 2
     assert w.wait(15) == 0
@@ -197,7 +207,7 @@ def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn)
     w = spawn(JOB_MODULES=MODULES, QUEUES="ctxq")
     again = _ctx(r, "ctx")
     assert again["attempt"] == 2 and again["stop_requested"] is False
-    w.signal(15)
+    _stop_when_sleeping(w)
     assert _ctx(r, "ctx")["term"] is True
     assert w.wait(15) == 0
 
