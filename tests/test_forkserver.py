@@ -145,7 +145,7 @@ def test_the_worker_leaving_while_a_childs_exit_is_reported_ends_the_fork_server
             assert time.monotonic() < deadline and fs.error is None, fs.error
             select.select([fs.fileno()], [], [], 1.0)
             fs.frames()
-        _, _, raw = build_payload("exit_with", [0], {}, None, 1 << 20)
+        _, _, raw = build_payload("kill_self", ["SIGSTOP"], {}, None, 1 << 20)  # the child waits, stopped
         report_r, report_w = os.pipe()
         fs.send(1, raw, report_w)
         os.close(report_w)
@@ -154,11 +154,15 @@ def test_the_worker_leaving_while_a_childs_exit_is_reported_ends_the_fork_server
             assert time.monotonic() < deadline, "no STARTED frame"
             select.select([fs.fileno()], [], [], 1.0)
             child = next((value for kind, seq, value in fs.frames() if kind == protocol.STARTED), None)
+        while _state(child) != "T":  # the job stopped itself: it cannot exit before the server is stopped too
+            assert time.monotonic() < deadline, "the job child never stopped itself"
+            time.sleep(0.01)
         os.kill(fs.proc.pid, signal.SIGSTOP)
-        while _state(fs.proc.pid) != "T":  # stopped for sure before the child may exit
+        while _state(fs.proc.pid) != "T":
             assert time.monotonic() < deadline, "the fork server never stopped"
             time.sleep(0.01)
-        while os.read(report_r, 65536):  # the child reports and exits; its pipe closes
+        os.kill(child, signal.SIGCONT)  # the job returns, reports and exits; the stopped server cannot reap it
+        while os.read(report_r, 65536):
             pass
         os.close(report_r)
         while _state(child) != "Z":  # exited, not yet reaped
@@ -413,3 +417,30 @@ def test_an_interrupted_runs_leftover_dies_before_it_is_put_back_when_the_fork_s
         release(sleeper)
     assert [json.loads(x)["id"] for x in r.lrange("worker:queue:default", 0, -1)] == [job_id]
     assert "shutdown.watchdog" not in w.output and "event=shutdown.job_put_back" in w.output, w.output
+
+
+@pytest.mark.timeout(45)
+def test_jobs_handed_to_a_stopped_fork_server_go_back_before_the_window_ends(r, spawn, enqueue):
+    """Two slots: one job runs (and swallows TermException); the fork server is stopped, then two more jobs are
+    claimed and handed over (no pid ever comes back). A stop with a window shorter than the handover's own timeout
+    (SPAWN_TIMEOUT, 10 s) used to wait for that timeout: the watchdog's hard exit (code 3) came first, leaving
+    the two unstarted jobs in the processing list until another worker recovered them. At the stop's deadline the
+    wedged server is written off like one past its handover timeout: every job goes back in the window, exit 0.
+
+    Origin: adversarial review of issue 22 (scenario "fork server stopped while a job is being handed over")."""
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY=3, SHUTDOWN_WINDOW=4)  # TERM_TIMEOUT 2.5 s, hard exit 3.5 s
+    running = enqueue("term_probe", "ev", swallow=True)
+    assert next_event(r, "ev")["event"] == "started"
+    wait_until(lambda: sleeping(w.pid), 5, "the job in its sleep")
+    [server] = forkserver_of(w.pid)
+    os.kill(server, signal.SIGSTOP)
+    try:
+        handed = [enqueue("push", "out", "b"), enqueue("push", "out", "c")]
+        wait_until(lambda: r.llen(QUEUE) == 0 and sum(map(len, processing(r).values())) == 3, 10, "both claimed")
+        w.signal(signal.SIGTERM)
+        assert w.wait(10) == 0, w.output
+    finally:
+        release(server)
+    assert "shutdown.watchdog" not in w.output, w.output
+    assert sorted(json.loads(x)["id"] for x in r.lrange(QUEUE, 0, -1)) == sorted([running, *handed]), w.output
+    assert processing(r) == {} and r.zcard("worker:failed") == 0 and r.llen("out") == 0

@@ -22,7 +22,7 @@ from .forkserver import ForkServer, ForkServerError
 from .policy import Kill
 from .signals import kill_job
 from .slot import EXIT_WAIT, Report, Slot, job_private_mb
-from .stops import Stage, next_step
+from .stops import STEPS, Stage, next_step
 
 SPAWN_TIMEOUT = 10.0    # a fork server that has not handed a job to a child by then is wedged: replaced
 REAP_TIMEOUT = 10.0     # ... or that has not reported a child's exit this long after it exited
@@ -175,7 +175,7 @@ class SlotTable:
             if not s.busy or s.child.status is not None:
                 continue
             if not s.child.pid:
-                at = min(at, s.started + SPAWN_TIMEOUT)
+                at = min(at, self._spawn_by(s))
                 continue
             exited = s.child.exited_at
             if exited:  # the stop's steps still apply (an interrupted run waits for its exit status)
@@ -237,11 +237,20 @@ class SlotTable:
                 s.out.read()
             if c.pidfd in gone:
                 c.exited_at = now
-            if failure is None and s.busy and not c.pid and now - s.started > SPAWN_TIMEOUT:
-                failure = f"fork server did not start a job in {SPAWN_TIMEOUT:g} s"
+            if failure is None and s.busy and not c.pid and now > self._spawn_by(s):
+                failure = f"fork server did not start a job in {min(now - s.started, SPAWN_TIMEOUT):.3g} s"
             if failure is None and c.exited_at and c.status is None and now - c.exited_at > REAP_TIMEOUT:
                 failure = f"fork server did not report a finished job in {REAP_TIMEOUT:g} s"
         return failure
+
+    def _spawn_by(self, s: Slot) -> float:
+        """When the fork server must have started slot ``s``'s job (monotonic), or be written off as wedged:
+        SPAWN_TIMEOUT after the handover, and during a stop no later than its deadline step (``stops.STEPS``), when
+        every job must be gone: a job not started by then goes back unstarted, inside the window."""
+        at = s.started + SPAWN_TIMEOUT
+        if self.sig.stop_at is not None:
+            at = min(at, self.sig.stop_at + STEPS[Stage.KILLED - 1].offset(self.cfg))
+        return at
 
     def _frame(self, kind, seq, value) -> None:
         slot = next((s for s in self.slots if s.busy and s.seq == seq), None)

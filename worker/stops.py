@@ -16,7 +16,8 @@ steps as data). :meth:`worker.slots.SlotTable.service` takes each step whose tim
                                              whatever Redis is doing; a job not yet recorded stays in the processing
                                              list and is recovered by another worker, so nothing is lost
 
-A child whose pid comes after the stop (it was being forked) gets every step already due at once. The supervisor's
+A child whose pid comes after the stop (it was being forked) gets every step already due at once; a job the fork
+server has not started by the KILLED step (a stalled server) goes back unstarted then (``SlotTable._spawn_by``). The supervisor's
 own side of a stop is ``Supervisor.quiet`` (claim nothing more), ``wait_for`` (this timeline) and ``bookkeeping``
 (record, unregister, leave); ``config.py`` derives TERM_TIMEOUT from the window so that the KILLED step and the
 bookkeeping fit before the hard exit.
