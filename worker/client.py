@@ -78,7 +78,8 @@ class Link:
     A call sends its command, then waits for the reply in ``select`` together with the signal wake-up pipe; whenever
     a signal arrives or ``due()`` seconds pass, ``service()`` runs (it signals job children and touches no Redis), so
     a slow or hung Redis never delays a stop or a deadline. The whole call is bounded by the connection's socket
-    timeout; on any error the connection is dropped (the next call reconnects) and the error propagates.
+    timeout; on any error but an error reply the connection is dropped (the next call reconnects) and the error
+    propagates.
     """
 
     def __init__(self, r: redis.Redis, wake_fd: int, service: Callable[[], None], due: Callable[[], float]):
@@ -91,6 +92,12 @@ class Link:
             conn.send_command(*args)
             self._wait(conn)
             return conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            # an error reply was read whole: the connection is in step. Kept for NOSCRIPT (every script's first
+            # use) and a script's own error; dropped for the rest (READONLY after a failover: reconnect)
+            if type(exc) not in (redis.exceptions.ResponseError, redis.exceptions.NoScriptError):
+                conn.disconnect()
+            raise
         except BaseException:
             conn.disconnect()
             raise
@@ -158,6 +165,12 @@ class Waiter:
         conn, self.conn = self.conn, None
         try:
             return conn.read_response()
+        except redis.exceptions.ResponseError as exc:
+            # an error reply was read whole: the connection is in step. Kept for NOSCRIPT (every script's first
+            # use) and a script's own error; dropped for the rest (READONLY after a failover: reconnect)
+            if type(exc) not in (redis.exceptions.ResponseError, redis.exceptions.NoScriptError):
+                conn.disconnect()
+            raise
         except BaseException:
             conn.disconnect()
             raise
