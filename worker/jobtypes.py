@@ -1,6 +1,6 @@
 """Static types of the ``@job`` API (for type checkers; nothing here runs on the hot path).
 
-``@job`` returns the decorated function itself, with three attributes added. :class:`JobFunction` describes that
+``@job`` returns the decorated function itself, with its enqueue methods added (and their ``_async`` twins). :class:`JobFunction` describes that
 object so a type checker (mypy, pyright) keeps the function's own signature for plain calls and checks the
 arguments of ``.enqueue``/``.enqueue_in``/``.enqueue_at`` against it::
 
@@ -45,6 +45,12 @@ class JobFunction(Protocol[P, R_co]):
     def enqueue_in(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
     def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    async def enqueue_in_async(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    async def enqueue_at_async(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
     def options(self, *, queue: str | None = None, delay: float | timedelta | None = None,
                 timeout: float | None = None, retries: int | None = None, job_id: str | None = None,

@@ -19,8 +19,10 @@ import hashlib
 import json
 import math
 import re
+import reprlib
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
 from .config import MAX_TTL, QUEUE_RULE, valid_queue_name
@@ -72,6 +74,57 @@ def check_options(opts: dict) -> dict:
             top = f" and <= {MAX_TTL:g}" if name == "result_ttl" else ""
             raise ValueError(f"job option {name}= must be >= 0{top}, not {value!r}")
         out[name] = value
+    return out
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 4, 200, 200, 1 << 20
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdeque = _SHORT.maxarray = 60
+_SHORT.maxdict = 30
+
+
+def unserializable(value, exc: BaseException) -> tuple:
+    """``(marker, warning)`` for a job's return value that is not JSON (issue 24 item 8): the job is done, its work
+    is not repeated for a serialisation problem, and its result is this marker instead. ``@job(strict_result=True)``
+    fails such a job instead."""
+    kind = type(value).__name__
+    try:  # reprlib: a set of a million items is not turned into megabytes of text to keep 200 characters of it
+        shown = _SHORT.repr(value)
+    except Exception as err:  # an app's __repr__ may raise anything
+        shown = f"<repr failed: {type(err).__name__}>"
+    warning = f"result_unserializable: the job returned a {kind}, which is not JSON ({type(exc).__name__}: {exc})"
+    return {"unserializable": kind, "repr": shown[:200]}, warning[:500]
+
+
+def delay_of(seconds) -> float:
+    """``enqueue_in``'s ``seconds`` (a number or a ``timedelta``) as a finite float; TypeError/ValueError else."""
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
+                        f"{type(seconds).__name__}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    return seconds
+
+
+def due_of(when) -> float:
+    """``enqueue_at``'s ``when`` (a ``datetime``, naive = UTC) as a unix time; TypeError for anything else."""
+    if not isinstance(when, datetime):
+        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
+                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def valid_options(raw) -> dict:
+    """The valid per-call options of a claimed payload's "options" (a foreign producer's junk is ignored)."""
+    out = {}
+    for name, value in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            out.update(check_options({name: value}))
+        except (TypeError, ValueError):
+            pass
     return out
 
 

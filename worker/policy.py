@@ -54,6 +54,8 @@ class Result:
     message: Optional[str] = None
     traceback: Optional[str] = None
     value: str = ""  # DONE: the return value as JSON text ('' for None)
+    warning: Optional[str] = None  # DONE: the result was replaced by a marker (not JSON; payload.unserializable)
+    retryable: bool = True  # ERROR: False when the job's dont_retry/retry_on rule out a retry (decided in the child)
 
     def fields(self) -> dict:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
@@ -96,7 +98,8 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         except (ValueError, TypeError, RecursionError):
             return Result(Status.ERROR, duration, "ResultNotJSON", "the job's return value could not be kept")
         return Result(_REPORTED[report["status"]], duration, _text(report.get("type")), _text(report.get("message")),
-                      _text(report.get("traceback")), text)
+                      _text(report.get("traceback")), text, _text(report.get("warning")),
+                      report.get("retryable") is not False)
     if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
         return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
     if killed is Kill.TIMEOUT:
@@ -134,9 +137,12 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
     doc, opts = job.doc, job.options
     base = dict(job=job.id, name=job.name, queue=job.queue, duration=result.duration)
     if result.status is Status.DONE:
-        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000)),
-                         "job.done", "info",
-                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}))
+        notes = () if result.warning is None else (
+            ("warning", "job.result_unserializable", dict(job=job.id, name=job.name, warning=result.warning)),)
+        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000),
+                                          result.warning or ""), "job.done", "info",
+                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}),
+                         notes)
     if result.status is Status.CANCELED:  # not put back, not retried: the run ends here (issue 24 item 2)
         return _decision(job, Outcome.cancel(job.raw, job.slot, job.id, int(opts.result_ttl * 1000)),
                          "job.canceled", "info", dict(outcome="canceled", **base))
@@ -150,7 +156,7 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
                              "type": _clean(result.type), "message": _clean(result.message)})
     if result.status is Status.BAD:
         return bad(job.raw, job.id, job.queue, worker, result.message or "", job.slot, job.name, job.claimed_ms)
-    if attempts <= opts.retries:
+    if attempts <= opts.retries and result.retryable:
         delay = backoff_delay(attempts)
         new_doc = _again(doc, job.queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
                          **progress)
@@ -159,8 +165,10 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
                          dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
     rec = dict(failed_record(job.raw, job.id, job.name, job.queue, worker, attempts, result.status.value,
                              result.fields(), history), **progress)
-    return _decision(job, Outcome.fail(job.raw, job.id, rec, job.slot, attempts), "job.failed", "warning",
-                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+    extra = {} if result.retryable else {"retryable": False}  # dont_retry/retry_on: failed at once
+    return _decision(job, Outcome.fail(job.raw, job.id, dict(rec, **extra), job.slot, attempts), "job.failed",
+                     "warning", dict(outcome=result.status.value, attempts=attempts, error=result.message, **base,
+                                     **extra))
 
 
 def _decision(job: Optional[ClaimedJob], outcome: Outcome, event: str, level: str, fields: dict, notes=(),

@@ -34,6 +34,7 @@ class Job:
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     worker: Optional[str] = None     # the worker that ran it last
+    warning: Optional[str] = None    # done, but its return value was not JSON: ``result`` is a marker
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -69,6 +70,12 @@ def _running(r, keys, job_id: str) -> Optional[tuple]:
         for w in workers:
             p.hgetall(keys.worker(w))
         infos = p.execute()
+    return held_by(workers, infos, job_id)
+
+
+def held_by(workers, infos, job_id: str) -> Optional[tuple]:
+    """``(worker, started_ms)`` of the worker whose hash (in ``infos``, one per name in ``workers``) shows
+    ``job_id`` in a slot, or None."""
     needle = f'{{"id":"{job_id}"'
     for w, info in zip(workers, infos):
         for field, value in info.items():
@@ -86,10 +93,15 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
         info, failure = p.execute()
     if not info:
         return None
-    if info.get("status") in ("queued", "scheduled"):
-        held = _running(r, keys, job_id)
-        if held is not None:
-            info = dict(info, status="running", worker=held[0], started_at=held[1])
+    held = _running(r, keys, job_id) if info.get("status") in ("queued", "scheduled") else None
+    return build(job_id, info, failure, held)
+
+
+def build(job_id: str, info: dict, failure, held: Optional[tuple]) -> Job:
+    """The :class:`Job` from its status record ``info``, its failed-registry record ``failure`` (JSON text) and
+    ``held`` (:func:`held_by`'s answer): one reading for the sync and the async client (``worker.aio_api``)."""
+    if held is not None:
+        info = dict(info, status="running", worker=held[0], started_at=held[1])
     error = None
     if info.get("status") == "failed":
         rec = _json(failure) or {}
@@ -101,7 +113,7 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
     return Job(id=job_id, name=info.get("name"), queue=info.get("queue"), status=info.get("status") or "queued",
                result=_json(info.get("result")), error=error, attempts=attempts,
                enqueued_at=_seconds(info.get("enqueued_at")), started_at=_seconds(info.get("started_at")),
-               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"))
+               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"), warning=info.get("warning"))
 
 
 def get_job(job_id: str) -> Optional[Job]:
@@ -124,9 +136,10 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
 
     The waiter marks the job's record (an expiry of a year on a record that has none, await.lua, which also
     reads its status) and blocks on ``P:done:<id>`` (BLPOP), where the script recording the outcome pushes the
-    final record only for a marked job (its ``PEXPIRE ... NX`` finds the mark): jobs nobody waits for pay nothing. It blocks in slices of at most ``WAIT_SLICE`` s and marks and
-    reads the status again between them, so a push lost in a failover (or a job failed by recovery, which pushes
-    nothing) delays the return by a slice at most, never hangs it."""
+    final record only for a marked job (its ``PEXPIRE ... NX`` finds the mark): jobs nobody waits for pay nothing.
+    It blocks in slices of at most ``WAIT_SLICE`` s and marks and reads the status again between them, so a push
+    lost in a failover (or a job failed by recovery, which pushes nothing) delays the return by a slice at most,
+    never hangs it."""
     from . import jobs, testing
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise ValueError(f"wait: timeout must be None or a number of seconds >= 0, not {timeout!r}")
@@ -162,3 +175,17 @@ def _pushed(job_id: str, item: str) -> Job:
         return Job(id=job_id, name=rec.get("name"), queue=rec.get("queue"), status=status,
                    error={k: rec.get(k) for k in ("type", "message", "traceback", "cause")})
     return Job(id=job_id, name=None, queue=None, status=status, result=_json(body))
+
+
+async def get_job_async(job_id: str) -> Optional[Job]:
+    """:func:`get_job` for async code (``await``), on redis-py's asyncio client (``worker.aio_broker``)."""
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError("job id must be a non-empty string")
+    from . import aio_broker, testing
+    if testing.active():
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
+    info, failure, held = await aio_broker.default().read_job(job_id)
+    if not info:
+        return None
+    return build(job_id, info, failure, None if held is None else held_by(held[0], held[1], job_id))

@@ -15,7 +15,8 @@ Under ``inline()`` every ``enqueue``/``enqueue_in``/``enqueue_at``/``enqueue_man
 job at once, in the calling process and thread, and returns its id; no connection to Redis is ever made. What stays
 as in production: the name must be registered (the job module imported), the arguments go through the same JSON
 encoding (a ``datetime`` argument fails at enqueue with the same ``TypeError``; a tuple arrives as a list), the
-arguments must fit the function, and a return value that is not JSON fails the job. What differs: no retries (one
+arguments must fit the function, and a return value that is not JSON is kept as the same marker (or fails the job with
+``@job(strict_result=True)``). What differs: no retries (one
 attempt), no timeout, no fork (a job's global side effects stay in the test process).
 
 * **Exceptions** of the job propagate out of the enqueue call (like RQ's ``is_async=False``), after the outcome is
@@ -36,6 +37,7 @@ ended_at``) or ``None`` for an id not enqueued in the current inline block.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -46,7 +48,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from . import jobs
+from . import aio, context, jobs
+from .payload import unserializable
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
 _stack: list = []
@@ -157,25 +160,45 @@ class InlineJobs:
         rec = self._by_id[doc["id"]]
         spec = jobs.registered(doc["name"])
         rec.update(status="running", attempts=rec["attempts"] + 1, started_at=round(time.time(), 6))
+        prev = context.enter(doc, spec.name)
         try:
             try:
                 spec.signature.bind(*doc["args"], **doc["kwargs"])
             except TypeError as exc:
                 raise jobs.BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
-            result = spec.fn(*doc["args"], **doc["kwargs"])
-            try:
-                result = json.loads(jobs.json_dumps(result))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
-                                f"(dict, list, str, number, bool, None) or nothing") from None
+            if spec.is_async:
+                value = aio.run_inline(spec.fn, doc["args"], doc["kwargs"])
+            else:
+                value = spec.fn(*doc["args"], **doc["kwargs"])
+            result, warning = _kept(spec, value)
         except Exception as exc:
-            rec.update(status="failed", ended_at=round(time.time(), 6),
-                       error={"type": type(exc).__name__, "message": str(exc)[:2000],
-                              "traceback": traceback.format_exc()[-20000:]})
+            error = {"type": type(exc).__name__, "message": str(exc)[:2000],
+                     "traceback": traceback.format_exc()[-20000:]}
+            if not spec.retryable(exc):  # dont_retry/retry_on: a worker would fail it at once, whatever retries
+                error["retryable"] = False
+            rec.update(status="failed", ended_at=round(time.time(), 6), error=error)
             if self.raise_errors:
                 raise
             return
+        finally:
+            context.leave(prev)
         rec.update(status="done", result=result, ended_at=round(time.time(), 6))
+        if warning is not None:  # only then, so a record keeps the shape get_job's has
+            rec["warning"] = warning
+
+
+def _kept(spec, value) -> tuple:
+    """``(result, warning)`` as a worker keeps a job's return value: after a JSON round trip; not JSON: a marker and
+    a warning (``payload.unserializable``), or with ``@job(strict_result=True)`` a ``TypeError`` (the job fails)."""
+    try:
+        return json.loads(jobs.json_dumps(value)), None
+    except (TypeError, ValueError, RecursionError) as exc:
+        if spec.strict_result:
+            raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
+                            f"(dict, list, str, number, bool, None) or nothing") from None
+        marker, warning = unserializable(value, exc)
+        logging.getLogger("worker.testing").warning("job.result_unserializable name=%s %s", spec.name, warning)
+        return marker, warning
 
 
 @contextmanager

@@ -30,7 +30,7 @@ def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
     """The eight CYCLE fields of a ``fetch.Outcome`` (cycle.lua: op, slot, payload, job id, a, b, c, started)."""
     op = o.op.value
     if op == "ack" or op == "cancel":
-        a, b, c = o.result, (o.keep_ms if o.keep_ms is not None else result_ttl_ms), ""
+        a, b, c = o.result, (o.keep_ms if o.keep_ms is not None else result_ttl_ms), o.warning
     elif op == "fail":
         a, b, c = o.record, failed_ttl_ms, o.attempts
     elif op == "retry":

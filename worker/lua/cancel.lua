@@ -7,8 +7,9 @@
 -- ARGV[2] keep_ms    how long the canceled record is kept (RESULT_TTL, ms)
 -- ARGV[3] running    '1': if a worker runs it, ask that worker to stop it (SADD P:cancel:<w>, kept a day; the worker
 --                    pops it at its next beat: TermException in the job, status canceled, not put back)
--- Reply: {1} canceled; {2, worker} (running) that worker was asked to stop it; {0, reason}: nothing done, reason 'unknown' (no status record), '<status>' (done, failed,
---   canceled: it has ended), 'running' (queued per its record but in no queue: a worker has claimed it), 'wrongtype'.
+-- Reply: {1} canceled; {2, worker} (running) that worker was asked to stop it; {0, reason}: nothing done,
+--   reason 'unknown' (no status record), '<status>' (done, failed, canceled: it has ended), 'running' (queued
+--   per its record but in no queue: a worker has claimed it), 'missing' (scheduled but not found), 'wrongtype'.
 -- Invariants: atomic with the claim (CYCLE): a job is either still in its queue and removed here (it never runs) or
 --   claimed (not found here: cancel returns 0, the job runs). The job is found by its payload's head
 --   ('{"id":"<id>"', how producers write it), scanning its queue or P:scheduled in chunks of 1000: O(length).

@@ -28,7 +28,8 @@
 --   then nout (at outcome_count_at), then nout outcomes of OUTCOME_LEN (8) fields each:
 --     op, slot, payload, job id ('' = keep no status), a, b, c, started (ms, Redis clock: when it was claimed, as
 --     this script returned it; '' = read started:<slot>)
---       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
+--       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now),
+--                c = a warning for the status record ('' = none; a result that was not JSON)
 --       fail:    a = failure record, b = ms to keep the status record, c = attempts
 --       retry:   a = new payload, b = delay ms, c = attempts
 --       cancel:  b = ms to keep the status record ('0' = delete it now): stopped by cancel(running=True)
@@ -38,7 +39,8 @@
 -- Reply: {held (LLEN of the processing list; -1 when not beating), ms until the next scheduled job is due ('' if
 --   none; only when nothing was claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists,
 --   2 if only this worker's P:workers entry was gone, else 0), odd keys ('' or key names joined by newlines),
---   cancel (when beating: the ids popped from P:cancel:<w>, joined by newlines; else ''), slot1, payload1, queue1, ..., then the queue names considered (only when nothing was claimed)};
+--   cancel (when beating: the ids popped from P:cancel:<w>, joined by newlines; else ''), slot1, payload1,
+--   queue1, ..., then the queue names considered (only when nothing was claimed)};
 --   {-2}: Redis lost its data since the worker registered (P:epoch differs), nothing written;
 --   {-3, key, type}: a key this call must write is of the wrong type, nothing written.
 -- Invariants:
@@ -130,6 +132,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
                       'started_at', started)
+          if c ~= '' then redis.pcall('HSET', jk, 'warning', c) end
           if redis.pcall('PEXPIRE', jk, b, 'NX') == 0 then  -- it had an expiry: a waiter's mark (await.lua)
             redis.pcall('PEXPIRE', jk, b)
             notify(prefix, id, 'done', a)
