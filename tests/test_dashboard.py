@@ -221,6 +221,18 @@ def test_a_queued_jobs_page_cancels_it_by_post_and_not_in_read_only_mode(app, r,
     assert "not%20canceled" in c.post("/jobs/q1/cancel", {})[1]["Location"]
 
 
+def test_a_reused_job_ids_page_shows_the_new_job_not_the_old_failure(app, r):
+    """Issue 24 item 4: an id may be used again once its job ended; after a failure, the failed registry keeps the
+    old record, but the job page shows the job now queued under that id, not the old error (found by the helper
+    that built own job ids)."""
+    fail(r, "again")
+    enqueue(r, job_id="again")
+    r.hset(K.job("again"), mapping={"status": "queued", "attempts": 0})  # as ENQUEUE writes it for a reused id
+    status, _, text = Client(app).get("/jobs/again")
+    assert status == 200 and "queued" in text
+    assert "bad &lt;img" not in text and "Traceback..." not in text
+
+
 # --- escaping and headers -------------------------------------------------------------------------------------
 
 def test_a_hostile_argument_name_queue_and_error_show_as_text(app, r):
