@@ -2,6 +2,7 @@
 what they saw to the Redis list ``hooks``; one of them raises, to show a hook's error changes no outcome."""
 import json
 import logging
+import time
 
 from tests.jobs import r
 from worker import job
@@ -20,9 +21,22 @@ def api_none():
     return None
 
 
-@job
+@job(strict_result=True)
 def api_set():
+    """A return value that is not JSON, under strict_result: the job fails (before issue 24 item 8: every job)."""
     return {1, 2}
+
+
+class Opaque:
+    def __repr__(self):
+        return "Opaque(" + "x" * 300 + ")"
+
+
+@job
+def api_odd(kind):
+    """Returns a value that is not JSON (issue 24 item 8): done, with a marker for a result."""
+    import datetime
+    return {"set": {3}, "datetime": datetime.datetime(2026, 12, 6, 12, 0), "object": Opaque()}[kind]
 
 
 @job(retries=1)
@@ -75,3 +89,26 @@ def _after(job, outcome):
                                    "result": outcome.result}))
     if job.name == "api_add":
         raise RuntimeError("a broken hook")
+
+
+def _ctx_event(key, **extra):
+    from worker import current_job
+    c = current_job()
+    r().rpush(key, json.dumps({"id": c.id, "name": c.name, "queue": c.queue, "attempt": c.attempt,
+                               "enqueued_at": c.enqueued_at, "stop_requested": c.stop_requested, **extra}))
+
+
+@job(queue="ctxq", retries=1)
+def api_ctx(key, fail_first=False, block=False):
+    """Records current_job() on ``key``; fails its first attempt if ``fail_first``; with ``block``, waits for a
+    stop and records current_job() again in its TermException handler before letting it propagate (put back)."""
+    from worker import TermException, current_job
+    _ctx_event(key)
+    if fail_first and current_job().attempt == 1:
+        raise IOError("first attempt fails")
+    if block:
+        try:
+            time.sleep(30)
+        except TermException:
+            _ctx_event(key, term=True)
+            raise

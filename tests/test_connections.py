@@ -114,3 +114,21 @@ def test_long_job_heartbeats_and_shutdown_stay_within_two(r, redis_server, spawn
     assert w.wait(5) == 0, w.output
     assert "graceful shutdown!" in w.output  # the job ran to its cleanup: the shutdown path was the real one
     assert names <= NAMES, f"unexpected connection names {names}"
+
+
+@pytest.mark.timeout(30)
+def test_an_error_reply_keeps_the_workers_connection(redis_server):
+    """NOSCRIPT (every script's first use by a worker) and a script's own error reply are read whole: the connection
+    is in step and is kept. Dropping it made a starting worker open one connection per script (6 where the test
+    above allows 4, seen under load while reshaping issue 22)."""
+    import os
+    import redis as redis_py
+    from worker.client import Link
+    r = redis_py.Redis.from_url(redis_server.url, decode_responses=True)
+    link = Link(r, os.pipe()[0], lambda: None, lambda: 1.0)
+    first = link.execute("CLIENT", "ID")
+    fresh = r.register_script(f"return {int(time.time() * 1e6)}")  # never loaded: EVALSHA answers NOSCRIPT
+    assert link.script(fresh, [], []) == int(fresh.script.split()[1])
+    with pytest.raises(redis_py.ResponseError):
+        link.execute("EVAL", "return redis.error_reply('refused')", 0)
+    assert link.execute("CLIENT", "ID") == first

@@ -204,6 +204,35 @@ def test_scheduled_run_now_and_delete(app, r):
     assert c.post("/scheduled/delete", {"payload": p2})[0] == 303 and r.zcard(K.scheduled) == 0
 
 
+def test_a_queued_jobs_page_cancels_it_by_post_and_not_in_read_only_mode(app, r, cfg):
+    """Issue 24 item 2: the Cancel button (POST + CSRF + same origin), hidden and refused in read-only mode."""
+    enqueue(r, job_id="q1")
+    r.hset(K.job("q1"), mapping={"status": "queued", "name": "push", "queue": "default"})
+    ro = Client(make_app(cfg, redis_client=r, read_only=True))
+    assert "/cancel" not in ro.get("/jobs/q1")[2] and ro.post("/jobs/q1/cancel", {})[0] == 403
+    c = Client(app)
+    assert 'action="/jobs/q1/cancel"' in c.get("/jobs/q1")[2]
+    assert c.post("/jobs/q1/cancel", {}, same_origin=False)[0] == 403 and r.llen(K.queue("default")) == 1
+    status, headers, _ = c.post("/jobs/q1/cancel", {})
+    assert status == 303 and "canceled" in headers["Location"]
+    assert r.llen(K.queue("default")) == 0 and r.hget(K.job("q1"), "status") == "canceled"
+    status, _, text = c.get("/jobs/q1")
+    assert "canceled" in text and "/cancel" not in text
+    assert "not%20canceled" in c.post("/jobs/q1/cancel", {})[1]["Location"]
+
+
+def test_a_reused_job_ids_page_shows_the_new_job_not_the_old_failure(app, r):
+    """Issue 24 item 4: an id may be used again once its job ended; after a failure, the failed registry keeps the
+    old record, but the job page shows the job now queued under that id, not the old error (found by the helper
+    that built own job ids)."""
+    fail(r, "again")
+    enqueue(r, job_id="again")
+    r.hset(K.job("again"), mapping={"status": "queued", "attempts": 0})  # as ENQUEUE writes it for a reused id
+    status, _, text = Client(app).get("/jobs/again")
+    assert status == 200 and "queued" in text
+    assert "bad &lt;img" not in text and "Traceback..." not in text
+
+
 # --- escaping and headers -------------------------------------------------------------------------------------
 
 def test_a_hostile_argument_name_queue_and_error_show_as_text(app, r):

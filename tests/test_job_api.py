@@ -168,3 +168,65 @@ def test_job_context_survives_an_app_that_reconfigures_logging(r, api, spawn):
     line = w.wait_for(r"APPFMT .*app says hi")
     assert f"job={job_id}" in line and "name=logconfig_job" in line, line
     assert "APPFMT job=- name=- imported" in w.output and "Logging error" not in w.output, w.output
+
+
+def _ctx(r, key):
+    from tests.support import pop
+    item = pop(r, key, 15)
+    assert item is not None, f"no event on {key}"
+    return json.loads(item)
+
+
+def _stop_when_sleeping(w):
+    """SIGTERM the worker once its job sleeps inside its try (not while it still reads its event's reply)."""
+    from tests import dyno
+    wait_until(lambda: dyno.sleeping(w.pid), 10, "the job to sleep")
+    w.signal(15)
+
+
+@pytest.mark.timeout(60)
+def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn):
+    """Issue 24 item 5: current_job() in the job's child: its id, name, queue, 1-based attempt (a failed attempt
+    counts, a put-back after a stop does not), enqueued_at, and stop_requested turning True live; None outside."""
+    from worker import current_job
+    assert current_job() is None
+    job_id = jobs.enqueue("api_ctx", "ctx", fail_first=True, block=True)
+    w = spawn(JOB_MODULES=MODULES, QUEUES="ctxq")
+    first = _ctx(r, "ctx")
+    assert first == {"id": job_id, "name": "api_ctx", "queue": "ctxq", "attempt": 1,
+                     "enqueued_at": first["enqueued_at"], "stop_requested": False}
+    assert abs(first["enqueued_at"] - get_job(job_id).enqueued_at) < 0.01
+    second = _ctx(r, "ctx")  # the retry, after the failed attempt
+    assert second["attempt"] == 2 and second["stop_requested"] is False and second["enqueued_at"] > first["enqueued_at"]
+    assert get_job(job_id).attempts == 1
+    _stop_when_sleeping(w)
+    stopped = _ctx(r, "ctx")
+    assert stopped["term"] is True and stopped["stop_requested"] is True and stopped["attempt"] == 2
+    assert w.wait(15) == 0
+    assert get_job(job_id).status == "queued" and get_job(job_id).attempts == 1  # put back: not an attempt
+    w = spawn(JOB_MODULES=MODULES, QUEUES="ctxq")
+    again = _ctx(r, "ctx")
+    assert again["attempt"] == 2 and again["stop_requested"] is False
+    _stop_when_sleeping(w)
+    assert _ctx(r, "ctx")["term"] is True
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_return_value_that_is_not_json_is_done_with_a_marker_and_a_warning(r, api, spawn):
+    """Issue 24 item 8: a set, a datetime, an object returned: done (the work is not repeated for a serialisation
+    problem), the result a marker with the type and the repr cut to 200 characters, a warning in the status record
+    and a job.result_unserializable line; @job(strict_result=True) (api_set, above) still fails."""
+    ids = {kind: jobs.enqueue("api_odd", kind) for kind in ("set", "datetime", "object")}
+    plain = jobs.enqueue("api_add", 1, 2)
+    w = burst(spawn, LOG_LEVEL="INFO")
+    got = {kind: get_job(job_id) for kind, job_id in ids.items()}
+    assert {k: (j.status, j.attempts, j.error) for k, j in got.items()} == {k: ("done", 0, None) for k in ids}
+    assert got["set"].result == {"unserializable": "set", "repr": "{3}"}
+    assert got["datetime"].result == {"unserializable": "datetime",
+                                      "repr": "datetime.datetime(2026, 12, 6, 12, 0)"}
+    assert got["object"].result == {"unserializable": "Opaque", "repr": ("Opaque(" + "x" * 300)[:200]}
+    assert all("result_unserializable" in j.warning and "not JSON" in j.warning for j in got.values())
+    lines = [line for line in w.output.splitlines() if "event=job.result_unserializable" in line]
+    assert len(lines) == 3 and all("level=warning" in line and "name=api_odd" in line for line in lines)
+    assert get_job(plain).result == {"sum": 3} and get_job(plain).warning is None

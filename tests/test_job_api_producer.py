@@ -188,3 +188,102 @@ def test_enqueue_into_a_wrong_typed_queue_raises_before_writing_anything(r, brok
     with pytest.raises(Exception, match=f"WRONGTYPE {key} is a string"):
         CALLS[call]("fail")  # fail(message): one argument, as CALLS passes
     assert sorted(r.keys("*")) == [key]
+
+
+# --- per-call options and own job ids (issue 24 items 3 and 4) ---
+
+CONTROL = "worker.sample,tests.jobs,tests.jobs_control"
+
+
+@pytest.mark.timeout(30)
+def test_options_are_checked_at_the_call_with_a_clear_message(r, broker):
+    """Issue 24 item 3: each bad option raises at .options(), naming it; nothing reaches Redis."""
+    import tests.jobs_control as jc
+    bad = [(dict(queue="no spaces"), ValueError, "queue"), (dict(retries="5"), TypeError, "retries"),
+           (dict(retries=1.5), TypeError, "retries"), (dict(timeout=-1), ValueError, "timeout"),
+           (dict(timeout=True), TypeError, "timeout"), (dict(result_ttl=10 ** 12), ValueError, "result_ttl"),
+           (dict(max_interruptions=-2), ValueError, "max_interruptions"), (dict(delay="soon"), TypeError, "seconds"),
+           (dict(delay=-3), ValueError, "delay"), (dict(job_id="has space"), ValueError, "job_id"),
+           (dict(job_id="x" * 101), ValueError, "job_id"), (dict(job_id=7), TypeError, "job_id"),
+           (dict(job_id="naïve"), ValueError, "job_id")]
+    for opts, kind, word in bad:
+        with pytest.raises(kind, match=word):
+            jc.quick.options(**opts)
+    with pytest.raises(TypeError):
+        jc.quick.options(colour="red")
+    with pytest.raises(TypeError, match="delay"):
+        jc.quick.options(delay=5).enqueue_in(5, "k")
+    with pytest.raises(TypeError, match="arguments do not fit"):
+        jc.quick.options(queue="q").enqueue()
+    assert r.keys("*") == []
+    assert jc.quick.options(job_id="Aa0-_.:" + "z" * 93).enqueue("k") == "Aa0-_.:" + "z" * 93
+
+
+@pytest.mark.timeout(30)
+def test_options_travel_in_the_payload_and_a_delay_schedules(r, broker):
+    import tests.jobs_control as jc
+    job_id = jc.quick.options(queue="other", timeout=2.5, retries=0, result_ttl=0, job_id="welcome-42").enqueue(
+        "k", value="v")
+    assert job_id == "welcome-42"
+    doc = json.loads(r.lindex("worker:queue:other", 0))
+    assert doc["id"] == "welcome-42" and doc["kwargs"] == {"value": "v"}
+    assert doc["options"] == {"timeout": 2.5, "retries": 0, "result_ttl": 0}
+    later = jc.quick.options(delay=timedelta(minutes=5)).enqueue("k")
+    at = jobs.options("quick", queue="mail").enqueue_at(datetime.now(timezone.utc) + timedelta(hours=1), "k")
+    assert r.zcard("worker:scheduled") == 2 and worker.get_job(later).status == "scheduled"
+    assert json.loads(r.zrange("worker:scheduled", -1, -1)[0])["queue"] == "mail" and at
+    assert "options" not in json.loads(r.zrange("worker:scheduled", 0, 0)[0])  # none given: none carried
+
+
+@pytest.mark.timeout(60)
+def test_an_own_job_id_enqueues_nothing_while_its_job_has_not_ended(r, broker, spawn):
+    """Issue 24 item 4: queued, scheduled, running: the same id comes back and nothing is enqueued; done: reusable."""
+    import tests.jobs_control as jc
+    assert jc.gate.options(job_id="only-one").enqueue("g1", "first") == "only-one"
+    assert jc.gate.options(job_id="only-one").enqueue("g1", "second") == "only-one"  # queued
+    assert r.llen("worker:queue:default") == 1
+    assert jc.quick.options(job_id="later-1", delay=60).enqueue("k") == "later-1"
+    assert jc.quick.options(job_id="later-1", delay=60).enqueue("k") == "later-1"  # scheduled
+    assert r.zcard("worker:scheduled") == 1
+    w = spawn(JOB_MODULES=CONTROL)
+    assert r.blpop(["g1:started"], 20)
+    assert jc.gate.options(job_id="only-one").enqueue("g1", "third") == "only-one"  # running
+    assert r.llen("worker:queue:default") == 0
+    r.rpush("g1:go", "x")
+    j = worker.get_job("only-one").wait(timeout=20)
+    assert (j.status, j.result) == ("done", "first")
+    assert jc.gate.options(job_id="only-one").enqueue("g1", "again") == "only-one"  # ended: reusable
+    assert r.blpop(["g1:started"], 20)
+    r.rpush("g1:go", "x")
+    assert worker.get_job("only-one").wait(timeout=20).result == "again"
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_the_worker_applies_per_call_options_over_the_jobs_own(r, broker, spawn):
+    """Issue 24 item 3: timeout=, retries= and result_ttl= given at the call win over @job's."""
+    import tests.jobs_control as jc
+    slow = jobs.options("too_slow", timeout=0.5).enqueue("s1")  # @job(timeout=1): 0.5 s is ours
+    once = jc.fail_often.options(retries=0).enqueue("f1")       # @job(retries=3): failed at once
+    gone = jc.gate.options(result_ttl=0).enqueue("t1", "v")     # @job(result_ttl=60): not kept
+    r.rpush("t1:go", "x")
+    spawn(JOB_MODULES=CONTROL)
+    s = worker.get_job(slow).wait(timeout=20)
+    assert s.status == "failed" and s.error["type"] == "JobTimeout" and "0.5 s" in s.error["message"]
+    f = worker.get_job(once).wait(timeout=20)
+    assert f.status == "failed" and r.llen("f1") == 1
+    from tests.support import wait_until
+    wait_until(lambda: r.llen("t1:started") == 1 and r.exists("worker:job:" + gone) == 0, 20, "its record gone")
+
+
+@pytest.mark.timeout(30)
+def test_inline_mode_honours_queue_delay_and_own_ids():
+    import tests.jobs_control as jc
+    with worker.testing.inline(run_scheduled=False) as ctx:
+        a = jc.forget.options(queue="other").enqueue(1)
+        assert ctx.get(a)["queue"] == "other" and ctx.get(a)["status"] == "done"
+        b = jc.forget.options(delay=60, job_id="held").enqueue(2)
+        assert jc.forget.options(job_id="held").enqueue(3) == "held" and len(ctx.jobs) == 2
+        assert ctx.run_scheduled() == ["held"] and ctx.get(b)["result"] == 2
+        assert jc.forget.options(job_id="held").enqueue(4) == "held" and ctx.get("held")["result"] == 4

@@ -377,3 +377,42 @@ def test_failed_list_with_a_surrogate_message_on_strict_utf8_stdout(r, cli):
     out = cli("failed", PYTHONIOENCODING="utf-8:strict")
     assert out.returncode == 0, out.stderr
     assert "caf\\udce9.txt" in out.stdout
+
+
+@pytest.mark.timeout(60)
+def test_dont_retry_and_retry_on_decide_in_the_child(r, broker, spawn):
+    """Issue 24 item 6: @job(retries=1, dont_retry=(ValueError,)) fails a ValueError subclass at once and retries
+    anything else; @job(retries=1, retry_on=(IOError,)) retries an OSError subclass and fails anything else at once.
+    The child decides (the app's classes are not in the worker) and says so in its report."""
+    import tests.jobs_retry  # noqa: F401
+    ids = {(name, kind): worker.enqueue(name, f"ev:{name}:{kind}", kind)
+           for name in ("rt_dont", "rt_only") for kind in ("value", "io")}
+    w = spawn(JOB_MODULES=MODULES + ",tests.jobs_retry", LOG_LEVEL="INFO")
+    wait_until(lambda: all(worker.get_job(i).status == "failed" for i in ids.values()), 30, "every job failed")
+    runs = {key: len(r.lrange(f"ev:{key[0]}:{key[1]}", 0, -1)) for key in ids}
+    assert runs == {("rt_dont", "value"): 1, ("rt_dont", "io"): 2, ("rt_only", "value"): 1, ("rt_only", "io"): 2}
+    reg = FailedRegistry(broker)
+    for key, job_id in ids.items():
+        rec = reg.get(job_id)
+        assert rec is not None, key
+        assert rec.get("retryable", True) is (runs[key] == 2), (key, rec)
+        assert worker.get_job(job_id).attempts == runs[key]
+    assert len(re.findall(r"event=job\.failed .*retryable=False", w.output)) == 2, w.output
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+
+
+def test_dont_retry_and_retry_on_are_checked_at_decoration():
+    """Issue 24 item 6: both at once, or something other than exception classes, is a TypeError at decoration."""
+    from worker import job
+    with pytest.raises(TypeError, match="not both"):
+        job(retries=2, dont_retry=(ValueError,), retry_on=(IOError,))
+    for bad in ((ValueError, "x"), [ValueError], ("ValueError",), (int,)):
+        with pytest.raises(TypeError, match="tuple of exception classes"):
+            job(dont_retry=bad)
+        with pytest.raises(TypeError, match="tuple of exception classes"):
+            job(retry_on=bad)
+    with pytest.raises(TypeError, match="retry nothing"):
+        job(retry_on=())
+    spec_fn = job(name="rt_single", dont_retry=KeyError)(lambda: None)
+    assert worker.jobs.registered(spec_fn.job_name).dont_retry == (KeyError,)

@@ -21,11 +21,11 @@ OVER_LIMIT: dict = {}  # module -> its line count, for a module being split (iss
 LAYERS = [
     # 0: leaves: settings, the key schema, logging, wire formats, signal table, Lua sources, pure helpers
     {"config", "keys", "log", "protocol", "signals", "orphans", "hooks", "frameworks", "jobtypes", "startup", "lua",
-     "api_lua", "api_values"},
+     "api_lua", "api_values", "context"},
     # 1: the payload format and Redis access
-    {"payload", "client", "schedule", "fetch"},
+    {"payload", "client", "schedule", "fetch", "aio_broker"},
     # 2: the app-facing job API and the job's own process: registry, enqueue, results, inline testing, the child
-    {"jobs", "child", "testing", "results", "metrics"},
+    {"jobs", "calloptions", "child", "testing", "results", "control", "metrics", "aio"},
     # 3: the worker's parts: fork server, outcome policy, failed registry, the read model
     {"forkserver", "claimed", "policy", "failed", "api", "api_overview", "status"},
     # 4: the worker's core: slots, stops, membership, the supervisor's loop

@@ -36,7 +36,7 @@ def tm_boom(message):
     raise ValueError(message)
 
 
-@jobs.job(name="tm_bad_result")
+@jobs.job(name="tm_bad_result", strict_result=True)
 def tm_bad_result():
     return {1, 2}
 
@@ -235,3 +235,55 @@ def test_run_burst_never_runs_an_apps_own_worker_py(redis_server, tmp_path):
     res = testing.run_burst(redis_server.url, queues=["default"], job_modules=["appjobs_21"], cwd=str(tmp_path),
                             env=env, timeout=30)
     assert res.ok and "jobs=hello@default" in res.output, res.output
+
+
+@jobs.job(name="tm_ctx", queue="ctxq")
+def tm_ctx(tag):
+    c = worker.current_job()
+    calls.append((tag, c.id, c.name, c.queue, c.attempt, c.enqueued_at, c.stop_requested))
+    if tag == "outer":
+        tm_ctx.enqueue("inner")  # runs inline, nested: its own context, then the outer one again
+        assert worker.current_job() is c
+    return c.id
+
+
+def test_current_job_inline(no_redis):
+    """Issue 24 item 5: inline mode sets current_job() for the job (nested jobs included), None outside."""
+    assert worker.current_job() is None
+    with testing.inline() as run:
+        outer = tm_ctx.enqueue("outer")
+        assert worker.current_job() is None
+    inner = run.jobs[1]["id"]
+    (_, oid, name, queue, attempt, at, stop), (_, iid, *_rest) = calls
+    assert (oid, name, queue, attempt, stop) == (outer, "tm_ctx", "ctxq", 1, False)
+    assert at == run.jobs[0]["enqueued_at"] and iid == inner != outer
+
+
+@jobs.job(name="tm_no_retry", retries=3, dont_retry=(ValueError,))
+def tm_no_retry(kind):
+    raise (UnicodeError if kind == "value" else OSError)(kind)
+
+
+def test_dont_retry_inline_records_what_a_worker_would_do(no_redis):
+    """Issue 24 item 6: inline mode runs one attempt; the error record says a worker would not retry it."""
+    with testing.inline(raise_errors=False) as run:
+        tm_no_retry.enqueue("value")
+        tm_no_retry.enqueue("io")
+    value, io = run.jobs
+    assert value["error"]["retryable"] is False and "retryable" not in io["error"]
+
+
+@jobs.job(name="tm_odd_result")
+def tm_odd_result():
+    return {1, 2}
+
+
+def test_a_result_that_is_not_json_is_done_with_a_marker_inline(no_redis):
+    """Issue 24 item 8, inline: done with the marker and a warning, as on a worker; strict_result fails it."""
+    with testing.inline() as run:
+        tm_odd_result.enqueue()
+        with pytest.raises(TypeError, match="not JSON"):
+            tm_bad_result.enqueue()
+    odd, strict = run.jobs
+    assert odd["status"] == "done" and odd["result"] == {"unserializable": "set", "repr": "{1, 2}"}
+    assert "result_unserializable" in odd["warning"] and strict["status"] == "failed"

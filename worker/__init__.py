@@ -12,7 +12,9 @@ Public API::
 Run workers with ``python -m worker`` (see the README for configuration and the SIGTERM contract).
 """
 from .child import TermException, checkpoint, last_checkpoint, shutdown_requested
-from .jobs import enqueue, enqueue_at, enqueue_in, enqueue_many, job
+from .context import current_job
+from .jobs import (enqueue, enqueue_async, enqueue_at, enqueue_at_async, enqueue_in, enqueue_in_async, enqueue_many,
+                   job)
 
 # Imported on first use: the fork server (and every job child it forks) imports this package, and stays lean only
 # if redis-py and the status code are not pulled in with it (each imported module is pages every fork copies).
@@ -20,9 +22,11 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # what type checkers see; at run time these load on first use (below)
     from .metrics import queue_depth, queue_latency
-    from .results import Job, get_job
+    from .results import Job, get_job, get_job_async
+    from .control import cancel
 
-_LAZY = {"get_job": "results", "Job": "results", "queue_depth": "metrics", "queue_latency": "metrics"}
+_LAZY = {"cancel": "control", "get_job": "results", "get_job_async": "results", "Job": "results",
+         "queue_depth": "metrics", "queue_latency": "metrics"}
 
 
 def __getattr__(name):
@@ -36,5 +40,6 @@ def __getattr__(name):
 
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
-           "checkpoint", "last_checkpoint", "get_job", "Job", "queue_depth", "queue_latency"]
+           "checkpoint", "last_checkpoint", "current_job", "enqueue_async", "enqueue_in_async",
+           "enqueue_at_async", "get_job_async", "get_job", "Job", "cancel", "queue_depth", "queue_latency"]
 __version__ = "0.2.0"

@@ -99,6 +99,8 @@ class API:
         now = int(sec) + int(usec) / 1e6
         rec = parse_json(failure) if isinstance(failure, str) else None
         rec = rec if isinstance(rec, dict) else None
+        if job is not None and job.status != "failed":
+            rec = None  # an earlier run's failure under an id used again (job_id=): the registry keeps it
         if job is None and rec is None:
             return None
         doc = job.to_dict() if job is not None else {

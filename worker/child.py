@@ -27,11 +27,11 @@ import time
 import traceback
 from typing import Any
 
-from . import hooks
+from . import aio, context, hooks
 from . import jobs as _jobs
 from . import log as _log
 from . import orphans, protocol
-from .payload import lone_surrogate
+from .payload import lone_surrogate, unserializable
 from .protocol import MAX_CHECKPOINT, MAX_RESULT
 from . import signals
 from .signals import RAISE_SIGNAL
@@ -131,6 +131,11 @@ def _raise_once():
     if _state.writing:
         _state.deferred = True
         return
+    runner = aio.Runner.active  # an async job: into its coroutine, at its current await (aio.py)
+    if runner is not None and _state.running and (not _state.raised or runner.pending):
+        _state.raised = True
+        runner.deliver()  # raises here if the job's own code runs; else the loop delivers it (or a nudge, again)
+        return
     if _state.running and not _state.raised:
         _state.raised = True
         raise TermException("worker is shutting down")
@@ -170,6 +175,12 @@ def _on_unraisable(unraisable) -> None:
             continue
 
 
+def _nudge() -> None:
+    """An async job's stop is still to be delivered and its task never waits on a future (``await sleep(0)``
+    between sync work): the RAISE signal again, a moment later, lands in the task's own code (aio.py)."""
+    threading.Thread(target=_raise_again, daemon=True).start()
+
+
 def _raise_again() -> None:
     time.sleep(0.002)  # the hook has returned by then: the exception lands in the job's code
     os.kill(os.getpid(), RAISE_SIGNAL)
@@ -206,6 +217,7 @@ def install(grace: float) -> None:
     _state.grace = grace
     _app_unraisablehook = sys.unraisablehook  # the app's own, if its import set one: ours hands everything else on
     sys.unraisablehook = _on_unraisable
+    context.stop_source = shutdown_requested  # current_job().stop_requested reads the child's flag
     _state.hooks_on = hooks.active()  # hooks are registered by the app's import, which is done by now
     _log.context_source = lambda: _state.log_fields  # read when a record is formatted: nothing written per job
     handlers = {signals.DEFAULT: _fast.SIG_DFL, signals.IGNORE: _fast.SIG_IGN, "stop": _on_stop, "raise": _on_raise}
@@ -256,6 +268,7 @@ def run(spec, doc, report_fd: int) -> None:
     if "checkpoint" in doc:
         _state.resume, _state.has_resume = doc["checkpoint"], True
     _state.log_fields = {"job": doc["id"], "name": spec.name}  # on every logging record of the job's own code
+    context.enter(doc, spec.name)  # current_job(); never left: the child exits after the job
     info = hooks.JobInfo(doc["id"], spec.name, doc.get("queue") or "", doc["args"], doc["kwargs"],
                          doc.get("attempts") or 0) if _state.hooks_on else None
     try:
@@ -266,23 +279,26 @@ def run(spec, doc, report_fd: int) -> None:
                 _raise_once()
             if info is not None:
                 hooks.run_before(info)
-            value = spec.fn(*doc["args"], **doc["kwargs"])
+            if spec.is_async:
+                value = aio.Runner(TermException, _nudge).run(spec.fn, doc["args"], doc["kwargs"])
+            else:
+                value = spec.fn(*doc["args"], **doc["kwargs"])
         finally:
             _state.running = False
-        report, outcome = _returned_outcome(info, value)
+        report, outcome = _returned_outcome(info, value, spec.strict_result)
     except TermException as exc:
         report, outcome = {"status": "interrupted"}, hooks.HookOutcome("interrupted", error=exc)
     except BaseException as exc:  # job code may raise anything (SystemExit and KeyboardInterrupt included)
-        report, outcome = _raised_outcome(info, exc)
+        report, outcome = _raised_outcome(info, exc, spec)
     if info is not None:
         hooks.run_after(info, outcome)
     _finish(report, report_fd)
 
 
-def _returned_outcome(info, value):
+def _returned_outcome(info, value, strict: bool):
     """``(report, hooks' outcome)`` of a job that returned ``value``; the report None for success (the constant
     OK_REPORT, no encoding on the hot path), the outcome None without hooks."""
-    report = None if value is None else _returned(value)
+    report = None if value is None else _returned(value, strict)
     if info is None:
         return report, None
     if report is not None and report["status"] == "error":  # a return value that cannot be kept
@@ -292,10 +308,13 @@ def _returned_outcome(info, value):
     return report, hooks.HookOutcome("done", result=value)
 
 
-def _raised_outcome(info, exc: BaseException):
-    """``(report, hooks' outcome)`` of a job that raised ``exc`` (called while it is handled: its traceback)."""
+def _raised_outcome(info, exc: BaseException, spec):
+    """``(report, hooks' outcome)`` of a job that raised ``exc`` (called while it is handled: its traceback). The
+    report says ``"retryable": false`` when ``@job(dont_retry=/retry_on=)`` rules out a retry of ``exc``."""
     report = {"status": "interrupted" if _state.raised else "error", "type": type(exc).__name__,
               "message": str(exc)[:2000], "traceback": traceback.format_exc()[-20000:]}
+    if not _state.raised and not spec.retryable(exc):
+        report["retryable"] = False
     if info is None:
         return report, None
     if not _state.raised:
@@ -306,11 +325,15 @@ def _raised_outcome(info, exc: BaseException):
 FLUSH_LIMIT = 5  # seconds the child may take to flush the job's output after its report (then SIGALRM ends it)
 
 
-def _returned(value) -> dict:
-    """The report of a job that returned ``value``: kept as its result if it is JSON, else a failure saying so."""
+def _returned(value, strict: bool = False) -> dict:
+    """The report of a job that returned ``value``: kept as its result if it is JSON; else done with a marker and a
+    warning (``payload.unserializable``), or with ``strict`` (``@job(strict_result=True)``) a failure saying so."""
     try:
         text = json.dumps(value, separators=(",", ":"), allow_nan=False)
     except (TypeError, ValueError, RecursionError) as exc:
+        if not strict:
+            marker, warning = unserializable(value, exc)
+            return {"status": "ok", "result": marker, "warning": warning}
         return {"status": "error", "type": "ResultNotJSON",
                 "message": f"the job's return value is not JSON ({type(exc).__name__}: {exc}); return JSON data "
                            f"(dict, list, str, int, float, bool or None)"}

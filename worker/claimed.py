@@ -23,8 +23,9 @@ class ClaimedJob:
 
     @classmethod
     def of(cls, raw: str, doc: dict, queue: str, slot: int, claimed_ms: int, declared: dict, cfg) -> "ClaimedJob":
-        """``declared``: the job's entry of ``jobs.meta()`` (what its ``@job`` gave); ``cfg``: the worker's Config."""
-        return cls(raw, doc, queue, slot, claimed_ms, JobOptions.resolve(declared, cfg))
+        """``declared``: the job's entry of ``jobs.meta()`` (what its ``@job`` gave); ``cfg``: the worker's Config;
+        the payload's own "options" (``f.options(...)``) win over both."""
+        return cls(raw, doc, queue, slot, claimed_ms, JobOptions.resolve(declared, cfg, doc.get("options")))
 
     @property
     def id(self) -> str:

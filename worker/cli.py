@@ -1,4 +1,4 @@
-"""``python -m worker [run|enqueue|status|job|failed|pause|resume] ...``
+"""``python -m worker [run|enqueue|status|job|cancel|failed|pause|resume] ...``
 
 Every command reads the configuration first and exits 2 with a one-line message on a bad value, before connecting
 anywhere. No command prints the Redis password.
@@ -51,6 +51,10 @@ def _parser() -> argparse.ArgumentParser:
     jb = sub.add_parser("job", help="what happened to a job: status, result or error")
     jb.add_argument("id")
     jb.add_argument("--json", action="store_true", help="one JSON object (the fields of worker.get_job)")
+
+    cn = sub.add_parser("cancel", help="cancel a queued or scheduled job (exit 1 if it could not be)")
+    cn.add_argument("id")
+    cn.add_argument("--running", action="store_true", help="if a worker runs it, ask that worker to stop it")
 
     sub.add_parser("web", help="serve the web dashboard on $PORT (needs DASHBOARD_PASSWORD; docs/dashboard.md)")
 
@@ -115,6 +119,9 @@ def main(argv=None) -> int:
         if command == "job":
             from . import status
             return status.job_main(cfg, args.id, as_json=args.json)
+        if command == "cancel":
+            from . import control
+            return control.main(cfg, args.id, running=args.running)
         if command == "failed":
             from . import failed
             return failed.main(cfg, args)

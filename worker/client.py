@@ -26,6 +26,27 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     exponential backoff and jitter, ``retries`` times. ``READONLY`` replies (a failover demoted the node) drop
     the connection and retry the same way, even with ``retries=0`` the next call reconnects.
     """
+    retry = Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0)
+    if cfg.redis_cluster:
+        return _cluster(cfg, _options(cfg, timeout, name, retry))
+    return redis.Redis.from_url(cfg.redis_url, **_options(cfg, timeout, name, retry))
+
+
+def connect_async(cfg: Config, *, name: str = "enqueue-async", retries: int = 3):
+    """A ``redis.asyncio`` client for ``cfg.redis_url`` with :func:`connect`'s settings (TLS, timeouts, retries on
+    the same errors with the same backoff): for producers in async web apps (``worker.aio_api``)."""
+    import redis.asyncio
+    from redis.asyncio.retry import Retry as AsyncRetry
+    retry = AsyncRetry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else \
+        AsyncRetry(NoBackoff(), 0)
+    if cfg.redis_cluster:  # (untested on a cluster: issue 26 covered the synchronous clients)
+        from redis.asyncio.cluster import RedisCluster as AsyncCluster
+        return AsyncCluster.from_url(cfg.redis_url, **_cluster_options(_options(cfg, None, name, retry)))
+    return redis.asyncio.Redis.from_url(cfg.redis_url, **_options(cfg, None, name, retry))
+
+
+def _options(cfg: Config, timeout: Optional[float], name: str, retry) -> dict:
+    """The client settings :func:`connect` documents, for either kind of client."""
     t = cfg.redis_timeout if timeout is None else max(0.01, timeout)
     kwargs = dict(
         socket_timeout=t,
@@ -36,7 +57,7 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
         # Queues may hold bytes that are not UTF-8 (anyone can RPUSH). surrogateescape round-trips them exactly,
         # so such an entry is claimed, recorded as a bad payload and removed by value like any other.
         encoding_errors="surrogateescape",
-        retry=Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), retries) if retries else Retry(NoBackoff(), 0),
+        retry=retry,
         # ReadOnlyError: after a failover the node we are connected to became a replica (Heroku's failover moves
         # the DNS name to the new primary). Retrying on it makes redis-py drop the connection, so the retry, and
         # every later call, reconnects and resolves the name again; on the old connection every write would fail
@@ -48,16 +69,18 @@ def connect(cfg: Config, *, timeout: Optional[float] = None, retries: int = 3, n
     if cfg.redis_url.startswith("rediss://") and not cfg.redis_tls_verify:
         kwargs["ssl_cert_reqs"] = None
         kwargs["ssl_check_hostname"] = False
-    if cfg.redis_cluster:
-        return _cluster(cfg, kwargs)
-    return redis.Redis.from_url(cfg.redis_url, **kwargs)
+    return kwargs
 
 
 def _cluster(cfg: Config, kwargs: dict) -> "SlotClient":
     from redis.cluster import RedisCluster
+    return SlotClient(RedisCluster.from_url(cfg.redis_url, **_cluster_options(kwargs)), cfg.key_prefix)
+
+
+def _cluster_options(kwargs: dict) -> dict:
     kwargs.pop("health_check_interval", None)
     kwargs.pop("retry_on_error", None)  # the cluster client retries connection errors and MOVED/ASK itself
-    return SlotClient(RedisCluster.from_url(cfg.redis_url, **kwargs), cfg.key_prefix)
+    return kwargs
 
 
 class SlotClient:
@@ -157,7 +180,8 @@ class Link:
     A call sends its command, then waits for the reply in ``select`` together with the signal wake-up pipe; whenever
     a signal arrives or ``due()`` seconds pass, ``service()`` runs (it signals job children and touches no Redis), so
     a slow or hung Redis never delays a stop or a deadline. The whole call is bounded by the connection's socket
-    timeout; on any error the connection is dropped (the next call reconnects) and the error propagates.
+    timeout; on any error but an error reply the connection is dropped (the next call reconnects) and the error
+    propagates.
     """
 
     def __init__(self, r: redis.Redis, wake_fd: int, service: Callable[[], None], due: Callable[[], float]):
@@ -171,10 +195,16 @@ class Link:
             conn.send_command(*args)
             self._wait(conn)
             return conn.read_response()
-        except BaseException as e:
-            conn.disconnect()
-            if not (cluster and isinstance(e, redis.ResponseError) and is_redirect(e)):
+        except redis.exceptions.ResponseError as exc:
+            # an error reply was read whole: the connection is in step. Kept for NOSCRIPT (every script's first
+            # use) and a script's own error; dropped for the rest (READONLY after a failover: reconnect)
+            if type(exc) not in (redis.exceptions.ResponseError, redis.exceptions.NoScriptError):
+                conn.disconnect()
+            if not (cluster and is_redirect(exc)):
                 raise
+        except BaseException:
+            conn.disconnect()
+            raise
         finally:
             pool.release(conn)
         # the slot moved or is moving, so the node refused the command (nothing ran): redis-py's cluster client sends
@@ -245,8 +275,12 @@ class Waiter:
         conn, self.conn = self.conn, None
         try:
             return conn.read_response()
-        except redis.ResponseError as e:
-            if is_cluster(self.r) and is_redirect(e):
+        except redis.exceptions.ResponseError as exc:
+            # an error reply was read whole: the connection is in step. Kept for NOSCRIPT (every script's first
+            # use) and a script's own error; dropped for the rest (READONLY after a failover: reconnect)
+            if type(exc) not in (redis.exceptions.ResponseError, redis.exceptions.NoScriptError):
+                conn.disconnect()
+            if is_cluster(self.r) and is_redirect(exc):
                 # the slot moved (or is moving) while we waited: re-read the slot map; the loop claims anyway
                 self.r.nodes_manager.initialize()
                 return None

@@ -41,6 +41,7 @@ class Op(str, Enum):
     FAIL = "fail"        # into the failed registry
     RETRY = "retry"      # into the schedule with a new payload (attempts + 1), due after a backoff
     REQUEUE = "requeue"  # back to the head of its queue (an interruption: not an attempt)
+    CANCEL = "cancel"    # stopped by cancel(running=True): status canceled, not put back
 
 
 @dataclass(frozen=True)
@@ -60,10 +61,11 @@ class Outcome:
     keep_ms: Optional[int] = None  # ACK: how long its status record (and result) is kept; None = RESULT_TTL
     attempts: int = 0       # FAIL, RETRY: failed attempts so far; REQUEUE: lost attempts so far (0: unchanged)
     started_ms: int = 0     # when it was claimed (ms, Redis clock, from Claim.at); 0 = unknown (read from Redis)
+    warning: str = ""       # ACK: a warning kept in its status record (a result that was not JSON); '' = none
 
     @classmethod
-    def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None):
-        return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms)
+    def ack(cls, payload, slot=0, job_id="", result="", keep_ms=None, warning=""):
+        return cls(Op.ACK, payload, slot, job_id=job_id, result=result, keep_ms=keep_ms, warning=warning)
 
     @classmethod
     def requeue(cls, payload, queue, slot=0, new_payload="", job_id="", attempts=0):
@@ -71,6 +73,10 @@ class Outcome:
         interruption count). An interruption does not count as an attempt (``attempts`` 0: the status record's
         stays); a run lost with the fork server does (``attempts``: the new count, shown by its status record)."""
         return cls(Op.REQUEUE, payload, slot, job_id=job_id, queue=queue, new_payload=new_payload, attempts=attempts)
+
+    @classmethod
+    def cancel(cls, payload, slot=0, job_id="", keep_ms=None):
+        return cls(Op.CANCEL, payload, slot, job_id=job_id, keep_ms=keep_ms)
 
     @classmethod
     def fail(cls, payload, job_id, record: dict, slot=0, attempts=0):
@@ -113,9 +119,20 @@ class Broker:
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
-             delay: Optional[float] = None) -> str:
+             delay: Optional[float] = None, job_id: Optional[str] = None, options: Optional[dict] = None) -> str:
         """Enqueue one job now, ``delay`` seconds from now (on the Redis clock, which moves scheduled jobs) or at
-        unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice."""
+        unix time ``due``. One round trip; a call redis-py re-sends after a timeout enqueues nothing twice.
+        ``job_id``: the producer's own id; while a job of that id is queued, scheduled or running, nothing is
+        enqueued (enqueue.lua) and the id is returned all the same. ``options``: per-call (payload.PER_CALL)."""
+        job_id, call = self.push_call(name, args, kwargs, queue, due, delay, job_id, options)
+        self.scripts.run(call)
+        return job_id
+
+    def push_call(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
+                  delay: Optional[float] = None, job_id: Optional[str] = None,
+                  options: Optional[dict] = None) -> tuple:
+        """``(job_id, Call)``: the checked payload and the ENQUEUE call :meth:`push` runs, for a client of another
+        kind to run (``worker.aio_api``, on redis-py's asyncio client)."""
         if delay is not None:
             delay = float(delay)
             if not math.isfinite(delay):
@@ -128,9 +145,12 @@ class Broker:
             when, at = f"@{int(due * 1000)}", due
         else:
             when, at = "", None
-        job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at)
-        self._call_enqueue(q, job_id, when, [(job_id, name, payload)])
-        return job_id
+        own = job_id is not None
+        job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at, job_id=job_id,
+                                           options=options)
+        # an own id may come again once its job ended: the call's dedupe marker must be the call's, not the id's
+        dedupe = f"{job_id}:{os.urandom(6).hex()}" if own else job_id
+        return job_id, self.enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=own)
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
         ids, by_queue = [], {}
@@ -151,9 +171,12 @@ class Broker:
             pipe.execute()
         return ids
 
-    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None):
+    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None, unique: bool = False):
         """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
-        return self.scripts.run(wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_), client)
+        return self.scripts.run(self.enqueue_call(q, dedupe_id, when, jobs_, unique), client)
+
+    def enqueue_call(self, q: str, dedupe_id: str, when: str, jobs_: list, unique: bool = False):
+        return wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_, unique)
 
     @property
     def dedupe_ttl_ms(self) -> int:

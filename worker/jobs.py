@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import importlib
 import inspect
-import math
 from dataclasses import dataclass, field, fields
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any, Callable, Optional, Union
 
 from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
+from .calloptions import JobCall
+from .payload import delay_of, due_of, valid_options
 from .payload import REGISTRY as _REGISTRY
 
 
@@ -33,10 +34,12 @@ class JobOptions:
     max_attempts: int = field(default=5, metadata={"cfg": "max_attempts"})  # lost attempts (no @job form yet)
 
     @classmethod
-    def resolve(cls, declared: dict, cfg) -> "JobOptions":
-        """``declared``: the job's ``meta()`` entry (None: not given in ``@job``); ``cfg``: the worker's Config."""
-        return cls(**{f.name: declared[f.name] if declared.get(f.name) is not None else getattr(cfg, f.metadata["cfg"])
-                      for f in fields(cls)})
+    def resolve(cls, declared: dict, cfg, per_call=None) -> "JobOptions":
+        """``declared``: the job's ``meta()`` entry (None: not given in ``@job``); ``cfg``: the worker's Config;
+        ``per_call``: the payload's "options" (``f.options(...)``), which win; one that is not valid is ignored."""
+        given = valid_options(per_call)
+        return cls(**{f.name: given[f.name] if f.name in given else declared[f.name]
+                      if declared.get(f.name) is not None else getattr(cfg, f.metadata["cfg"]) for f in fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,17 @@ class JobSpec:
     result_ttl: Optional[float] = None
     schedule: Optional[dict] = None  # every=/cron= and fixed arguments (worker/schedule.py), None if not periodic
     fits: Optional[Callable] = None  # raises TypeError if the arguments do not fit (see arity_checker)
+    dont_retry: tuple = ()            # exception classes that fail the job at once (subclasses too)
+    retry_on: Optional[tuple] = None  # if given, only these exception classes are retried
+    strict_result: bool = False       # a return value that is not JSON fails the job (else: done, with a marker)
+    is_async: bool = False            # ``async def``: the child runs it with asyncio.run (worker/aio.py)
+
+    def retryable(self, exc: BaseException) -> bool:
+        """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
+        process, where the app's exception classes live; the worker only sees the verdict in the report."""
+        if self.dont_retry and isinstance(exc, self.dont_retry):
+            return False
+        return self.retry_on is None or isinstance(exc, self.retry_on)
 
 
 # --- the types type checkers see for @job (runtime: the plain decorator below; see jobtypes.py) ---
@@ -71,18 +85,20 @@ def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] =
         max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
-        schedule_kwargs: Optional[dict] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+        schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
+        retry_on: Optional[tuple] = None, strict_result: bool = False) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
-        misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None):
+        misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
+        retry_on=None, strict_result: bool = False):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
     as a plain call and gains ``.enqueue(*args, **kwargs)``, ``.enqueue_in(seconds, ...)`` and
-    ``.enqueue_at(datetime, ...)``, which return the job id. ``timeout`` (seconds, enforced by the parent) and
+    ``.enqueue_at(datetime, ...)``, which return the job id, and ``.options(...)`` (per-call options: :func:`options`). ``timeout`` (seconds, enforced by the parent) and
     ``retries`` (failed attempts retried with exponential backoff) default to ``JOB_TIMEOUT`` and ``JOB_RETRIES``.
     ``max_interruptions`` (put-backs after a stop before the job counts as failed; 0 = no limit) defaults to
     ``MAX_INTERRUPTIONS``; ``result_ttl`` (seconds its return value and status stay readable with ``get_job``
@@ -90,8 +106,20 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
 
     Periodic: ``every=`` seconds or ``cron=`` (5 fields, UTC unless ``tz=``), called with ``schedule_args`` and
     ``schedule_kwargs``; ``misfire_grace`` (seconds, default one interval): see ``worker/schedule.py``.
+
+    ``dont_retry=(ValueError, ...)``: a run that raises one of these (or a subclass) fails at once, whatever
+    ``retries``; ``retry_on=(IOError, ...)``: only these are retried. Not both (``TypeError``). They concern
+    exceptions the job raises; a timeout, crash or memory kill is retried as before.
+
+    A return value that is not JSON (a set, a datetime, an object) leaves the job done, its result replaced by
+    ``{"unserializable": "<type>", "repr": "<repr, 200 chars>"}`` and a warning; ``strict_result=True`` fails it.
     """
     sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
+    no_retry, only_retry = _exception_classes("dont_retry", dont_retry), _exception_classes("retry_on", retry_on)
+    if no_retry is not None and only_retry is not None:
+        raise TypeError("@job: give dont_retry or retry_on, not both")
+    if not isinstance(strict_result, bool):
+        raise TypeError(f"@job(strict_result=...) must be True or False, not {strict_result!r}")
 
     def register(f):
         job_name = name or f.__name__
@@ -109,14 +137,33 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         if result_ttl is not None and not 0 <= result_ttl <= MAX_TTL:
             raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl, sched, arity_checker(f))
+                                      result_ttl, sched, arity_checker(f), no_retry or (), only_retry,
+                                      strict_result, inspect.iscoroutinefunction(f))
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
         f.enqueue_in = lambda seconds, /, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
+        f.options = lambda **opts: options(job_name, **opts)
+        f.enqueue_async = lambda *a, **kw: enqueue_async(job_name, *a, **kw)
+        f.enqueue_in_async = lambda seconds, /, *a, **kw: enqueue_in_async(seconds, job_name, *a, **kw)
+        f.enqueue_at_async = lambda when, /, *a, **kw: enqueue_at_async(when, job_name, *a, **kw)
         return f
     return register(fn) if fn is not None else register
+
+
+def _exception_classes(option: str, value) -> Optional[tuple]:
+    """``@job(dont_retry=/retry_on=)`` as a tuple of exception classes (one class is taken as a tuple of one), None
+    if not given; anything else raises ``TypeError`` at decoration, not at the first failure."""
+    if value is None:
+        return None
+    if isinstance(value, type):
+        value = (value,)
+    if not isinstance(value, tuple) or not all(isinstance(c, type) and issubclass(c, BaseException) for c in value):
+        raise TypeError(f"@job({option}=...) must be a tuple of exception classes, not {value!r}")
+    if option == "retry_on" and not value:
+        raise TypeError("@job(retry_on=()) would retry nothing: use retries=0")
+    return value
 
 
 def arity_checker(fn: Callable) -> Optional[Callable]:
@@ -259,14 +306,7 @@ def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue
                **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued ``seconds`` (a number or a ``timedelta``) from now (on the Redis clock,
     the one that moves scheduled jobs; 0 or less: now); returns the job id."""
-    if isinstance(seconds, timedelta):
-        seconds = seconds.total_seconds()
-    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
-        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
-                        f"{type(seconds).__name__}")
-    seconds = float(seconds)
-    if not math.isfinite(seconds):
-        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    seconds = delay_of(seconds)
     _check_name(name, queue)
     _check_args(name, args, kwargs)
     return _send("push", name, args, kwargs, queue=queue, delay=seconds)
@@ -275,14 +315,22 @@ def enqueue_in(seconds: Union[float, timedelta], name: str, /, *args: Any, queue
 def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
     """Schedule job ``name`` to be queued at ``when``, a ``datetime`` (naive ones are taken as UTC); returns the
     job id. Anything else (a unix time, a ``date``, None) raises ``TypeError``: use ``enqueue_in`` for a delay."""
-    if not isinstance(when, datetime):
-        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
-                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    due = due_of(when)
     _check_name(name, queue)
     _check_args(name, args, kwargs)
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return _send("push", name, args, kwargs, queue=queue, due=when.timestamp())
+    return _send("push", name, args, kwargs, queue=queue, due=due)
+
+
+def _push(name: str, args, kwargs, **how) -> str:
+    """What a :class:`~worker.calloptions.JobCall` enqueues through: the enqueue API's checks and connection."""
+    _check_name(name, how.get("queue"))
+    _check_args(name, args, kwargs)
+    return _send("push", name, args, kwargs, **how)
+
+
+def options(name: str, /, **opts) -> JobCall:
+    """``f.options(...)`` by job name: a :class:`~worker.calloptions.JobCall` (options checked here)."""
+    return JobCall(name, _push, **opts)
 
 
 def _calls(calls) -> list:
@@ -319,3 +367,32 @@ def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
     for args, kwargs in pairs:
         _check_args(name, args, kwargs)
     return _send("push_many", name, pairs, queue=queue)
+
+
+# --- the same for async code (FastAPI, Starlette): redis-py's asyncio client (worker/aio_broker.py) ---
+
+async def _push_async(name: str, args, kwargs, queue: Optional[str], **when) -> str:
+    _check_name(name, queue)
+    _check_args(name, args, kwargs)
+    if getattr(_default, "inline", False):  # testing.inline(): the job runs now, as the sync enqueue runs it
+        return _default.push(name, args, kwargs, queue=queue, **when)
+    from . import aio_broker
+    return await aio_broker.default().push(name, args, kwargs, queue=queue, **when)
+
+
+async def enqueue_async(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:
+    """:func:`enqueue` for async code (``await``): the same checks, payload and script, on redis-py's asyncio
+    client (connected from ``REDIS_URL`` on first use, one per event loop)."""
+    return await _push_async(name, args, kwargs, queue)
+
+
+async def enqueue_in_async(seconds: Union[float, timedelta], name: str, /, *args: Any, queue: Optional[str] = None,
+                           **kwargs: Any) -> str:
+    """:func:`enqueue_in` for async code."""
+    return await _push_async(name, args, kwargs, queue, delay=delay_of(seconds))
+
+
+async def enqueue_at_async(when: datetime, name: str, /, *args: Any, queue: Optional[str] = None,
+                           **kwargs: Any) -> str:
+    """:func:`enqueue_at` for async code."""
+    return await _push_async(name, args, kwargs, queue, due=due_of(when))

@@ -1,6 +1,6 @@
 """Static types of the ``@job`` API (for type checkers; nothing here runs on the hot path).
 
-``@job`` returns the decorated function itself, with three attributes added. :class:`JobFunction` describes that
+``@job`` returns the decorated function itself, with its enqueue methods added (and their ``_async`` twins). :class:`JobFunction` describes that
 object so a type checker (mypy, pyright) keeps the function's own signature for plain calls and checks the
 arguments of ``.enqueue``/``.enqueue_in``/``.enqueue_at`` against it::
 
@@ -10,8 +10,8 @@ arguments of ``.enqueue``/``.enqueue_in``/``.enqueue_at`` against it::
     send_welcome.enqueue(7)          # ok: returns the job id (str)
     send_welcome.enqueue("seven")    # error: "str" is not "int"
 
-To send a job to another queue than its own, use ``worker.enqueue("send_welcome", 7, queue="other")``: ``queue=``
-is not part of the function's parameters, so the typed ``.enqueue`` does not accept it.
+To send a job to another queue than its own (or with another timeout, retries, a delay, an id of your own), use
+``send_welcome.options(queue="other").enqueue(7)``: the options never mix with the function's own keyword arguments.
 """
 from __future__ import annotations
 
@@ -21,6 +21,16 @@ from typing import ParamSpec, Protocol, TypeVar
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+
+
+class JobCall(Protocol[P]):
+    """What ``f.options(...)`` returns: the enqueue methods, typed like the function, with the call's options."""
+
+    def enqueue(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    def enqueue_in(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
 
 class JobFunction(Protocol[P, R_co]):
@@ -36,5 +46,15 @@ class JobFunction(Protocol[P, R_co]):
 
     def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
+    async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
-__all__ = ["JobFunction", "P", "R"]
+    async def enqueue_in_async(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    async def enqueue_at_async(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+
+    def options(self, *, queue: str | None = None, delay: float | timedelta | None = None,
+                timeout: float | None = None, retries: int | None = None, job_id: str | None = None,
+                result_ttl: float | None = None, max_interruptions: int | None = None) -> JobCall[P]: ...
+
+
+__all__ = ["JobCall", "JobFunction", "P", "R"]

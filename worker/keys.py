@@ -20,6 +20,8 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     recover.lua, kept 24 h. A worker presumed dead that was not (it stalled) finds
                                     it at its next beat: it kills its runs of those jobs, which run elsewhere now,
                                     and registers again (which deletes it)
+    P:cancel:<w>            SET     ids of the jobs worker <w> is asked to stop (cancel(running=True), cancel.lua);
+                                    CYCLE pops them at the worker's next beat; kept a day
     P:suspects              HASH    late worker -> "<its score>@<ms when first seen late>" (recover.lua); an entry
                                     whose score no longer matches (the worker beat again, or left) is dropped
     P:worker:<w>            HASH    what status shows: host, pid, dyno, queues, concurrency, state, seen (last
@@ -27,8 +29,13 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     started:<s> (ms), ckpt:<s> (its last checkpoint, saved at heartbeats)
     P:job:<id>              HASH    a job's status record (get_job): status queued|scheduled|running|done|failed,
                                     name, queue, enqueued_at, started_at, ended_at (ms), attempts, worker, result
-                                    (JSON). Written at enqueue, claim and outcome; expires RESULT_TTL after the job
-                                    is done (FAILED_TTL after it failed); a failure's error is its failed record
+                                    (JSON). Written at enqueue, claim and outcome; expires RESULT_TTL after the
+                                    job is done (FAILED_TTL after it failed); a failure's error is its failed
+                                    record. No expiry before its outcome, except a year set by Job.wait
+                                    (await.lua): the mark that makes the outcome push to P:done:<id>
+    P:done:<id>             LIST    job <id>'s final record ("<status>\n<result or failure JSON>"), pushed by the
+                                    script that records its outcome only when someone waits for it (its record had
+                                    an expiry: await.lua's mark); expires after 60 s
     P:scheduled             ZSET    payload -> due time (ms). Retries with backoff and enqueue_in/enqueue_at.
     P:failed                ZSET    job id -> time of failure (ms); bounded by FAILED_MAX and FAILED_TTL
     P:failed:data           HASH    job id -> failure record (JSON: payload, cause, type, message, traceback...)
@@ -97,8 +104,14 @@ class Keys:
     def job(self, job_id: str) -> str:
         return f"{self.prefix}:job:{job_id}"
 
+    def done(self, job_id: str) -> str:
+        return f"{self.prefix}:done:{job_id}"
+
     def worker(self, worker: str) -> str:
         return f"{self.prefix}:worker:{worker}"
+
+    def cancel(self, worker: str) -> str:
+        return f"{self.prefix}:cancel:{worker}"
 
     def recovered(self, worker: str) -> str:
         return f"{self.prefix}:recovered:{worker}"

@@ -3,7 +3,10 @@
 ::
 
     {"id": "<32 hex>", "name": "<registered name>", "queue": "<q>", "args": [...], "kwargs": {...},
-     "enqueued_at": <unix seconds>, "attempts": <failed or lost attempts so far>, "errors": [<history>]}
+     "enqueued_at": <unix seconds>, "attempts": <failed or lost attempts so far>, "errors": [<history>],
+     "options": {<per-call options: timeout, retries, result_ttl, max_interruptions>}}   (only when given)
+
+An id is ours (32 hex) or the producer's own (``job_id=``: :data:`JOB_ID_RULE`).
 
 Only JSON is ever written or read (never pickle). ``REGISTRY`` is the table of job names registered in this process
 (filled by :func:`worker.jobs.job`): a payload built for a registered name goes to that job's queue. This module
@@ -14,11 +17,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
+import reprlib
 import time
 import uuid
+from datetime import datetime, timedelta, timezone
 from typing import Optional
 
-from .config import QUEUE_RULE, valid_queue_name
+from .config import MAX_TTL, QUEUE_RULE, valid_queue_name
 
 DEFAULT_QUEUE = "default"
 
@@ -34,8 +41,95 @@ def json_dumps(doc) -> str:
     return json.dumps(doc, separators=(",", ":"), allow_nan=False)
 
 
+JOB_ID_RULE = "1-100 characters, each a letter, digit, '-', '_', '.' or ':'"
+_JOB_ID = re.compile(r"[A-Za-z0-9_.:-]{1,100}\Z")
+#: the options a call may set for its job (``f.options(...)``), carried in the payload's "options"; they win over
+#: ``@job``'s (``jobs.JobOptions.resolve``)
+PER_CALL = ("timeout", "retries", "result_ttl", "max_interruptions")
+
+
+def check_job_id(job_id) -> str:
+    """A producer's own job id, or TypeError/ValueError naming the rule."""
+    if not isinstance(job_id, str):
+        raise TypeError(f"job_id must be a str, not {type(job_id).__name__}")
+    if not _JOB_ID.match(job_id):
+        raise ValueError(f"invalid job_id {job_id[:120]!r}: expected {JOB_ID_RULE}")
+    return job_id
+
+
+def check_options(opts: dict) -> dict:
+    """Per-call options (:data:`PER_CALL`; None = not set) validated; raises TypeError/ValueError naming the bad
+    one. The worker reads a payload's "options" through it too, ignoring what fails (a foreign producer's)."""
+    out = {}
+    for name, value in opts.items():
+        if value is None:
+            continue
+        if name not in PER_CALL:
+            raise TypeError(f"unknown job option {name!r}: expected one of {', '.join(PER_CALL)}")
+        whole = name in ("retries", "max_interruptions")
+        if isinstance(value, bool) or not isinstance(value, int if whole else (int, float)):
+            raise TypeError(f"job option {name}= must be {'an int' if whole else 'a number of seconds'}, not "
+                            f"{type(value).__name__}")
+        if not math.isfinite(value) or value < 0 or (name == "result_ttl" and value > MAX_TTL):
+            top = f" and <= {MAX_TTL:g}" if name == "result_ttl" else ""
+            raise ValueError(f"job option {name}= must be >= 0{top}, not {value!r}")
+        out[name] = value
+    return out
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxlong, _SHORT.maxother = 4, 200, 200, 1 << 20
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxset = _SHORT.maxfrozenset = _SHORT.maxdeque = _SHORT.maxarray = 60
+_SHORT.maxdict = 30
+
+
+def unserializable(value, exc: BaseException) -> tuple:
+    """``(marker, warning)`` for a job's return value that is not JSON (issue 24 item 8): the job is done, its work
+    is not repeated for a serialisation problem, and its result is this marker instead. ``@job(strict_result=True)``
+    fails such a job instead."""
+    kind = type(value).__name__
+    try:  # reprlib: a set of a million items is not turned into megabytes of text to keep 200 characters of it
+        shown = _SHORT.repr(value)
+    except Exception as err:  # an app's __repr__ may raise anything
+        shown = f"<repr failed: {type(err).__name__}>"
+    warning = f"result_unserializable: the job returned a {kind}, which is not JSON ({type(exc).__name__}: {exc})"
+    return {"unserializable": kind, "repr": shown[:200]}, warning[:500]
+
+
+def delay_of(seconds) -> float:
+    """``enqueue_in``'s ``seconds`` (a number or a ``timedelta``) as a finite float; TypeError/ValueError else."""
+    if isinstance(seconds, timedelta):
+        seconds = seconds.total_seconds()
+    elif isinstance(seconds, bool) or not isinstance(seconds, (int, float)):
+        raise TypeError(f"enqueue_in: expected seconds as an int, float or datetime.timedelta, not "
+                        f"{type(seconds).__name__}")
+    seconds = float(seconds)
+    if not math.isfinite(seconds):
+        raise ValueError(f"enqueue_in: seconds must be a finite number, not {seconds!r}")
+    return seconds
+
+
+def due_of(when) -> float:
+    """``enqueue_at``'s ``when`` (a ``datetime``, naive = UTC) as a unix time; TypeError for anything else."""
+    if not isinstance(when, datetime):
+        raise TypeError(f"enqueue_at: expected when as a datetime.datetime (naive = UTC), not {type(when).__name__}; "
+                        f"for a delay use enqueue_in(seconds or timedelta, ...)")
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=timezone.utc)
+    return when.timestamp()
+
+
+def valid_options(raw) -> dict:
+    """The valid per-call options of a claimed payload's "options" (a foreign producer's junk is ignored)."""
+    out = {}
+    for name, value in (raw.items() if isinstance(raw, dict) else ()):
+        try:
+            out.update(check_options({name: value}))
+        except (TypeError, ValueError):
+            pass
+    return out
+
+
 def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: int,
-                  at: Optional[float] = None) -> tuple:
+                  at: Optional[float] = None, job_id: Optional[str] = None, options: Optional[dict] = None) -> tuple:
     """Validate and encode one job. Returns ``(job_id, queue, payload_json)``; raises TypeError/ValueError.
 
     ``enqueued_at`` is when the job becomes runnable (``at`` for scheduled jobs), so queue latency measures waiting
@@ -44,9 +138,11 @@ def build_payload(name: str, args, kwargs, queue: Optional[str], max_payload: in
     q = queue or (spec.queue if spec else DEFAULT_QUEUE)
     if not valid_queue_name(q):
         raise ValueError(f"invalid queue name {q!r}: expected {QUEUE_RULE} (the QUEUES rule)")
-    job_id = uuid.uuid4().hex
+    job_id = uuid.uuid4().hex if job_id is None else check_job_id(job_id)
     doc = {"id": job_id, "name": name, "queue": q, "args": list(args), "kwargs": dict(kwargs),
            "enqueued_at": round(at or time.time(), 6), "attempts": 0}
+    if options:
+        doc["options"] = check_options(options)
     try:
         payload = json_dumps(doc)
     except (TypeError, ValueError) as exc:

@@ -31,6 +31,7 @@ class Status(str, Enum):
     MEMORY = "memory"              # killed for passing JOB_MAX_MEMORY_MB
     CRASH = "crash"                # died without a report (segfault, OOM killer, os._exit)
     LOST = "lost"                  # the fork server died under it: not the job's fault, a lost attempt (as recovery)
+    CANCELED = "canceled"          # cancel(running=True) stopped it (TermException, or killed TERM_TIMEOUT later)
 
 
 class Kill(Enum):
@@ -42,6 +43,7 @@ class Kill(Enum):
     MEMORY = "memory"
     FORKSERVER = "forkserver"  # the fork server died or stalled: its children died with it
     LOST = "lost"              # its claim was recovered by another worker: the run is not ours to finish or record
+    CANCEL = "cancel"          # cancel(running=True): TermException was not enough within TERM_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,8 @@ class Result:
     message: Optional[str] = None
     traceback: Optional[str] = None
     value: str = ""  # DONE: the return value as JSON text ('' for None)
+    warning: Optional[str] = None  # DONE: the result was replaced by a marker (not JSON; payload.unserializable)
+    retryable: bool = True  # ERROR: False when the job's dont_retry/retry_on rule out a retry (decided in the child)
 
     def fields(self) -> dict:
         return {"type": self.type, "message": self.message, "traceback": self.traceback}
@@ -94,7 +98,8 @@ def result_of(data: bytes, status: Optional[int], killed: Optional[Kill], termed
         except (ValueError, TypeError, RecursionError):
             return Result(Status.ERROR, duration, "ResultNotJSON", "the job's return value could not be kept")
         return Result(_REPORTED[report["status"]], duration, _text(report.get("type")), _text(report.get("message")),
-                      _text(report.get("traceback")), text)
+                      _text(report.get("traceback")), text, _text(report.get("warning")),
+                      report.get("retryable") is not False)
     if killed is Kill.DEADLINE or (termed and killed in (Kill.TIMEOUT, Kill.USR1)):
         return Result(Status.INTERRUPTED, duration, message="killed at the TERM_TIMEOUT deadline")
     if killed is Kill.TIMEOUT:
@@ -132,9 +137,15 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
     doc, opts = job.doc, job.options
     base = dict(job=job.id, name=job.name, queue=job.queue, duration=result.duration)
     if result.status is Status.DONE:
-        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000)),
-                         "job.done", "info",
-                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}))
+        notes = () if result.warning is None else (
+            ("warning", "job.result_unserializable", dict(job=job.id, name=job.name, warning=result.warning)),)
+        return _decision(job, Outcome.ack(job.raw, job.slot, job.id, result.value, int(opts.result_ttl * 1000),
+                                          result.warning or ""), "job.done", "info",
+                         dict(outcome="done", **base, **{f"measure#jobs.{job.name}.duration": _ms(result.duration)}),
+                         notes)
+    if result.status is Status.CANCELED:  # not put back, not retried: the run ends here (issue 24 item 2)
+        return _decision(job, Outcome.cancel(job.raw, job.slot, job.id, int(opts.result_ttl * 1000)),
+                         "job.canceled", "info", dict(outcome="canceled", **base))
     progress = _progress(doc, checkpoint)
     if result.status is Status.INTERRUPTED:
         return _interrupted(job, worker, checkpoint, progress, base, elapsed)
@@ -145,7 +156,7 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
                              "type": _clean(result.type), "message": _clean(result.message)})
     if result.status is Status.BAD:
         return bad(job.raw, job.id, job.queue, worker, result.message or "", job.slot, job.name, job.claimed_ms)
-    if attempts <= opts.retries:
+    if attempts <= opts.retries and result.retryable:
         delay = backoff_delay(attempts)
         new_doc = _again(doc, job.queue, attempts=attempts, errors=history, enqueued_at=round(time.time() + delay, 6),
                          **progress)
@@ -154,8 +165,10 @@ def decide(result: Result, job: ClaimedJob, worker: str, checkpoint: Optional[st
                          dict(outcome=result.status.value, attempt=attempts, delay=delay, error=result.message, **base))
     rec = dict(failed_record(job.raw, job.id, job.name, job.queue, worker, attempts, result.status.value,
                              result.fields(), history), **progress)
-    return _decision(job, Outcome.fail(job.raw, job.id, rec, job.slot, attempts), "job.failed", "warning",
-                     dict(outcome=result.status.value, attempts=attempts, error=result.message, **base))
+    extra = {} if result.retryable else {"retryable": False}  # dont_retry/retry_on: failed at once
+    return _decision(job, Outcome.fail(job.raw, job.id, dict(rec, **extra), job.slot, attempts), "job.failed",
+                     "warning", dict(outcome=result.status.value, attempts=attempts, error=result.message, **base,
+                                     **extra))
 
 
 def _decision(job: Optional[ClaimedJob], outcome: Outcome, event: str, level: str, fields: dict, notes=(),

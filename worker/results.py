@@ -10,10 +10,13 @@ in its worker's slots (``P:worker:<w>``, fields ``job:<slot>`` and ``started:<sl
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass
 from typing import Any, Optional
 
-STATUSES = ("queued", "scheduled", "running", "done", "failed")
+STATUSES = ("queued", "scheduled", "running", "done", "failed", "canceled")
+FINAL = ("done", "failed", "canceled")  # a job in one of these has ended: wait() returns it
+WAIT_SLICE = 1.0  # seconds a wait() blocks at most before it reads the status again (a lost push cannot hang it)
 
 
 @dataclass(frozen=True)
@@ -31,9 +34,16 @@ class Job:
     started_at: Optional[float] = None
     ended_at: Optional[float] = None
     worker: Optional[str] = None     # the worker that ran it last
+    warning: Optional[str] = None    # done, but its return value was not JSON: ``result`` is a marker
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    def wait(self, timeout: Optional[float] = None) -> "Job":
+        """Block until this job has ended (done, failed or canceled) and return its final :class:`Job` (a failed job is
+        returned, not raised). ``TimeoutError`` after ``timeout`` seconds (None: no limit). Woken by the script
+        that records the outcome (no polling); see :func:`wait`. Under ``worker.testing.inline()``: at once."""
+        return wait(self.id, timeout)
 
 
 def _seconds(ms) -> Optional[float]:
@@ -60,6 +70,12 @@ def _running(r, keys, job_id: str) -> Optional[tuple]:
         for w in workers:
             p.hgetall(keys.worker(w))
         infos = p.execute()
+    return held_by(workers, infos, job_id)
+
+
+def held_by(workers, infos, job_id: str) -> Optional[tuple]:
+    """``(worker, started_ms)`` of the worker whose hash (in ``infos``, one per name in ``workers``) shows
+    ``job_id`` in a slot, or None."""
     needle = f'{{"id":"{job_id}"'
     for w, info in zip(workers, infos):
         for field, value in info.items():
@@ -77,10 +93,15 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
         info, failure = p.execute()
     if not info:
         return None
-    if info.get("status") in ("queued", "scheduled"):
-        held = _running(r, keys, job_id)
-        if held is not None:
-            info = dict(info, status="running", worker=held[0], started_at=held[1])
+    held = _running(r, keys, job_id) if info.get("status") in ("queued", "scheduled") else None
+    return build(job_id, info, failure, held)
+
+
+def build(job_id: str, info: dict, failure, held: Optional[tuple]) -> Job:
+    """The :class:`Job` from its status record ``info``, its failed-registry record ``failure`` (JSON text) and
+    ``held`` (:func:`held_by`'s answer): one reading for the sync and the async client (``worker.aio_api``)."""
+    if held is not None:
+        info = dict(info, status="running", worker=held[0], started_at=held[1])
     error = None
     if info.get("status") == "failed":
         rec = _json(failure) or {}
@@ -92,7 +113,7 @@ def fetch(r, keys, job_id: str) -> Optional[Job]:
     return Job(id=job_id, name=info.get("name"), queue=info.get("queue"), status=info.get("status") or "queued",
                result=_json(info.get("result")), error=error, attempts=attempts,
                enqueued_at=_seconds(info.get("enqueued_at")), started_at=_seconds(info.get("started_at")),
-               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"))
+               ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"), warning=info.get("warning"))
 
 
 def get_job(job_id: str) -> Optional[Job]:
@@ -107,3 +128,64 @@ def get_job(job_id: str) -> Optional[Job]:
         return None if found is None else Job(**found)
     broker = jobs.default_broker()
     return fetch(broker.r, broker.keys, job_id)
+
+
+def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
+    """Job ``job_id``'s final :class:`Job` once it has ended; None if it has no status record (unknown, or
+    expired: a job done with ``result_ttl=0`` before the wait began). ``TimeoutError`` after ``timeout`` s.
+
+    The waiter marks the job's record (an expiry of a year on a record that has none, await.lua, which also
+    reads its status) and blocks on ``P:done:<id>`` (BLPOP), where the script recording the outcome pushes the
+    final record only for a marked job (its ``PEXPIRE ... NX`` finds the mark): jobs nobody waits for pay nothing.
+    It blocks in slices of at most ``WAIT_SLICE`` s and marks and reads the status again between them, so a push
+    lost in a failover (or a job failed by recovery, which pushes nothing) delays the return by a slice at most,
+    never hangs it."""
+    from . import jobs, testing
+    if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
+        raise ValueError(f"wait: timeout must be None or a number of seconds >= 0, not {timeout!r}")
+    if testing.active():
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
+    broker = jobs.default_broker()
+    r, keys = broker.r, broker.keys
+    from .lua import calls
+    deadline = None if timeout is None else time.monotonic() + timeout
+    piece = max(0.05, min(WAIT_SLICE, broker.cfg.redis_timeout / 2))
+    while True:
+        status = broker.scripts.run(calls.await_(keys, job_id))
+        if status in FINAL or not status:
+            return fetch(r, keys, job_id)
+        left = piece if deadline is None else min(piece, deadline - time.monotonic())
+        if left <= 0:
+            raise TimeoutError(f"job {job_id} has not ended within {timeout:g} s (status: {status})")
+        pushed = r.blpop([keys.done(job_id)], timeout=left)
+        if pushed is not None:
+            with r.pipeline(transaction=False) as p:  # put it back for any other waiter (it expires on its own)
+                p.lpush(keys.done(job_id), pushed[1]).pexpire(keys.done(job_id), 60000)
+                p.execute()
+            return fetch(r, keys, job_id) or _pushed(job_id, pushed[1])
+
+
+def _pushed(job_id: str, item: str) -> Job:
+    """A Job from the record the outcome pushed (``<status>\n<body>``): for a job whose status record is gone
+    already (``result_ttl=0``)."""
+    status, _, body = item.partition("\n")
+    if status == "failed":
+        rec = _json(body) or {}
+        return Job(id=job_id, name=rec.get("name"), queue=rec.get("queue"), status=status,
+                   error={k: rec.get(k) for k in ("type", "message", "traceback", "cause")})
+    return Job(id=job_id, name=None, queue=None, status=status, result=_json(body))
+
+
+async def get_job_async(job_id: str) -> Optional[Job]:
+    """:func:`get_job` for async code (``await``), on redis-py's asyncio client (``worker.aio_broker``)."""
+    if not isinstance(job_id, str) or not job_id:
+        raise TypeError("job id must be a non-empty string")
+    from . import aio_broker, testing
+    if testing.active():
+        found = testing.lookup(job_id)
+        return None if found is None else Job(**found)
+    info, failure, held = await aio_broker.default().read_job(job_id)
+    if not info:
+        return None
+    return build(job_id, info, failure, None if held is None else held_by(held[0], held[1], job_id))

@@ -5,6 +5,8 @@ inside it, and it spends ``cleanup`` seconds cleaning up before returning normal
 
 ``resumable_work`` walks ``items`` items, recording a checkpoint after each; stopped, it cleans up and lets the
 exception propagate, so the job is put back with its checkpoint and the next run continues where this one stopped.
+
+``sample_async_work`` is ``sample_work``'s ``async def`` twin: the TermException arrives at its current ``await``.
 """
 import sys
 import time
@@ -29,6 +31,20 @@ def sample_work(seconds=10, cleanup=2):
     except TermException:
         _say("caught TermException, cleaning up")
         time.sleep(cleanup)
+        _say("graceful shutdown!")
+
+
+@job
+async def sample_async_work(seconds=10, cleanup=2):
+    """Await ``seconds`` and print ``complete job!``; on TermException (raised at the await) await ``cleanup`` and
+    print ``graceful shutdown!``."""
+    import asyncio
+    try:
+        await asyncio.sleep(seconds)
+        _say("complete job!")
+    except TermException:
+        _say("caught TermException, cleaning up")
+        await asyncio.sleep(cleanup)
         _say("graceful shutdown!")
 
 

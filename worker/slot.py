@@ -11,7 +11,7 @@ from typing import Optional
 
 from . import protocol
 from .claimed import ClaimedJob
-from .policy import Kill, Result, result_of
+from .policy import Kill, Result, Status, result_of
 from .signals import kill_job
 from .stops import Stage
 
@@ -121,6 +121,7 @@ class Slot:
         self.saved: Optional[str] = None     # the checkpoint last written to Redis (for a dyno killed outright)
         self.stage = Stage.RUNNING           # how far the stop timeline went for it (stops.py)
         self.killed: Optional[Kill] = None   # why the worker killed it (the first reason only)
+        self.canceled_at: Optional[float] = None  # cancel(running=True) asked to stop it then (monotonic)
         self.listing = Listing.HELD
 
     @property
@@ -170,8 +171,11 @@ class Slot:
 
     def result(self, limit_mb: int) -> Result:
         duration = time.monotonic() - self.started
-        return result_of(self.out.report, self.child.status, self.killed, self.termed, self.job.options.timeout,
-                         limit_mb, duration)
+        res = result_of(self.out.report, self.child.status, self.killed, self.termed, self.job.options.timeout,
+                        limit_mb, duration)
+        if self.canceled_at is not None and res.status is not Status.DONE:  # canceled, not put back nor retried
+            return Result(Status.CANCELED, duration, res.type, res.message or "canceled", res.traceback)
+        return res
 
 
 def private_mb(pid: int) -> float:

@@ -20,7 +20,7 @@ from . import orphans
 from .claimed import ClaimedJob
 from .forkserver import ForkServer, ForkServerError
 from .policy import Kill
-from .signals import kill_job
+from .signals import RAISE_SIGNAL, kill_job
 from .slot import EXIT_WAIT, Report, Slot, job_private_mb
 from .stops import STEPS, Stage, next_step
 
@@ -130,6 +130,8 @@ class SlotTable:
             self._stop_steps(s, now)
             if usr1:
                 s.kill(Kill.USR1)
+            if s.canceled_at is not None and now >= s.canceled_at + self.cfg.term_timeout:
+                s.kill(Kill.CANCEL)  # TermException was not enough
             timeout = s.job.options.timeout
             if timeout and now >= s.started + timeout:
                 s.kill(Kill.TIMEOUT)
@@ -141,6 +143,17 @@ class SlotTable:
                         and job_private_mb(s.child.pid) > limit:
                     s.kill(Kill.MEMORY)
                     self.log.warning("job.memory_exceeded", job=s.job.id, slot=s.index, limit_mb=limit)
+
+    def cancel(self, ids) -> None:
+        """cancel(running=True) for the jobs ``ids`` (from a beat's CYCLE reply): each running one gets TERM and
+        ``TermException`` at once (the stop timeline's first two signals), and the kill ``TERM_TIMEOUT`` later."""
+        for s in self.slots:
+            if s.busy and s.job is not None and s.job.id in ids and s.canceled_at is None:
+                s.canceled_at = time.monotonic()
+                self.log.info("job.cancel_requested", job=s.job.id, slot=s.index, pid=s.child.pid)
+                if s.child.pid and s.child.status is None:
+                    _signal(s.child.pid, signal.SIGTERM)
+                    _signal(s.child.pid, RAISE_SIGNAL)
 
     def _stop_steps(self, s: Slot, now: float) -> None:
         """Take every step of the stop timeline (``stops.STEPS``) whose time has come for slot ``s``."""

@@ -281,6 +281,7 @@ class Supervisor:
                 self.ledger.start(cl.slot, cl.payload, cl.queue, cl.at)
         if lost:
             m.claims_lost(sent, bool(c.recovered))
+        self.slots.cancel(c.cancel)  # cancel(running=True), read at beats
         if claim and len(c.claims) < len(claim):  # the queues ran dry: wait for a token, a poll or a due job
             self._claim = False
             self._drained = not self.slots.busy()

@@ -15,7 +15,8 @@ Under ``inline()`` every ``enqueue``/``enqueue_in``/``enqueue_at``/``enqueue_man
 job at once, in the calling process and thread, and returns its id; no connection to Redis is ever made. What stays
 as in production: the name must be registered (the job module imported), the arguments go through the same JSON
 encoding (a ``datetime`` argument fails at enqueue with the same ``TypeError``; a tuple arrives as a list), the
-arguments must fit the function, and a return value that is not JSON fails the job. What differs: no retries (one
+arguments must fit the function, and a return value that is not JSON is kept as the same marker (or fails the job with
+``@job(strict_result=True)``). What differs: no retries (one
 attempt), no timeout, no fork (a job's global side effects stay in the test process).
 
 * **Exceptions** of the job propagate out of the enqueue call (like RQ's ``is_async=False``), after the outcome is
@@ -36,6 +37,7 @@ ended_at``) or ``None`` for an id not enqueued in the current inline block.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -46,7 +48,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
-from . import jobs
+from . import aio, context, jobs
+from .payload import unserializable
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
 _stack: list = []
@@ -69,6 +72,11 @@ def lookup(job_id: str) -> Optional[dict]:
         if rec is not None:
             return dict(rec)
     return None
+
+
+def cancel(job_id: str) -> bool:
+    """``worker.cancel`` in inline mode: only a scheduled job held back (``run_scheduled=False``) can be."""
+    return any(ctx.cancel(job_id) for ctx in reversed(_stack))
 
 
 class InlineJobs:
@@ -99,11 +107,23 @@ class InlineJobs:
             self._run(doc)
         return [job_id for job_id, _ in held]
 
+    def cancel(self, job_id: str) -> bool:
+        held = [h for h in self._held if h[0] == job_id]
+        if not held:
+            return False
+        self._held.remove(held[0])
+        self._by_id[job_id].update(status="canceled", ended_at=round(time.time(), 6))
+        return True
+
     # --- the broker interface of worker.jobs (push / push_many) ---
-    def push(self, name, args, kwargs, queue=None, due=None, delay=None, **_ignored) -> str:
+    def push(self, name, args, kwargs, queue=None, due=None, delay=None, job_id=None, options=None,
+             **_ignored) -> str:
         later = (delay is not None and float(delay) > 0) or (due is not None and float(due) > time.time())
         at = None if not later else (time.time() + float(delay) if delay is not None else float(due))
-        doc = self._record(name, args, kwargs, queue, at)
+        held = self._by_id.get(job_id) if job_id is not None else None
+        if held is not None and held["status"] in ("queued", "scheduled", "running"):
+            return job_id  # an own id whose job has not ended: nothing enqueued (as enqueue.lua)
+        doc = self._record(name, args, kwargs, queue, at, job_id, options)
         if later and not self.run_at_once:
             self._by_id[doc["id"]]["status"] = "scheduled"
             self._held.append((doc["id"], doc))
@@ -124,11 +144,12 @@ class InlineJobs:
         return [d["id"] for d in docs]
 
     # --- internals ---
-    def _record(self, name, args, kwargs, queue, at) -> dict:
+    def _record(self, name, args, kwargs, queue, at, job_id=None, options=None) -> dict:
         if jobs.registered(name) is None:
             raise ValueError(f"job {name!r} is not registered in this process: inline mode runs jobs in the test "
                              f"process, so import the module that defines it (e.g. `import myapp.jobs`)")
-        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, _MAX_PAYLOAD, at=at)
+        job_id, q, payload = jobs.build_payload(name, args, kwargs, queue, _MAX_PAYLOAD, at=at, job_id=job_id,
+                                                options=options)
         doc = json.loads(payload)  # the job sees what a worker would: the arguments after a JSON round trip
         self._by_id[job_id] = {"id": job_id, "name": name, "queue": q, "status": "queued", "result": None,
                                "error": None, "attempts": 0, "enqueued_at": doc["enqueued_at"], "started_at": None,
@@ -139,25 +160,45 @@ class InlineJobs:
         rec = self._by_id[doc["id"]]
         spec = jobs.registered(doc["name"])
         rec.update(status="running", attempts=rec["attempts"] + 1, started_at=round(time.time(), 6))
+        prev = context.enter(doc, spec.name)
         try:
             try:
                 spec.signature.bind(*doc["args"], **doc["kwargs"])
             except TypeError as exc:
                 raise jobs.BadJob(f"arguments do not fit {spec.name}{spec.signature}: {exc}") from None
-            result = spec.fn(*doc["args"], **doc["kwargs"])
-            try:
-                result = json.loads(jobs.json_dumps(result))
-            except (TypeError, ValueError) as exc:
-                raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
-                                f"(dict, list, str, number, bool, None) or nothing") from None
+            if spec.is_async:
+                value = aio.run_inline(spec.fn, doc["args"], doc["kwargs"])
+            else:
+                value = spec.fn(*doc["args"], **doc["kwargs"])
+            result, warning = _kept(spec, value)
         except Exception as exc:
-            rec.update(status="failed", ended_at=round(time.time(), 6),
-                       error={"type": type(exc).__name__, "message": str(exc)[:2000],
-                              "traceback": traceback.format_exc()[-20000:]})
+            error = {"type": type(exc).__name__, "message": str(exc)[:2000],
+                     "traceback": traceback.format_exc()[-20000:]}
+            if not spec.retryable(exc):  # dont_retry/retry_on: a worker would fail it at once, whatever retries
+                error["retryable"] = False
+            rec.update(status="failed", ended_at=round(time.time(), 6), error=error)
             if self.raise_errors:
                 raise
             return
+        finally:
+            context.leave(prev)
         rec.update(status="done", result=result, ended_at=round(time.time(), 6))
+        if warning is not None:  # only then, so a record keeps the shape get_job's has
+            rec["warning"] = warning
+
+
+def _kept(spec, value) -> tuple:
+    """``(result, warning)`` as a worker keeps a job's return value: after a JSON round trip; not JSON: a marker and
+    a warning (``payload.unserializable``), or with ``@job(strict_result=True)`` a ``TypeError`` (the job fails)."""
+    try:
+        return json.loads(jobs.json_dumps(value)), None
+    except (TypeError, ValueError, RecursionError) as exc:
+        if spec.strict_result:
+            raise TypeError(f"job {spec.name!r} returned a value that is not JSON ({exc}); return JSON "
+                            f"(dict, list, str, number, bool, None) or nothing") from None
+        marker, warning = unserializable(value, exc)
+        logging.getLogger("worker.testing").warning("job.result_unserializable name=%s %s", spec.name, warning)
+        return marker, warning
 
 
 @contextmanager

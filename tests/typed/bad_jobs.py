@@ -17,3 +17,6 @@ send_welcome.enqueue(7, 8)              # E: too many arguments
 send_welcome.enqueue_in("soon", 7)      # E: seconds is a number
 s: str = add(1)                         # E: the plain call returns int
 send_welcome.enqueue(user=7)            # E: no such parameter
+send_welcome.options(queue="x").enqueue("seven")   # E: str for int (per-call options keep the signature)
+send_welcome.options(retries="5")                  # E: retries is an int
+send_welcome.options(colour="red")                 # E: no such option

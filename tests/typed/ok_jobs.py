@@ -19,3 +19,7 @@ job_id: str = add.enqueue(1, y=2)
 later: str = send_welcome.enqueue_in(30, 7, subject="Hi")
 at: str = send_welcome.enqueue_at(datetime(2030, 1, 1, tzinfo=timezone.utc), 7)
 name: str = add.job_name
+# per-call options (issue 24 item 3): typed like the function
+custom: str = send_welcome.options(queue="other", timeout=60, retries=5, job_id="welcome-42").enqueue(7)
+soon: str = add.options(delay=30).enqueue(1, y=2)
+later2: str = add.options(result_ttl=0).enqueue_in(30, 1)

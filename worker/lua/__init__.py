@@ -26,7 +26,7 @@ from importlib import resources
 
 #: Every script, by file name (``worker/lua/<name>.lua``).
 NAMES = ("enqueue", "cycle", "recover", "unregister", "heartbeat", "wake", "schedule", "stats", "retry_failed",
-         "run_now", "housekeep", "failed_page", "failed_match", "find_queued", "backlog")
+         "run_now", "housekeep", "failed_page", "failed_match", "find_queued", "backlog", "await", "cancel")
 
 _FN = re.compile(r"^local function (\w+)\(", re.M)
 
@@ -79,6 +79,8 @@ FAILED_PAGE = source("failed_page")
 FAILED_MATCH = source("failed_match")
 FIND_QUEUED = source("find_queued")
 BACKLOG = source("backlog")
+AWAIT = source("await")
+CANCEL = source("cancel")
 
 
 class Registry:

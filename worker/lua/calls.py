@@ -18,17 +18,19 @@ class Call(NamedTuple):
 
 # --- enqueue, the worker's hot path ---
 
-def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list) -> Call:
-    """ENQUEUE of ``jobs`` = ``[(job_id, name, payload), ...]`` (one name per call) onto ``queue``."""
+def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list, unique: bool = False) -> Call:
+    """ENQUEUE of ``jobs`` = ``[(job_id, name, payload), ...]`` (one name per call) onto ``queue``; ``unique``:
+    one job whose id is the producer's own (nothing enqueued while a job of that id has not ended)."""
     return Call("enqueue", [k.prefix, k.queue(queue), k.queues, k.scheduled, k.enqueued(dedupe_id)],
-                [queue, dedupe_ms, when, jobs[0][1], len(jobs), *[j[0] for j in jobs], *[j[2] for j in jobs]])
+                [queue, dedupe_ms, when, jobs[0][1], "1" if unique else "", len(jobs), *[j[0] for j in jobs],
+                 *[j[2] for j in jobs]])
 
 
 def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
     """The eight CYCLE fields of a ``fetch.Outcome`` (cycle.lua: op, slot, payload, job id, a, b, c, started)."""
     op = o.op.value
-    if op == "ack":
-        a, b, c = o.result, (o.keep_ms if o.keep_ms is not None else result_ttl_ms), ""
+    if op == "ack" or op == "cancel":
+        a, b, c = o.result, (o.keep_ms if o.keep_ms is not None else result_ttl_ms), o.warning
     elif op == "fail":
         a, b, c = o.record, failed_ttl_ms, o.attempts
     elif op == "retry":
@@ -75,6 +77,7 @@ class Cycle(NamedTuple):
     refused: Optional[tuple] = None  # (key, type): a key this call had to write is of the wrong type; nothing was
     #                                  written (cycle.lua), the claims stay in the processing list
     odd: tuple = ()     # keys found wrong-typed and skipped (bookkeeping only: the call's outcomes took effect)
+    cancel: tuple = ()  # beats only: ids of jobs cancel(running=True) asked this worker to stop (P:cancel:<w>)
 
 
 def parse_cycle(res) -> Cycle:
@@ -83,9 +86,10 @@ def parse_cycle(res) -> Cycle:
     if int(res[0]) == -3:
         return Cycle([], None, [], -1, refused=(res[1], res[2]))
     now, n = int(res[2]), int(res[3])
-    claims = [Claim(int(res[6 + 3 * i]), res[7 + 3 * i], res[8 + 3 * i], now) for i in range(n)]
-    return Cycle(claims, float(res[1]) if res[1] else None, list(res[6 + 3 * n:]), int(res[0]),
-                 recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else ())
+    claims = [Claim(int(res[7 + 3 * i]), res[8 + 3 * i], res[9 + 3 * i], now) for i in range(n)]
+    return Cycle(claims, float(res[1]) if res[1] else None, list(res[7 + 3 * n:]), int(res[0]),
+                 recovered=int(res[4]), odd=tuple(res[5].split("\n")) if res[5] else (),
+                 cancel=tuple(res[6].split("\n")) if res[6] else ())
 
 
 # --- membership ---
@@ -181,3 +185,16 @@ def find_queued(k, queue: str, job_id: str) -> Call:
 
 def backlog(k, all_known: bool, names) -> Call:
     return Call("backlog", [k.prefix], ["1" if all_known else "0", *names])
+
+
+# --- the job API: wait, cancel ---
+
+WAIT_MARK_MS = 365 * 86400 * 1000  # the expiry that marks a waited-for job's record (await.lua)
+
+
+def await_(k, job_id: str) -> Call:
+    return Call("await", [k.prefix], [job_id, WAIT_MARK_MS])
+
+
+def cancel(k, job_id: str, keep_ms: int, running: bool = False) -> Call:
+    return Call("cancel", [k.prefix, k.scheduled, k.workers], [job_id, keep_ms, "1" if running else ""])

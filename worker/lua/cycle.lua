@@ -2,7 +2,8 @@
 -- (when due), move due scheduled jobs (when asked: tidy), and claim up to one job for each free slot. The hot path
 -- (a job's outcome plus the next claim) is this one call.
 -- KEYS[1] prefix      P                 the key space's root; derived from it: P:queue:<q>, P:wake:<q>,
---                                       P:job:<id>, P:failed, P:failed:data, P:stat:processed, P:stat:failed
+--                                       P:job:<id>, P:done:<id>, P:failed, P:failed:data, P:stat:processed,
+--                                       P:stat:failed, P:cancel:<w> (popped when beating)
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -27,16 +28,19 @@
 --   then nout (at outcome_count_at), then nout outcomes of OUTCOME_LEN (8) fields each:
 --     op, slot, payload, job id ('' = keep no status), a, b, c, started (ms, Redis clock: when it was claimed, as
 --     this script returned it; '' = read started:<slot>)
---       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now)
+--       ack:     a = result JSON ('' = none), b = ms to keep the status record ('0' = delete it now),
+--                c = a warning for the status record ('' = none; a result that was not JSON)
 --       fail:    a = failure record, b = ms to keep the status record, c = attempts
 --       retry:   a = new payload, b = delay ms, c = attempts
+--       cancel:  b = ms to keep the status record ('0' = delete it now): stopped by cancel(running=True)
 --       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint),
 --                c = attempts for the status record ('' = unchanged: an interruption; else a run lost, issue 27)
 --   then (from slots_at to the end) the slot numbers to claim into (one claim per slot, as far as the queues go)
 -- Reply: {held (LLEN of the processing list; -1 when not beating), ms until the next scheduled job is due ('' if
 --   none; only when nothing was claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists,
 --   2 if only this worker's P:workers entry was gone, else 0), odd keys ('' or key names joined by newlines),
---   slot1, payload1, queue1, ..., then the queue names considered (only when nothing was claimed)};
+--   cancel (when beating: the ids popped from P:cancel:<w>, joined by newlines; else ''), slot1, payload1,
+--   queue1, ..., then the queue names considered (only when nothing was claimed)};
 --   {-2}: Redis lost its data since the worker registered (P:epoch differs), nothing written;
 --   {-3, key, type}: a key this call must write is of the wrong type, nothing written.
 -- Invariants:
@@ -50,8 +54,10 @@
 --   outcome of this call writes them, are TYPE-checked before the LREM ({-3, key, type}). Every other key is
 --   written or read with pcall; those found wrong-typed are skipped and named in the reply (odd keys).
 -- * Status records (P:job:<id>) follow each outcome: done/failed/scheduled/queued (a running job is found in its
---   worker's hash, job:<slot>: no write per claim). The worker hash records per claim the queue it came from
---   (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
+--   worker's hash, job:<slot>: no write per claim). A job whose record had an expiry before its outcome (a
+--   waiter's mark, await.lua; PEXPIRE NX tells, at no extra command) also has its final record pushed to
+--   P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
+--   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -113,7 +119,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
   if removed == 1 then
     local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
     local jk = prefix .. ':job:' .. id
-    if started == '' and id ~= '' and (op == 'ack' or op == 'fail') then
+    if started == '' and id ~= '' and (op == 'ack' or op == 'fail' or op == 'cancel') then
       started = redis.pcall('HGET', worker_hash, 'started:' .. slot)
       if type(started) ~= 'string' then started = now_s end
     end
@@ -126,8 +132,13 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         if b ~= '0' then
           redis.pcall('HSET', jk, 'status', 'done', 'ended_at', now_s, 'result', a, 'worker', worker_name,
                       'started_at', started)
-          redis.pcall('PEXPIRE', jk, b)
+          if c ~= '' then redis.pcall('HSET', jk, 'warning', c) end
+          if redis.pcall('PEXPIRE', jk, b, 'NX') == 0 then  -- it had an expiry: a waiter's mark (await.lua)
+            redis.pcall('PEXPIRE', jk, b)
+            notify(prefix, id, 'done', a)
+          end
         else
+          if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'done', a) end
           redis.call('DEL', jk)
         end
       end
@@ -136,7 +147,16 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       if id ~= '' then
         redis.pcall('HSET', jk, 'status', 'failed', 'ended_at', now_s, 'attempts', c, 'worker', worker_name,
                     'started_at', started)
-        redis.pcall('PEXPIRE', jk, b)
+        if redis.pcall('PEXPIRE', jk, b, 'NX') == 0 then  -- a waiter's mark (see ack)
+          redis.pcall('PEXPIRE', jk, b)
+          notify(prefix, id, 'failed', a)
+        end
+      end
+    elseif op == 'cancel' then
+      if id ~= '' then
+        if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end
+        redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name, 'started_at', started)
+        if b ~= '0' then redis.pcall('PEXPIRE', jk, b) else redis.pcall('DEL', jk) end
       end
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
@@ -173,7 +193,7 @@ if tidy then  -- due scheduled jobs (retries, enqueue_in/at) move to their queue
       redis.call('ZREM', scheduled, p)  -- (a zset: ZRANGEBYSCORE read it)
       redis.pcall('SADD', known, q)
       wake(prefix, q)
-      local id = string.match(p, '^{"id":"([%w_%-]+)"')
+      local id = string.match(p, '^{"id":"([%w_%.:%-]+)"')
       if id then redis.pcall('HSET', prefix .. ':job:' .. id, 'status', 'queued') end
     end
   end
@@ -181,7 +201,7 @@ end
 local queues = wildcard and redis.pcall('SORT', known, 'ALPHA') or nil  -- else ARGV[QUEUES_AT ..]
 if queues and queues.err then queues, odd = {}, add_line(odd, known) end
 local nqs = queues and #queues or nq
-local res, wf = {0, '', now, 0, 0, ''}, {}  -- wf: the worker hash's fields, written once at the end
+local res, wf = {0, '', now, 0, 0, '', ''}, {}  -- wf: the worker hash's fields, written once at the end
 local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
 local next_slot = slots_at  -- ARGV[next_slot]: the slot the next claim goes into
 if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
@@ -241,6 +261,8 @@ if type(redis.pcall('HSET', worker_hash, unpack(wf))) == 'table' then odd = add_
 res[1], res[4] = beating and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
 if beating then  -- taken for dead: our jobs were recovered (1), or at least our registration is gone (2)
   res[5] = (redis.call('EXISTS', recovered_key) == 1) and 1 or (readded and 2 or 0)
+  local stop = redis.pcall('SPOP', prefix .. ':cancel:' .. worker_name, 100)  -- cancel(running=True)
+  if type(stop) == 'table' and stop[1] then res[7] = table.concat(stop, '\n') end
 end
 if claimed == 0 then
   local nxt = redis.pcall('ZRANGE', scheduled, 0, 0, 'WITHSCORES')

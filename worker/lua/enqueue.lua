@@ -1,6 +1,6 @@
 -- ENQUEUE: put jobs on a queue (or into the schedule), once per call however often redis-py re-sends it.
 -- KEYS[1] prefix     P              the key space's root; derived from it: P:job:<id> (each job's status record),
---                                   P:wake:<q> (the queue's wake list)
+--                                   P:wake:<q> (the queue's wake list), P:done:<id> (unique: a stale wake-up)
 -- KEYS[2] queue      P:queue:<q>    where a job due now goes (tail)
 -- KEYS[3] queues     P:queues       known queue names
 -- KEYS[4] scheduled  P:scheduled    where a job due later goes (score: due time, ms)
@@ -9,9 +9,12 @@
 -- ARGV[2] dedupe_ms    how long the dedupe marker lives
 -- ARGV[3] when         '' = now, '+<ms>' = that long after Redis's clock, '@<ms>' = at that unix time (ms)
 -- ARGV[4] job_name     the jobs' name (one name per call)
--- ARGV[5] n            the number of jobs; then n job ids, then their n payloads (in the same order)
--- Reply: 1 queued, 2 scheduled, 0 a repeated call (found its dedupe marker: nothing done), or an error reply
---   'WRONGTYPE <key> is a <type>, expected a <type>: nothing enqueued'.
+-- ARGV[5] unique       '1': one job with the producer's own id (job_id=): enqueue nothing while a job of that id
+--                      is queued, scheduled or running (its record says queued or scheduled: the claim writes none)
+-- ARGV[6] n            the number of jobs; then n job ids, then their n payloads (in the same order)
+-- Reply: 1 queued, 2 scheduled, 0 a repeated call (found its dedupe marker: nothing done), 3 (unique) a job of
+--   that id has not ended: nothing done, or an error reply 'WRONGTYPE <key> is a <type>, expected a <type>:
+--   nothing enqueued'.
 -- Invariants: each job gets its status record P:job:<id> (status, name, queue, enqueued_at ms, attempts), without
 --   expiry until the job ends. A call redis-py re-sends after a timeout (its first copy may already have run, or be
 --   buffered in a stalled server) finds its dedupe key and does nothing: one key per call, not per job. Due times
@@ -19,8 +22,9 @@
 --   app that retries would enqueue it twice): the key that takes the job is TYPE-checked before any write, and what
 --   follows the push (P:queues, the wake list, status records) uses pcall.
 local prefix, queue, queues, scheduled, dedupe = KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5]
-local queue_name, dedupe_ms, when, job_name, n = ARGV[1], ARGV[2], ARGV[3], ARGV[4], tonumber(ARGV[5])
-local IDS_AT = 6                   -- ARGV[IDS_AT .. IDS_AT + n - 1]: the job ids
+local queue_name, dedupe_ms, when, job_name, unique = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5] == '1'
+local n = tonumber(ARGV[6])
+local IDS_AT = 7                   -- ARGV[IDS_AT .. IDS_AT + n - 1]: the job ids
 local payloads_at = IDS_AT + n     -- ARGV[payloads_at .. #ARGV]: their payloads
 local now = clock()
 local due = nil
@@ -36,6 +40,12 @@ if got then
   return redis.error_reply('WRONGTYPE ' .. dest .. ' is a ' .. got .. ', expected a ' .. want .. ': nothing enqueued')
 end
 if not redis.call('SET', dedupe, '1', 'NX', 'PX', dedupe_ms) then return 0 end
+if unique then  -- an own id: taken while its job has not ended; once it has, its old record and wake-up go
+  local jk = prefix .. ':job:' .. ARGV[IDS_AT]
+  local was = redis.pcall('HGET', jk, 'status')
+  if was == 'queued' or was == 'scheduled' then return 3 end
+  redis.pcall('DEL', jk, prefix .. ':done:' .. ARGV[IDS_AT])
+end
 local status = is_scheduled and 'scheduled' or 'queued'
 for i = IDS_AT, payloads_at - 1 do
   jset(prefix, ARGV[i], 'status', status, 'name', job_name, 'queue', queue_name,

@@ -52,6 +52,14 @@ local function jset(prefix, id, ...)
   if id and id ~= '' then redis.pcall('HSET', prefix .. ':job:' .. id, ...) end
 end
 
+-- Wake whoever waits for job <id> (Job.wait): push its final record ('<status>\n<result or failure JSON>') to
+-- P:done:<id>, kept 60 s. Called only for a waited-for job: one whose status record had an expiry before its outcome
+-- set one (await.lua gives a waiting job's record one; see cycle.lua's 'PEXPIRE ... NX'). pcall only.
+local function notify(prefix, id, status, body)
+  local dk = prefix .. ':done:' .. id
+  if type(redis.pcall('RPUSH', dk, status .. '\n' .. body)) == 'number' then redis.pcall('PEXPIRE', dk, 60000) end
+end
+
 -- The failed registry (P:failed, P:failed:data): add a record, count it (P:stat:failed), then trim what is past
 -- ttl_ms (FAILED_TTL) or beyond max_n (FAILED_MAX). The caller TYPE-checks P:failed and P:failed:data before its
 -- first write (wrong_type), so the redis.call writes here cannot raise.

@@ -43,6 +43,15 @@ class Actions:
         payloads = list(payloads)
         return int(self.scripts.run(calls.run_now(self.k, payloads))) if payloads else 0
 
+    def cancel(self, job_id: str) -> tuple:
+        """``(canceled, reason)``: ``worker.control.cancel_job`` (one script, atomic with the claim)."""
+        from ..control import cancel_job
+        return cancel_job(self, job_id)
+
+    @property
+    def keys(self):  # (what cancel_job reads of a broker: scripts, keys, cfg)
+        return self.k
+
     def delete_scheduled(self, payloads) -> int:
         payloads = list(payloads)
         return self.r.zrem(self.k.scheduled, *payloads) if payloads else 0

@@ -258,6 +258,12 @@ class Dashboard:
             verb = path.rsplit("/", 1)[1]
             n = a.retry_failed(ids) if verb == "retry" else a.delete_failed(ids)
             return self.redirect(req, back, f"{'retried' if verb == 'retry' else 'deleted'} {n} failed job(s)")
+        m = re.fullmatch(r"/jobs/([^/]+)/cancel", path)
+        if m:
+            from ..control import REASONS
+            ok, why = a.cancel(m.group(1))
+            return self.redirect(req, f"/jobs/{pages.quote(m.group(1))}",
+                                 "canceled the job" if ok else f"not canceled: {REASONS.get(why, why)}")
         if path in ("/scheduled/run", "/scheduled/delete"):
             verb = path.rsplit("/", 1)[1]
             n = a.run_scheduled(payloads) if verb == "run" else a.delete_scheduled(payloads)

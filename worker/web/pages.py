@@ -214,6 +214,9 @@ def job(ctx: Ctx, job_id: str, doc):
     if st == "done":
         rows.append(("Result", f"<code>{js(doc.get('result'))}</code>"))
     body = table(("Field", "Value"), rows)
+    if st in ("queued", "scheduled"):
+        body += button(ctx, f"/jobs/{quote(doc['id'])}/cancel", "Cancel", {}, danger=True,
+                       confirm="Cancel this job? It will not run.")
     err = doc.get("error")
     if err:
         body += (f"<h2>Error</h2><p><b>{h(err.get('type'))}</b>: {h(err.get('message'))} "

@@ -1,0 +1,94 @@
+"""Job.wait (issue 24 item 1): blocks until the job has ended, woken by the script that records its outcome; a
+failed job is returned, not raised; TimeoutError when time runs out; result_ttl=0 still gives the result; inline
+mode returns at once."""
+import threading
+import time
+
+import pytest
+
+from worker import config, jobs, testing
+from worker.client import connect
+from worker.fetch import Broker
+from worker.keys import Keys
+from worker.results import get_job
+
+MODULES = "worker.sample,tests.jobs,tests.jobs_control"
+K = Keys()
+
+
+@pytest.fixture
+def api(r, redis_server):
+    import tests.jobs_control  # noqa: F401  (registers the jobs here too, with their queues)
+    cfg = config.from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": MODULES})
+    broker = Broker(connect(cfg, name="enqueue"), cfg)
+    jobs.use(broker)
+    yield broker
+    jobs.use(None)
+    broker.r.close()
+
+
+@pytest.mark.timeout(60)
+def test_wait_returns_the_done_job_when_its_outcome_is_recorded(r, api, spawn):
+    job_id = jobs.enqueue("gate", "w1")
+    spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["w1:started"], 20)
+    with pytest.raises(TimeoutError):
+        get_job(job_id).wait(timeout=0.2)  # running: not ended yet
+    got = {}
+
+    def waiter():
+        got["job"] = get_job(job_id).wait(timeout=20)
+        got["at"] = time.monotonic()
+    t = threading.Thread(target=waiter)
+    t.start()
+    time.sleep(0.3)  # the waiter is blocked now (a slow start only makes the push come first: still returns)
+    r.rpush("w1:go", "the result")
+    t.join(25)
+    j = got["job"]
+    assert (j.status, j.result) == ("done", "the result")
+    assert 0 < r.pttl(K.done(job_id)) <= 60_000  # what the outcome pushed expires
+
+
+@pytest.mark.timeout(60)
+def test_wait_returns_a_failed_job_and_a_forgotten_result(r, api, spawn):
+    failing = jobs.enqueue("gate_fail", "w2")
+    forgotten = jobs.enqueue("forget", {"x": 1})  # result_ttl=0: the record goes with the outcome
+    forgotten_job = get_job(forgotten)
+    r.rpush("w2:go", "1")
+    spawn(JOB_MODULES=MODULES)
+    j = get_job(failing).wait(timeout=20)
+    assert j.status == "failed" and j.error["type"] == "ValueError"
+    f = forgotten_job.wait(timeout=20)
+    assert f is not None and (f.status, f.result) == ("done", {"x": 1})
+    assert get_job(forgotten) is None
+
+
+@pytest.mark.timeout(30)
+def test_jobs_nobody_waits_for_get_no_done_list(r, api, spawn):
+    ids = [jobs.enqueue("quick", "w3") for _ in range(3)]
+    spawn(JOB_MODULES=MODULES)
+    for _ in ids:
+        assert r.blpop(["w3"], 20)
+    get_job(ids[-1]).wait(timeout=20)
+    assert get_job(ids[-1]).status == "done"
+    assert r.keys(K.done("*")) in ([], [K.done(ids[-1])])  # only the one waited for
+    assert r.exists(K.done(ids[0])) == 0
+
+
+@pytest.mark.timeout(30)
+def test_wait_on_an_unknown_id_is_none_and_bad_timeouts_are_refused(r, api):
+    from worker.results import wait
+    assert wait("nope", timeout=1) is None
+    with pytest.raises(ValueError):
+        wait("nope", timeout=-1)
+    assert r.keys("*") == []  # the mark creates no record
+
+
+@pytest.mark.timeout(30)
+def test_inline_wait_returns_at_once():
+    import tests.jobs_control  # noqa: F401
+    with testing.inline():
+        job_id = jobs.enqueue("forget", 5)
+        started = time.monotonic()
+        j = get_job(job_id).wait(timeout=0)
+        assert (j.status, j.result) == ("done", 5) and time.monotonic() - started < 0.1

@@ -1,0 +1,52 @@
+"""Per-call options (issue 24 items 3 and 4): ``f.options(queue=, delay=, timeout=, retries=, job_id=, result_ttl=,
+max_interruptions=)`` returns a :class:`JobCall`, whose ``.enqueue`` / ``.enqueue_in`` / ``.enqueue_at`` take the
+function's own arguments (typed like it: ``jobtypes.JobCall``), so the options never mix with the job's keyword
+arguments. Everything is checked when ``.options()`` is called (TypeError/ValueError naming the option). The
+options travel in the payload's ``"options"`` (``payload.PER_CALL``) and win over ``@job``'s in
+``jobs.JobOptions.resolve``; ``job_id`` is the payload's id, deduplicated by enqueue.lua while its job has not ended.
+
+Imports no enqueue machinery: ``jobs.options`` hands a JobCall the function that enqueues (``jobs._push``).
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from .config import QUEUE_RULE, valid_queue_name
+from .payload import check_job_id, check_options, delay_of, due_of
+
+
+class JobCall:
+    """One call's options, checked when made; its enqueue methods return the job id."""
+
+    __slots__ = ("name", "push", "queue", "delay", "job_id", "opts")
+
+    def __init__(self, name: str, push: Callable, *, queue=None, delay=None, job_id=None, timeout=None,
+                 retries=None, result_ttl=None, max_interruptions=None):
+        if queue is not None and (not isinstance(queue, str) or not valid_queue_name(queue)):
+            raise ValueError(f"options: invalid queue {queue!r}: expected {QUEUE_RULE}")
+        self.delay = None if delay is None else delay_of(delay)
+        if self.delay is not None and self.delay < 0:
+            raise ValueError(f"options: delay= must be >= 0 seconds, not {delay!r}")
+        self.name, self.push, self.queue = name, push, queue
+        self.job_id = None if job_id is None else check_job_id(job_id)
+        self.opts = check_options(dict(timeout=timeout, retries=retries, result_ttl=result_ttl,
+                                       max_interruptions=max_interruptions))
+
+    def _send(self, args, kwargs, **when) -> str:
+        return self.push(self.name, args, kwargs, queue=self.queue, job_id=self.job_id, options=self.opts or None,
+                         **when)
+
+    def enqueue(self, *args: Any, **kwargs: Any) -> str:
+        """Enqueue now (or ``delay`` seconds from now). With ``job_id``: while a job of that id is queued,
+        scheduled or running, nothing is enqueued and the id is returned."""
+        return self._send(args, kwargs, delay=self.delay)
+
+    def enqueue_in(self, seconds, /, *args: Any, **kwargs: Any) -> str:
+        if self.delay is not None:
+            raise TypeError("enqueue_in: this call has options(delay=) already; use .enqueue()")
+        return self._send(args, kwargs, delay=delay_of(seconds))
+
+    def enqueue_at(self, when, /, *args: Any, **kwargs: Any) -> str:
+        if self.delay is not None:
+            raise TypeError("enqueue_at: this call has options(delay=) already; use .enqueue()")
+        return self._send(args, kwargs, due=due_of(when))
