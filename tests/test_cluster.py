@@ -213,3 +213,21 @@ def test_the_supervisors_script_call_after_the_slot_moved_is_resent_where_it_bel
         os.close(rfd)
         os.close(wfd)
         b.r.close()
+
+
+def test_keyless_reads_ask_the_node_that_holds_the_key_space(cenv, cr, redis_cluster):
+    """Issue 26 point 1: TIME (the clock recovery compares deadlines with) and INFO (the start-up check of
+    maxmemory-policy) come from the key space's own primary, not any node or every node merged."""
+    home = redis_cluster.node_of("{worker}")
+    other = next(p for p in redis_cluster.ports if p != home)
+    redis.Redis(port=other).config_set("maxmemory-policy", "allkeys-lru")
+    b = broker_for(cenv)
+    try:
+        assert b.check_server() is None  # the home node keeps noeviction
+        assert b.r.info("server")["tcp_port"] == home
+        redis.Redis(port=home).config_set("maxmemory-policy", "allkeys-lru")
+        assert "allkeys-lru" in (b.check_server() or "")
+    finally:
+        for p in redis_cluster.ports:
+            redis.Redis(port=p).config_set("maxmemory-policy", "noeviction")
+        b.r.close()

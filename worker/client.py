@@ -88,8 +88,8 @@ class SlotClient:
 
     Commands and scripts go through ``RedisCluster``, which routes them by key, follows MOVED and ASK (sending
     ASKING before a script during a slot migration) and re-reads the slot map after a failover. Pipelines (MULTI
-    transactions, TIME, scripts inside them) and SCAN go to the plain client of the node that holds the slot: all
-    their keys are there. A MOVED/ASK/TRYAGAIN/CLUSTERDOWN reply to one re-reads the slot map and is raised as a
+    transactions, TIME, scripts inside them), SCAN, TIME and INFO go to the plain client of the node that holds the
+    slot: all their keys, and the clock the scripts read, are there. A MOVED/ASK/TRYAGAIN/CLUSTERDOWN reply to one re-reads the slot map and is raised as a
     ``ConnectionError``, which every caller already retries (a MULTI refused by MOVED applied nothing)."""
 
     def __init__(self, cluster, prefix: str):
@@ -107,6 +107,14 @@ class SlotClient:
 
     def scan(self, *args, **kwargs):
         return self.redirected(lambda: self.node().scan(*args, **kwargs))
+
+    def time(self):
+        """The clock of the node the scripts run on (RedisCluster would ask any node)."""
+        return self.redirected(lambda: self.node().time())
+
+    def info(self, *args, **kwargs):
+        """That node's INFO (RedisCluster would merge every node's)."""
+        return self.redirected(lambda: self.node().info(*args, **kwargs))
 
     def redirected(self, fn):
         node = self.node()
