@@ -231,3 +231,22 @@ def test_keyless_reads_ask_the_node_that_holds_the_key_space(cenv, cr, redis_clu
         for p in redis_cluster.ports:
             redis.Redis(port=p).config_set("maxmemory-policy", "noeviction")
         b.r.close()
+
+
+def test_periodic_jobs_on_a_cluster_enqueue_each_tick_once_through_a_sigkill(cenv, cr, spawn):
+    """Issue 26 point 1 (cron on a cluster): 2 workers with an every-second schedule, one SIGKILLed and restarted
+    mid-run: each of 5 ticks is enqueued exactly once, into ``{worker}:queue:sched``."""
+    mods = "worker.sample,tests.jobs_schedule"
+
+    def ticks():
+        return [json.loads(p)["tick"] for p in cr.lrange("{worker}:queue:sched", 0, -1)]
+
+    workers = [spawn(**dict(cenv, JOB_MODULES=mods)) for _ in range(2)]
+    wait_until(lambda: ticks(), 20, "the first tick")
+    t0 = ticks()[0]
+    wait_until(lambda: max(ticks()) >= t0 + 2, 20, "tick 2")
+    workers[0].kill_tree()
+    workers[0] = spawn(**dict(cenv, JOB_MODULES=mods))
+    wait_until(lambda: max(ticks()) >= t0 + 5, 30, "five ticks")
+    seen = [t for t in ticks() if t < t0 + 5]
+    assert sorted(seen) == [t0 + i for i in range(5)], seen
