@@ -250,3 +250,19 @@ def test_periodic_jobs_on_a_cluster_enqueue_each_tick_once_through_a_sigkill(cen
     wait_until(lambda: max(ticks()) >= t0 + 5, 30, "five ticks")
     seen = [t for t in ticks() if t < t0 + 5]
     assert sorted(seen) == [t0 + i for i in range(5)], seen
+
+
+def test_a_sigkilled_workers_job_is_recovered_by_another_on_a_cluster(cenv, cr, r, spawn):
+    """Issue 26 point 1 (recovery on a cluster): recover.lua builds the dead worker's keys from the prefix in KEYS[1];
+    a worker SIGKILLed mid-job (whole tree) is found dead by another, whose recovery puts the job back and runs it."""
+    from tests.support import next_event
+    b = broker_for(cenv)
+    b.push("term_probe", ["ev"], {"seconds": 1})
+    doomed = spawn(**cenv)
+    assert next_event(r, "ev")["event"] == "started"
+    doomed.kill_tree()
+    rescuer = spawn(**cenv)
+    assert next_event(r, "ev", timeout=30)["event"] == "started", rescuer.output
+    assert next_event(r, "ev", timeout=30)["event"] == "completed"
+    rescuer.wait_for(r"event=recovery\.requeued", timeout=5)
+    b.r.close()
