@@ -266,3 +266,25 @@ def test_a_sigkilled_workers_job_is_recovered_by_another_on_a_cluster(cenv, cr, 
     assert next_event(r, "ev", timeout=30)["event"] == "completed"
     rescuer.wait_for(r"event=recovery\.requeued", timeout=5)
     b.r.close()
+
+
+def test_sigterm_on_a_cluster_puts_the_running_job_back_and_exits_in_the_window(cenv, cr, r, spawn):
+    """Issue 26 point 1 (shutdown on a cluster): SIGTERM mid-job: the job gets TermException (ignores it, or is
+    interrupted before its handler) and is put back at the head of ``{worker}:queue:default`` (its claim gone from
+    the processing list), and the worker exits 0 in time."""
+    import signal
+    import time
+
+    from tests.support import next_event
+    b = broker_for(cenv)
+    job_id = b.push("term_probe", ["ev"], {"seconds": 60, "swallow": True})
+    w = spawn(**dict(cenv, SHUTDOWN_WINDOW="4"))
+    assert next_event(r, "ev")["event"] == "started"
+    t0 = time.monotonic()
+    w.signal(signal.SIGTERM)
+    w.wait_for(r"event=shutdown\.job_put_back")
+    assert w.wait(10) == 0, w.output
+    assert time.monotonic() - t0 < 4
+    assert [json.loads(p)["id"] for p in cr.lrange("{worker}:queue:default", 0, -1)] == [job_id]
+    assert not cr.keys("{worker}:processing:*")
+    b.r.close()
