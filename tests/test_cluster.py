@@ -288,3 +288,22 @@ def test_sigterm_on_a_cluster_puts_the_running_job_back_and_exits_in_the_window(
     assert [json.loads(p)["id"] for p in cr.lrange("{worker}:queue:default", 0, -1)] == [job_id]
     assert not cr.keys("{worker}:processing:*")
     b.r.close()
+
+
+def test_wait_and_cancel_on_a_cluster(cenv, cr, r, spawn):
+    """Issue 26 point 1 with issue 24's controls: ``cancel`` of a queued job and ``get_job(id).wait()`` (BLPOP on the
+    job's done list) through the module-level broker on the cluster client."""
+    from worker import cancel, get_job, jobs
+    b = broker_for(cenv)
+    jobs.use(b)
+    try:
+        doomed = b.push("push", ["out", "doomed"], {})
+        assert cancel(doomed)
+        kept = b.push("push", ["out", "kept"], {})
+        w = spawn(**cenv)
+        assert get_job(kept).wait(30).status == "done", w.output
+        assert get_job(doomed).status == "canceled"
+        assert r.lrange("out", 0, -1) == ["kept"]
+    finally:
+        jobs.use(None)
+        b.r.close()
