@@ -153,3 +153,20 @@ def test_cancel_running_of_a_job_whose_worker_died_is_not_run_again_by_recovery(
     assert r.llen(K.queue("default")) == 0 and r.llen("c8:started") == 0  # not run again
     b.signal(15)
     assert b.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancel_running_of_a_job_that_fails_into_its_retry_before_the_beat_cancels_the_retry(r, api, spawn):
+    """cancel(running=True) said True, then the job failed (retries left) before its worker's next beat read the
+    request: the retry must not be scheduled to run again; the job ends canceled (adversarial review of issue 24)."""
+    job_id = jobs.options("gate_fail", retries=3).enqueue("c9")
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="5", HEARTBEAT_TTL="15")
+    assert r.blpop(["c9:started"], 20)
+    assert cancel(job_id, running=True) is True
+    r.rpush("c9:go", "1")  # it fails now, well before the next beat
+    j = get_job(job_id).wait(timeout=15)
+    assert j.status == "canceled", j.status
+    assert r.zcard(K.scheduled) == 0 and r.llen(K.queue("default")) == 0 and r.llen("c9:started") == 0
+    w.signal(15)
+    assert w.wait(15) == 0
+
