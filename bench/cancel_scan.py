@@ -8,16 +8,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO)]
 
-import redis  # noqa: E402
-
-from tests.support import free_port, start_redis_server  # noqa: E402
+from bench import scratch_redis, use_module_broker  # noqa: E402
 
 
 def main() -> int:
@@ -25,34 +22,23 @@ def main() -> int:
     ap.add_argument("--jobs", type=int, default=100_000)
     ap.add_argument("--rounds", type=int, default=5)
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = start_redis_server(port, tmp)
-        url = f"redis://127.0.0.1:{port}/0"
-        r = redis.Redis.from_url(url, decode_responses=True)
-        try:
-            import worker.sample  # noqa: F401
-            from worker import cancel, config as wconfig, jobs as wjobs
-            from worker.client import connect
-            from worker.fetch import Broker
-            cfg = wconfig.from_mapping({"REDIS_URL": url})
-            wjobs.use(Broker(connect(cfg, name="bench"), cfg))
-            last, first = [], []
-            for _ in range(a.rounds):
-                r.flushall()
-                ids = wjobs.enqueue_many("noop", [[] for _ in range(a.jobs)])
-                t0 = time.perf_counter()
-                assert cancel(ids[-1])
-                last.append((time.perf_counter() - t0) * 1000)
-                t0 = time.perf_counter()
-                assert cancel(ids[0])
-                first.append((time.perf_counter() - t0) * 1000)
-            print(f"cancel on a {a.jobs}-job queue, {a.rounds} rounds: last job (whole queue scanned) median "
-                  f"{statistics.median(last):.1f} ms (max {max(last):.1f}); first job median "
-                  f"{statistics.median(first):.2f} ms")
-        finally:
-            server.terminate()
-            server.wait(10)
+    with scratch_redis() as (url, r):
+        import worker.sample  # noqa: F401
+        from worker import cancel, jobs as wjobs
+        use_module_broker(url)
+        last, first = [], []
+        for _ in range(a.rounds):
+            r.flushall()
+            ids = wjobs.enqueue_many("noop", [[] for _ in range(a.jobs)])
+            t0 = time.perf_counter()
+            assert cancel(ids[-1])
+            last.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            assert cancel(ids[0])
+            first.append((time.perf_counter() - t0) * 1000)
+        print(f"cancel on a {a.jobs}-job queue, {a.rounds} rounds: last job (whole queue scanned) median "
+              f"{statistics.median(last):.1f} ms (max {max(last):.1f}); first job median "
+              f"{statistics.median(first):.2f} ms")
     return 0
 
 

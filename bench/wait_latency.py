@@ -13,7 +13,6 @@ import os
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,32 +20,24 @@ BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
 sys.path[:0] = [str(REPO)]
 
-import redis  # noqa: E402
-
-from tests.support import CONFIG_VARS, free_port, start_redis_server  # noqa: E402
+from bench import scratch_redis, use_module_broker  # noqa: E402
+from tests.support import CONFIG_VARS  # noqa: E402
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--jobs", type=int, default=60)
     a = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        server = start_redis_server(port, tmp)
-        url = f"redis://127.0.0.1:{port}/0"
-        r = redis.Redis.from_url(url, decode_responses=True)
+    with scratch_redis() as (url, r):
         env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
         env.update(REDIS_URL=url, JOB_MODULES="worker.sample,tests.jobs,tests.jobs_control", LOG_LEVEL="WARNING",
                    PYTHONPATH=str(REPO))
         w = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=str(REPO))
         try:
             import tests.jobs_control  # noqa: F401
-            from worker import config as wconfig, jobs as wjobs
-            from worker.client import connect
-            from worker.fetch import Broker
+            from worker import jobs as wjobs
             from worker.results import get_job
-            cfg = wconfig.from_mapping({"REDIS_URL": url})
-            wjobs.use(Broker(connect(cfg, name="bench"), cfg))
+            use_module_broker(url)
             lat = []
             for i in range(a.jobs):
                 job_id = wjobs.enqueue("gate", f"b{i}", "x")
@@ -66,8 +57,6 @@ def main() -> int:
         finally:
             w.terminate()
             w.wait(15)
-            server.terminate()
-            server.wait(10)
     return 0
 
 

@@ -161,6 +161,28 @@ def run_cli(env, *args, timeout=30, **overrides):
 
 
 @pytest.fixture
+def module_broker(redis_server):
+    """``module_broker(modules)``: the runtime's module-level broker (what ``enqueue``, ``get_job``, ``cancel`` use)
+    pointed at the test server, with ``JOB_MODULES=modules``; reset and closed at teardown."""
+    from worker import config, jobs
+    from worker.client import connect
+    from worker.fetch import Broker
+    made = []
+
+    def _use(modules: str):
+        cfg = config.from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": modules})
+        broker = Broker(connect(cfg, name="enqueue"), cfg)
+        jobs.use(broker)
+        made.append(broker)
+        return broker
+
+    yield _use
+    jobs.use(None)
+    for broker in made:
+        broker.r.close()
+
+
+@pytest.fixture
 def enqueue(r, redis_server):
     """``enqueue(name, *args, **kwargs)`` pushes a job with the runtime's own producer (``Broker.push``) and returns
     its id; the job need not be registered in the test process."""

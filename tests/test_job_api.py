@@ -5,9 +5,7 @@ import json
 import pytest
 
 from tests.support import wait_until
-from worker import config, jobs
-from worker.client import connect
-from worker.fetch import Broker
+from worker import jobs
 from worker.keys import Keys
 from worker.results import get_job
 
@@ -16,15 +14,10 @@ K = Keys()
 
 
 @pytest.fixture
-def api(r, redis_server):
+def api(r, module_broker):
     """Enqueue and get_job through the runtime's own module-level broker, pointed at the test server."""
     import tests.jobs_api  # noqa: F401  (registers the jobs here too, with their queues)
-    cfg = config.from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": MODULES})
-    broker = Broker(connect(cfg, name="enqueue"), cfg)
-    jobs.use(broker)
-    yield broker
-    jobs.use(None)
-    broker.r.close()
+    return module_broker(MODULES)
 
 
 def burst(spawn, **env):

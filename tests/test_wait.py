@@ -6,9 +6,7 @@ import time
 
 import pytest
 
-from worker import config, jobs, testing
-from worker.client import connect
-from worker.fetch import Broker
+from worker import jobs, testing
 from worker.keys import Keys
 from worker.results import get_job
 
@@ -17,14 +15,9 @@ K = Keys()
 
 
 @pytest.fixture
-def api(r, redis_server):
+def api(r, module_broker):
     import tests.jobs_control  # noqa: F401  (registers the jobs here too, with their queues)
-    cfg = config.from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": MODULES})
-    broker = Broker(connect(cfg, name="enqueue"), cfg)
-    jobs.use(broker)
-    yield broker
-    jobs.use(None)
-    broker.r.close()
+    return module_broker(MODULES)
 
 
 @pytest.mark.timeout(60)
