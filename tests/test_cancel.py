@@ -128,3 +128,38 @@ def test_cancel_running_kills_a_job_that_swallows_term_exception_term_timeout_la
     assert j.status == "canceled" and r.llen(K.queue("default")) == 0
     w.signal(15)
     assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(90)
+def test_cancel_running_of_a_job_whose_worker_died_is_not_run_again_by_recovery(r, api, spawn):
+    """cancel(running=True) said True for a job whose worker was then SIGKILLed (whole tree) before its next beat
+    read the request: recovery must end it canceled, not put it back to run again (adversarial review of issue
+    24)."""
+    job_id = jobs.enqueue("until_stopped", "c8")
+    a = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    assert r.blpop(["c8:started"], 20)
+    a.kill_tree()  # a dyno crash: its beat never reads the request
+    assert cancel(job_id, running=True) is True  # its hash still names the job until recovery
+    b = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
+    j = get_job(job_id).wait(timeout=40)
+    assert j.status == "canceled", j.status
+    assert r.llen(K.queue("default")) == 0 and r.llen("c8:started") == 0  # not run again
+    b.signal(15)
+    assert b.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_cancel_running_of_a_job_that_fails_into_its_retry_before_the_beat_cancels_the_retry(r, api, spawn):
+    """cancel(running=True) said True, then the job failed (retries left) before its worker's next beat read the
+    request: the retry must not be scheduled to run again; the job ends canceled (adversarial review of issue 24)."""
+    job_id = jobs.options("gate_fail", retries=3).enqueue("c9")
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="5", HEARTBEAT_TTL="15")
+    assert r.blpop(["c9:started"], 20)
+    assert cancel(job_id, running=True) is True
+    r.rpush("c9:go", "1")  # it fails now, well before the next beat
+    j = get_job(job_id).wait(timeout=15)
+    assert j.status == "canceled", j.status
+    assert r.zcard(K.scheduled) == 0 and r.llen(K.queue("default")) == 0 and r.llen("c9:started") == 0
+    w.signal(15)
+    assert w.wait(15) == 0
+

@@ -85,3 +85,18 @@ def test_inline_wait_returns_at_once():
         started = time.monotonic()
         j = get_job(job_id).wait(timeout=0)
         assert (j.status, j.result) == ("done", 5) and time.monotonic() - started < 0.1
+
+
+@pytest.mark.timeout(60)
+def test_wait_rides_over_a_wrong_typed_done_key(r, api, spawn):
+    """A P:done:<id> of the wrong type (another program's key) must not make wait() raise WRONGTYPE: it re-reads
+    the status each slice and returns the job once it has ended (adversarial review of issue 24)."""
+    job_id = jobs.enqueue("gate", "w9", "v")
+    r.set(K.done(job_id), "not a list")
+    spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["w9:started"], 20)
+    with pytest.raises(TimeoutError):  # it blocks (the job waits for its go), not WRONGTYPE
+        get_job(job_id).wait(timeout=0.3)
+    r.rpush("w9:go", "1")
+    j = get_job(job_id).wait(timeout=20)
+    assert j.status == "done" and j.result == "v"

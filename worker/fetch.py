@@ -290,11 +290,11 @@ class Broker:
 
     def recover(self, skip: str = "") -> "Recovered":
         """Requeue the jobs of dead workers (late past their grace, see ``recover.lua``); returns
-        ``['requeued:<id>' | 'failed:<id>', ...]`` with ``.wait``: seconds until a late worker's grace ends."""
+        ``['requeued:<id>' | 'failed:<id>' | 'canceled:<id>', ...]`` with ``.wait``: seconds until a late worker's grace ends."""
         c = self.cfg
         return wire.parse_recover(self.run(wire.recover(
             self.keys, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max, int(c.failed_ttl * 1000), skip,
-            RECOVER_SLACK_MS)))
+            RECOVER_SLACK_MS, int(c.result_ttl * 1000))))
 
     def wrong_types(self, worker: str = "", extra=()) -> list:
         """``[(key, type), ...]``: the runtime's fixed keys (and ``worker``'s own) that hold another type than the

@@ -158,12 +158,25 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
         left = piece if deadline is None else min(piece, deadline - time.monotonic())
         if left <= 0:
             raise TimeoutError(f"job {job_id} has not ended within {timeout:g} s (status: {status})")
-        pushed = r.blpop([keys.done(job_id)], timeout=left)
+        pushed = _pop(r, keys.done(job_id), left)
         if pushed is not None:
             with r.pipeline(transaction=False) as p:  # put it back for any other waiter (it expires on its own)
                 p.lpush(keys.done(job_id), pushed[1]).pexpire(keys.done(job_id), 60000)
                 p.execute()
             return fetch(r, keys, job_id) or _pushed(job_id, pushed[1])
+
+
+def _pop(r, key: str, seconds: float):
+    """BLPOP ``key`` for up to ``seconds``; a key of the wrong type (another program's) is slept over instead: the
+    caller re-reads the status each slice (adversarial review of issue 24)."""
+    import redis
+    try:
+        return r.blpop([key], timeout=seconds)
+    except redis.ResponseError as exc:
+        if not str(exc).startswith("WRONGTYPE"):
+            raise
+        time.sleep(seconds)
+        return None
 
 
 def _pushed(job_id: str, item: str) -> Job:

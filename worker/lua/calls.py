@@ -94,9 +94,13 @@ def parse_cycle(res) -> Cycle:
 
 # --- membership ---
 
-def recover(k, ttl_ms: int, max_attempts: int, failed_max: int, failed_ttl_ms: int, skip: str, slack_ms: int) -> Call:
+def recover(k, ttl_ms: int, max_attempts: int, failed_max: int, failed_ttl_ms: int, skip: str, slack_ms: int,
+            keep_ms: Optional[int] = None) -> Call:
+    """``keep_ms``: how long a job canceled here (cancel(running=True) its dead worker never read) keeps its
+    record (RESULT_TTL; None: FAILED_TTL)."""
     return Call("recover", [k.prefix, k.workers, k.suspects],
-                [ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip, slack_ms])
+                [ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip, slack_ms,
+                 failed_ttl_ms if keep_ms is None else keep_ms])
 
 
 class Recovered(list):

@@ -35,6 +35,8 @@
 --       cancel:  b = ms to keep the status record ('0' = delete it now): stopped by cancel(running=True)
 --       requeue: a = queue, b = the payload to put back ('' = unchanged; else it carries the checkpoint),
 --                c = attempts for the status record ('' = unchanged: an interruption; else a run lost, issue 27)
+--       retry of a job whose id is in P:cancel:<w> (cancel(running=True) asked before a beat read it): not
+--         scheduled; it ends canceled, its record kept FAILED_TTL (adversarial review of issue 24)
 --   then (from slots_at to the end) the slot numbers to claim into (one claim per slot, as far as the queues go)
 -- Reply: {held (LLEN of the processing list; -1 when not beating), ms until the next scheduled job is due ('' if
 --   none; only when nothing was claimed), now (ms), nclaims, recovered (when beating: 1 if P:recovered:<w> exists,
@@ -65,6 +67,7 @@ local scheduled, paused, known, epoch_key, recovered_key = KEYS[5], KEYS[6], KEY
 local worker_name, beat_ttl, failed_max, failed_ttl = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local wildcard, mode, busy, tidy, epoch = ARGV[5] == '1', ARGV[6], ARGV[7], ARGV[8] == '1', ARGV[9]
 local beating = beat_ttl ~= ''
+local cancel_key = prefix .. ':cancel:' .. worker_name  -- cancel(running=True): ids to stop (SPOP at beats)
 local nq = tonumber(ARGV[10])
 local QUEUES_AT = 11                                                       -- the nq queue names
 local ckpt_count_at = QUEUES_AT + nq                                       -- nck, then its pairs
@@ -158,6 +161,11 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
         redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name, 'started_at', started)
         if b ~= '0' then redis.pcall('PEXPIRE', jk, b) else redis.pcall('DEL', jk) end
       end
+    elseif op == 'retry' and id ~= '' and redis.pcall('SREM', cancel_key, id) == 1 then
+      -- cancel(running=True) asked to stop it before a beat read the request: it is not run again
+      if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end
+      redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name)
+      redis.pcall('PEXPIRE', jk, failed_ttl)
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
       if id ~= '' then redis.pcall('HSET', jk, 'status', 'scheduled', 'attempts', c) end
@@ -261,7 +269,7 @@ if type(redis.pcall('HSET', worker_hash, unpack(wf))) == 'table' then odd = add_
 res[1], res[4] = beating and redis.call('LLEN', processing) or -1, claimed  -- held: counted with beats
 if beating then  -- taken for dead: our jobs were recovered (1), or at least our registration is gone (2)
   res[5] = (redis.call('EXISTS', recovered_key) == 1) and 1 or (readded and 2 or 0)
-  local stop = redis.pcall('SPOP', prefix .. ':cancel:' .. worker_name, 100)  -- cancel(running=True)
+  local stop = redis.pcall('SPOP', cancel_key, 100)  -- cancel(running=True)
   if type(stop) == 'table' and stop[1] then res[7] = table.concat(stop, '\n') end
 end
 if claimed == 0 then

@@ -10,7 +10,8 @@
 -- ARGV[4] failed_ttl    FAILED_TTL in ms
 -- ARGV[5] skip          our own name (never judged)
 -- ARGV[6] slack_ms      added to a late worker's interval to make its grace
--- Reply: {wait, 'requeued:<id>' | 'failed:<id>' | 'wrongtype:<key>' ...}: wait = ms until the earliest mark's
+-- ARGV[7] keep_ms       how long a job canceled here keeps its status record (RESULT_TTL, ms; '0': deleted)
+-- Reply: {wait, 'requeued:<id>' | 'failed:<id>' | 'canceled:<id>' | 'wrongtype:<key>' ...}: wait = ms until the earliest mark's
 --   grace ends ('' if none); or {'wrongtype', key, type} with nothing written.
 -- Invariants:
 -- * A worker's score in P:workers is its own deadline (last beat + its own HEARTBEAT_TTL), so every worker is
@@ -30,6 +31,8 @@
 -- * Wrong-typed keys: P:workers, P:suspects, P:failed and P:failed:data are TYPE-checked before the first write (a
 --   wrong one: {'wrongtype', key, type}, nothing written); a dead worker whose processing list is not a list is left
 --   as it is (item 'wrongtype:<key>'); every other key is used through pcall.
+-- * A job cancel(running=True) asked the dead worker to stop (its id in P:cancel:<w>, which that worker never read)
+--   is not put back: it ends canceled, its waiter notified (adversarial review of issue 24). P:cancel:<w> goes.
 -- * A job goes back to the queue it was claimed from (queue:<slot> in the dead worker's hash), else the one its
 --   payload names, else 'default'. The fields recovery adds (attempts, errors, checkpoint) follow a marker
 --   "_rt":<offset of the fragment> and replace the previous recovery's fragment instead of piling up beside it: a
@@ -37,6 +40,7 @@
 local prefix, workers, suspects = KEYS[1], KEYS[2], KEYS[3]
 local ttl_ms, max_attempts, failed_max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local failed_ttl, skip, slack = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
+local keep_ms = ARGV[7] or ARGV[4]
 local now = clock()
 for _, kt in ipairs({{workers, 'zset'}, {suspects, 'hash'}, {prefix .. ':failed', 'zset'},
                      {prefix .. ':failed:data', 'hash'}}) do
@@ -118,6 +122,10 @@ for _, w in ipairs(dead) do
         if slot and f['queue:' .. slot] then from[v] = f['queue:' .. slot] end
       end
     end
+    local ck = prefix .. ':cancel:' .. w  -- jobs cancel(running=True) asked it to stop: they end canceled here
+    local stop = {}
+    local asked = redis.pcall('SMEMBERS', ck)
+    for _, id in ipairs((type(asked) == 'table' and not asked.err) and asked or {}) do stop[id] = true end
     local items = redis.call('LRANGE', pk, 0, -1)
     for i = #items, 1, -1 do
       local p = items[i]
@@ -146,14 +154,22 @@ for _, w in ipairs(dead) do
         local hjson = encode(hist, lost)
         if hjson == lost then hist = cjson.decode(lost) end
         local pushed = false
-        if a < max_attempts then
+        if stop[id] then
+          local jk = prefix .. ':job:' .. id
+          if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end  -- a waiter's mark (await.lua)
+          jset(prefix, id, 'status', 'canceled', 'ended_at', now, 'worker', w)
+          if keep_ms ~= '0' then redis.pcall('PEXPIRE', jk, keep_ms) else redis.pcall('DEL', jk) end
+          out[#out + 1] = 'canceled:' .. id
+        elseif a < max_attempts then
           local b = base(p, doc)
           local at = string.format('%d', #b - 1)  -- where the fragment begins: after the body, before its ','
           pushed = type(redis.pcall('LPUSH', prefix .. ':queue:' .. q,
                    with_fields(b, '"_rt":' .. at .. ',"attempts":' .. astr .. ',"errors":' .. hjson ..
                                (ckpt[p] and (',"checkpoint":' .. ckpt[p]) or '')))) == 'number'
         end
-        if pushed then
+        if stop[id] then
+          -- (ended above)
+        elseif pushed then
           wake(prefix, q)
           redis.pcall('SADD', prefix .. ':queues', q)
           jset(prefix, id, 'status', 'queued', 'attempts', a)
@@ -186,7 +202,7 @@ for _, w in ipairs(dead) do
     end
     redis.pcall('SADD', gone, '')
     redis.pcall('PEXPIRE', gone, RECOVERED_TTL_MS)
-    redis.call('DEL', pk, prefix .. ':worker:' .. w)
+    redis.call('DEL', pk, prefix .. ':worker:' .. w, ck)
     redis.call('ZREM', workers, w)
   end
 end
