@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 
 import redis
 
-from .payload import build_payload
+from .payload import build_payload, is_unique, unique_id
 from .config import Config
 from .keys import Keys
 from . import lua
@@ -145,6 +145,8 @@ class Broker:
             when, at = f"@{int(due * 1000)}", due
         else:
             when, at = "", None
+        if job_id is None:  # @job(unique=): the id derived from the arguments, deduplicated as an own id
+            job_id = unique_id(name, args, kwargs)
         own = job_id is not None
         job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at, job_id=job_id,
                                            options=options)
@@ -153,6 +155,9 @@ class Broker:
         return job_id, self.enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=own)
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
+        if is_unique(name):
+            return [self.push(name, *(c if isinstance(c, tuple) and len(c) == 2 and isinstance(c[1], dict)
+                                      else (c, {})), queue=queue) for c in calls]  # unique: one dedupe per call
         ids, by_queue = [], {}
         for call in calls:
             if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):

@@ -15,8 +15,7 @@ from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
 from .calloptions import JobCall
-from .payload import delay_of, due_of, valid_options
-from .payload import REGISTRY as _REGISTRY
+from .payload import REGISTRY as _REGISTRY, delay_of, due_of, unique_keys, valid_options
 
 
 @dataclass(frozen=True)
@@ -60,6 +59,7 @@ class JobSpec:
     retry_on: Optional[tuple] = None  # if given, only these exception classes are retried
     strict_result: bool = False       # a return value that is not JSON fails the job (else: done, with a marker)
     is_async: bool = False            # ``async def``: the child runs it with asyncio.run (worker/aio.py)
+    unique: Optional[tuple] = None    # @job(unique=): () every argument, else the names keyed on (payload.unique_id)
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
@@ -81,8 +81,8 @@ def job(fn: Callable[P, R], /) -> JobFunction[P, R]: ...
 
 @overload
 def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None,
-        timeout: Optional[float] = None, retries: Optional[int] = None,
-        max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
+        timeout: Optional[float] = None, retries: Optional[int] = None, max_interruptions: Optional[int] = None,
+        result_ttl: Optional[float] = None, unique: Union[bool, tuple] = False,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
         schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
@@ -93,7 +93,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
-        retry_on=None, strict_result: bool = False):
+        retry_on=None, strict_result: bool = False, unique: Union[bool, tuple] = False):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -113,6 +113,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
 
     A return value that is not JSON (a set, a datetime, an object) leaves the job done, its result replaced by
     ``{"unserializable": "<type>", "repr": "<repr, 200 chars>"}`` and a warning; ``strict_result=True`` fails it.
+    ``unique=True`` or ``=("user_id",)``: one job per key at a time (payload.unique_id, docs/user-guide.md).
     """
     sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
     no_retry, only_retry = _exception_classes("dont_retry", dont_retry), _exception_classes("retry_on", retry_on)
@@ -136,9 +137,10 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
             raise ValueError("job max_interruptions must be >= 0")
         if result_ttl is not None and not 0 <= result_ttl <= MAX_TTL:
             raise ValueError(f"job result_ttl must be >= 0 and <= {MAX_TTL:g} seconds")
-        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, inspect.signature(f), max_interruptions,
-                                      result_ttl, sched, arity_checker(f), no_retry or (), only_retry,
-                                      strict_result, inspect.iscoroutinefunction(f))
+        sig = inspect.signature(f)
+        _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, sig, max_interruptions, result_ttl, sched,
+                                      arity_checker(f), no_retry or (), only_retry, strict_result,
+                                      inspect.iscoroutinefunction(f), unique_keys(unique, sig))
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when

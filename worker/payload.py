@@ -293,3 +293,45 @@ def loose_id(raw: str) -> str:
     except (ValueError, RecursionError):  # RecursionError: absurdly nested input
         pass
     return hashlib.sha1(raw.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+# --- unique jobs (issue 25 item 1): the lock IS the job id, so enqueue.lua's job_id= dedupe is the whole lock ---
+
+def unique_keys(value, signature) -> Optional[tuple]:
+    """``@job(unique=...)`` checked at decoration: None (not unique), ``()`` (True: every argument) or the tuple of
+    parameter names to key on; anything else raises TypeError."""
+    if value is None or value is False:
+        return None
+    if value is True:
+        return ()
+    params = signature.parameters
+    if not isinstance(value, tuple) or not value or not all(isinstance(n, str) and n in params for n in value):
+        raise TypeError(f"@job(unique=...) must be True or a non-empty tuple of the function's parameter names "
+                        f"{tuple(params)}, not {value!r}")
+    return value
+
+
+def is_unique(name: str) -> bool:
+    """Whether ``name`` is a job registered in this process with ``@job(unique=...)``."""
+    return getattr(REGISTRY.get(name), "unique", None) is not None
+
+
+def unique_id(name: str, args, kwargs) -> Optional[str]:
+    """The job id of a call of a unique registered job (None: not unique): ``u:<name>:<sha256 hex32>`` of the
+    canonical JSON of its arguments bound through the signature (defaults applied, so ``f(1)``, ``f(x=1)`` and
+    ``f(1, y=<default>)`` are one key), all of them or the named ones. The name is hashed too; a name that does
+    not fit :data:`JOB_ID_RULE` gives ``u:<hex40>``."""
+    if not is_unique(name):
+        return None
+    spec, keys = REGISTRY[name], REGISTRY[name].unique
+    bound = spec.signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    values = dict(bound.arguments) if not keys else {k: bound.arguments[k] for k in keys}
+    try:
+        blob = json.dumps([name, values], sort_keys=True, separators=(",", ":"), ensure_ascii=False,
+                          allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
+    digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    job_id = f"u:{name}:{digest[:32]}"
+    return job_id if _JOB_ID.match(job_id) else f"u:{digest[:40]}"

@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from . import aio, context, jobs
-from .payload import unserializable
+from .payload import is_unique, unique_id, unserializable
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
 _stack: list = []
@@ -120,6 +120,7 @@ class InlineJobs:
              **_ignored) -> str:
         later = (delay is not None and float(delay) > 0) or (due is not None and float(due) > time.time())
         at = None if not later else (time.time() + float(delay) if delay is not None else float(due))
+        job_id = job_id if job_id is not None else unique_id(name, args, kwargs)  # @job(unique=)
         held = self._by_id.get(job_id) if job_id is not None else None
         if held is not None and held["status"] in ("queued", "scheduled", "running"):
             return job_id  # an own id whose job has not ended: nothing enqueued (as enqueue.lua)
@@ -132,6 +133,9 @@ class InlineJobs:
         return doc["id"]
 
     def push_many(self, name, calls, queue=None, **_ignored) -> list:
+        if is_unique(name):  # one call at a time, each deduplicated (as Broker.push_many)
+            return [self.push(name, *(c if isinstance(c, tuple) and len(c) == 2 and isinstance(c[1], dict)
+                                      else (c, {})), queue=queue) for c in calls]
         docs = []
         for call in calls:  # every payload is built (and checked) before any job runs, as in a real bulk enqueue
             if isinstance(call, tuple) and len(call) == 2 and isinstance(call[1], dict):
