@@ -1,0 +1,177 @@
+"""Unique jobs (issue 25 item 1): ``@job(unique=True)`` / ``@job(unique=("user_id",))``. The lock IS the job id
+(payload.unique_id, derived from the bound arguments), so enqueue.lua's own-id dedupe is the whole lock: while the job
+is queued, scheduled or running (a retry, a put-back and a recovery keep its id), enqueueing it again enqueues
+nothing and returns its id; the script call that records its end (done, failed, canceled) frees it."""
+import json
+import time
+
+import pytest
+
+import worker
+from tests import dyno
+from tests.support import wait_until
+from worker import cancel, jobs, testing
+from worker.keys import Keys
+from worker.results import get_job
+
+MODULES = "worker.sample,tests.jobs,tests.jobs_unique"
+K = Keys()
+FAST = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "JOB_MODULES": MODULES}
+
+
+@pytest.fixture
+def uj(r, module_broker):
+    import tests.jobs_unique as uj
+    module_broker(MODULES)
+    return uj
+
+
+def queued(r, queue="default"):
+    return r.llen(K.queue(queue)) + r.zcard(K.scheduled)
+
+
+@pytest.mark.timeout(30)
+def test_same_arguments_enqueue_one_job_and_return_its_id(r, uj):
+    a = uj.ugate.enqueue("u1", 7)
+    assert uj.ugate.enqueue("u1", 7) == a and a.startswith("u:ugate:")
+    assert uj.ugate.enqueue("u1", user_id=7) == a            # keyword
+    assert uj.ugate.enqueue(key="u1", user_id=7, note="") == a  # defaults applied
+    assert jobs.enqueue("ugate", "u1", 7) == a                 # by name
+    assert uj.ugate.options(queue="default").enqueue("u1", 7) == a
+    assert queued(r) == 1 and get_job(a).status == "queued"
+    b = uj.ugate.enqueue("u1", 8)
+    assert b != a and queued(r) == 2                          # other arguments: another job
+    later = uj.ugate.enqueue_in(60, "u1", 9)
+    assert uj.ugate.enqueue_in(60, "u1", 9) == later and uj.ugate.enqueue("u1", 9) == later  # scheduled
+    assert queued(r) == 3
+    assert jobs.enqueue_many("ugate", [("u1", 7), ("u1", 10), ("u1", 10)]) == [a, *[uj.ugate.enqueue("u1", 10)] * 2]
+    assert queued(r) == 4
+
+
+@pytest.mark.timeout(30)
+def test_unique_on_named_arguments_ignores_the_others(r, uj):
+    a = uj.uby_user.enqueue("u2", 1, note="first")
+    assert uj.uby_user.enqueue("other-key", user_id=1, note="second") == a
+    assert uj.uby_user.enqueue("u2", 2) != a
+    assert queued(r) == 2
+    assert json.loads(r.lindex(K.queue("default"), 0))["kwargs"] == {"note": "first"}  # the first call's arguments
+
+
+@pytest.mark.timeout(30)
+def test_an_own_job_id_wins_over_the_derived_one(r, uj):
+    a = uj.ugate.enqueue("u3", 1)
+    assert uj.ugate.options(job_id="mine-1").enqueue("u3", 1) == "mine-1"
+    assert queued(r) == 2 and a != "mine-1"
+
+
+def test_unique_is_checked_at_decoration():
+    from worker import job
+    for bad in [("nope",), "key", ["key"], (), 1, ("key", 2)]:
+        with pytest.raises(TypeError, match="unique"):
+            job(name=f"bad_unique_{bad!r}", unique=bad)(lambda key: key)
+
+
+@pytest.mark.timeout(60)
+def test_running_keeps_the_key_and_done_frees_it(r, uj, spawn):
+    a = uj.ugate.enqueue("u4", 1, note="one")
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["u4:started"], 20)
+    assert uj.ugate.enqueue("u4", 1, note="one") == a and queued(r) == 0  # running: nothing enqueued
+    r.rpush("u4:go", "first")
+    assert get_job(a).wait(timeout=20).result == "first"
+    assert uj.ugate.enqueue("u4", 1, note="one") == a                  # ended: the key is free again
+    assert r.blpop(["u4:started"], 20)
+    r.rpush("u4:go", "second")
+    assert get_job(a).wait(timeout=20).result == "second"
+    assert r.llen("u4:runs") == 2
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_a_retry_keeps_the_key_and_a_permanent_failure_frees_it(r, uj, spawn):
+    a = uj.ufail_once.enqueue("u5")
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["u5:started"], 20)
+    r.rpush("u5:go", "x")
+    wait_until(lambda: get_job(a).status == "scheduled", 20, "its retry scheduled")
+    assert uj.ufail_once.enqueue("u5") == a and r.zcard(K.scheduled) == 1 and r.llen(K.queue("default")) == 0
+    assert r.blpop(["u5:started"], 20) == ("u5:started", "2")  # the retry, under the same id
+    assert uj.ufail_once.enqueue("u5") == a and queued(r) == 0
+    r.rpush("u5:go", "x")
+    assert get_job(a).wait(timeout=20).result == 2
+    f = uj.ufail.enqueue("u6")
+    assert get_job(f).wait(timeout=20).status == "failed"
+    assert uj.ufail.enqueue("u6") == f                               # failed for good: free again
+    wait_until(lambda: r.llen("u6:started") == 2, 20, "the second run")
+    assert get_job(f).wait(timeout=20).status == "failed"
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(30)
+def test_cancel_frees_the_key(r, uj):
+    a = uj.ugate.enqueue_in(60, "u7", 1)
+    assert cancel(a) is True and get_job(a).status == "canceled"
+    assert uj.ugate.enqueue_in(60, "u7", 1) == a and get_job(a).status == "scheduled" and queued(r) == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_put_back_keeps_the_key(r, uj, spawn):
+    """Heroku-style stop (SIGTERM to every process of the dyno): the running job is put back under its id; the app's
+    enqueues in between return that id and add nothing; the next worker runs it once, then the key is free."""
+    a = uj.ugate.enqueue("u8", 1)
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["u8:started"], 20)
+    dyno.shutdown(w.pid, window=10)
+    wait_until(lambda: r.llen(K.queue("default")) == 1, 20, "the job put back")
+    assert get_job(a).status == "queued"
+    assert uj.ugate.enqueue("u8", 1) == a and queued(r) == 1
+    spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["u8:started"], 20)
+    assert uj.ugate.enqueue("u8", 1) == a and queued(r) == 0
+    r.rpush("u8:go", "x")
+    assert get_job(a).wait(timeout=20).status == "done"
+    assert uj.ugate.enqueue("u8", 1) == a and queued(r) == 1      # free again
+
+
+@pytest.mark.timeout(120)
+def test_a_sigkilled_unique_job_is_recovered_while_the_app_reenqueues_and_never_runs_twice_at_once(r, uj, spawn):
+    """The failure mode of peers' locks: a worker SIGKILLed mid-run (a dyno crash, an OOM kill) strands the lock, or
+    a TTL lets a duplicate in. Here the app keeps enqueueing the same call while worker A is killed and worker B
+    recovers the job: every enqueue returns the same id, nothing else is queued, the runs never overlap, and the key
+    is free once the recovered run is done."""
+    a = spawn(DYNO="worker.1", **FAST)
+    job_id = uj.ugate.enqueue("u9", 1)
+    assert r.blpop(["u9:started"], 20)
+    b = spawn(DYNO="worker.2", **FAST)
+    b.wait_for(r"event=worker.start")
+    a.kill_tree()
+    killed = time.time()
+    ids = set()
+    while not r.llen("u9:started"):  # the app keeps enqueueing until the recovered run starts
+        ids.add(uj.ugate.enqueue("u9", 1))
+        assert r.llen(K.queue("default")) <= 1 and r.zcard(K.scheduled) == 0
+        time.sleep(0.05)
+    assert ids == {job_id} and len(ids) == 1
+    b.wait_for(rf"event=recovery\.requeued job={job_id}")
+    assert uj.ugate.enqueue("u9", 1) == job_id and queued(r) == 0          # running on B: still held
+    r.rpush("u9:go", "x")
+    assert get_job(job_id).wait(timeout=20).status == "done"
+    runs = [json.loads(x) for x in r.lrange("u9:runs", 0, -1)]
+    ends = [json.loads(x) for x in r.lrange("u9:ends", 0, -1)]
+    assert len(runs) == 2 and len(ends) == 1                                # the killed run never ended
+    assert runs[1]["start"] > killed and runs[1]["pid"] != runs[0]["pid"]   # the second began after the kill
+    assert uj.ugate.enqueue("u9", 1) == job_id and queued(r) == 1           # the key is free at the end
+
+
+def test_inline_mode_honours_unique():
+    import tests.jobs_unique as uj
+    with testing.inline(run_scheduled=False) as ctx:
+        a = uj.uquick.enqueue_in(60, 1)
+        assert uj.uquick.enqueue_in(60, a=1, b=2) == a and uj.uquick.enqueue(1) == a and len(ctx.jobs) == 1
+        assert uj.uquick.enqueue(2) != a and len(ctx.jobs) == 2
+        assert ctx.run_scheduled() == [a] and ctx.get(a)["result"] == 3
+        assert uj.uquick.enqueue(1) == a and ctx.get(a)["status"] == "done" and len(ctx.jobs) == 2
+        assert uj.uquick.options(job_id="own").enqueue(1) == "own"
+        assert worker.enqueue_many("uquick", [(1,), (1,)]) == [a, a]
