@@ -116,6 +116,20 @@ def test_cancel_frees_the_key(r, uj):
     assert uj.ugate.enqueue_in(60, "u7", 1) == a and get_job(a).status == "scheduled" and queued(r) == 1
 
 
+@pytest.mark.timeout(60)
+def test_canceling_a_running_unique_job_frees_the_key(r, uj, spawn):
+    a = uj.ugate.enqueue("u10", 1)
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
+    assert r.blpop(["u10:started"], 20)
+    assert cancel(a, running=True) is True
+    assert get_job(a).wait(timeout=20).status == "canceled"
+    assert uj.ugate.enqueue("u10", 1) == a and r.blpop(["u10:started"], 20)  # runs again: the key was free
+    r.rpush("u10:go", "x")
+    assert get_job(a).wait(timeout=20).status == "done"
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
 @pytest.mark.timeout(90)
 def test_a_put_back_keeps_the_key(r, uj, spawn):
     """Heroku-style stop (SIGTERM to every process of the dyno): the running job is put back under its id; the app's
