@@ -179,6 +179,22 @@ def test_a_sigkilled_unique_job_is_recovered_while_the_app_reenqueues_and_never_
     assert uj.ugate.enqueue("u9", 1) == job_id and queued(r) == 1           # the key is free at the end
 
 
+@pytest.mark.timeout(30)
+def test_the_async_producer_derives_the_same_id(r, uj, redis_server, monkeypatch):
+    import asyncio
+
+    from worker import aio_broker
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+    async def produce():
+        ids = [await uj.ugate.enqueue_async("u11", 1), await uj.ugate.enqueue_async("u11", user_id=1),
+               await uj.ugate.enqueue_in_async(60, "u11", 1)]
+        await aio_broker.close()
+        return ids
+    ids = asyncio.run(produce())
+    assert ids == [uj.ugate.enqueue("u11", 1)] * 3 and queued(r) == 1
+
+
 def test_inline_mode_honours_unique():
     import tests.jobs_unique as uj
     with testing.inline(run_scheduled=False) as ctx:
