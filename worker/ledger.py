@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import time
 
+import redis
+
 from . import jobs
 from .claimed import ClaimedJob
 from .fetch import Outcome
@@ -93,3 +95,9 @@ class Ledger:
                 break
             self.pending = rest
             c = broker.cycle(m.name, rest, (), 0, mode)
+        for key in c.odd:  # skipped wrong-typed bookkeeping keys are named here too, as in every turn's call
+            try:
+                kind = broker.r.type(key)  # the exit's connection: bounded by what is left of the window
+            except redis.RedisError:
+                kind = "?"
+            m.wrong_type(key, kind)
