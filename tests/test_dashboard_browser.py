@@ -59,12 +59,24 @@ def browser():
 
 def _click(driver, xpath):
     """Click and wait for the page it leads to (a form's POST-redirect-GET included)."""
+    from selenium.common.exceptions import StaleElementReferenceException, WebDriverException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
     el = driver.find_element(By.XPATH, xpath)
     el.click()
-    WebDriverWait(driver, 15).until(EC.staleness_of(el))
+
+    def gone(_):
+        try:
+            el.is_enabled()
+            return False
+        except StaleElementReferenceException:
+            return True
+        except WebDriverException as exc:  # Chromium, mid-navigation: "Node with given id does not belong to the
+            if "does not belong to the document" in str(exc):  # document" (seen once in a full run) is gone too
+                return True
+            raise
+
+    WebDriverWait(driver, 15).until(gone)
 
 
 @pytest.mark.timeout(180)
