@@ -3,6 +3,7 @@
 is queued, scheduled or running (a retry, a put-back and a recovery keep its id), enqueueing it again enqueues
 nothing and returns its id; the script call that records its end (done, failed, canceled) frees it."""
 import json
+import signal
 import time
 
 import pytest
@@ -176,6 +177,8 @@ def test_a_sigkilled_unique_job_is_recovered_while_the_app_reenqueues_and_never_
     ends = [json.loads(x) for x in r.lrange("u9:ends", 0, -1)]
     assert len(runs) == 2 and len(ends) == 1                                # the killed run never ended
     assert runs[1]["start"] > killed and runs[1]["pid"] != runs[0]["pid"]   # the second began after the kill
+    b.signal(signal.SIGTERM)  # idle B would claim the next enqueue at once (seen once in a full run)
+    assert b.wait(15) == 0, b.output
     assert uj.ugate.enqueue("u9", 1) == job_id and queued(r) == 1           # the key is free at the end
 
 
