@@ -21,6 +21,7 @@ refuses the whole call, writing nothing); every other key is used through ``redi
 """
 from __future__ import annotations
 
+import functools
 import re
 from importlib import resources
 
@@ -31,11 +32,13 @@ NAMES = ("enqueue", "cycle", "recover", "unregister", "heartbeat", "wake", "sche
 _FN = re.compile(r"^local function (\w+)\(", re.M)
 
 
+@functools.lru_cache(maxsize=None)
 def read(name: str) -> str:
     """The text of ``worker/lua/<name>.lua`` as written (no prelude)."""
     return resources.files(__name__).joinpath(f"{name}.lua").read_text(encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=None)
 def prelude() -> dict:
     """``{function name: its block}`` of ``prelude.lua``, in file order (each block: ``local function <name>(``
     up to the next blank line; the file's leading comment is not a block)."""
@@ -64,23 +67,20 @@ def source(name: str) -> str:
     return "".join(block for fn, block in blocks.items() if fn in wanted) + body
 
 
-ENQUEUE = source("enqueue")
-CYCLE = source("cycle")
-RECOVER = source("recover")
-UNREGISTER = source("unregister")
-HEARTBEAT = source("heartbeat")
-WAKE = source("wake")
-SCHEDULE = source("schedule")
-STATS = source("stats")
-RETRY_FAILED = source("retry_failed")
-RUN_NOW = source("run_now")
-HOUSEKEEP = source("housekeep")
-FAILED_PAGE = source("failed_page")
-FAILED_MATCH = source("failed_match")
-FIND_QUEUED = source("find_queued")
-BACKLOG = source("backlog")
-AWAIT = source("await")
-CANCEL = source("cancel")
+# Each script's full source (``source``) is built on first use and kept: building all of them at import cost
+# every worker and fork server ~100 ms of start-up (a tenth of a 2,000-job burst drain, bench/drain_ab.py).
+
+@functools.lru_cache(maxsize=None)
+def script_source(name: str) -> str:
+    """:func:`source` of ``name``, built once per process."""
+    return source(name)
+
+
+def __getattr__(attr: str) -> str:
+    """``worker.lua.CYCLE`` and the like: the script's full source (built on first use)."""
+    if attr.lower() in NAMES:
+        return script_source(attr.lower())
+    raise AttributeError(f"module {__name__!r} has no attribute {attr!r}")
 
 
 class Registry:
@@ -94,7 +94,7 @@ class Registry:
         """The redis-py ``Script`` of ``worker/lua/<name>.lua``."""
         s = self._scripts.get(name)
         if s is None:
-            s = self._scripts[name] = self.client.register_script(globals()[name.upper()])
+            s = self._scripts[name] = self.client.register_script(script_source(name))
         return s
 
     def run(self, call, client=None):
