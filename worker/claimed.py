@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .jobs import JobOptions
+from .jobspec import JobOptions
 
 
 @dataclass(frozen=True, eq=False)
