@@ -276,6 +276,16 @@ def test_overview_queue_and_job_pages_show_the_read_model(app, r):
     assert live["q:default:depth"] == 120 and live["failed"] == 0
 
 
+def test_a_done_jobs_warning_is_shown_escaped(app, r):
+    """A result that was not JSON leaves the job done with a warning (issue 24 item 8); the job page shows it, as
+    escaped text (the note of issue 24 named it missing from the page and from `job ID`)."""
+    r.hset(K.job("w1"), mapping={"status": "done", "name": "push", "queue": "default", "enqueued_at": 1.7e12,
+                                 "result": '{"unserializable": "set", "repr": "{3}"}',
+                                 "warning": "result_unserializable: <set> is not JSON"})
+    status, _, text = Client(app).get("/jobs/w1")
+    assert status == 200 and "result_unserializable: &lt;set&gt; is not JSON" in text and "<set>" not in text
+
+
 def test_metrics_is_prometheus_text(app, r):
     enqueue(r, queue='we"ird')
     fail(r, "f1")

@@ -206,7 +206,7 @@ def test_current_job_in_a_child_counts_attempts_not_interruptions(r, api, spawn)
 
 
 @pytest.mark.timeout(60)
-def test_a_return_value_that_is_not_json_is_done_with_a_marker_and_a_warning(r, api, spawn):
+def test_a_return_value_that_is_not_json_is_done_with_a_marker_and_a_warning(r, api, spawn, cli):
     """Issue 24 item 8: a set, a datetime, an object returned: done (the work is not repeated for a serialisation
     problem), the result a marker with the type and the repr cut to 200 characters, a warning in the status record
     and a job.result_unserializable line; @job(strict_result=True) (api_set, above) still fails."""
@@ -223,3 +223,6 @@ def test_a_return_value_that_is_not_json_is_done_with_a_marker_and_a_warning(r, 
     lines = [line for line in w.output.splitlines() if "event=job.result_unserializable" in line]
     assert len(lines) == 3 and all("level=warning" in line and "name=api_odd" in line for line in lines)
     assert get_job(plain).result == {"sum": 3} and get_job(plain).warning is None
+    shown = cli("job", ids["set"]).stdout  # `job ID` shows it too (missing until the note of issue 24 named it)
+    assert any(line.startswith("warning") and "not JSON" in line for line in shown.splitlines())
+    assert "warning" not in cli("job", plain).stdout

@@ -205,6 +205,8 @@ def job_main(cfg, job_id: str, as_json: bool = False) -> int:
             rows.append(("kwargs", json.dumps(job.get("kwargs"))))
     if job["status"] == "done":
         rows.append(("result", json.dumps(job["result"])))
+    if job.get("warning"):
+        rows.append(("warning", job["warning"]))
     err = job.get("error")
     if err:
         rows += [("error", f"{err.get('type')}: {err.get('message')}")]

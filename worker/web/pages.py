@@ -213,6 +213,8 @@ def job(ctx: Ctx, job_id: str, doc):
             ("Checkpoint", f"<code>{js(doc['checkpoint'])}</code>" if doc.get("checkpoint") is not None else "-")]
     if st == "done":
         rows.append(("Result", f"<code>{js(doc.get('result'))}</code>"))
+    if doc.get("warning"):
+        rows.append(("Warning", h(doc["warning"])))
     body = table(("Field", "Value"), rows)
     if st in ("queued", "scheduled"):
         body += button(ctx, f"/jobs/{quote(doc['id'])}/cancel", "Cancel", {}, danger=True,
