@@ -204,6 +204,37 @@ def test_async_producers_on_the_asyncio_client(r, redis_server, monkeypatch, wor
     assert w.wait(10) == 0
 
 
+@pytest.mark.timeout(30)
+def test_per_call_options_on_the_async_producer(r, redis_server, monkeypatch):
+    """f.options(...).enqueue_async / enqueue_in_async / enqueue_at_async: the sync JobCall's options, checks and
+    own-id dedupe on the asyncio client (the issue 24 note named .options() missing from the async producers)."""
+    from datetime import datetime, timedelta, timezone
+
+    import tests.jobs_async as aj
+    from worker import aio_broker
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+
+    async def produce():
+        call = aj.aj_add.options(queue="opt", job_id="own-1", retries=4, timeout=9)
+        first = await call.enqueue_async("prod", 2, 3)
+        again = await call.enqueue_async("prod", 7, 7)   # that id has not ended: nothing enqueued
+        later = await aj.aj_add.options(job_id="own-2").enqueue_in_async(timedelta(hours=1), "prod", 0, 0)
+        at = await aj.aj_add.options(job_id="own-3").enqueue_at_async(
+            datetime.now(timezone.utc) + timedelta(hours=2), "prod", 0, 0)
+        with pytest.raises(TypeError, match="do not fit"):
+            await call.enqueue_async("prod", 1)
+        with pytest.raises(TypeError, match="delay"):
+            await aj.aj_add.options(delay=5).enqueue_in_async(1, "prod", 0, 0)
+        await aio_broker.close()
+        return first, again, later, at
+    first, again, later, at = asyncio.run(produce())
+    assert (first, again, later, at) == ("own-1", "own-1", "own-2", "own-3")
+    (payload,) = r.lrange("worker:queue:opt", 0, -1)
+    doc = json.loads(payload)
+    assert (doc["id"], doc["args"], doc["options"]) == ("own-1", ["prod", 2, 3], {"retries": 4, "timeout": 9})
+    assert r.zcard("worker:scheduled") == 2 and not r.llen("worker:queue:default")
+
+
 @pytest.mark.timeout(60)
 def test_memory_limit_kills_an_async_job(r, worker, enqueue):
     hog = enqueue("aj_alloc", "ev", 200)

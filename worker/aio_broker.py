@@ -31,9 +31,9 @@ class AsyncBroker:
         self.scripts = Registry(client)  # redis-py's AsyncScript: run() returns an awaitable
 
     async def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
-                   delay: Optional[float] = None) -> str:
-        """:meth:`Broker.push` on this client: one round trip, the same call."""
-        job_id, call = self.calls.push_call(name, args, kwargs, queue, due, delay)
+                   delay: Optional[float] = None, job_id: Optional[str] = None, options: Optional[dict] = None) -> str:
+        """:meth:`Broker.push` on this client: one round trip, the same call (``job_id``: deduplicated as there)."""
+        job_id, call = self.calls.push_call(name, args, kwargs, queue, due, delay, job_id, options)
         await self.scripts.run(call)
         return job_id
 

@@ -5,7 +5,8 @@ arguments. Everything is checked when ``.options()`` is called (TypeError/ValueE
 options travel in the payload's ``"options"`` (``payload.PER_CALL``) and win over ``@job``'s in
 ``jobs.JobOptions.resolve``; ``job_id`` is the payload's id, deduplicated by enqueue.lua while its job has not ended.
 
-Imports no enqueue machinery: ``jobs.options`` hands a JobCall the function that enqueues (``jobs._push``).
+Imports no enqueue machinery: ``jobs.options`` hands a JobCall the functions that enqueue (``jobs._push``, and
+``jobs._push_async`` for the ``*_async`` methods async web apps await).
 """
 from __future__ import annotations
 
@@ -18,16 +19,16 @@ from .payload import check_job_id, check_options, delay_of, due_of
 class JobCall:
     """One call's options, checked when made; its enqueue methods return the job id."""
 
-    __slots__ = ("name", "push", "queue", "delay", "job_id", "opts")
+    __slots__ = ("name", "push", "push_async", "queue", "delay", "job_id", "opts")
 
-    def __init__(self, name: str, push: Callable, *, queue=None, delay=None, job_id=None, timeout=None,
+    def __init__(self, name: str, push: Callable, push_async: Callable = None, *, queue=None, delay=None, job_id=None, timeout=None,
                  retries=None, result_ttl=None, max_interruptions=None):
         if queue is not None and (not isinstance(queue, str) or not valid_queue_name(queue)):
             raise ValueError(f"options: invalid queue {queue!r}: expected {QUEUE_RULE}")
         self.delay = None if delay is None else delay_of(delay)
         if self.delay is not None and self.delay < 0:
             raise ValueError(f"options: delay= must be >= 0 seconds, not {delay!r}")
-        self.name, self.push, self.queue = name, push, queue
+        self.name, self.push, self.push_async, self.queue = name, push, push_async, queue
         self.job_id = None if job_id is None else check_job_id(job_id)
         self.opts = check_options(dict(timeout=timeout, retries=retries, result_ttl=result_ttl,
                                        max_interruptions=max_interruptions))
@@ -36,17 +37,36 @@ class JobCall:
         return self.push(self.name, args, kwargs, queue=self.queue, job_id=self.job_id, options=self.opts or None,
                          **when)
 
+    def _send_async(self, args, kwargs, **when):
+        return self.push_async(self.name, args, kwargs, queue=self.queue, job_id=self.job_id,
+                               options=self.opts or None, **when)
+
+    def _no_delay(self, method: str) -> None:
+        if self.delay is not None:
+            raise TypeError(f"{method}: this call has options(delay=) already; use .enqueue()")
+
     def enqueue(self, *args: Any, **kwargs: Any) -> str:
         """Enqueue now (or ``delay`` seconds from now). With ``job_id``: while a job of that id is queued,
         scheduled or running, nothing is enqueued and the id is returned."""
         return self._send(args, kwargs, delay=self.delay)
 
     def enqueue_in(self, seconds, /, *args: Any, **kwargs: Any) -> str:
-        if self.delay is not None:
-            raise TypeError("enqueue_in: this call has options(delay=) already; use .enqueue()")
+        self._no_delay("enqueue_in")
         return self._send(args, kwargs, delay=delay_of(seconds))
 
     def enqueue_at(self, when, /, *args: Any, **kwargs: Any) -> str:
-        if self.delay is not None:
-            raise TypeError("enqueue_at: this call has options(delay=) already; use .enqueue()")
+        self._no_delay("enqueue_at")
         return self._send(args, kwargs, due=due_of(when))
+
+    # the same for async code (await), on redis-py's asyncio client (worker/aio_broker.py): the same checks
+
+    async def enqueue_async(self, *args: Any, **kwargs: Any) -> str:
+        return await self._send_async(args, kwargs, delay=self.delay)
+
+    async def enqueue_in_async(self, seconds, /, *args: Any, **kwargs: Any) -> str:
+        self._no_delay("enqueue_in_async")
+        return await self._send_async(args, kwargs, delay=delay_of(seconds))
+
+    async def enqueue_at_async(self, when, /, *args: Any, **kwargs: Any) -> str:
+        self._no_delay("enqueue_at_async")
+        return await self._send_async(args, kwargs, due=due_of(when))

@@ -249,7 +249,7 @@ def _push(name: str, args, kwargs, **how) -> str:
 
 def options(name: str, /, **opts) -> JobCall:
     """``f.options(...)`` by job name: a :class:`~worker.calloptions.JobCall` (options checked here)."""
-    return JobCall(name, _push, **opts)
+    return JobCall(name, _push, _push_async, **opts)
 
 
 def _calls(calls) -> list:
@@ -290,13 +290,14 @@ def enqueue_many(name: str, calls, queue: Optional[str] = None) -> list:
 
 # --- the same for async code (FastAPI, Starlette): redis-py's asyncio client (worker/aio_broker.py) ---
 
-async def _push_async(name: str, args, kwargs, queue: Optional[str], **when) -> str:
+async def _push_async(name: str, args, kwargs, queue: Optional[str], **how) -> str:
+    """``how``: delay/due, and a JobCall's job_id/options (``f.options(...).enqueue_async``)."""
     _check_name(name, queue)
     _check_args(name, args, kwargs)
     if getattr(_default, "inline", False):  # testing.inline(): the job runs now, as the sync enqueue runs it
-        return _default.push(name, args, kwargs, queue=queue, **when)
+        return _default.push(name, args, kwargs, queue=queue, **how)
     from . import aio_broker
-    return await aio_broker.default().push(name, args, kwargs, queue=queue, **when)
+    return await aio_broker.default().push(name, args, kwargs, queue=queue, **how)
 
 
 async def enqueue_async(name: str, /, *args: Any, queue: Optional[str] = None, **kwargs: Any) -> str:

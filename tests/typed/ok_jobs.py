@@ -23,3 +23,7 @@ name: str = add.job_name
 custom: str = send_welcome.options(queue="other", timeout=60, retries=5, job_id="welcome-42").enqueue(7)
 soon: str = add.options(delay=30).enqueue(1, y=2)
 later2: str = add.options(result_ttl=0).enqueue_in(30, 1)
+
+
+async def produce() -> str:  # per-call options on the async producer
+    return await send_welcome.options(job_id="welcome-43").enqueue_async(7)
