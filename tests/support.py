@@ -98,6 +98,24 @@ def start_redis_server(port: int, workdir) -> subprocess.Popen:
         client.close()
 
 
+def redis_down(server) -> None:
+    """Take the session's redis-server down as a restart does (``SHUTDOWN SAVE``: the dataset is on disk, every
+    connection is refused until :func:`redis_up` brings it back on the same port)."""
+    client = redis.Redis(port=server.port)
+    try:
+        client.shutdown(save=True)
+    except redis.ConnectionError:
+        pass
+    finally:
+        client.close()
+    server.proc.wait(10)
+
+
+def redis_up(server) -> None:
+    server.start()  # same port; loads the dump written at shutdown
+    (server.workdir / "dump.rdb").unlink(missing_ok=True)  # later restarts of the session server start empty
+
+
 def cmdline(pid: int) -> str:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:

@@ -30,8 +30,8 @@ from worker.fetch import Broker
 
 import tests.jobs_term  # noqa: F401  (registers the tt_ jobs for Broker.push)
 from tests import dyno
-from tests.support import (count, free_port, name_of, next_event, processing, start_redis_server, wait_event,
-                           wait_until)
+from tests.support import (count, free_port, name_of, next_event, processing, redis_down, redis_up,
+                           start_redis_server, wait_event, wait_until)
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
 OUTAGE = float(os.environ.get("OUTAGE_SECONDS", "30"))
@@ -39,20 +39,6 @@ FAST = {"HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "JOB_MODULES": MODULE
 TERM_MODULES = "worker.sample,tests.jobs,tests.jobs_term"
 QUEUE = "worker:queue:default"
 WORKERS = "worker:workers"
-
-
-def redis_down(server):
-    client = redis.Redis(port=server.port)
-    try:
-        client.shutdown(save=True)
-    except redis.ConnectionError:
-        pass
-    server.proc.wait(10)
-
-
-def redis_up(server):
-    server.start()  # same port; loads the dump written at shutdown
-    (server.workdir / "dump.rdb").unlink(missing_ok=True)  # later restarts of the session server start empty
 
 
 def lines(path) -> list:

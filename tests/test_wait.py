@@ -10,6 +10,8 @@ from worker import jobs, testing
 from worker.keys import Keys
 from worker.results import get_job
 
+from tests.support import redis_down, redis_up, wait_until
+
 MODULES = "worker.sample,tests.jobs,tests.jobs_control"
 K = Keys()
 
@@ -100,3 +102,32 @@ def test_wait_rides_over_a_wrong_typed_done_key(r, api, spawn):
     r.rpush("w9:go", "1")
     j = get_job(job_id).wait(timeout=20)
     assert j.status == "done" and j.result == "v"
+
+
+@pytest.mark.timeout(60)
+def test_wait_rides_out_a_redis_restart(r, api, spawn, redis_server):
+    """A Redis restart (or failover) while a producer waits: the wait tries again until Redis is back and returns
+    the job's final record (the issue 24 note: it raised ConnectionError after ~0.9 s); a wait whose timeout runs
+    out while Redis is still down re-raises the connection error, not TimeoutError."""
+    import redis
+    job_id = jobs.enqueue("gate", "w9")
+    got = {}
+
+    def waiter():
+        try:
+            got["job"] = get_job(job_id).wait(timeout=40)
+        except BaseException as exc:  # noqa: BLE001 (the test reports it)
+            got["error"] = exc
+    t = threading.Thread(target=waiter)
+    t.start()
+    wait_until(lambda: r.pttl(K.job(job_id)) > 0, 10, "the waiter's mark on the record")
+    redis_down(redis_server)
+    with pytest.raises(redis.ConnectionError):
+        get_job(job_id).wait(timeout=0.8)  # the outage outlasts this one's timeout
+    assert t.is_alive() and not got
+    redis_up(redis_server)
+    r.rpush("w9:go", "after the restart")
+    spawn(JOB_MODULES=MODULES)
+    t.join(30)
+    assert "error" not in got, got.get("error")
+    assert (got["job"].status, got["job"].result) == ("done", "after the restart")

@@ -17,6 +17,7 @@ from typing import Any, Optional
 STATUSES = ("queued", "scheduled", "running", "done", "failed", "canceled")
 FINAL = ("done", "failed", "canceled")  # a job in one of these has ended: wait() returns it
 WAIT_SLICE = 1.0  # seconds a wait() blocks at most before it reads the status again (a lost push cannot hang it)
+WAIT_OUTAGE = 60.0  # seconds a wait() without a timeout rides out Redis being unreachable before it re-raises
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,11 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
     final record only for a marked job (its ``PEXPIRE ... NX`` finds the mark): jobs nobody waits for pay nothing.
     It blocks in slices of at most ``WAIT_SLICE`` s and marks and reads the status again between them, so a push
     lost in a failover (or a job failed by recovery, which pushes nothing) delays the return by a slice at most,
-    never hangs it."""
+    never hangs it.
+
+    Redis unreachable (a restart, a failover, a network blip): the wait tries again every 0.5 s until it is back,
+    until ``timeout`` runs out (or ``WAIT_OUTAGE`` s of outage without one), and then re-raises the connection
+    error: a wait that could not talk to Redis says so, rather than that the job did not end."""
     from . import jobs, testing
     if timeout is not None and (isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout < 0):
         raise ValueError(f"wait: timeout must be None or a number of seconds >= 0, not {timeout!r}")
@@ -151,19 +156,30 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
     from .lua import calls
     deadline = None if timeout is None else time.monotonic() + timeout
     piece = max(0.05, min(WAIT_SLICE, broker.cfg.redis_timeout / 2))
+    import redis
+    outage = None  # monotonic time Redis was first found unreachable, None while it answers
     while True:
-        status = broker.scripts.run(calls.await_(keys, job_id))
-        if status in FINAL or not status:
-            return fetch(r, keys, job_id)
-        left = piece if deadline is None else min(piece, deadline - time.monotonic())
-        if left <= 0:
-            raise TimeoutError(f"job {job_id} has not ended within {timeout:g} s (status: {status})")
-        pushed = _pop(r, keys.done(job_id), left)
-        if pushed is not None:
-            with r.pipeline(transaction=False) as p:  # put it back for any other waiter (it expires on its own)
-                p.lpush(keys.done(job_id), pushed[1]).pexpire(keys.done(job_id), 60000)
-                p.execute()
-            return fetch(r, keys, job_id) or _pushed(job_id, pushed[1])
+        try:
+            status = broker.scripts.run(calls.await_(keys, job_id))
+            if status in FINAL or not status:
+                return fetch(r, keys, job_id)
+            left = piece if deadline is None else min(piece, deadline - time.monotonic())
+            if left <= 0:
+                raise TimeoutError(f"job {job_id} has not ended within {timeout:g} s (status: {status})")
+            pushed = _pop(r, keys.done(job_id), left)
+            if pushed is not None:
+                with r.pipeline(transaction=False) as p:  # put it back for any other waiter (it expires on its own)
+                    p.lpush(keys.done(job_id), pushed[1]).pexpire(keys.done(job_id), 60000)
+                    p.execute()
+                return fetch(r, keys, job_id) or _pushed(job_id, pushed[1])
+            outage = None
+        except (redis.ConnectionError, redis.TimeoutError):
+            now = time.monotonic()
+            outage = now if outage is None else outage
+            until = deadline if deadline is not None else outage + WAIT_OUTAGE
+            if now >= until:
+                raise
+            time.sleep(min(0.5, until - now))
 
 
 def _pop(r, key: str, seconds: float):
