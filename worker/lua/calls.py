@@ -133,7 +133,7 @@ def wake(k, queues) -> Call:
 # --- periodic jobs, metrics ---
 
 def schedule(k, rows: list) -> Call:
-    """SCHEDULE: ``rows`` of (name, queue, tick, next, grace ms, ttl ms, spec, payload)."""
+    """SCHEDULE: ``rows`` of (name, queue, tick, next, grace ms, ttl ms, spec, payload, job id, unique '1'/'')."""
     args = [k.prefix]
     for row in rows:
         args.extend(row)
