@@ -1,5 +1,6 @@
 -- RETRY_FAILED: put failed jobs back on their queues (worker/failed.py: `failed retry`, the dashboard).
--- KEYS[1] prefix       P               the key space's root; derived from it: P:queue:<q>, P:wake:<q>, P:job:<id>
+-- KEYS[1] prefix       P               the key space's root; derived from it: P:queue:<q>, P:wake:<q>, P:job:<id>,
+--                                      P:unique:<key> (unique_until="start": taken back if free)
 -- KEYS[2] failed       P:failed        job id -> time of failure
 -- KEYS[3] failed_data  P:failed:data   job id -> failure record (JSON)
 -- KEYS[4] queues       P:queues        known queue names
@@ -29,6 +30,7 @@ for i = 1, #ARGV do
       redis.call('ZREM', failed, id)
       local jk = prefix .. ':job:' .. id
       if redis.pcall('EXISTS', jk) == 1 then redis.pcall('HSET', jk, 'status', 'queued') end
+      unique_retake(prefix, id)
       out[#out + 1] = id
     end
   end
