@@ -362,3 +362,61 @@ def test_inline_mode_honours_unique_until_start():
         assert ctx.run_scheduled() == [a] and ctx.get(a)["result"] == 3
         b = uj.uquick_start.enqueue(1)
         assert b != a and ctx.get(b)["status"] == "done" and len(ctx.jobs) == 2
+
+
+# --- chaos (issue 25 "Done when"): whole dynos SIGTERMed and SIGKILLed while the app keeps re-enqueueing ---
+
+def _in_flight(r) -> dict:
+    return {k: r.llen(k) for k in r.keys(K.processing("*")) if r.llen(k)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", [2511, 2512])
+def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spawn, seed):
+    """Three dynos of two slots, each SIGKILLed (a crash) or SIGTERMed (Heroku: every process; foreman: the worker
+    only) on a seeded random schedule and restarted at once, while the app enqueues 12 unique keys over and over.
+    Each run of a key checks, as it starts, that no earlier run of that key is still running (``uchaos``: an open
+    run whose process lives): never two at once. Nothing is lost: every enqueue returned the key's one id, and in
+    the end every key's job is done, nothing is queued or claimed, and a last enqueue of each key runs once more
+    (no key stranded)."""
+    import os
+    import random
+    from worker.failed import FailedRegistry
+    rng = random.Random(int(os.environ.get("CHAOS_SEED") or seed))
+    env = dict(FAST, SHUTDOWN_WINDOW="4", WORKER_CONCURRENCY="2")
+    keys = [(f"k{i}", 0.05 * (1 + i % 4)) for i in range(12)]
+    ids = {k: uj.uchaos.enqueue(k, s) for k, s in keys}
+    dynos = [spawn(DYNO=f"worker.{i}", **env) for i in range(3)]
+    kills = terms = enqueues = 0
+    started = time.monotonic()
+    while time.monotonic() - started < float(os.environ.get("CHAOS_SECONDS", "15")):
+        until = time.monotonic() + rng.uniform(0.3, 1.0)  # the chaos schedule itself, not a synchronisation
+        while time.monotonic() < until:
+            k, s = rng.choice(keys)
+            assert uj.uchaos.enqueue(k, s) == ids[k]
+            enqueues += 1
+            time.sleep(0.01)
+        i = rng.randrange(3)
+        action = rng.choice(["kill", "kill", "term_group", "term_parent"])
+        try:
+            if action == "kill":
+                dynos[i].kill_tree()
+                kills += 1
+            else:
+                (os.killpg if action == "term_group" else os.kill)(dynos[i].pid, signal.SIGTERM)
+                terms += 1
+        except ProcessLookupError:
+            pass
+        dynos[i] = spawn(DYNO=f"worker.{i}", **env)
+    wait_until(lambda: all(r.hget(K.job(j), "status") == "done" for j in ids.values())
+               and queued(r) == 0 and _in_flight(r) == {}, 90, "every key's job done, nothing queued or claimed")
+    runs = [json.loads(x) for x in r.lrange("uc:runs", 0, -1)]
+    print(f"\nunique chaos: seed={seed} {enqueues} enqueues, {kills} SIGKILLs, {terms} SIGTERMs, {len(runs)} runs")
+    assert r.lrange("uc:overlaps", 0, -1) == [], f"seed {seed}: two runs of one key at once"
+    assert set(FailedRegistry(jobs.default_broker()).ids()) == set(), f"seed {seed}"
+    assert {x["key"] for x in runs} == {k for k, _ in keys}
+    ends = r.llen("uc:ends")
+    assert [uj.uchaos.enqueue(k, s) for k, s in keys] == [ids[k] for k, _ in keys]
+    wait_until(lambda: r.llen("uc:ends") == ends + len(keys) and queued(r) == 0, 60, "the last enqueues' runs")
+    assert r.lrange("uc:overlaps", 0, -1) == []
