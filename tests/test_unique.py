@@ -110,6 +110,26 @@ def test_a_retry_keeps_the_key_and_a_permanent_failure_frees_it(r, uj, spawn):
     assert w.wait(15) == 0
 
 
+@pytest.mark.timeout(60)
+def test_failed_retry_of_a_unique_job_whose_key_is_taken_again_leaves_it_failed(r, uj, spawn, cli):
+    """A unique job failed for good frees its key; an equal job enqueued since holds it under the same id. `failed
+    retry` put the failed one back all the same: two queued jobs of one id, two runs of one key at once. Now it stays
+    failed (and says why) until the key is free again."""
+    from worker.failed import FailedRegistry
+    w = spawn(JOB_MODULES=MODULES)
+    f = uj.ufail.enqueue("u12")
+    assert get_job(f).wait(timeout=20).status == "failed"
+    w.signal(15)
+    assert w.wait(15) == 0
+    assert uj.ufail.enqueue("u12") == f and queued(r) == 1          # the key is taken again
+    res = cli("failed", "retry", f, JOB_MODULES=MODULES)
+    assert res.returncode == 1 and "queued or running again" in res.stdout
+    assert queued(r) == 1 and FailedRegistry(jobs.default_broker()).ids() == [f]
+    r.delete(K.queue("default"))
+    r.hset(K.job(f), "status", "canceled")                            # ended: the key is free
+    assert FailedRegistry(jobs.default_broker()).retry([f]) == [f] and queued(r) == 1
+
+
 @pytest.mark.timeout(30)
 def test_cancel_frees_the_key(r, uj):
     a = uj.ugate.enqueue_in(60, "u7", 1)
