@@ -312,7 +312,7 @@ def test_unique_until_start_a_retry_takes_the_key_back(r, uj, spawn):
     r.rpush("s4:go", "x")
     wait_until(lambda: get_job(a).status == "scheduled", 20, "its retry scheduled")
     assert r.get(lock_of(a)) == a and uj.ustart_fail_once.enqueue("s4") == a and queued(r) == 1
-    assert r.blpop(["s4:started"], 20) == ("s4:started", "2")
+    assert r.blpop(["s4:started"], 20) == ("s4:started", "2") and r.get(lock_of(a)) is None  # the retry started
     r.rpush("s4:go", "x")
     assert get_job(a).wait(timeout=20).result == 2
     w.signal(15)
@@ -331,7 +331,7 @@ def test_unique_until_start_put_back_takes_the_key_back_if_free_else_both_wait(r
     wait_until(lambda: r.llen(K.queue("default")) == 1, 20, "the job put back")
     assert r.get(lock_of(a)) == a and uj.ustart.enqueue("s5", 1) == a and queued(r) == 1
     w = spawn(JOB_MODULES=MODULES)
-    assert r.blpop(["s5:started"], 20)
+    assert r.blpop(["s5:started"], 20) and r.get(lock_of(a)) is None     # the put-back run started: free
     b = uj.ustart.enqueue("s5", 1)                                       # queued while a runs
     assert b != a
     dyno.shutdown(w.pid, window=10)
