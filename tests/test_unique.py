@@ -395,11 +395,12 @@ def _in_flight(r) -> dict:
 @pytest.mark.parametrize("seed", [2511, 2512])
 def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spawn, seed):
     """Three dynos of two slots, each SIGKILLed (a crash) or SIGTERMed (Heroku: every process; foreman: the worker
-    only) on a seeded random schedule and restarted at once, while the app enqueues 12 unique keys over and over.
-    Each run of a key checks, as it starts, that no earlier run of that key is still running (``uchaos``: an open
-    run whose process lives): never two at once. Nothing is lost: every enqueue returned the key's one id, and in
-    the end every key's job is done, nothing is queued or claimed, and a last enqueue of each key runs once more
-    (no key stranded)."""
+    only) on a seeded random schedule and restarted at once, while the app enqueues 12 unique keys over and over,
+    and 4 keys of unique_until="start". Each run of a (default) key checks, as it starts, that no earlier run of that
+    key is still running (``uchaos``: an open run whose process lives): never two at once. Nothing is lost: every
+    enqueue returned the key's one id (unique_until="start": one of the ids it returned), and in the end every id
+    returned is done, nothing is queued or claimed, and a last enqueue of each key runs once more (no key
+    stranded)."""
     import os
     import random
     from worker.failed import FailedRegistry
@@ -407,6 +408,8 @@ def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spa
     env = dict(FAST, SHUTDOWN_WINDOW="4", WORKER_CONCURRENCY="2")
     keys = [(f"k{i}", 0.05 * (1 + i % 4)) for i in range(12)]
     ids = {k: uj.uchaos.enqueue(k, s) for k, s in keys}
+    skeys = [(f"s{i}", 0.1 * (1 + i % 2)) for i in range(4)]
+    sids = {uj.uchaos_start.enqueue(k, s) for k, s in skeys}
     dynos = [spawn(DYNO=f"worker.{i}", **env) for i in range(3)]
     kills = terms = enqueues = 0
     started = time.monotonic()
@@ -415,6 +418,9 @@ def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spa
         while time.monotonic() < until:
             k, s = rng.choice(keys)
             assert uj.uchaos.enqueue(k, s) == ids[k]
+            if rng.random() < 0.25:
+                k, s = rng.choice(skeys)
+                sids.add(uj.uchaos_start.enqueue(k, s))
             enqueues += 1
             time.sleep(0.01)
         i = rng.randrange(3)
@@ -429,14 +435,17 @@ def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spa
         except ProcessLookupError:
             pass
         dynos[i] = spawn(DYNO=f"worker.{i}", **env)
-    wait_until(lambda: all(r.hget(K.job(j), "status") == "done" for j in ids.values())
-               and queued(r) == 0 and _in_flight(r) == {}, 90, "every key's job done, nothing queued or claimed")
+    wait_until(lambda: all(r.hget(K.job(j), "status") == "done" for j in [*ids.values(), *sids])
+               and queued(r) == 0 and _in_flight(r) == {}, 90, "every job done, nothing queued or claimed")
     runs = [json.loads(x) for x in r.lrange("uc:runs", 0, -1)]
-    print(f"\nunique chaos: seed={seed} {enqueues} enqueues, {kills} SIGKILLs, {terms} SIGTERMs, {len(runs)} runs")
+    print(f"\nunique chaos: seed={seed} {enqueues} enqueues, {kills} SIGKILLs, {terms} SIGTERMs, {len(runs)} runs, "
+          f"{len(sids)} unique_until='start' jobs")
     assert r.lrange("uc:overlaps", 0, -1) == [], f"seed {seed}: two runs of one key at once"
     assert set(FailedRegistry(jobs.default_broker()).ids()) == set(), f"seed {seed}"
-    assert {x["key"] for x in runs} == {k for k, _ in keys}
+    assert {x["key"] for x in runs} == {k for k, _ in keys + skeys}
     ends = r.llen("uc:ends")
     assert [uj.uchaos.enqueue(k, s) for k, s in keys] == [ids[k] for k, _ in keys]
-    wait_until(lambda: r.llen("uc:ends") == ends + len(keys) and queued(r) == 0, 60, "the last enqueues' runs")
+    assert not sids & {uj.uchaos_start.enqueue(k, s) for k, s in skeys}
+    wait_until(lambda: r.llen("uc:ends") == ends + len(keys) + len(skeys) and queued(r) == 0, 60,
+               "the last enqueues' runs")
     assert r.lrange("uc:overlaps", 0, -1) == []
