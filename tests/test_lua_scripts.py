@@ -162,6 +162,6 @@ def test_schedule_enqueues_and_records_its_tick_past_a_wrong_typed_wake_list(r):
     k = Keys("pfx")
     r.set(k.wake("q"), "x")
     now = int(r.time()[0]) * 1000
-    call = calls.schedule(k, [("s", "q", now - 10, now + 60_000, 60_000, 120_000, "every 60s", '{"id":"a"}')])
+    call = calls.schedule(k, [("s", "q", now - 10, now + 60_000, 60_000, 120_000, "every 60s", '{"id":"a"}', "a", "1")])
     assert lua.Registry(r).run(call)[1] == "enqueued"
     assert r.llen(k.queue("q")) == 1 and r.hget(k.sched("s"), "tick") == str(now - 10)

@@ -89,8 +89,9 @@ def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r
     now = int(r.time()[0]) * 1000
 
     def claim(tick, nxt, grace=3_600_000, name="every_hour"):
+        job_id, payload = s.payload(tick)
         return run(keys=[K.paused, K.queues, "worker:schedules"],
-                   args=["worker", name, "hq", tick, nxt, grace, 10_000_000, s.spec, s.payload(tick)[1]])[1]
+                   args=["worker", name, "hq", tick, nxt, grace, 10_000_000, s.spec, payload, job_id, ""])[1]
 
     last, nxt = s.ticks(now)
     assert claim(last + 3_600_000, nxt + 3_600_000) == "skew" and claim(last - 3_600_000, last) == "skew"
@@ -101,6 +102,41 @@ def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r
     assert claim(last, nxt, name="paused_one") == "paused" and claim(last, nxt, name="paused_one") == "taken"
     assert r.llen(K.queue("hq")) <= 2 and r.pttl("worker:sched:every_hour") > 0
     assert r.hget("worker:sched:paused_one", "reason") == "paused"
+
+
+def test_claim_script_skips_a_tick_while_the_previous_run_has_not_ended(r, redis_server):
+    """Unique per schedule (issue 25): the tick's run gets a status record; the next tick is skipped
+    ('overlap:<id>') while that record says queued (also while it runs) or scheduled (a retry), and enqueued once it
+    says done, failed or canceled, or is gone (RESULT_TTL 0). @job(unique=False) ('') skips nothing."""
+    from worker import lua
+    from worker.lua import calls
+    s = schedule.build("uh", "uq", schedule.declare(3600, None, None, None, None, None))
+    assert s.unique and not schedule.build("o", "q", schedule.declare(1, None, None, None, None, None, False)).unique
+    now = int(r.time()[0]) * 1000
+    tick = iter(range(now - 100_000, now, 1000))
+
+    def claim(unique=True):
+        t = next(tick)
+        job_id, payload = s.payload(t)
+        row = ("uh", "uq", t, now + 60_000, 3_600_000, 10_000, s.spec, payload, job_id, "1" if unique else "")
+        return lua.Registry(r).run(calls.schedule(K, [row]))[1], job_id
+
+    code, first = claim()
+    assert code == "enqueued" and r.hget(K.job(first), "status") == "queued" and r.hget(K.sched("uh"), "run") == first
+    assert r.hgetall(K.job(first))["name"] == "uh" and r.pttl(K.sched("uh")) == -1  # no expiry while it is pending
+    assert claim()[0] == f"overlap:{first}" and r.hget(K.sched("uh"), "reason") == "overlap"
+    r.hset(K.job(first), "status", "scheduled")  # waiting for a retry
+    assert claim()[0] == f"overlap:{first}" and r.llen(K.queue("uq")) == 1
+    code, other = claim(unique=False)
+    assert code == "enqueued" and r.llen(K.queue("uq")) == 2 and r.pttl(K.sched("uh")) > 0
+    for end in ("done", "failed", "canceled", None):
+        if end:
+            r.hset(K.job(other), "status", end)
+        else:
+            r.delete(K.job(other))
+        code, other = claim()
+        assert code == "enqueued", end
+        assert claim()[0] == f"overlap:{other}"
 
 
 # --- real workers ---
@@ -190,3 +226,94 @@ def test_a_stopping_worker_enqueues_no_more_ticks_and_exits_in_time(r, spawn, cl
     assert [json.loads(r.blpop("probe", 10)[1])["event"] for _ in range(2)] == ["term", "cleaned"]
     assert w.wait(15) == 0
     assert "event=schedule.enqueued" not in w.output.split("event=shutdown.signal", 1)[1]
+
+
+# --- unique per schedule (issue 25 item 1): a tick is skipped while the previous tick's run has not ended ---
+
+UMODS = "tests.jobs_schedule_unique"
+UFAST = {"JOB_MODULES": UMODS, "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2"}
+
+
+def _spans(r, name):
+    runs = [json.loads(x) for x in r.lrange(name + ":runs", 0, -1)]
+    ends = [json.loads(x) for x in r.lrange(name + ":ends", 0, -1)]
+    return runs, ends
+
+
+def _overlap_skips(w, name):
+    """The ids named by the worker's ``schedule.skipped ... reason=overlap previous=<id>`` lines for ``name``."""
+    return [line.split("previous=")[1].split()[0] for line in w.output.splitlines()
+            if f"event=schedule.skipped schedule={name}" in line and "reason=overlap" in line]
+
+
+@pytest.mark.timeout(90)
+def test_a_slow_periodic_job_skips_its_ticks_instead_of_piling_them_up(r, spawn):
+    """The failure mode: an every-second job that runs for several seconds piled up a tick per second in its queue
+    (and with several slots, ran them side by side). Now each tick is skipped while the previous run is running, with
+    a log line naming it; once it is done the next tick runs; the runs never overlap."""
+    w = spawn(QUEUES="slow", WORKER_CONCURRENCY="3", **UFAST)
+    wait_until(lambda: r.llen("slow_tick:runs") == 1, 20, "the first run")
+    first = r.hget(K.sched("slow_tick"), "run")
+    assert r.hget(K.job(first), "status") == "queued"  # running: the claim writes no record
+    wait_until(lambda: len(_overlap_skips(w, "slow_tick")) >= 3, 20, "three skipped ticks")
+    assert set(_overlap_skips(w, "slow_tick")) == {first}
+    assert r.llen(K.queue("slow")) == 0 and r.llen("slow_tick:runs") == 1, "a tick piled up behind the running one"
+    assert r.hget(K.sched("slow_tick"), "reason") == "overlap" and r.pttl(K.sched("slow_tick")) == -1
+    r.rpush("slow_tick:go", "1")
+    wait_until(lambda: r.llen("slow_tick:runs") == 2, 20, "the next tick's run, once the first is done")
+    second = r.hget(K.sched("slow_tick"), "run")
+    assert second != first and r.hget(K.job(first), "status") == "done"
+    r.rpush("slow_tick:go", "1")
+    wait_until(lambda: r.llen("slow_tick:ends") == 2, 20, "the second run's end")
+    runs, ends = _spans(r, "slow_tick")
+    assert runs[1]["start"] >= ends[0]["end"], "two runs of one schedule at once"
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(90)
+def test_opting_out_with_unique_false_lets_ticks_overlap(r, spawn):
+    w = spawn(QUEUES="overlap", WORKER_CONCURRENCY="3", **UFAST)
+    wait_until(lambda: r.llen("overlapping_tick:ends") >= 1 and r.llen("overlapping_tick:runs") >= 3, 20,
+               "overlapping runs")
+    runs, ends = _spans(r, "overlapping_tick")
+    assert runs[1]["start"] < ends[0]["end"], "the second tick waited for the first run"
+    assert _overlap_skips(w, "overlapping_tick") == []
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(120)
+def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, spawn):
+    """The previous run put back by a SIGTERM, then SIGKILLed with its worker and recovered: queued again each time,
+    so the ticks that fall meanwhile (made by a worker that does not consume its queue) are skipped, naming it; it
+    runs once more, and only once it is done does a new tick's run start."""
+    from tests import dyno
+    ticker = spawn(QUEUES="elsewhere", **UFAST)  # ticks, never runs slow_tick, recovers the dead
+    a = spawn(QUEUES="slow", **UFAST)
+    wait_until(lambda: r.llen("slow_tick:runs") == 1, 20, "the first run")
+    run = r.hget(K.sched("slow_tick"), "run")
+    dyno.shutdown(a.pid, window=10)  # Heroku-style stop: put back at the head of its queue
+    wait_until(lambda: r.llen(K.queue("slow")) == 1, 20, "the run put back")
+    n = len(_overlap_skips(ticker, "slow_tick"))
+    wait_until(lambda: len(_overlap_skips(ticker, "slow_tick")) >= n + 2, 20, "ticks skipped after the put-back")
+    assert r.llen(K.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
+    b = spawn(QUEUES="slow", **UFAST)
+    wait_until(lambda: r.llen("slow_tick:runs") == 2, 20, "the put-back run again")
+    b.kill_tree()  # a dyno crash mid-run: the run stays in b's processing list until the ticker recovers it
+    ticker.wait_for(rf"event=recovery\.requeued job={run}", 30)
+    n = len(_overlap_skips(ticker, "slow_tick"))
+    wait_until(lambda: len(_overlap_skips(ticker, "slow_tick")) >= n + 2, 20, "ticks skipped after the recovery")
+    assert r.llen(K.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
+    c = spawn(QUEUES="slow", **UFAST)
+    wait_until(lambda: r.llen("slow_tick:runs") == 3, 20, "the recovered run")
+    r.rpush("slow_tick:go", "1")
+    wait_until(lambda: r.llen("slow_tick:runs") == 4, 20, "a new tick's run, once the recovered one is done")
+    assert r.hget(K.job(run), "status") == "done" and r.hget(K.sched("slow_tick"), "run") != run
+    r.rpush("slow_tick:go", "1")
+    wait_until(lambda: r.llen("slow_tick:ends") == 2, 20, "its end")
+    runs, ends = _spans(r, "slow_tick")
+    assert runs[3]["start"] >= ends[0]["end"]  # (ends[0]: the recovered run's; the killed ones never ended)
+    for p in (c, ticker):
+        p.signal(signal.SIGTERM)
+        assert p.wait(15) == 0

@@ -110,6 +110,26 @@ def test_a_retry_keeps_the_key_and_a_permanent_failure_frees_it(r, uj, spawn):
     assert w.wait(15) == 0
 
 
+@pytest.mark.timeout(60)
+def test_failed_retry_of_a_unique_job_whose_key_is_taken_again_leaves_it_failed(r, uj, spawn, cli):
+    """A unique job failed for good frees its key; an equal job enqueued since holds it under the same id. `failed
+    retry` put the failed one back all the same: two queued jobs of one id, two runs of one key at once. Now it stays
+    failed (and says why) until the key is free again."""
+    from worker.failed import FailedRegistry
+    w = spawn(JOB_MODULES=MODULES)
+    f = uj.ufail.enqueue("u12")
+    assert get_job(f).wait(timeout=20).status == "failed"
+    w.signal(15)
+    assert w.wait(15) == 0
+    assert uj.ufail.enqueue("u12") == f and queued(r) == 1          # the key is taken again
+    res = cli("failed", "retry", f, JOB_MODULES=MODULES)
+    assert res.returncode == 1 and "queued or running again" in res.stdout
+    assert queued(r) == 1 and FailedRegistry(jobs.default_broker()).ids() == [f]
+    r.delete(K.queue("default"))
+    r.hset(K.job(f), "status", "canceled")                            # ended: the key is free
+    assert FailedRegistry(jobs.default_broker()).retry([f]) == [f] and queued(r) == 1
+
+
 @pytest.mark.timeout(30)
 def test_cancel_frees_the_key(r, uj):
     a = uj.ugate.enqueue_in(60, "u7", 1)
@@ -192,10 +212,11 @@ def test_the_async_producer_derives_the_same_id(r, uj, redis_server, monkeypatch
     async def produce():
         ids = [await uj.ugate.enqueue_async("u11", 1), await uj.ugate.enqueue_async("u11", user_id=1),
                await uj.ugate.enqueue_in_async(60, "u11", 1)]
+        held = [await uj.ustart.enqueue_async("u11s", 1), await uj.ustart.enqueue_async("u11s", 1)]  # "start"
         await aio_broker.close()
-        return ids
-    ids = asyncio.run(produce())
-    assert ids == [uj.ugate.enqueue("u11", 1)] * 3 and queued(r) == 1
+        return ids, held
+    ids, held = asyncio.run(produce())
+    assert ids == [uj.ugate.enqueue("u11", 1)] * 3 and held == [uj.ustart.enqueue("u11s", 1)] * 2 and queued(r) == 2
 
 
 def test_inline_mode_honours_unique():
@@ -208,3 +229,223 @@ def test_inline_mode_honours_unique():
         assert uj.uquick.enqueue(1) == a and ctx.get(a)["status"] == "done" and len(ctx.jobs) == 2
         assert uj.uquick.options(job_id="own").enqueue(1) == "own"
         assert worker.enqueue_many("uquick", [(1,), (1,)]) == [a, a]
+
+
+# --- unique_until="start" (issue 25 item 1): the key is freed when the job starts ---
+
+def lock_of(job_id):
+    from worker.payload import unique_lock
+    return K.unique(unique_lock(job_id))
+
+
+def test_unique_until_is_checked_at_decoration():
+    from worker import job
+    with pytest.raises(ValueError, match="unique_until"):
+        job(name="bad_until", unique=True, unique_until="later")(lambda key: key)
+    with pytest.raises(TypeError, match="unique_until"):
+        job(name="bad_until2", unique_until="start")(lambda key: key)
+
+
+@pytest.mark.timeout(30)
+def test_unique_until_start_holds_the_key_while_queued_and_scheduled(r, uj):
+    a = uj.ustart.enqueue("s1", 1)
+    assert a.startswith("us:ustart:") and r.get(lock_of(a)) == a
+    assert uj.ustart.enqueue("s1", user_id=1) == a and queued(r) == 1     # waiting: one job
+    later = uj.ustart.enqueue_in(60, "s1", 2)
+    assert uj.ustart.enqueue("s1", 2) == later and queued(r) == 2          # scheduled: held too
+    assert jobs.enqueue_many("ustart", [("s1", 1), ("s1", 2)]) == [a, later] and queued(r) == 2
+    assert cancel(later) is True and r.get(lock_of(later)) is None          # canceled: freed at once
+    again = uj.ustart.enqueue_in(60, "s1", 2)
+    assert again not in (later, a) and lock_of(again) == lock_of(later) and queued(r) == 2
+    r.hset(K.job(a), "status", "done")  # the holder's record alone decides (no TTL): an ended holder frees it
+    b = uj.ustart.enqueue("s1", 1)
+    assert b != a and r.get(lock_of(a)) == b and queued(r) == 3
+    r.delete(K.job(b))                  # gone (RESULT_TTL 0, or deleted by hand): free as well
+    assert uj.ustart.enqueue("s1", 1) not in (a, b)
+
+
+@pytest.mark.timeout(30)
+def test_unique_until_start_enqueue_script_edge_cases(r, uj, module_broker):
+    """A repeated call (redis-py re-sends after a timeout) gets the first copy's answer; a lock key of the wrong
+    type refuses the call before any write."""
+    from worker.lua import calls
+    b = module_broker(MODULES)
+    job_id, call = b.push_call("ustart", ("s2", 1), {})
+    assert calls.enqueued_id(job_id, b.scripts.run(call)) == job_id
+    assert calls.enqueued_id(job_id, b.scripts.run(call)) == job_id and queued(r) == 1  # the same call again
+    other, call2 = b.push_call("ustart", ("s2", 1), {})
+    assert other != job_id and calls.enqueued_id(other, b.scripts.run(call2)) == job_id
+    assert calls.enqueued_id(other, b.scripts.run(call2)) == job_id and queued(r) == 1
+    r.delete(lock_of(job_id))
+    r.hset(lock_of(job_id), "x", "1")
+    with pytest.raises(Exception, match="WRONGTYPE .*unique.* nothing enqueued"):
+        uj.ustart.enqueue("s2", 1)
+    assert queued(r) == 1
+
+
+@pytest.mark.timeout(60)
+def test_unique_until_start_frees_the_key_when_the_job_starts(r, uj, spawn):
+    """While the first runs, one equal job may queue (never two); the running one is not its holder."""
+    a = uj.ustart.enqueue("s3", 1)
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["s3:started"], 20)
+    assert r.get(lock_of(a)) is None and r.hget(K.job(a), "status") == "queued"  # running: the claim freed it
+    b = uj.ustart.enqueue("s3", 1)
+    assert b != a and queued(r) == 1 and r.get(lock_of(a)) == b
+    assert uj.ustart.enqueue("s3", 1) == b and queued(r) == 1          # never two waiting
+    r.rpush("s3:go", "first")
+    assert get_job(a).wait(timeout=20).result == "first"
+    assert r.blpop(["s3:started"], 20) and r.get(lock_of(a)) is None    # b runs: free again
+    c = uj.ustart.enqueue("s3", 1)
+    assert c not in (a, b) and queued(r) == 1
+    r.rpush("s3:go", "second", "third")
+    assert get_job(b).wait(timeout=20).result == "second" and get_job(c).wait(timeout=20).result == "third"
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_unique_until_start_a_retry_takes_the_key_back(r, uj, spawn):
+    a = uj.ustart_fail_once.enqueue("s4")
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["s4:started"], 20) and r.get(lock_of(a)) is None
+    r.rpush("s4:go", "x")
+    wait_until(lambda: get_job(a).status == "scheduled", 20, "its retry scheduled")
+    assert r.get(lock_of(a)) == a and uj.ustart_fail_once.enqueue("s4") == a and queued(r) == 1
+    assert r.blpop(["s4:started"], 20) == ("s4:started", "2") and r.get(lock_of(a)) is None  # the retry started
+    r.rpush("s4:go", "x")
+    assert get_job(a).wait(timeout=20).result == 2
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(90)
+def test_unique_until_start_put_back_takes_the_key_back_if_free_else_both_wait(r, uj, spawn):
+    """A SIGTERM puts the running job back: with the key free it holds it again (equal enqueues return it); when an
+    equal job queued while it ran, both wait (nothing dropped), the key stays with the newer, and a third equal
+    enqueue adds nothing."""
+    a = uj.ustart.enqueue("s5", 1)
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["s5:started"], 20)
+    dyno.shutdown(w.pid, window=10)
+    wait_until(lambda: r.llen(K.queue("default")) == 1, 20, "the job put back")
+    assert r.get(lock_of(a)) == a and uj.ustart.enqueue("s5", 1) == a and queued(r) == 1
+    w = spawn(JOB_MODULES=MODULES)
+    assert r.blpop(["s5:started"], 20) and r.get(lock_of(a)) is None     # the put-back run started: free
+    b = uj.ustart.enqueue("s5", 1)                                       # queued while a runs
+    assert b != a
+    dyno.shutdown(w.pid, window=10)
+    wait_until(lambda: r.llen(K.queue("default")) == 2, 20, "a put back beside b")
+    assert r.get(lock_of(a)) == b and uj.ustart.enqueue("s5", 1) == b and queued(r) == 2
+    assert [json.loads(p)["id"] for p in r.lrange(K.queue("default"), 0, -1)] == [a, b]  # a first
+    w = spawn(JOB_MODULES=MODULES)
+    r.rpush("s5:go", "a", "b")
+    assert get_job(a).wait(timeout=20).status == "done" and get_job(b).wait(timeout=20).status == "done"
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(120)
+def test_unique_until_start_sigkill_and_recovery_while_the_app_reenqueues(r, uj, spawn):
+    """The dyno running the job is SIGKILLed; the app keeps enqueueing: the first enqueue after the start queues one
+    equal job (the key was free) and every later one returns it; recovery puts the killed run back beside it
+    (both wait: it does not take the key from a waiting job); each then runs once."""
+    a = spawn(DYNO="worker.1", **FAST)
+    first = uj.ustart.enqueue("s6", 1)
+    assert r.blpop(["s6:started"], 20)
+    second = uj.ustart.enqueue("s6", 1)
+    a.kill_tree()
+    b = spawn(DYNO="worker.2", QUEUES="elsewhere", **FAST)  # recovers, runs nothing of these
+    ids = set()
+    while r.llen(K.queue("default")) < 2:  # until the recovery puts the killed run back
+        ids.add(uj.ustart.enqueue("s6", 1))
+        assert queued(r) <= 2
+        time.sleep(0.05)
+    assert ids == {second} and second != first
+    b.wait_for(rf"event=recovery\.requeued job={first}")
+    assert [json.loads(p)["id"] for p in r.lrange(K.queue("default"), 0, -1)] == [first, second]
+    assert r.get(lock_of(first)) == second and uj.ustart.enqueue("s6", 1) == second
+    c = spawn(DYNO="worker.3", **FAST)
+    r.rpush("s6:go", "x", "y")
+    assert get_job(first).wait(timeout=20).status == "done" and get_job(second).wait(timeout=20).status == "done"
+    for w in (b, c):
+        w.signal(signal.SIGTERM)
+        assert w.wait(15) == 0
+    assert uj.ustart.enqueue("s6", 1) not in (first, second) and queued(r) == 1   # the key is free at the end
+
+
+def test_inline_mode_honours_unique_until_start():
+    import tests.jobs_unique as uj
+    with testing.inline(run_scheduled=False) as ctx:
+        a = uj.uquick_start.enqueue_in(60, 1)
+        assert uj.uquick_start.enqueue_in(60, 1) == a and uj.uquick_start.enqueue(1) == a and len(ctx.jobs) == 1
+        assert ctx.run_scheduled() == [a] and ctx.get(a)["result"] == 3
+        b = uj.uquick_start.enqueue(1)
+        assert b != a and ctx.get(b)["status"] == "done" and len(ctx.jobs) == 2
+
+
+# --- chaos (issue 25 "Done when"): whole dynos SIGTERMed and SIGKILLed while the app keeps re-enqueueing ---
+
+def _in_flight(r) -> dict:
+    return {k: r.llen(k) for k in r.keys(K.processing("*")) if r.llen(k)}
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+@pytest.mark.parametrize("seed", [2511, 2512])
+def test_chaos_unique_jobs_are_never_lost_and_never_run_twice_at_once(r, uj, spawn, seed):
+    """Three dynos of two slots, each SIGKILLed (a crash) or SIGTERMed (Heroku: every process; foreman: the worker
+    only) on a seeded random schedule and restarted at once, while the app enqueues 12 unique keys over and over,
+    and 4 keys of unique_until="start". Each run of a (default) key checks, as it starts, that no earlier run of that
+    key is still running (``uchaos``: an open run whose process lives): never two at once. Nothing is lost: every
+    enqueue returned the key's one id (unique_until="start": one of the ids it returned), and in the end every id
+    returned is done, nothing is queued or claimed, and a last enqueue of each key runs once more (no key
+    stranded)."""
+    import os
+    import random
+    from worker.failed import FailedRegistry
+    rng = random.Random(int(os.environ.get("CHAOS_SEED") or seed))
+    env = dict(FAST, SHUTDOWN_WINDOW="4", WORKER_CONCURRENCY="2")
+    keys = [(f"k{i}", 0.05 * (1 + i % 4)) for i in range(12)]
+    ids = {k: uj.uchaos.enqueue(k, s) for k, s in keys}
+    skeys = [(f"s{i}", 0.1 * (1 + i % 2)) for i in range(4)]
+    sids = {uj.uchaos_start.enqueue(k, s) for k, s in skeys}
+    dynos = [spawn(DYNO=f"worker.{i}", **env) for i in range(3)]
+    kills = terms = enqueues = 0
+    started = time.monotonic()
+    while time.monotonic() - started < float(os.environ.get("CHAOS_SECONDS", "15")):
+        until = time.monotonic() + rng.uniform(0.3, 1.0)  # the chaos schedule itself, not a synchronisation
+        while time.monotonic() < until:
+            k, s = rng.choice(keys)
+            assert uj.uchaos.enqueue(k, s) == ids[k]
+            if rng.random() < 0.25:
+                k, s = rng.choice(skeys)
+                sids.add(uj.uchaos_start.enqueue(k, s))
+            enqueues += 1
+            time.sleep(0.01)
+        i = rng.randrange(3)
+        action = rng.choice(["kill", "kill", "term_group", "term_parent"])
+        try:
+            if action == "kill":
+                dynos[i].kill_tree()
+                kills += 1
+            else:
+                (os.killpg if action == "term_group" else os.kill)(dynos[i].pid, signal.SIGTERM)
+                terms += 1
+        except ProcessLookupError:
+            pass
+        dynos[i] = spawn(DYNO=f"worker.{i}", **env)
+    wait_until(lambda: all(r.hget(K.job(j), "status") == "done" for j in [*ids.values(), *sids])
+               and queued(r) == 0 and _in_flight(r) == {}, 90, "every job done, nothing queued or claimed")
+    runs = [json.loads(x) for x in r.lrange("uc:runs", 0, -1)]
+    print(f"\nunique chaos: seed={seed} {enqueues} enqueues, {kills} SIGKILLs, {terms} SIGTERMs, {len(runs)} runs, "
+          f"{len(sids)} unique_until='start' jobs")
+    assert r.lrange("uc:overlaps", 0, -1) == [], f"seed {seed}: two runs of one key at once"
+    assert set(FailedRegistry(jobs.default_broker()).ids()) == set(), f"seed {seed}"
+    assert {x["key"] for x in runs} == {k for k, _ in keys + skeys}
+    ends = r.llen("uc:ends")
+    assert [uj.uchaos.enqueue(k, s) for k, s in keys] == [ids[k] for k, _ in keys]
+    assert not sids & {uj.uchaos_start.enqueue(k, s) for k, s in skeys}
+    wait_until(lambda: r.llen("uc:ends") == ends + len(keys) + len(skeys) and queued(r) == 0, 60,
+               "the last enqueues' runs")
+    assert r.lrange("uc:overlaps", 0, -1) == []

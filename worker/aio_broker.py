@@ -16,6 +16,7 @@ from typing import Optional
 
 from .fetch import Broker
 from .lua import Registry
+from .lua.calls import enqueued_id
 
 _brokers: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # event loop -> AsyncBroker
 
@@ -34,8 +35,7 @@ class AsyncBroker:
                    delay: Optional[float] = None, job_id: Optional[str] = None, options: Optional[dict] = None) -> str:
         """:meth:`Broker.push` on this client: one round trip, the same call (``job_id``: deduplicated as there)."""
         job_id, call = self.calls.push_call(name, args, kwargs, queue, due, delay, job_id, options)
-        await self.scripts.run(call)
-        return job_id
+        return enqueued_id(job_id, await self.scripts.run(call))
 
     async def read_job(self, job_id: str) -> tuple:
         """``(status record, failed record JSON, held)`` as ``results.fetch`` reads them; ``held``: the worker

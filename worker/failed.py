@@ -107,7 +107,10 @@ def main(cfg, args) -> int:
         ids = (api.failed_matching(name, etype) if name or etype else reg.ids()) if args.all else [args.id]
         if args.action == "retry":
             moved = reg.retry(ids)
-            print(f"retried {len(moved)} job(s)" + ("" if moved or args.all else f": no failed job {args.id!r}"))
+            why = (f"job {args.id!r} is queued or running again (an equal unique job, or its own id): it stays failed"
+                   if not moved and not args.all and reg.r.hexists(broker.keys.failed_data, args.id)
+                   else f"no failed job {args.id!r}")
+            print(f"retried {len(moved)} job(s)" + ("" if moved or args.all else f": {why}"))
             return 0 if moved or args.all else 1
         n = reg.remove(ids)
         print(f"removed {n} job(s)" + ("" if n or args.all else f": no failed job {args.id!r}"))

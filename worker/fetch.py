@@ -26,7 +26,7 @@ from typing import Iterable, Optional
 
 import redis
 
-from .payload import build_payload, is_unique, unique_id
+from .payload import build_payload, is_unique, unique_id, unique_lock
 from .config import Config
 from .keys import Keys
 from . import lua
@@ -125,8 +125,7 @@ class Broker:
         ``job_id``: the producer's own id; while a job of that id is queued, scheduled or running, nothing is
         enqueued (enqueue.lua) and the id is returned all the same. ``options``: per-call (payload.PER_CALL)."""
         job_id, call = self.push_call(name, args, kwargs, queue, due, delay, job_id, options)
-        self.scripts.run(call)
-        return job_id
+        return wire.enqueued_id(job_id, self.scripts.run(call))
 
     def push_call(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
                   delay: Optional[float] = None, job_id: Optional[str] = None,
@@ -145,14 +144,15 @@ class Broker:
             when, at = f"@{int(due * 1000)}", due
         else:
             when, at = "", None
+        mode = "1" if job_id is not None else ""
         if job_id is None:  # @job(unique=): the id derived from the arguments, deduplicated as an own id
-            job_id = unique_id(name, args, kwargs)
-        own = job_id is not None
+            job_id = unique_id(name, args, kwargs)  # (unique_until="start": the key's lock decides, "s")
+            mode = "" if job_id is None else "s" if unique_lock(job_id) else "1"
         job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload, at=at, job_id=job_id,
                                            options=options)
         # an own id may come again once its job ended: the call's dedupe marker must be the call's, not the id's
-        dedupe = f"{job_id}:{os.urandom(6).hex()}" if own else job_id
-        return job_id, self.enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=own)
+        dedupe = f"{job_id}:{os.urandom(6).hex()}" if mode else job_id
+        return job_id, self.enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=mode)
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
         if is_unique(name):
@@ -176,11 +176,11 @@ class Broker:
             pipe.execute()
         return ids
 
-    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None, unique: bool = False):
+    def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None, unique=""):
         """One ENQUEUE call for ``jobs_`` = ``[(job_id, name, payload), ...]`` (one name per call)."""
         return self.scripts.run(self.enqueue_call(q, dedupe_id, when, jobs_, unique), client)
 
-    def enqueue_call(self, q: str, dedupe_id: str, when: str, jobs_: list, unique: bool = False):
+    def enqueue_call(self, q: str, dedupe_id: str, when: str, jobs_: list, unique=""):
         return wire.enqueue(self.keys, q, dedupe_id, self.dedupe_ttl_ms, when, jobs_, unique)
 
     @property

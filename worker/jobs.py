@@ -32,7 +32,7 @@ def job(fn: Callable[P, R], /) -> JobFunction[P, R]: ...
 @overload
 def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None,
         timeout: Optional[float] = None, retries: Optional[int] = None, max_interruptions: Optional[int] = None,
-        result_ttl: Optional[float] = None, unique: Union[bool, tuple] = False,
+        result_ttl: Optional[float] = None, unique: Union[bool, tuple, None] = None, unique_until: str = "end",
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
         schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
@@ -43,7 +43,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
-        retry_on=None, strict_result: bool = False, unique: Union[bool, tuple] = False):
+        retry_on=None, strict_result: bool = False, unique: Union[bool, tuple, None] = None, unique_until: str = "end"):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -63,9 +63,15 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
 
     A return value that is not JSON (a set, a datetime, an object) leaves the job done, its result replaced by
     ``{"unserializable": "<type>", "repr": "<repr, 200 chars>"}`` and a warning; ``strict_result=True`` fails it.
-    ``unique=True`` or ``=("user_id",)``: one job per key at a time (payload.unique_id, docs/user-guide.md).
+    ``unique=True`` or ``=("user_id",)``: one job per key at a time (payload.unique_id, docs/user-guide.md);
+    ``unique_until="start"`` frees the key when the job starts instead of when it ends. A periodic job is unique per
+    schedule (a tick is skipped while the previous tick's run has not ended) unless ``unique=False``.
     """
-    sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs)
+    sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs, unique is not False)
+    if unique_until not in ("end", "start"):
+        raise ValueError(f"@job(unique_until=...) must be 'end' or 'start', not {unique_until!r}")
+    if unique_until == "start" and unique in (None, False):
+        raise TypeError("@job(unique_until='start') needs unique=True or unique=(names...)")
     no_retry, only_retry = exception_classes("dont_retry", dont_retry), exception_classes("retry_on", retry_on)
     if no_retry is not None and only_retry is not None:
         raise TypeError("@job: give dont_retry or retry_on, not both")
@@ -90,7 +96,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         sig = inspect.signature(f)
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, sig, max_interruptions, result_ttl, sched,
                                       arity_checker(f), no_retry or (), only_retry, strict_result,
-                                      inspect.iscoroutinefunction(f), unique_keys(unique, sig))
+                                      inspect.iscoroutinefunction(f), unique_keys(unique, sig), unique_until)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when

@@ -53,6 +53,7 @@ class JobSpec:
     strict_result: bool = False       # a return value that is not JSON fails the job (else: done, with a marker)
     is_async: bool = False            # ``async def``: the child runs it with asyncio.run (worker/aio.py)
     unique: Optional[tuple] = None    # @job(unique=): () every argument, else the names keyed on (payload.unique_id)
+    unique_until: str = "end"         # "start": the key is freed when the job starts (payload.unique_id)
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's

@@ -43,8 +43,14 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     re-sends after a timeout enqueues nothing twice; expires after 60 s or
                                     10 x REDIS_TIMEOUT
     P:paused                SET     queue names paused through `python -m worker pause` (`*` pauses all)
-    P:sched:<name>          HASH    periodic job <name>: tick (highest tick claimed, ms), last/next tick, spec, queue;
-                                    expires 2 intervals (or 2 x misfire_grace) + 60 s after a worker last wrote it
+    P:sched:<name>          HASH    periodic job <name>: tick (highest tick claimed, ms), last/next tick, spec, queue,
+                                    run (the id of the last tick's run); expires 2 intervals (or 2 x misfire_grace)
+                                    + 60 s after a worker last wrote it; no expiry while a unique schedule's run
+                                    has not ended (its status record says queued or scheduled)
+    P:unique:<key>          STRING  unique_until="start": the id of the job of <key> (us:<name>:<hash>) that waits
+                                    to start (enqueue.lua SETs it); deleted by the claim that takes that job, taken
+                                    back by its put-back, retry or recovery if free; counts only while the job it
+                                    names has a record saying queued or scheduled. No expiry
     P:schedules             ZSET    periodic job names -> last written (ms), for status; pruned after 30 days
     P:epoch                 STRING  a random id, set by the first worker to register (SET NX) and never deleted
                                     by the runtime. A worker remembers it; if, at a call of its (checked before
@@ -118,6 +124,9 @@ class Keys:
 
     def sched(self, name: str) -> str:
         return f"{self.prefix}:sched:{name}"
+
+    def unique(self, key: str) -> str:
+        return f"{self.prefix}:unique:{key}"
 
     def stat_minute(self, minute: int) -> str:
         return f"{self.prefix}:stat:minute:{minute}"

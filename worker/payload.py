@@ -320,7 +320,11 @@ def unique_id(name: str, args, kwargs) -> Optional[str]:
     """The job id of a call of a unique registered job (None: not unique): ``u:<name>:<sha256 hex32>`` of the
     canonical JSON of its arguments bound through the signature (defaults applied, so ``f(1)``, ``f(x=1)`` and
     ``f(1, y=<default>)`` are one key), all of them or the named ones. The name is hashed too; a name that does
-    not fit :data:`JOB_ID_RULE` gives ``u:<hex40>``."""
+    not fit :data:`JOB_ID_RULE` gives ``u:<hex40>``.
+
+    ``unique_until="start"``: two jobs of one key may exist (one running, one waiting), so the id is the key plus a
+    random part, ``us:<name>:<hex32>:<hex16>`` (or ``us:<hex40>:<hex16>``), and the lock is ``P:unique:us:<...>``,
+    the id without its last part (enqueue.lua, and the claim frees it: cycle.lua)."""
     if not is_unique(name):
         return None
     spec, keys = REGISTRY[name], REGISTRY[name].unique
@@ -333,5 +337,13 @@ def unique_id(name: str, args, kwargs) -> Optional[str]:
     except (TypeError, ValueError) as exc:
         raise TypeError(f"job {name!r}: arguments must be JSON-serialisable ({exc})") from None
     digest = hashlib.sha256(blob.encode("utf-8", "surrogatepass")).hexdigest()
+    if spec.unique_until == "start":
+        job_id = f"us:{name}:{digest[:32]}:{uuid.uuid4().hex[:16]}"
+        return job_id if _JOB_ID.match(job_id) else f"us:{digest[:40]}:{job_id[-16:]}"
     job_id = f"u:{name}:{digest[:32]}"
     return job_id if _JOB_ID.match(job_id) else f"u:{digest[:40]}"
+
+
+def unique_lock(job_id: str) -> Optional[str]:
+    """The key (``P:unique:<this>``) a ``unique_until="start"`` job id holds while it waits to start, else None."""
+    return job_id.rsplit(":", 1)[0] if job_id.startswith("us:") and job_id.count(":") >= 2 else None

@@ -13,6 +13,10 @@ rings the queue's wake list. However many workers make that call for the same ti
   were away is enqueued once when the first one comes back, if it is still that young; older ones are skipped and
   never caught up in a burst.
 * Pause. While the job's queue (or ``*``) is paused, its ticks are claimed and skipped, not enqueued later.
+* Unique per schedule (issue 25). A tick is claimed and skipped (``schedule.skipped reason=overlap previous=<id>``)
+  while the previous tick's run has not ended: its status record (written by the script with the run) says queued
+  (also while it runs: the claim writes none, and after a put-back or recovery) or scheduled (a retry). A slow job
+  therefore never piles up ticks. ``@job(every=..., unique=False)`` restores overlapping ticks.
 * The worker checks when the earliest next tick is due (and at least once a minute), never more than a few times a
   second; the check costs one script call, on the worker's own command connection.
 
@@ -39,8 +43,9 @@ LATE_BY = 0.002       # check this long after a tick, so Redis's clock has surel
 CRON_HINT = "cron= schedules need the cronsim package: pip install cronsim (or heroku-fork-worker[cron])"
 
 
-def declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs) -> Optional[dict]:
-    """What ``@job`` stores about a schedule (checks only what needs no library; :func:`check` does the rest)."""
+def declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs, unique=True) -> Optional[dict]:
+    """What ``@job`` stores about a schedule (checks only what needs no library; :func:`check` does the rest).
+    ``unique``: a tick is skipped while the previous tick's run has not ended (``@job(unique=False)``: not)."""
     if every is None and cron is None:
         if schedule_args is not None or schedule_kwargs is not None or misfire_grace is not None or tz is not None:
             raise ValueError("schedule_args, schedule_kwargs, misfire_grace and tz need every= or cron=")
@@ -48,7 +53,7 @@ def declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs) -> O
     if every is not None and cron is not None:
         raise ValueError("give every= or cron=, not both (register a second name for a second schedule)")
     return {"every": every, "cron": cron, "tz": tz, "misfire_grace": misfire_grace,
-            "args": list(schedule_args or ()), "kwargs": dict(schedule_kwargs or {})}
+            "args": list(schedule_args or ()), "kwargs": dict(schedule_kwargs or {}), "unique": bool(unique)}
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ class Schedule:
     grace_ms: Optional[int]
     args: list
     kwargs: dict
+    unique: bool = True  # skip a tick while the previous tick's run is queued, scheduled (retry) or running
 
     def ticks(self, now_ms: int) -> tuple:
         """``(latest tick <= now_ms, next tick > now_ms)``, unix ms."""
@@ -128,7 +134,7 @@ def build(name: str, queue: str, sched: dict) -> Schedule:
             raise ConfigError(f"{where}: cron={cron!r} is not valid: {exc}") from None
         every_ms, spec = 0, f"cron {' '.join(cron.split())} {tz or 'UTC'}"
     s = Schedule(name, queue, spec, every_ms, cron, zone, None if grace is None else int(grace * 1000),
-                 list(sched.get("args") or []), dict(sched.get("kwargs") or {}))
+                 list(sched.get("args") or []), dict(sched.get("kwargs") or {}), sched.get("unique") is not False)
     if not every_ms:
         s.ticks(int(time.time() * 1000))  # an expression that never matches (e.g. 30 Feb) fails here, not later
     return s
@@ -193,7 +199,7 @@ class Ticker:
                 self._ticks[s.name] = (last, nxt, job_id, payload)
             grace = s.grace(last, nxt)
             ttl = 2 * max(grace, nxt - last) + 60_000
-            rows.append((s.name, s.queue, last, nxt, grace, ttl, s.spec, payload))
+            rows.append((s.name, s.queue, last, nxt, grace, ttl, s.spec, payload, job_id, "1" if s.unique else ""))
             sent.append((s, last, job_id, nxt))
         sent_at = time.time()
         res = self.broker.run(calls.schedule(k, rows))
@@ -209,6 +215,9 @@ class Ticker:
                 self.log.info("schedule.enqueued", schedule=s.name, job=job_id, queue=s.queue, tick=at)
             elif code in ("late", "paused"):
                 self.log.info("schedule.skipped", schedule=s.name, queue=s.queue, tick=at, reason=code)
+            elif code.startswith("overlap:"):  # unique per schedule: the previous tick's run has not ended
+                self.log.info("schedule.skipped", schedule=s.name, queue=s.queue, tick=at, reason="overlap",
+                              previous=code[len("overlap:"):])
             else:
                 self.log.error("schedule.error", schedule=s.name, queue=s.queue, tick=at, error=code)
         if skew and retry:  # our estimate of Redis's clock was off around a tick: again, with the new estimate

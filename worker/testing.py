@@ -49,7 +49,7 @@ from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
 
 from . import aio, context, jobs
-from .payload import is_unique, unique_id, unserializable
+from .payload import is_unique, unique_id, unique_lock, unserializable
 
 #: Stack of active inline contexts (innermost last); module state, like the enqueue API's default broker.
 _stack: list = []
@@ -120,7 +120,14 @@ class InlineJobs:
              **_ignored) -> str:
         later = (delay is not None and float(delay) > 0) or (due is not None and float(due) > time.time())
         at = None if not later else (time.time() + float(delay) if delay is not None else float(due))
-        job_id = job_id if job_id is not None else unique_id(name, args, kwargs)  # @job(unique=)
+        lock = None
+        if job_id is None:
+            job_id = unique_id(name, args, kwargs)  # @job(unique=)
+            lock = unique_lock(job_id) if job_id is not None else None
+        if lock is not None:  # unique_until="start": a job of the key that waits to start holds it
+            for other, rec in self._by_id.items():
+                if unique_lock(other) == lock and rec["status"] in ("queued", "scheduled"):
+                    return other
         held = self._by_id.get(job_id) if job_id is not None else None
         if held is not None and held["status"] in ("queued", "scheduled", "running"):
             return job_id  # an own id whose job has not ended: nothing enqueued (as enqueue.lua)

@@ -18,12 +18,23 @@ class Call(NamedTuple):
 
 # --- enqueue, the worker's hot path ---
 
-def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list, unique: bool = False) -> Call:
+def enqueue(k, queue: str, dedupe_id: str, dedupe_ms: int, when: str, jobs: list, unique="") -> Call:
     """ENQUEUE of ``jobs`` = ``[(job_id, name, payload), ...]`` (one name per call) onto ``queue``; ``unique``:
-    one job whose id is the producer's own (nothing enqueued while a job of that id has not ended)."""
+    ``"1"`` (or True) one job whose id is the producer's own (nothing enqueued while a job of that id has not
+    ended); ``"s"`` one job of ``unique_until="start"`` (nothing enqueued while a job of its key waits to start:
+    the reply is that job's id, :func:`enqueued_id`)."""
+    mode = "1" if unique is True else (unique or "")
     return Call("enqueue", [k.prefix, k.queue(queue), k.queues, k.scheduled, k.enqueued(dedupe_id)],
-                [queue, dedupe_ms, when, jobs[0][1], "1" if unique else "", len(jobs), *[j[0] for j in jobs],
+                [queue, dedupe_ms, when, jobs[0][1], mode, len(jobs), *[j[0] for j in jobs],
                  *[j[2] for j in jobs]])
+
+
+def enqueued_id(job_id: str, reply) -> str:
+    """The id an ENQUEUE of ``job_id`` stands for: the reply when it names one (unique ``"s"``: the job that holds
+    the key, perhaps another), else ``job_id``."""
+    if isinstance(reply, bytes):
+        reply = reply.decode()
+    return reply if isinstance(reply, str) and reply else job_id
 
 
 def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
@@ -133,7 +144,7 @@ def wake(k, queues) -> Call:
 # --- periodic jobs, metrics ---
 
 def schedule(k, rows: list) -> Call:
-    """SCHEDULE: ``rows`` of (name, queue, tick, next, grace ms, ttl ms, spec, payload)."""
+    """SCHEDULE: ``rows`` of (name, queue, tick, next, grace ms, ttl ms, spec, payload, job id, unique '1'/'')."""
     args = [k.prefix]
     for row in rows:
         args.extend(row)

@@ -1,6 +1,6 @@
 -- CANCEL: take a queued or scheduled job (its retry too) out so that it never runs, and mark it canceled.
 -- KEYS[1] prefix     P              the key space's root; derived from it: P:job:<id>, P:queue:<q> (the queue its
---                                   record names), P:done:<id> (notify)
+--                                   record names), P:done:<id> (notify), P:unique:<key> (unique_until="start")
 -- KEYS[2] scheduled  P:scheduled    delayed jobs and retries
 -- KEYS[3] workers    P:workers      live workers (running: derived from the prefix, P:worker:<w> and P:cancel:<w>)
 -- ARGV[1] job_id     <id>
@@ -58,6 +58,7 @@ if not raw and status == 'queued' and running then  -- find the worker whose slo
 end
 if not raw then return {0, status == 'queued' and 'running' or 'missing'} end
 if from[4] == 'LREM' then redis.call('LREM', from[1], 1, raw) else redis.call('ZREM', from[1], raw) end
+unique_free(prefix, job_id)  -- unique_until="start": its key is free (it never starts)
 local now, now_s = clock()
 if redis.call('PTTL', jk) > 0 then notify(prefix, job_id, 'canceled', '') end  -- a waiter's mark (await.lua)
 redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s)

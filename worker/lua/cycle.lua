@@ -3,7 +3,8 @@
 -- (a job's outcome plus the next claim) is this one call.
 -- KEYS[1] prefix      P                 the key space's root; derived from it: P:queue:<q>, P:wake:<q>,
 --                                       P:job:<id>, P:done:<id>, P:failed, P:failed:data, P:stat:processed,
---                                       P:stat:failed, P:cancel:<w> (popped when beating)
+--                                       P:stat:failed, P:cancel:<w> (popped when beating), P:unique:<key>
+--                                       (unique_until="start": freed by the claim, taken back by a put-back/retry)
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -60,6 +61,9 @@
 --   waiter's mark, await.lua; PEXPIRE NX tells, at no extra command) also has its final record pushed to
 --   P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
 --   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
+-- * unique_until="start" (issue 25): the claim of a job whose id is us:<key>:<random> (its payload starts
+--   '{"id":"us:') deletes P:unique:us:<key> if it names that job; a put-back or retry of one takes it back if no
+--   other waiting job holds it (prelude: unique_free, unique_retake). Other jobs pay one string compare per claim.
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -169,6 +173,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
     elseif op == 'retry' then
       redis.call('ZADD', scheduled, now + tonumber(b), a)
       if id ~= '' then redis.pcall('HSET', jk, 'status', 'scheduled', 'attempts', c) end
+      if string.sub(id, 1, 3) == 'us:' then unique_retake(prefix, id) end
     elseif op == 'requeue' then
       local back = (b ~= '') and b or payload
       local pushed = redis.pcall('LPUSH', prefix .. ':queue:' .. a, back)
@@ -183,6 +188,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       end
       if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
       elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
+      if string.sub(id, 1, 3) == 'us:' and type(pushed) == 'number' then unique_retake(prefix, id) end
     end
   end
 end
@@ -228,6 +234,7 @@ if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) 
     end
     if v then
       -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
+      if string.sub(v, 1, 10) == '{"id":"us:' then unique_free(prefix, string.match(v, '^{"id":"([^"]+)"')) end
       local slot = ARGV[next_slot]
       wf[#wf + 1], wf[#wf + 2], wf[#wf + 3], wf[#wf + 4] = 'job:' .. slot, v, 'started:' .. slot, now_s
       wf[#wf + 1], wf[#wf + 2] = 'queue:' .. slot, q  -- where recovery puts it back

@@ -87,3 +87,30 @@ local function decode_record(raw)
   if not ok then ok, doc = pcall(cjson.decode, (string.gsub(raw, '\\u[dD][c-fC-F]%x%x', '?'))) end
   return ok, doc
 end
+
+-- unique_until="start" (issue 25): a job whose id is 'us:<key>:<random>' holds the lock P:unique:us:<key> (its
+-- value: the holder's id) while it waits to start. The lock of `id`, or nil for any other id.
+local function unique_lock(prefix, id)
+  local key = type(id) == 'string' and string.match(id, '^(us:.+):%w+$')
+  return key and (prefix .. ':unique:' .. key)
+end
+
+-- The claim of job `id`: its key is free again, if it still names this job (pcall only).
+local function unique_free(prefix, id)
+  local lock = unique_lock(prefix, id)
+  if lock and redis.pcall('GET', lock) == id then redis.pcall('DEL', lock) end
+end
+
+-- Job `id` waits to start again (a put-back, a retry, a recovery): it takes its key back unless another job that
+-- waits to start holds it (its record says queued or scheduled; the claim freed the key of any job that started).
+-- Then two jobs of the key wait: the older one (this) and the holder. pcall only.
+local function unique_retake(prefix, id)
+  local lock = unique_lock(prefix, id)
+  if not lock then return end
+  local held = redis.pcall('GET', lock)
+  if type(held) == 'string' and held ~= id then
+    local was = redis.pcall('HGET', prefix .. ':job:' .. held, 'status')
+    if was == 'queued' or was == 'scheduled' then return end
+  end
+  redis.pcall('SET', lock, id)
+end

@@ -1,7 +1,8 @@
 -- RECOVER: requeue the jobs of dead workers (late past their grace), once however many workers call it at once.
 -- KEYS[1] prefix    P            the key space's root; derived from it: P:failed, P:failed:data, P:stat:failed,
 --                                and for each dead worker <w>: P:worker:<w>, P:processing:<w>, P:recovered:<w>; for
---                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>
+--                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>, P:unique:<key> (a job
+--                                of unique_until="start" put back takes its key back if free: prelude)
 -- KEYS[2] workers   P:workers    worker name -> its deadline (ms; workers of an older version: their last beat)
 -- KEYS[3] suspects  P:suspects   late worker -> "<its score>@<ms when first seen late>"
 -- ARGV[1] ttl_ms        ours: only for workers of an older version, which have no 'ttl' field (see below)
@@ -173,6 +174,7 @@ for _, w in ipairs(dead) do
           wake(prefix, q)
           redis.pcall('SADD', prefix .. ':queues', q)
           jset(prefix, id, 'status', 'queued', 'attempts', a)
+          unique_retake(prefix, id)
           out[#out + 1] = 'requeued:' .. id
         else  -- out of attempts (or its queue key is unusable): the failed registry keeps it
           local msg = 'worker vanished ' .. astr .. ' times while running the job (MAX_ATTEMPTS)'
