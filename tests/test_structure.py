@@ -20,7 +20,7 @@ OVER_LIMIT: dict = {}  # module -> its line count, for a module being split (iss
 #: Lowest first. Names are module paths relative to worker/ (``__init__`` is the package itself).
 LAYERS = [
     # 0: leaves: settings, the key schema, logging, wire formats, signal table, Lua sources, pure helpers
-    {"config", "keys", "log", "protocol", "signals", "orphans", "hooks", "frameworks", "jobtypes", "startup", "lua",
+    {"config", "groups", "keys", "log", "protocol", "signals", "orphans", "hooks", "frameworks", "jobtypes", "startup", "lua",
      "api_lua", "api_values", "context"},
     # 1: the payload format and Redis access
     {"payload", "client", "schedule", "fetch", "aio_broker"},

@@ -126,7 +126,7 @@ def get_job(job_id: str) -> Optional[Job]:
     if testing.active():  # worker.testing.inline(): jobs run in-process, no Redis
         found = testing.lookup(job_id)
         return None if found is None else Job(**found)
-    broker = jobs.default_broker()
+    broker = jobs.default_broker().find(job_id)  # QUEUE_GROUPS: the group that holds it
     return fetch(broker.r, broker.keys, job_id)
 
 
@@ -146,7 +146,7 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
     if testing.active():
         found = testing.lookup(job_id)
         return None if found is None else Job(**found)
-    broker = jobs.default_broker()
+    broker = jobs.default_broker().find(job_id)  # QUEUE_GROUPS: the group that holds it
     r, keys = broker.r, broker.keys
     from .lua import calls
     deadline = None if timeout is None else time.monotonic() + timeout
