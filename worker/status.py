@@ -104,7 +104,10 @@ def render(doc: dict, url: str) -> str:
         out += ["ALL QUEUES PAUSED (python -m worker resume)", ""]
     rows = [(q["name"], q["depth"], "-" if q["depth"] == 0 else _dur(q["latency"]), "yes" if q["paused"] else "no")
             for q in doc["queues"]]
-    out += (_table(("QUEUE", "DEPTH", "LATENCY", "PAUSED"), rows, right=(1, 2)) if rows else ["no queues"]) + [""]
+    if doc.get("groups"):  # QUEUE_GROUPS: which group (key space) each queue is in
+        rows = [(*row, q["group"]) for row, q in zip(rows, doc["queues"])]
+    heads = ("QUEUE", "DEPTH", "LATENCY", "PAUSED") + (("GROUP",) if doc.get("groups") else ())
+    out += (_table(heads, rows, right=(1, 2)) if rows else ["no queues"]) + [""]
     rows = []
     for w in doc["workers"]:
         for n, sl in enumerate(w["slots"] or [{}]):
