@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 
 import pytest
@@ -54,6 +55,7 @@ def test_queue_groups_config_gives_each_group_a_key_space_and_the_worker_one_gro
            ({"QUEUE_GROUPS": "a=x;b=x"}, "QUEUE_GROUPS=.*'x' is in groups 'a' and 'b'"),
            ({"QUEUE_GROUPS": "a=x,"}, "QUEUE_GROUPS=.*not a queue name"),
            ({"QUEUE_GROUPS": "a:b=x"}, "QUEUE_GROUPS="),
+           ({"QUEUE_GROUPS": "processing=x"}, "QUEUE_GROUPS=.*word of the key schema"),
            ({"QUEUE_GROUPS": GROUPS, "QUEUES": "mail,reports"}, "QUEUES=.*groups fast, slow"),
            ({"QUEUE_GROUPS": GROUPS, "QUEUES": "other"}, "QUEUES=.*'other' is in no group"),
            ({"QUEUE_GROUPS": GROUPS, "QUEUES": "*"}, "QUEUES='\\*'.*QUEUES=@fast"),
@@ -128,6 +130,9 @@ def test_a_worker_per_group_drains_its_group_and_the_read_model_sees_every_group
     ws = spawn("--burst", **dict(e, QUEUES="reports"))
     assert ws.wait(60) == 0, ws.output
     assert sorted(int(x) for x in r.lrange("out", 0, -1)) == [*range(5), *range(100, 105)]
+    # start-up: another group's queue is not "unserved" (its workers serve it); a queue in no group is
+    assert not re.search(r"queues_not_served.*queue=default\b", ws.output), ws.output
+    assert re.search(r"queues_not_served.*queue=high\b.*in no group", wf.output), wf.output
     assert int(r.get("worker:fast:stat:processed")) == 5 and int(r.get("worker:slow:stat:processed")) == 5
 
     doc = json.loads(run_cli(e, "status", "--json").stdout)

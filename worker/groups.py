@@ -25,6 +25,10 @@ class GroupsError(ValueError):
 
 
 _GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
+#: the second segment of the runtime's ungrouped keys (``P:<word>:...``, keys.py): a group of that name would share
+#: key names with an ungrouped deployment of the same KEY_PREFIX (``worker:queue`` + ``:queue:x``...)
+KEY_WORDS = {"queues", "queue", "wake", "processing", "workers", "recovered", "cancel", "suspects", "worker", "job",
+             "done", "scheduled", "failed", "enq", "paused", "sched", "schedules", "epoch", "stat", "metrics"}
 GROUPS_SYNTAX = "group=queue,queue;group=queue,... (group: 1-32 letters, digits, _ -)"
 
 
@@ -40,6 +44,9 @@ def queue_groups(raw) -> tuple:
         if not eq or not _GROUP_RE.match(name):
             raise GroupsError(f"QUEUE_GROUPS={raw!r} is not valid: {part.strip()!r} is not group=queue,...; "
                               f"expected {GROUPS_SYNTAX}")
+        if name in KEY_WORDS:
+            raise GroupsError(f"QUEUE_GROUPS={raw!r} is not valid: group {name!r} is a word of the key schema "
+                              f"(keys.py); choose another name")
         if name in dict(out):
             raise GroupsError(f"QUEUE_GROUPS={raw!r} is not valid: group {name!r} is named twice")
         queues = tuple(q.strip() for q in rest.split(","))
