@@ -206,7 +206,7 @@ def test_the_dashboard_shows_and_acts_on_every_group(env, r, redis_server):
         r.hset(f"worker:{g}:failed:data", jid, json.dumps(rec))
     c = Client(make_app(cfg, redis_client=r))
     status, _, page = c.get("/")
-    assert status == 200 and "mail" in page and "exports" in page
+    assert status == 200 and "mail" in page and "exports" in page and "<small>(slow)</small>" in page
     for jid in (j1, j2):
         status, _, page = c.get(f"/jobs/{jid}")
         assert status == 200 and jid in page

@@ -152,7 +152,8 @@ def overview(ctx: Ctx, doc: dict):
         live[f"q:{name}:paused"] = "paused" if q["paused"] else "running"
         act = button(ctx, f"/queues/{quote(name)}/{'resume' if q['paused'] else 'pause'}",
                      "Resume" if q["paused"] else "Pause", {"back": "/"})
-        rows.append((f'<a href="{h(ctx.root)}/queues/{h(quote(name))}">{h(name)}</a>',
+        group = f' <small>({h(q["group"])})</small>' if q.get("group") else ""  # QUEUE_GROUPS: its group
+        rows.append((f'<a href="{h(ctx.root)}/queues/{h(quote(name))}">{h(name)}</a>' + group,
                      f'<span data-live="q:{h(name)}:depth">{h(live[f"q:{name}:depth"])}</span>',
                      f'<span data-live="q:{h(name)}:latency">{h(live[f"q:{name}:latency"])}</span>',
                      f'<span class="{"paused" if q["paused"] else ""}" data-live="q:{h(name)}:paused">'
