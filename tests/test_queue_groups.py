@@ -192,11 +192,11 @@ def test_periodic_jobs_are_scheduled_by_the_workers_of_their_queues_group(env, r
 
 def test_the_dashboard_shows_and_acts_on_every_group(env, r, redis_server):
     """The dashboard (worker/web) over groups: the overview lists both groups' queues, a job of each is found, the
-    failed page merges both registries, pausing a queue pauses it in its group."""
+    failed page merges both registries, pausing a queue pauses it in its group, HireFire gets a backlog per group."""
     from tests.test_dashboard import PASSWORD, Client
     from worker.web import make_app
     cfg = worker.config.from_mapping({"REDIS_URL": redis_server.url, "DASHBOARD_PASSWORD": PASSWORD,
-                                      "QUEUE_GROUPS": GROUPS})
+                                      "QUEUE_GROUPS": GROUPS, "HIREFIRE_TOKEN": "h" * 24})
     b = Broker(r, cfg)
     j1, j2 = b.push("push", ["out", 1], {}, queue="mail"), b.push("push", ["out", 2], {}, queue="exports")
     for g, jid in (("fast", "ffail"), ("slow", "sfail")):
@@ -210,6 +210,8 @@ def test_the_dashboard_shows_and_acts_on_every_group(env, r, redis_server):
     for jid in (j1, j2):
         status, _, page = c.get(f"/jobs/{jid}")
         assert status == 200 and jid in page
+    status, _, body = c.get("/hirefire/" + "h" * 24 + "/info")  # a group per process type, its backlog
+    assert status == 200 and json.loads(body) == [{"name": "fast", "value": 1}, {"name": "slow", "value": 1}]
     status, _, page = c.get("/failed")
     assert status == 200 and "boom fast" in page and "boom slow" in page
     status, _, _ = c.post("/queues/exports/pause", {})

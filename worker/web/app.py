@@ -282,10 +282,12 @@ class Dashboard:
         token = self.cfg.hirefire_token
         if not token or not m or not hmac.compare_digest(m.group(1).encode(), token.encode()):
             return "404 Not Found", [("Content-Type", "text/plain")], b"404 Not Found\n"
-        value = self.api.backlog(self.cfg.queues)
+        if self.cfg.queue_groups:  # QUEUE_GROUPS: one entry per group, named as its process type (docs/cluster.md)
+            body = [{"name": a.cfg.group, "value": a.backlog(("*",))} for a in self.api.parts]
+        else:
+            body = [{"name": "worker", "value": self.api.backlog(self.cfg.queues)}]
         return "200 OK", [("Content-Type", "application/json"),
-                          ("Cache-Control", "must-revalidate, private, max-age=0")], \
-            json.dumps([{"name": "worker", "value": value}]).encode()
+                          ("Cache-Control", "must-revalidate, private, max-age=0")], json.dumps(body).encode()
 
     @staticmethod
     def static(name: str):
