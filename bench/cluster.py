@@ -9,12 +9,16 @@ Three set-ups, each draining ``--jobs`` no-op jobs (``worker.sample.noop``) with
 * ``cluster x1``: a 3-primary cluster, ``REDIS_CLUSTER=1``, one key space (``{worker}:``): all its load is on the
   one primary that holds its slot;
 * ``cluster x3``: the same cluster, three key spaces whose hash tags land on three different primaries
-  (``KEY_PREFIX`` per deployment: the sharding available today; queue groups, issue 26 point 2, would do it in one
-  deployment), the jobs and workers split evenly between them.
+  (``KEY_PREFIX`` per deployment), the jobs and workers split evenly between them;
+* ``groups x1``: one deployment with ``QUEUE_GROUPS`` of one group (``{worker:gN}``) on one primary, all workers
+  ``QUEUES=@gN``;
+* ``groups x3``: one deployment with ``QUEUE_GROUPS`` of three groups whose hash tags land on the three primaries
+  (``{worker:gA}``, ...), one queue each; one producer routes the jobs by queue, the workers serve one group each.
 
-Per node: ``INFO cpu`` (used_cpu_sys + used_cpu_user) before and after, divided by the jobs that node served. On this
-2-core machine the workers (fork per job) are the limit, not Redis: the figures that show the headroom are the CPU
-per job of each primary (its capacity is about 1 / that), and how the load spreads across primaries.
+Per node: ``INFO cpu`` (used_cpu_sys + used_cpu_user) and ``INFO commandstats`` (the sum of ``usec`` over commands:
+the time spent in commands and scripts only) before and after, divided by the jobs that node served. On this 2-core
+machine the workers (fork per job) are the limit, not Redis: the figures that show the headroom are the CPU per job of
+each primary (its capacity is about 1 / that: ``ceiling``), and how the load spreads across primaries.
 """
 from __future__ import annotations
 
@@ -36,13 +40,28 @@ from worker.config import from_mapping  # noqa: E402
 from worker.fetch import Broker  # noqa: E402
 
 
-def cpu(port: int) -> float:
+def cpu(port: int) -> tuple:
+    """``(CPU seconds of the server, seconds spent in commands)`` from INFO cpu and INFO commandstats."""
     c = redis.Redis(port=port)
     try:
         i = c.info("cpu")
-        return float(i["used_cpu_sys"]) + float(i["used_cpu_user"])
+        cmd = sum(v["usec"] for k, v in c.info("commandstats").items() if k.startswith("cmdstat_")) / 1e6
+        return float(i["used_cpu_sys"]) + float(i["used_cpu_user"]), cmd
     finally:
         c.close()
+
+
+def groups_on_distinct_primaries(cluster: LocalCluster, n: int, root: str = "worker") -> list:
+    """``n`` QUEUE_GROUPS names whose ``{root:name}`` hash tags are held by ``n`` different primaries."""
+    out, homes = [], set()
+    for i in range(1000):
+        home = cluster.node_of("{" + f"{root}:g{i}" + "}")
+        if home not in homes:
+            homes.add(home)
+            out.append(f"g{i}")
+        if len(out) == n:
+            return out
+    raise RuntimeError("no spread of hash tags found")
 
 
 def tags_on_distinct_primaries(cluster: LocalCluster, n: int) -> list:
@@ -58,35 +77,52 @@ def tags_on_distinct_primaries(cluster: LocalCluster, n: int) -> list:
     raise RuntimeError("no spread of hash tags found")
 
 
-def drain(url: str, ports: list, spaces: list, jobs: int, workers: int, cluster: bool) -> dict:
-    """Enqueue ``jobs`` split over key spaces ``spaces``, run ``workers`` burst workers split likewise; timings."""
+def drain(url: str, ports: list, spaces: list, jobs: int, workers: int, cluster: bool, groups=None) -> dict:
+    """Enqueue ``jobs`` split over key spaces ``spaces``, run ``workers`` burst workers split likewise; timings.
+    ``groups``: the names of a QUEUE_GROUPS deployment (group g holds queue ``q<g>``; ``spaces`` is then ignored):
+    one producer routes by queue, each worker serves one group (``QUEUES=@g``)."""
     base = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
     base.update(REDIS_URL=url, JOB_MODULES="worker.sample", PYTHONPATH=str(REPO), LOG_LEVEL="WARNING")
     if cluster:
         base["REDIS_CLUSTER"] = "1"
-    for prefix in spaces:
-        cfg = from_mapping({**base, "KEY_PREFIX": prefix})
+    if groups:
+        base["QUEUE_GROUPS"] = ";".join(f"{g}=q{g}" for g in groups)
+        cfg = from_mapping(base)
         b = Broker(connect(cfg), cfg)
-        b.push_many("noop", [[] for _ in range(jobs // len(spaces))])
+        for g in groups:
+            b.push_many("noop", [[] for _ in range(jobs // len(groups))], queue=f"q{g}")
         b.r.close()
+        envs = [{**base, "QUEUES": f"@{g}"} for g in groups]
+    else:
+        for prefix in spaces:
+            cfg = from_mapping({**base, "KEY_PREFIX": prefix})
+            b = Broker(connect(cfg), cfg)
+            b.push_many("noop", [[] for _ in range(jobs // len(spaces))])
+            b.r.close()
+        envs = [{**base, "KEY_PREFIX": prefix} for prefix in spaces]
     before = {p: cpu(p) for p in ports}
     t0 = time.monotonic()
     procs = [subprocess.Popen([sys.executable, "-m", "worker", "--burst"], cwd=str(REPO),
-                              env={**base, "KEY_PREFIX": spaces[i % len(spaces)]}, stdout=subprocess.DEVNULL)
+                              env=envs[i % len(envs)], stdout=subprocess.DEVNULL)
              for i in range(workers)]
     for p in procs:
         if p.wait(600) != 0:
             raise RuntimeError("a worker failed")
     wall = time.monotonic() - t0
-    used = {p: cpu(p) - before[p] for p in ports}
+    after = {p: cpu(p) for p in ports}
+    used = {p: (after[p][0] - before[p][0], after[p][1] - before[p][1]) for p in ports}
     return {"wall": wall, "rate": jobs / wall, "cpu": used}
 
 
 def report(name: str, res: dict, jobs: int, per_node_jobs: dict) -> None:
-    print(f"{name:<12} {res['rate']:8.0f} jobs/s  ({jobs} jobs in {res['wall']:.1f} s)")
-    for port, used in res["cpu"].items():
+    """One set-up: the drain rate; per node its Redis CPU (and time in commands) per job served; ``ceiling``: the
+    jobs/s the busy primaries could serve at that CPU per job (sum of 1 / CPU per job over the primaries used)."""
+    ceiling = sum(n / used for p, (used, _) in res["cpu"].items() if (n := per_node_jobs.get(p, 0)) and used > 0)
+    print(f"{name:<12} {res['rate']:8.0f} jobs/s  ({jobs} jobs in {res['wall']:.1f} s); "
+          f"Redis-side ceiling ~{ceiling:,.0f} jobs/s")
+    for port, (used, cmd) in res["cpu"].items():
         n = per_node_jobs.get(port, 0)
-        per = f"{used / n * 1e6:7.1f} us/job" if n else "      - idle"
+        per = f"{used / n * 1e6:7.1f} us/job ({cmd / n * 1e6:5.1f} us in commands)" if n else "      - idle"
         print(f"{'':<12}   node :{port}  Redis CPU {used:6.2f} s  {per}")
 
 
@@ -113,6 +149,13 @@ def main() -> None:
         spaces = tags_on_distinct_primaries(cluster, 3)
         res = drain(cluster.url, prim, spaces, jobs, a.workers, True)
         report("cluster x3", res, jobs, {cluster.node_of("{" + s + "}"): jobs // 3 for s in spaces})
+        cluster.flush()
+        names = groups_on_distinct_primaries(cluster, 3)
+        res = drain(cluster.url, prim, [], jobs, a.workers, True, groups=names[:1])
+        report("groups x1", res, jobs, {cluster.node_of("{worker:" + names[0] + "}"): jobs})
+        cluster.flush()
+        res = drain(cluster.url, prim, [], jobs, a.workers, True, groups=names)
+        report("groups x3", res, jobs, {cluster.node_of("{worker:" + g + "}"): jobs // 3 for g in names})
     finally:
         cluster.stop()
         single.kill()

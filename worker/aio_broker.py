@@ -40,19 +40,23 @@ class AsyncBroker:
     async def read_job(self, job_id: str) -> tuple:
         """``(status record, failed record JSON, held)`` as ``results.fetch`` reads them; ``held``: the worker
         names and their hashes, read only while the record says queued or scheduled (a running job is found in
-        its worker's slots), else None."""
-        async with self.r.pipeline(transaction=False) as p:
-            p.hgetall(self.keys.job(job_id))
-            p.hget(self.keys.failed_data, job_id)
-            info, failure = await p.execute()
+        its worker's slots), else None. QUEUE_GROUPS: the first group (in their order) that knows the id."""
+        for space in self.calls.spaces():
+            keys = space.keys
+            async with self.r.pipeline(transaction=False) as p:
+                p.hgetall(keys.job(job_id))
+                p.hget(keys.failed_data, job_id)
+                info, failure = await p.execute()
+            if info or failure:
+                break
         if not info or info.get("status") not in ("queued", "scheduled"):
             return info, failure, None
-        workers = await self.r.zrange(self.keys.workers, 0, -1)
+        workers = await self.r.zrange(keys.workers, 0, -1)
         if not workers:
             return info, failure, None
         async with self.r.pipeline(transaction=False) as p:
             for w in workers:
-                p.hgetall(self.keys.worker(w))
+                p.hgetall(keys.worker(w))
             return info, failure, (workers, await p.execute())
 
 

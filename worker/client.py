@@ -172,6 +172,14 @@ def is_cluster(r) -> bool:
     return isinstance(r, SlotClient)
 
 
+def for_space(r, prefix: str):
+    """A client for key space ``prefix`` (a queue group's, ``Config.group_prefix``): ``r`` itself, or on a cluster a
+    :class:`SlotClient` for that prefix's slot on ``r``'s cluster client (its connections and slot map shared)."""
+    if isinstance(r, SlotClient) and r.prefix != prefix:
+        return SlotClient(r.cluster, prefix)
+    return r
+
+
 def node_client(r, key: str):
     """The plain client of the node that holds ``key``'s slot (``r`` itself when not a cluster)."""
     return r.cluster.get_node_from_key(key).redis_connection if is_cluster(r) else r

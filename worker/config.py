@@ -14,9 +14,11 @@ from __future__ import annotations
 import os
 import re
 import socket
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Mapping, Optional
 from urllib.parse import urlsplit
+
+from .groups import QUEUE_RULE, GroupsError, queue_groups, valid_queue_name, worker_group  # noqa: F401
 
 #: Seconds, counted back from the platform window, that belong to the runtime and not to the job.
 KILL_MARGIN = 1.0   # kill + put back + exit must fit in this
@@ -28,16 +30,6 @@ BEAT_SLACK = 0.5     # room for one slow Redis call on top of two missed beats
 MAX_CONCURRENCY = 64
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_QUEUE_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
-QUEUE_RULE = "1-100 letters, digits, _ . : -"
-
-
-def valid_queue_name(name) -> bool:
-    """The one rule for queue names, as ``QUEUES`` takes them (enqueue and pause/resume use it too): the names end
-    up inside Redis keys and in comma-separated settings, so ``*``, ``,``, spaces and control characters are out."""
-    return isinstance(name, str) and _QUEUE_RE.fullmatch(name) is not None
-
-
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 
@@ -81,6 +73,11 @@ class Config:
     hirefire_token: Optional[str] = field(default=None, repr=False)
     port: Optional[int] = None  # $PORT (set by Heroku on web dynos): `python -m worker web` binds 0.0.0.0:PORT
     unknown_job_grace: float = 600.0
+    # QUEUE_GROUPS (docs/cluster.md "Queue groups"): ((group, (queue, ...)), ...), () when not grouped. ``group`` is
+    # the one this process's worker serves (key_prefix is then that group's key space); key_root is KEY_PREFIX as set
+    queue_groups: tuple = ()
+    group: str = ""
+    key_root: str = "worker"
 
     @property
     def all_queues(self) -> bool:
@@ -91,6 +88,31 @@ class Config:
     def hard_exit_after(self) -> float:
         """Seconds after the first stop signal by which the worker process must be gone."""
         return self.shutdown_window - EXIT_MARGIN
+
+    def group_prefix(self, group: str) -> str:
+        """The key space of ``group``: ``KEY_PREFIX:<group>`` (``{KEY_PREFIX:<group>}`` on a cluster: its own hash tag,
+        so groups land on different slots, and different primaries)."""
+        prefix = f"{self.key_root}:{group}"
+        return "{" + prefix + "}" if self.redis_cluster else prefix
+
+    def space(self, group: str) -> "Config":
+        """This configuration narrowed to ``group``: its key space, its queues (what a worker of it serves)."""
+        queues = dict(self.queue_groups)[group]
+        return replace(self, key_prefix=self.group_prefix(group), queues=queues, group=group)
+
+    def spaces(self) -> list:
+        """One configuration per key space: every group's (in QUEUE_GROUPS order), or just this one ungrouped."""
+        return [self.space(g) for g, _ in self.queue_groups] if self.queue_groups else [self]
+
+    def group_of(self, queue: str) -> str:
+        """The group ``queue`` belongs to ('' when not grouped); ``ValueError`` for a queue in no group."""
+        if not self.queue_groups:
+            return ""
+        for group, queues in self.queue_groups:
+            if queue in queues:
+                return group
+        raise ValueError(f"queue {queue!r} is in no group of QUEUE_GROUPS "
+                         f"({'; '.join(g + '=' + ','.join(qs) for g, qs in self.queue_groups)})")
 
     def worker_name(self, pid: Optional[int] = None) -> str:
         """Identity of one worker process: ``$DYNO`` (or the host name) plus the pid."""
@@ -212,10 +234,22 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         level = "WARNING"
     if level not in LOG_LEVELS:
         raise ConfigError(f"LOG_LEVEL={env.get('LOG_LEVEL')!r} is not valid: expected one of {', '.join(LOG_LEVELS)}")
-    queues = _list(env, "QUEUES", Config.queues, re.compile(r"^(\*|[A-Za-z0-9_.:-]{1,100})$"),
-                   "a queue name (letters, digits, _ . : -) or *")
+    try:
+        groups = queue_groups(env.get("QUEUE_GROUPS"))
+    except GroupsError as e:
+        raise ConfigError(str(e)) from None
+    at_group = (env.get("QUEUES") or "").strip()
+    if at_group.startswith("@"):
+        queues = ()
+    else:
+        queues = _list(env, "QUEUES", Config.queues, re.compile(r"^(\*|[A-Za-z0-9_.:-]{1,100})$"),
+                       "a queue name (letters, digits, _ . : -) or *")
     if "*" in queues and len(queues) > 1:
         raise ConfigError(f"QUEUES={env.get('QUEUES')!r} is not valid: * means every queue and stands alone")
+    try:
+        group, queues = worker_group(env, groups, queues)
+    except GroupsError as e:
+        raise ConfigError(str(e)) from None
     prefix = (env.get("KEY_PREFIX") or "worker").strip()
     if not _PREFIX_RE.match(prefix):
         raise ConfigError(f"KEY_PREFIX={env.get('KEY_PREFIX')!r} is not valid: expected 1-64 of letters, digits, _ . : -")
@@ -245,9 +279,12 @@ def from_mapping(env: Mapping[str, str]) -> Config:
                           f"number from 1 to {MAX_CONCURRENCY}")
     dyno = (env.get("DYNO") or "").strip() or None
     url, cluster = _redis_url(env), _bool(env, "REDIS_CLUSTER", False)
+    root = prefix
     if cluster:
         _cluster_url(url)
         prefix = "{" + prefix + "}"  # one hash tag: every key of the key space in one slot (docs/cluster.md)
+    if group:
+        prefix = "{" + f"{root}:{group}" + "}" if cluster else f"{root}:{group}"  # (Config.group_prefix)
     return Config(
         redis_url=url,
         redis_tls_verify=_bool(env, "REDIS_TLS_VERIFY", False),
@@ -279,6 +316,9 @@ def from_mapping(env: Mapping[str, str]) -> Config:
         hirefire_token=_secret(env, "HIREFIRE_TOKEN", 16),
         port=_port(env),
         unknown_job_grace=_number(env, "UNKNOWN_JOB_GRACE", Config.unknown_job_grace),
+        queue_groups=groups,
+        group=group,
+        key_root=root,
     )
 
 

@@ -20,6 +20,7 @@ def cancel_job(broker, job_id: str, running: bool = False) -> tuple:
     """``(done, reason)`` through ``broker``: ``(True, '')`` canceled; ``(True, '<worker>')`` (``running``) that
     worker was asked to stop it; ``(False, reason)``, reason a key of :data:`REASONS`."""
     from .lua import calls
+    broker = broker.find(job_id) if callable(getattr(broker, "find", None)) else broker  # QUEUE_GROUPS: its group
     res = broker.scripts.run(calls.cancel(broker.keys, job_id, int(broker.cfg.result_ttl * 1000), running))
     return (int(res[0]) > 0, str(res[1]) if len(res) > 1 else "")
 

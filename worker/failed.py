@@ -80,6 +80,25 @@ class FailedRegistry:
         return n
 
 
+class Registries:
+    """:class:`FailedRegistry`'s ``ids``/``retry``/``remove`` over every group's key space (QUEUE_GROUPS; one
+    registry when ungrouped): an id is in one group's registry, so each group acts on the ids it holds."""
+
+    def __init__(self, broker):
+        self.regs = [FailedRegistry(b) for b in broker.spaces()]
+
+    def ids(self) -> list:
+        return [i for reg in self.regs for i in reg.ids()]
+
+    def retry(self, ids) -> list:
+        ids = list(ids)
+        return [i for reg in self.regs for i in reg.retry(ids)]
+
+    def remove(self, ids) -> int:
+        ids = list(ids)
+        return sum(reg.remove(ids) for reg in self.regs)
+
+
 def _age(ts) -> str:
     try:
         s = max(0, time.time() - float(ts))
@@ -94,11 +113,11 @@ def main(cfg, args) -> int:
     (``worker.api``): records past FAILED_TTL are trimmed first, junk records are skipped and said so."""
     import sys
 
-    from .api import API
+    from .api_groups import read_model
     from .client import connect
     from .fetch import Broker
     broker = Broker(connect(cfg, name="failed-cli"), cfg)
-    reg, api = FailedRegistry(broker), API(broker.r, cfg)
+    reg, api = Registries(broker), read_model(broker.r, cfg)
     name, etype = getattr(args, "name", None) or "", getattr(args, "type", None) or ""
     if args.action in ("retry", "remove"):
         if bool(args.id) == bool(args.all):
@@ -108,7 +127,8 @@ def main(cfg, args) -> int:
         if args.action == "retry":
             moved = reg.retry(ids)
             why = (f"job {args.id!r} is queued or running again (an equal unique job, or its own id): it stays failed"
-                   if not moved and not args.all and reg.r.hexists(broker.keys.failed_data, args.id)
+                   if not moved and not args.all and any(b.r.hexists(b.keys.failed_data, args.id)
+                                                         for b in broker.spaces())
                    else f"no failed job {args.id!r}")
             print(f"retried {len(moved)} job(s)" + ("" if moved or args.all else f": {why}"))
             return 0 if moved or args.all else 1
@@ -117,7 +137,8 @@ def main(cfg, args) -> int:
         return 0 if n or args.all else 1
     if args.action == "show":
         api.housekeep()
-        raw = broker.r.hget(broker.keys.failed_data, args.id or "")
+        raw = next((b.r.hget(b.keys.failed_data, args.id or "") for b in broker.spaces()
+                    if b.r.hexists(b.keys.failed_data, args.id or "")), None)
         rec = api.failed_record(args.id or "")
         if rec is None:
             why = "its record is not a JSON object (junk; `failed remove` deletes it)" if raw else "no such record"

@@ -116,6 +116,39 @@ class Broker:
         self.epoch = ""   # P:epoch as :meth:`register` found it ('' = not registered: CYCLE does not check it)
         self.keys = Keys(cfg.key_prefix)
         self.scripts = lua.Registry(redis_client)
+        self._groups: dict = {}  # QUEUE_GROUPS: group -> its Broker (see group())
+
+    # --- queue groups (QUEUE_GROUPS, worker/groups.py): one key space per group ---
+    def group(self, name: str) -> "Broker":
+        """The broker of group ``name``'s key space (itself when ungrouped, or when it is that group's)."""
+        if not name or self.cfg.group_prefix(name) == self.keys.prefix:
+            return self
+        b = self._groups.get(name)
+        if b is None:
+            from .client import for_space
+            cfg = self.cfg.space(name)
+            b = self._groups[name] = Broker(None if self.r is None else for_space(self.r, cfg.key_prefix), cfg)
+        return b
+
+    def space(self, queue: str) -> "Broker":
+        """The broker of ``queue``'s group (``ValueError`` for a queue in no group of QUEUE_GROUPS)."""
+        return self.group(self.cfg.group_of(queue)) if self.cfg.queue_groups else self
+
+    def spaces(self) -> list:
+        """A broker per key space: every group's in QUEUE_GROUPS order, or ``[self]`` when ungrouped."""
+        return [self.group(g) for g, _ in self.cfg.queue_groups] or [self]
+
+    def find(self, job_id: str) -> "Broker":
+        """The broker of the key space that holds job ``job_id`` (its status or failed record), searched group by
+        group (one round trip each); itself when ungrouped or found nowhere."""
+        if not self.cfg.queue_groups:
+            return self
+        for b in self.spaces():
+            with b.r.pipeline(transaction=False) as p:
+                p.exists(b.keys.job(job_id)).hexists(b.keys.failed_data, job_id)
+                if any(x is True or (isinstance(x, int) and x > 0) for x in p.execute(raise_on_error=False)):
+                    return b
+        return self
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
@@ -152,7 +185,7 @@ class Broker:
                                            options=options)
         # an own id may come again once its job ended: the call's dedupe marker must be the call's, not the id's
         dedupe = f"{job_id}:{os.urandom(6).hex()}" if mode else job_id
-        return job_id, self.enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=mode)
+        return job_id, self.space(q).enqueue_call(q, dedupe, when, [(job_id, name, payload)], unique=mode)
 
     def push_many(self, name: str, calls: Iterable, queue: Optional[str] = None, batch: int = 1000) -> list:
         if is_unique(name):
@@ -167,13 +200,18 @@ class Broker:
             job_id, q, payload = build_payload(name, args, kwargs, queue, self.cfg.max_payload)
             ids.append(job_id)
             by_queue.setdefault(q, []).append((job_id, payload))
-        with self.r.pipeline(transaction=False) as pipe:
-            for q, items in by_queue.items():
-                for i in range(0, len(items), batch):
-                    chunk = items[i:i + batch]
-                    # the batch's dedupe key is its first job's id: one key per script call
-                    self._call_enqueue(q, chunk[0][0], "", [(i, name, p) for i, p in chunk], client=pipe)
-            pipe.execute()
+        by_space: dict = {}  # QUEUE_GROUPS: one pipeline per key space (on a cluster, its own node)
+        for q, items in by_queue.items():
+            b = self.space(q)
+            by_space.setdefault(id(b), (b, []))[1].append((q, items))
+        for b, queues in by_space.values():
+            with b.r.pipeline(transaction=False) as pipe:
+                for q, items in queues:
+                    for i in range(0, len(items), batch):
+                        chunk = items[i:i + batch]
+                        # the batch's dedupe key is its first job's id: one key per script call
+                        b._call_enqueue(q, chunk[0][0], "", [(i, name, p) for i, p in chunk], client=pipe)
+                pipe.execute()
         return ids
 
     def _call_enqueue(self, q: str, dedupe_id: str, when: str, jobs_: list, client=None, unique=""):

@@ -1,6 +1,7 @@
 """Every Redis key the runtime uses is built here, and only here.
 
-Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
+Key schema (``P`` is ``KEY_PREFIX``, default ``worker``; ``{KEY_PREFIX}`` with REDIS_CLUSTER; with QUEUE_GROUPS each group
+is a key space of its own, ``P`` = ``KEY_PREFIX:<group>`` or ``{KEY_PREFIX:<group>}``: ``Config.group_prefix``)::
 
     P                       (none)  the prefix itself, passed to the Lua scripts as a key (KEYS[1]): the root
                                     their other keys are derived from. Never read or written.

@@ -47,8 +47,16 @@ def queue_stats(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[
     all_known, names = _names(queues, getattr(b, "cfg", None) or _no_cfg())
     if getattr(b, "inline", False):  # worker.testing.inline(): jobs run at enqueue, nothing ever waits
         return {q: (0, 0.0) for q in sorted(set(names))}
-    res = Registry(b.r).run(calls.stats(b.keys, 0, "", all_known, names))
-    return _parse(res)[2]
+    if not getattr(b.cfg, "queue_groups", ()):
+        return _parse(Registry(b.r).run(calls.stats(b.keys, 0, "", all_known, names)))[2]
+    out = {}  # QUEUE_GROUPS: each group's queues in its key space (a queue in no group raises ValueError)
+    for q in names:
+        b.cfg.group_of(q)
+    for s in b.spaces():
+        mine = [q for q in names if q in s.cfg.queues]
+        if mine or all_known:
+            out.update(_parse(Registry(s.r).run(calls.stats(s.keys, 0, "", all_known, mine)))[2])
+    return out
 
 
 def queue_depth(queues: Optional[Iterable[str]] = None, *, broker=None) -> Dict[str, int]:

@@ -117,6 +117,13 @@ def build(job_id: str, info: dict, failure, held: Optional[tuple]) -> Job:
                ended_at=_seconds(info.get("ended_at")), worker=info.get("worker"), warning=info.get("warning"))
 
 
+def located(broker, job_id: str):
+    """``broker`` narrowed to the queue group that holds ``job_id`` (QUEUE_GROUPS, ``Broker.find``); a broker of
+    another kind (set with ``worker.jobs.use``) as it is."""
+    find = getattr(broker, "find", None)
+    return find(job_id) if callable(find) else broker
+
+
 def get_job(job_id: str) -> Optional[Job]:
     """What happened to job ``job_id`` (the id ``enqueue`` returned): a :class:`Job`, or None if the id is unknown
     or its record has expired (``RESULT_TTL`` after it was done). Uses the same connection as ``enqueue``; under
@@ -127,7 +134,7 @@ def get_job(job_id: str) -> Optional[Job]:
     if testing.active():  # worker.testing.inline(): jobs run in-process, no Redis
         found = testing.lookup(job_id)
         return None if found is None else Job(**found)
-    broker = jobs.default_broker()
+    broker = located(jobs.default_broker(), job_id)
     return fetch(broker.r, broker.keys, job_id)
 
 
@@ -151,7 +158,7 @@ def wait(job_id: str, timeout: Optional[float] = None) -> Optional["Job"]:
     if testing.active():
         found = testing.lookup(job_id)
         return None if found is None else Job(**found)
-    broker = jobs.default_broker()
+    broker = located(jobs.default_broker(), job_id)
     r, keys = broker.r, broker.keys
     from .lua import calls
     deadline = None if timeout is None else time.monotonic() + timeout

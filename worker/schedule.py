@@ -179,7 +179,10 @@ class Ticker:
     @classmethod
     def from_meta(cls, meta: dict, broker, log) -> Optional["Ticker"]:
         """None when no registered job has a schedule (the worker then does nothing more per turn)."""
-        schedules = [build(name, m["queue"], m["schedule"]) for name, m in sorted(meta.items()) if m.get("schedule")]
+        cfg = getattr(broker, "cfg", None)  # QUEUE_GROUPS: only the periodic jobs whose queue is in this worker's group
+        mine = dict(cfg.queue_groups).get(cfg.group) if cfg is not None and cfg.queue_groups else None
+        schedules = [build(name, m["queue"], m["schedule"]) for name, m in sorted(meta.items())
+                     if m.get("schedule") and (mine is None or m["queue"] in mine)]
         return cls(schedules, broker, log) if schedules else None
 
     def due(self) -> bool:

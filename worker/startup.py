@@ -20,12 +20,16 @@ def warn(cfg, meta: dict, log) -> None:
     """Log the start-up warnings (none when all is well)."""
     if not cfg.all_queues:
         unserved: dict = {}
+        owner = {q: g for g, qs in cfg.queue_groups for q in qs}  # QUEUE_GROUPS: another group's workers serve theirs
         for name, m in sorted(meta.items()):
-            if m["queue"] not in cfg.queues:
+            if m["queue"] not in cfg.queues and owner.get(m["queue"], cfg.group) == cfg.group:
                 unserved.setdefault(m["queue"], []).append(name)
         for queue, names in sorted(unserved.items()):
+            note = (f"QUEUES does not include {queue!r}: add it, or run a worker with QUEUES={queue}"
+                    if queue in owner or not cfg.queue_groups else
+                    f"{queue!r} is in no group of QUEUE_GROUPS: its jobs cannot be enqueued; add it to a group")
             log.warning("worker.queues_not_served", queue=queue, jobs=",".join(names), queues=",".join(cfg.queues),
-                        note=f"QUEUES does not include {queue!r}: add it, or run a worker with QUEUES={queue}")
+                        note=note)
     # an entry counts if its import registered a job, or a job is defined in it or below it (an earlier entry may
     # have imported it first)
     registering = {m.get("module") for m in meta.values()} | {m.get("defined_in") for m in meta.values()}

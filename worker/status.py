@@ -59,8 +59,9 @@ import json
 import sys
 import time
 
-from .api import API, duration
-from .client import connect
+from .api import duration
+from .api_groups import read_model
+from .client import connect, for_space
 from .config import QUEUE_RULE, Config, redact_url, valid_queue_name
 from . import schedule
 from .keys import Keys
@@ -71,7 +72,7 @@ def collect(r, cfg: Config) -> dict:
     """Everything ``status`` shows, as the version-1 JSON document (see the module docstring), read through the
     shared read model (worker/api.py), so the CLI and the dashboard never disagree. Also trims failed records past
     FAILED_TTL and samples this minute's counters (api.HOUSEKEEP)."""
-    return API(r, cfg).overview()
+    return read_model(r, cfg).overview()
 
 
 _dur = duration
@@ -103,7 +104,10 @@ def render(doc: dict, url: str) -> str:
         out += ["ALL QUEUES PAUSED (python -m worker resume)", ""]
     rows = [(q["name"], q["depth"], "-" if q["depth"] == 0 else _dur(q["latency"]), "yes" if q["paused"] else "no")
             for q in doc["queues"]]
-    out += (_table(("QUEUE", "DEPTH", "LATENCY", "PAUSED"), rows, right=(1, 2)) if rows else ["no queues"]) + [""]
+    if doc.get("groups"):  # QUEUE_GROUPS: which group (key space) each queue is in
+        rows = [(*row, q["group"]) for row, q in zip(rows, doc["queues"])]
+    heads = ("QUEUE", "DEPTH", "LATENCY", "PAUSED") + (("GROUP",) if doc.get("groups") else ())
+    out += (_table(heads, rows, right=(1, 2)) if rows else ["no queues"]) + [""]
     rows = []
     for w in doc["workers"]:
         for n, sl in enumerate(w["slots"] or [{}]):
@@ -146,23 +150,20 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
     if queue != "*" and not valid_queue_name(queue):
         print(f"error: invalid queue name {queue!r}: expected * or {QUEUE_RULE} (the QUEUES rule)", file=sys.stderr)
         return 2
-    k = Keys(cfg.key_prefix)
+    if queue == "*":
+        spaces = cfg.spaces()
+    else:
+        try:
+            spaces = [cfg.space(cfg.group_of(queue))] if cfg.queue_groups else [cfg]
+        except ValueError as exc:  # QUEUE_GROUPS: a queue in no group is in no key space
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
     r = connect(cfg, name="status")
+    changed, known, still = 0, set(), set()
     try:
-        with r.pipeline(transaction=False) as p:
-            if paused:
-                p.sadd(k.paused, queue)
-            elif queue == "*":
-                p.delete(k.paused)  # plain `resume` undoes every pause, named ones included
-            else:
-                p.srem(k.paused, queue)
-            p.smembers(k.queues)
-            changed, known = p.execute()[:2]
-        if not paused:
-            targets = sorted(known) if queue == "*" else [queue]
-            if targets:
-                Registry(r).run(calls.wake(k, targets))
-        still = sorted(r.smembers(k.paused))
+        for space in spaces:  # QUEUE_GROUPS: each group's key space (one, ungrouped)
+            c, kn, st = _pause_space(for_space(r, space.key_prefix), Keys(space.key_prefix), queue, paused)
+            changed, known, still = changed + c, known | kn, still | st
     finally:
         r.close()
     what = "every queue" if queue == "*" else f"queue {queue}"
@@ -172,9 +173,27 @@ def pause(cfg: Config, queue: str, paused: bool) -> int:
     if queue != "*" and queue not in known:
         notes.append("not yet known to Redis")
     if not paused and still:
-        notes.append("still paused: " + ",".join(still))  # resuming one queue leaves `pause` of * in force
+        notes.append("still paused: " + ",".join(sorted(still)))  # resuming one queue leaves `pause` of * in force
     print(line + (f" ({'; '.join(notes)})" if notes else ""))
     return 0
+
+
+def _pause_space(r, k, queue: str, paused: bool) -> tuple:
+    """``(changed, known queues, still paused)`` after pausing/resuming ``queue`` in the key space of ``k``."""
+    with r.pipeline(transaction=False) as p:
+        if paused:
+            p.sadd(k.paused, queue)
+        elif queue == "*":
+            p.delete(k.paused)  # plain `resume` undoes every pause, named ones included
+        else:
+            p.srem(k.paused, queue)
+        p.smembers(k.queues)
+        changed, known = p.execute()[:2]
+    if not paused:
+        targets = sorted(known) if queue == "*" else [queue]
+        if targets:
+            Registry(r).run(calls.wake(k, targets))
+    return changed, set(known), set(r.smembers(k.paused))
 
 
 def job_main(cfg, job_id: str, as_json: bool = False) -> int:
@@ -184,7 +203,7 @@ def job_main(cfg, job_id: str, as_json: bool = False) -> int:
     and ran; ``--json`` prints the read model's object (epoch seconds plus ``*_iso`` fields)."""
     r = connect(cfg, name="status")
     try:
-        job = API(r, cfg).job(job_id)
+        job = read_model(r, cfg).job(job_id)
     finally:
         r.close()
     if job is None:

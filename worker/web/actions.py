@@ -55,3 +55,56 @@ class Actions:
     def delete_scheduled(self, payloads) -> int:
         payloads = list(payloads)
         return self.r.zrem(self.k.scheduled, *payloads) if payloads else 0
+
+
+class GroupActions:
+    """:class:`Actions` over queue groups (QUEUE_GROUPS): a queue's actions go to its group's key space; failed and
+    scheduled jobs (shown with their payload or id) are acted on where they are; cancel where the id is known."""
+
+    def __init__(self, r, cfg):
+        from ..client import for_space
+        self.cfg = cfg
+        self.parts = [Actions(for_space(r, s.key_prefix), s) for s in cfg.spaces()]
+
+    def _of(self, queue: str) -> Actions:
+        from ..api_groups import part_of
+        return part_of(self.parts, self.cfg, queue)
+
+    def pause(self, queue: str) -> bool:
+        return self._of(queue).pause(queue)
+
+    def resume(self, queue: str) -> bool:
+        return self._of(queue).resume(queue)
+
+    def delete_queued(self, queue: str, payload: str) -> int:
+        return self._of(queue).delete_queued(queue, payload)
+
+    def retry_failed(self, ids) -> int:
+        ids = list(ids)
+        return sum(a.retry_failed(ids) for a in self.parts)
+
+    def delete_failed(self, ids) -> int:
+        ids = list(ids)
+        return sum(a.delete_failed(ids) for a in self.parts)
+
+    def run_scheduled(self, payloads) -> int:
+        payloads = list(payloads)
+        return sum(a.run_scheduled(payloads) for a in self.parts)
+
+    def delete_scheduled(self, payloads) -> int:
+        payloads = list(payloads)
+        return sum(a.delete_scheduled(payloads) for a in self.parts)
+
+    def cancel(self, job_id: str) -> tuple:
+        res = (False, "unknown")
+        for a in self.parts:
+            res = a.cancel(job_id)
+            if res[0] or res[1] != "unknown":
+                break
+        return res
+
+
+def actions(r, cfg):
+    """The dashboard's actions for ``cfg``: :class:`Actions`, or :class:`GroupActions` with QUEUE_GROUPS."""
+    return GroupActions(r, cfg) if cfg.queue_groups else Actions(r, cfg)
+

@@ -90,15 +90,15 @@ class Dashboard:
     """The WSGI callable. Build it with :func:`make_app`."""
 
     def __init__(self, cfg: Config, r, authorize: Optional[Callable] = None, read_only: Optional[bool] = None):
-        from ..api import API
-        from .actions import Actions
+        from ..api_groups import read_model
+        from .actions import actions
         if authorize is None and not cfg.dashboard_password:
             raise ConfigError("DASHBOARD_PASSWORD is not set: the dashboard needs it (HTTP Basic), or mount it with "
                               "make_app(authorize=...) to use the host app's authentication")
         self.cfg, self.r = cfg, r
         self.authorize = authorize
         self.read_only = cfg.dashboard_read_only if read_only is None else bool(read_only)
-        self.api, self.actions = API(r, cfg), Actions(r, cfg)
+        self.api, self.actions = read_model(r, cfg), actions(r, cfg)
         self._layout = resources.files(__package__).joinpath("templates/layout.html").read_text("utf-8")
 
     # --- WSGI ---
@@ -282,10 +282,12 @@ class Dashboard:
         token = self.cfg.hirefire_token
         if not token or not m or not hmac.compare_digest(m.group(1).encode(), token.encode()):
             return "404 Not Found", [("Content-Type", "text/plain")], b"404 Not Found\n"
-        value = self.api.backlog(self.cfg.queues)
+        if self.cfg.queue_groups:  # QUEUE_GROUPS: one entry per group, named as its process type (docs/cluster.md)
+            body = [{"name": a.cfg.group, "value": a.backlog(("*",))} for a in self.api.parts]
+        else:
+            body = [{"name": "worker", "value": self.api.backlog(self.cfg.queues)}]
         return "200 OK", [("Content-Type", "application/json"),
-                          ("Cache-Control", "must-revalidate, private, max-age=0")], \
-            json.dumps([{"name": "worker", "value": value}]).encode()
+                          ("Cache-Control", "must-revalidate, private, max-age=0")], json.dumps(body).encode()
 
     @staticmethod
     def static(name: str):

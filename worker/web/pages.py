@@ -98,12 +98,18 @@ def job_link(ctx: Ctx, job_id, label=None) -> str:
 
 def counts(r, cfg) -> tuple:
     """(failed, scheduled, now) for the header: one round trip."""
+    from ..client import for_space
     from ..keys import Keys
-    k = Keys(cfg.key_prefix)
-    with r.pipeline(transaction=False) as pipe:
-        pipe.zcard(k.failed).zcard(k.scheduled).time()
-        f, s, (sec, usec) = pipe.execute(raise_on_error=False)
-    return (f if isinstance(f, int) else "?", s if isinstance(s, int) else "?", int(sec) + int(usec) / 1e6)
+    f, s, now = 0, 0, 0.0
+    for space in cfg.spaces():  # QUEUE_GROUPS: summed over every group's key space (one round trip each)
+        k = Keys(space.key_prefix)
+        with for_space(r, space.key_prefix).pipeline(transaction=False) as pipe:
+            pipe.zcard(k.failed).zcard(k.scheduled).time()
+            f1, s1, (sec, usec) = pipe.execute(raise_on_error=False)
+        f = f + f1 if isinstance(f, int) and isinstance(f1, int) else "?"
+        s = s + s1 if isinstance(s, int) and isinstance(s1, int) else "?"
+        now = max(now, int(sec) + int(usec) / 1e6)
+    return f, s, now
 
 
 # --- pages ------------------------------------------------------------------------------------------------
@@ -146,7 +152,8 @@ def overview(ctx: Ctx, doc: dict):
         live[f"q:{name}:paused"] = "paused" if q["paused"] else "running"
         act = button(ctx, f"/queues/{quote(name)}/{'resume' if q['paused'] else 'pause'}",
                      "Resume" if q["paused"] else "Pause", {"back": "/"})
-        rows.append((f'<a href="{h(ctx.root)}/queues/{h(quote(name))}">{h(name)}</a>',
+        group = f' <small>({h(q["group"])})</small>' if q.get("group") else ""  # QUEUE_GROUPS: its group
+        rows.append((f'<a href="{h(ctx.root)}/queues/{h(quote(name))}">{h(name)}</a>' + group,
                      f'<span data-live="q:{h(name)}:depth">{h(live[f"q:{name}:depth"])}</span>',
                      f'<span data-live="q:{h(name)}:latency">{h(live[f"q:{name}:latency"])}</span>',
                      f'<span class="{"paused" if q["paused"] else ""}" data-live="q:{h(name)}:paused">'
