@@ -116,6 +116,7 @@ class Broker:
         self.epoch = ""   # P:epoch as :meth:`register` found it ('' = not registered: CYCLE does not check it)
         self.keys = Keys(cfg.key_prefix)
         self.scripts = lua.Registry(redis_client)
+        self.limits: list = [0]  # CYCLE's limits section (wire.limits of the jobs' meta; set by the supervisor)
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
@@ -244,7 +245,7 @@ class Broker:
                            failed_max=c.failed_max, failed_ttl_ms=int(c.failed_ttl * 1000), wildcard=c.all_queues,
                            mode=mode, busy=busy, tidy=tidy, epoch=self.epoch,
                            queues=[] if c.all_queues else list(c.queues), checkpoints=checkpoints,
-                           outcomes=[o.wire(c) for o in outcomes], claim=claim)
+                           outcomes=[o.wire(c) for o in outcomes], claim=claim, limits=self.limits)
         return wire.parse_cycle(self.run(call))
 
     def run(self, call: "wire.Call"):

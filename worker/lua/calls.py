@@ -40,11 +40,25 @@ def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
     return op, o.slot, o.payload, o.job_id, a, b, c, o.started_ms or ""
 
 
+def limits(meta: dict) -> list:
+    """CYCLE's limits section from ``jobs.meta()``: ``[nlim, name, concurrency, rate count, rate period ms, ...]``
+    for the jobs declared with ``@job(concurrency=)`` or ``@job(rate=)`` (``[0]`` when none: issue 25)."""
+    out = [0]
+    for name, m in sorted(meta.items()):
+        conc, rate = m.get("concurrency"), m.get("rate")
+        if conc or rate:
+            out += [name, conc or "", *(rate or ("", ""))]
+            out[0] += 1
+    return out
+
+
 def cycle(k, worker: str, *, beat_ttl_ms, failed_max: int, failed_ttl_ms: int, wildcard: bool, mode: str,
-          busy: int, tidy: bool, epoch: str, queues: list, checkpoints, outcomes: list, claim) -> Call:
-    """CYCLE: ``outcomes`` are :func:`outcome` tuples; ``beat_ttl_ms`` '' = no beat this call."""
+          busy: int, tidy: bool, epoch: str, queues: list, checkpoints, outcomes: list, claim,
+          limits=(0,)) -> Call:
+    """CYCLE: ``outcomes`` are :func:`outcome` tuples; ``beat_ttl_ms`` '' = no beat this call; ``limits``: what
+    :func:`limits` built."""
     args = [worker, beat_ttl_ms, failed_max, failed_ttl_ms, "1" if wildcard else "0", mode, busy,
-            "1" if tidy else "0", epoch, len(queues), *queues, len(checkpoints)]
+            "1" if tidy else "0", epoch, len(queues), *queues, *limits, len(checkpoints)]
     for slot, value in checkpoints:
         args += [slot, value]
     args.append(len(outcomes))

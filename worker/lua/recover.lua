@@ -1,7 +1,8 @@
 -- RECOVER: requeue the jobs of dead workers (late past their grace), once however many workers call it at once.
 -- KEYS[1] prefix    P            the key space's root; derived from it: P:failed, P:failed:data, P:stat:failed,
 --                                and for each dead worker <w>: P:worker:<w>, P:processing:<w>, P:recovered:<w>; for
---                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>
+--                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>, and for a limited one
+--                                (issue 25) P:running:<name>, P:held:<name>
 -- KEYS[2] workers   P:workers    worker name -> its deadline (ms; workers of an older version: their last beat)
 -- KEYS[3] suspects  P:suspects   late worker -> "<its score>@<ms when first seen late>"
 -- ARGV[1] ttl_ms        ours: only for workers of an older version, which have no 'ttl' field (see below)
@@ -33,6 +34,9 @@
 --   as it is (item 'wrongtype:<key>'); every other key is used through pcall.
 -- * A job cancel(running=True) asked the dead worker to stop (its id in P:cancel:<w>, which that worker never read)
 --   is not put back: it ends canceled, its waiter notified (adversarial review of issue 24). P:cancel:<w> goes.
+-- * A job's concurrency slot (issue 25: its '<slot>:<w>' entry in P:running:<name>) is freed, whatever becomes of
+--   the job (put back, written off at MAX_ATTEMPTS, canceled), and one job held back by that limit goes back to the
+--   head of its queue; entries of a worker gone from P:workers are also dropped by the claim (cycle.lua).
 -- * A job goes back to the queue it was claimed from (queue:<slot> in the dead worker's hash), else the one its
 --   payload names, else 'default'. The fields recovery adds (attempts, errors, checkpoint) follow a marker
 --   "_rt":<offset of the fragment> and replace the previous recovery's fragment instead of piling up beside it: a
@@ -111,7 +115,7 @@ for _, w in ipairs(dead) do
   else
     local gone = prefix .. ':recovered:' .. w  -- what it held, for the worker itself if it was only stalled
     -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
-    local ckpt, from = {}, {}  -- and the queue it was claimed from (queue:<slot>), by payload
+    local ckpt, from, slot_of = {}, {}, {}  -- and the queue it was claimed from (queue:<slot>), its slot, by payload
     local info = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
     if type(info) == 'table' and not info.err then
       local f = {}
@@ -120,6 +124,7 @@ for _, w in ipairs(dead) do
         local slot = string.match(k, '^job:(%d+)$')
         if slot and f['ckpt:' .. slot] then ckpt[v] = f['ckpt:' .. slot] end
         if slot and f['queue:' .. slot] then from[v] = f['queue:' .. slot] end
+        if slot then slot_of[v] = slot end
       end
     end
     local ck = prefix .. ':cancel:' .. w  -- jobs cancel(running=True) asked it to stop: they end canceled here
@@ -133,6 +138,11 @@ for _, w in ipairs(dead) do
       if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
         local id = doc['id']
         redis.pcall('SADD', gone, id)
+        local nm = doc['name']  -- its run no longer counts against its concurrency limit (issue 25)
+        if type(nm) == 'string' and slot_of[p]
+            and redis.pcall('HDEL', prefix .. ':running:' .. nm, slot_of[p] .. ':' .. w) == 1 then
+          release_held(prefix, nm, 1, nil)
+        end
         local q = from[p] or doc['queue']
         if type(q) ~= 'string' or q == '' then q = 'default' end
         -- attempts: an integer >= 0 (else 0, as the worker reads it), at most MAX_ATTEMPTS: inf, NaN, 2.5 or
