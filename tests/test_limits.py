@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import events, overlaps, wait_until
+from tests.support import events, name_of, overlaps, wait_until
 from worker import jobs
 from worker.keys import Keys
 from worker.results import get_job
@@ -159,3 +159,45 @@ def test_a_rate_limit_spaces_the_runs_and_the_queue_flows(r, lj, spawn):
     free_starts = [e["t"] for e in evs if e["event"] == "start" and e["tag"].startswith("f")]
     assert max(free_starts) < starts[-1] - 1.0, "the unlimited jobs waited behind the rated ones"
     assert r.zcard(K.scheduled) == 0
+
+
+@pytest.mark.timeout(90)
+def test_a_held_job_shows_as_queued_and_can_be_canceled(r, lj, spawn):
+    from worker import cancel
+    a_id = lj.lim1.enqueue("cx:ev", "a")
+    w = spawn(DYNO="worker.1", WORKER_CONCURRENCY="2", **FAST)
+    wait_until(lambda: len(events(r, "cx:ev")) == 1, 20, "a started")
+    b_id = lj.lim1.enqueue("cx:ev", "b")
+    c_id = lj.lim1.enqueue("cx:ev", "c")
+    wait_until(lambda: r.llen(K.held("lim1")) == 2, 20, "b and c held")
+    assert get_job(b_id).status == "queued" and get_job(c_id).status == "queued"
+    assert cancel(b_id) is True and get_job(b_id).status == "canceled"
+    assert r.llen(K.held("lim1")) == 1
+    r.rpush("cx:ev:go", "x", "x")
+    assert get_job(a_id).wait(timeout=20).status == "done" and get_job(c_id).wait(timeout=20).status == "done"
+    assert [e["tag"] for e in events(r, "cx:ev") if e["event"] == "start"] == ["a", "c"]
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("which", ["running", "held", "rate"])
+def test_a_wrong_typed_limit_key_loses_no_job_and_names_the_key(r, lj, spawn, which):
+    """A limit key of the wrong type (another program's string): the claim puts the limited job back at the head of
+    its queue (no abort after the first write, no job lost), names the key (redis.wrong_type), and the worker goes
+    on; once the key is cleared the job runs."""
+    name = "both" if which == "rate" else "lim1"
+    if which == "held":  # the held list is only written once the limit is reached
+        r.hset(K.running(name), "0:someone-alive", "x")
+        r.zadd(K.workers, {"someone-alive": 1e15})
+    key = {"running": K.running, "held": K.held, "rate": K.rate}[which](name)
+    r.set(key, "junk")
+    job_id = (lj.both if name == "both" else lj.lim1).enqueue("wt:ev", "a")
+    w = spawn(DYNO="worker.1", **FAST)
+    w.wait_for(rf"event=redis.wrong_type key={key} type=string", 20)
+    assert [json.loads(p)["id"] for p in r.lrange(K.queue("default"), 0, -1)] == [job_id]
+    assert r.llen(K.processing(name_of(w))) == 0
+    r.delete(key, K.running(name))
+    r.rpush("wt:ev:go", "x")
+    assert get_job(job_id).wait(timeout=20).status == "done"
+    assert w.popen.poll() is None
