@@ -201,3 +201,21 @@ def test_a_wrong_typed_limit_key_loses_no_job_and_names_the_key(r, lj, spawn, wh
     r.rpush("wt:ev:go", "x")
     assert get_job(job_id).wait(timeout=20).status == "done"
     assert w.popen.poll() is None
+
+
+@pytest.mark.timeout(60)
+def test_held_jobs_go_back_when_a_deploy_removes_or_raises_the_limit(r, lj, spawn):
+    """Jobs held under an older deploy's limit that no end of a run would release any more: the job lost its limit
+    (``free`` has none now) or the limit has room (``lim2``, nothing running): the worker's recovery pass (at start,
+    then every 2 x HEARTBEAT_INTERVAL) puts them back on their queues, and they run."""
+    from worker.payload import build_payload
+    ids = []
+    for name, tag in (("free", "was-limited"), ("lim2", "room-now")):
+        job_id, _, payload = build_payload(name, ["dp:ev", tag], {}, "default", 1 << 20)
+        r.rpush(K.held(name), "default\n" + payload)
+        r.hset(K.job(job_id), mapping={"status": "queued", "name": name, "queue": "default"})
+        ids.append(job_id)
+    spawn(DYNO="worker.1", **FAST)
+    for job_id in ids:
+        assert get_job(job_id).wait(timeout=20).status == "done"
+    assert r.llen(K.held("free")) == 0 and limit_keys_clean(r, "lim2")

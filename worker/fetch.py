@@ -117,6 +117,7 @@ class Broker:
         self.keys = Keys(cfg.key_prefix)
         self.scripts = lua.Registry(redis_client)
         self.limits: list = [0]  # CYCLE's limits section (wire.limits of the jobs' meta; set by the supervisor)
+        self.served: list = []   # RECOVER's (wire.served): our jobs, whose held ones it releases (issue 25)
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,
@@ -300,7 +301,7 @@ class Broker:
         c = self.cfg
         return wire.parse_recover(self.run(wire.recover(
             self.keys, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max, int(c.failed_ttl * 1000), skip,
-            RECOVER_SLACK_MS, int(c.result_ttl * 1000))))
+            RECOVER_SLACK_MS, int(c.result_ttl * 1000), self.served)))
 
     def wrong_types(self, worker: str = "", extra=()) -> list:
         """``[(key, type), ...]``: the runtime's fixed keys (and ``worker``'s own) that hold another type than the

@@ -79,7 +79,7 @@ class Supervisor:
         self.broker.link = client.Link(self.broker.r, self.sig.wake_r, self.slots.service, self.slots.due)
         if not self._start_server():
             return self.bookkeeping()
-        self.broker.limits = wire.limits(self.slots.meta)  # @job(concurrency=, rate=): enforced in CYCLE
+        self.broker.limits, self.broker.served = wire.limits(self.slots.meta), wire.served(self.slots.meta)
         if not self.burst:
             self.ticker = schedule.Ticker.from_meta(self.slots.meta, self.broker, self.log)
         cfg = self.cfg

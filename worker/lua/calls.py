@@ -109,12 +109,21 @@ def parse_cycle(res) -> Cycle:
 # --- membership ---
 
 def recover(k, ttl_ms: int, max_attempts: int, failed_max: int, failed_ttl_ms: int, skip: str, slack_ms: int,
-            keep_ms: Optional[int] = None) -> Call:
+            keep_ms: Optional[int] = None, served=()) -> Call:
     """``keep_ms``: how long a job canceled here (cancel(running=True) its dead worker never read) keeps its
-    record (RESULT_TTL; None: FAILED_TTL)."""
+    record (RESULT_TTL; None: FAILED_TTL); ``served``: what :func:`served` built."""
     return Call("recover", [k.prefix, k.workers, k.suspects],
                 [ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip, slack_ms,
-                 failed_ttl_ms if keep_ms is None else keep_ms])
+                 failed_ttl_ms if keep_ms is None else keep_ms, *served])
+
+
+def served(meta: dict) -> list:
+    """RECOVER's last section from ``jobs.meta()``: ``[name, concurrency or '', ...]`` for every job the worker
+    knows: their held jobs (P:held:<name>) go back to their queues as far as the limit has room (issue 25)."""
+    out: list = []
+    for name, m in sorted(meta.items()):
+        out += [name, m.get("concurrency") or ""]
+    return out
 
 
 class Recovered(list):

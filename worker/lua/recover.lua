@@ -12,6 +12,8 @@
 -- ARGV[5] skip          our own name (never judged)
 -- ARGV[6] slack_ms      added to a late worker's interval to make its grace
 -- ARGV[7] keep_ms       how long a job canceled here keeps its status record (RESULT_TTL, ms; '0': deleted)
+-- ARGV[8..] pairs       (issue 25) the caller's job names, each with its concurrency ('' = none): held jobs of
+--                       theirs go back to their queues as far as that leaves room (all of them: no limit now)
 -- Reply: {wait, 'requeued:<id>' | 'failed:<id>' | 'canceled:<id>' | 'wrongtype:<key>' ...}: wait = ms until the earliest mark's
 --   grace ends ('' if none); or {'wrongtype', key, type} with nothing written.
 -- Invariants:
@@ -222,6 +224,19 @@ if redis.call('HLEN', suspects) > 0 then
   for n = 1, #marks, 2 do
     local score = redis.call('ZSCORE', workers, marks[n])
     if not score or string.match(marks[n + 1], '^(.*)@') ~= score then redis.call('HDEL', suspects, marks[n]) end
+  end
+end
+-- jobs held back by a concurrency limit that no end of a run would release any more (issue 25): the limit was
+-- raised or removed by a deploy, or runs ended without their entries (a claim whose reply was lost, data loss)
+for at = 8, #ARGV - 1, 2 do
+  local name, conc = ARGV[at], tonumber(ARGV[at + 1])
+  local n = redis.pcall('LLEN', prefix .. ':held:' .. name)
+  if type(n) == 'number' and n > 0 then
+    if conc then
+      local busy = redis.pcall('HLEN', prefix .. ':running:' .. name)
+      n = (type(busy) == 'number') and math.min(n, conc - busy) or 0
+    end
+    if n > 0 then release_held(prefix, name, math.min(n, 1000), nil) end
   end
 end
 table.insert(out, 1, wait and tostring(wait) or '')
