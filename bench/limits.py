@@ -11,8 +11,8 @@ A redis-server of its own on a free loopback port. Two parts:
    limited job but runs another: what an unlimited job pays beside limited ones), ``concurrency`` (every job
    ``@job(concurrency=1000)``: never held, the count kept) and ``rate`` (every job ``@job(rate="1000000/s")``:
    never held, the bucket kept). Each run has a key prefix of its own. Ratios are against ``no limits``.
-2. **No spin while limited jobs wait**: a real worker (``WORKER_CONCURRENCY=4``) with ``tests.jobs_limits.lim1``
-   (``concurrency=1``) running one job that waits, and 1,000 more of it queued: once all 1,000 are held, the worker
+2. **No spin while limited jobs wait**: a real worker (``WORKER_CONCURRENCY=4``) with ``bench/limits_jobs.py``'s ``hold``
+   (``concurrency=1``) running one job that sleeps, and 1,000 more of it queued: once all 1,000 are held, the worker
    tree's CPU (worker, fork server, spare child: /proc utime+stime) and Redis's commands over ``--wait`` seconds,
    against the same worker idle with empty queues.
 """
@@ -110,11 +110,12 @@ def window(r, pid: int, seconds: float) -> tuple:
 
 def no_spin(url: str, r, seconds: float) -> None:
     env = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    env.update(REDIS_URL=url, JOB_MODULES="worker.sample,tests.jobs,tests.jobs_limits", LOG_LEVEL="WARNING",
+    env.update(REDIS_URL=url, JOB_MODULES="bench.limits_jobs", QUEUES="default", LOG_LEVEL="WARNING",
                PYTHONPATH=str(REPO), WORKER_CONCURRENCY="4")
     w = subprocess.Popen([sys.executable, "-m", "worker"], env=env, cwd=str(REPO))
     try:
-        import tests.jobs_limits as lj
+        import bench.limits_jobs  # noqa: F401
+        from worker import jobs
         from worker.keys import Keys
         k = Keys()
         use_module_broker(url)
@@ -122,13 +123,12 @@ def no_spin(url: str, r, seconds: float) -> None:
             time.sleep(0.1)
         time.sleep(1.5)
         idle_cpu, idle_cmds = window(r, w.pid, seconds)
-        lj.lim1.enqueue("bench:lim", "holder")
-        while not r.llen("bench:lim"):
+        jobs.enqueue("hold", 3600)
+        while not r.hlen(k.running("hold")):
             time.sleep(0.05)
-        from worker import jobs
         t0 = time.monotonic()
-        jobs.enqueue_many("lim1", [("bench:lim", f"w{i}") for i in range(1000)])
-        while r.llen(k.held("lim1")) < 1000:
+        jobs.enqueue_many("hold", [(0,)] * 1000)
+        while r.llen(k.held("hold")) < 1000:
             time.sleep(0.05)
         held_after = time.monotonic() - t0
         time.sleep(1.0)
@@ -136,11 +136,9 @@ def no_spin(url: str, r, seconds: float) -> None:
         print(f"worker tree (WORKER_CONCURRENCY=4) over {seconds:g} s:")
         print(f"  idle, empty queues                                 CPU {idle_cpu:6.3f} s "
               f"({100 * idle_cpu / seconds:5.2f} %)   Redis commands {idle_cmds}")
-        print(f"  1 lim1 running + 1,000 held (concurrency=1)        CPU {lim_cpu:6.3f} s "
+        print(f"  1 hold running + 1,000 held (concurrency=1)        CPU {lim_cpu:6.3f} s "
               f"({100 * lim_cpu / seconds:5.2f} %)   Redis commands {lim_cmds}")
         print(f"  (all 1,000 held {held_after:.2f} s after enqueue_many; queue left: {r.llen(k.queue('default'))})")
-        r.delete(k.held("lim1"))
-        r.rpush("bench:lim:go", "x")
     finally:
         w.terminate()
         w.wait(15)

@@ -41,3 +41,15 @@ def free(key, tag):
     """No limit, same queue as the limited ones."""
     event(key, "start", tag=tag)
     event(key, "end", tag=tag)
+
+
+@job(concurrency=1, retries=1, result_ttl=60)
+def lim1_flaky(key, tag):
+    """One at a time; its first attempt fails (a retry follows), the second waits for ``<key>:go``."""
+    n = r().incr(f"{key}:{tag}:n")
+    event(key, "start", tag=tag)
+    if n == 1:
+        event(key, "end", tag=tag)
+        raise ValueError("first attempt fails")
+    r().blpop([key + ":go"], 60)
+    event(key, "end", tag=tag)

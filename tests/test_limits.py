@@ -219,3 +219,26 @@ def test_held_jobs_go_back_when_a_deploy_removes_or_raises_the_limit(r, lj, spaw
     for job_id in ids:
         assert get_job(job_id).wait(timeout=20).status == "done"
     assert r.llen(K.held("free")) == 0 and limit_keys_clean(r, "lim2")
+
+
+@pytest.mark.timeout(90)
+def test_a_failed_attempt_and_a_running_cancel_free_the_slot(r, lj, spawn):
+    """The outcome of a failed attempt (scheduled for a retry) frees the slot at once: the held job runs while the
+    retry waits; a running job canceled (running=True) frees it too."""
+    from worker import cancel
+    w = spawn(DYNO="worker.1", WORKER_CONCURRENCY="2", **FAST)
+    a_id = lj.lim1_flaky.enqueue("fr:ev", "a")
+    b_id = lj.lim1.enqueue("fr:ev", "b")  # another name: runs beside
+    c_id = lj.lim1_flaky.enqueue("fr:ev", "c")
+    wait_until(lambda: get_job(a_id).status == "scheduled", 20, "a's retry scheduled")
+    wait_until(lambda: [e["tag"] for e in events(r, "fr:ev") if e["event"] == "start"].count("c") == 1, 20,
+               "c ran once a's failed attempt freed the slot")
+    assert cancel(b_id, running=True) is not False
+    assert get_job(b_id).wait(timeout=20).status == "canceled"
+    assert r.hlen(K.running("lim1")) == 0
+    r.rpush("fr:ev:go", "x", "x", "x")
+    assert get_job(a_id).wait(timeout=30).status == "done" and get_job(c_id).wait(timeout=30).status == "done"
+    assert most_at_once(finished([e for e in events(r, "fr:ev") if e["tag"] != "b"])) == 1
+    wait_until(lambda: limit_keys_clean(r, "lim1_flaky") and limit_keys_clean(r, "lim1"), 10, "nothing counted")
+    w.signal(15)
+    assert w.wait(15) == 0
