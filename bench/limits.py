@@ -11,8 +11,8 @@ A redis-server of its own on a free loopback port. Two parts:
    limited job but runs another: what an unlimited job pays beside limited ones), ``concurrency`` (every job
    ``@job(concurrency=1000)``: never held, the count kept) and ``rate`` (every job ``@job(rate="1000000/s")``:
    never held, the bucket kept). Each run has a key prefix of its own. Ratios are against ``no limits``.
-2. **No spin while limited jobs wait**: a real worker (``WORKER_CONCURRENCY=4``) with ``bench/limits_jobs.py``'s ``hold``
-   (``concurrency=1``) running one job that sleeps, and 1,000 more of it queued: once all 1,000 are held, the worker
+2. **No spin while limited jobs wait**: a real worker (``WORKER_CONCURRENCY=4``) with ``hold``
+   (bench/limits_jobs.py, ``concurrency=1``) running one job that sleeps, and 1,000 more of it queued: once all 1,000 are held, the worker
    tree's CPU (worker, fork server, spare child: /proc utime+stime) and Redis's commands over ``--wait`` seconds,
    against the same worker idle with empty queues.
 """

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from tests import dyno
-from tests.support import events, name_of, overlaps, wait_until
+from tests.support import events, name_of, overlaps, url_of, wait_until
 from worker import jobs
 from worker.keys import Keys
 from worker.results import get_job
@@ -171,6 +171,10 @@ def test_a_held_job_shows_as_queued_and_can_be_canceled(r, lj, spawn):
     c_id = lj.lim1.enqueue("cx:ev", "c")
     wait_until(lambda: r.llen(K.held("lim1")) == 2, 20, "b and c held")
     assert get_job(b_id).status == "queued" and get_job(c_id).status == "queued"
+    from worker.api import API
+    from worker.config import from_mapping
+    view = API(r, from_mapping({"REDIS_URL": url_of(r)})).job(c_id)  # the dashboard's job page
+    assert view["status"] == "queued" and view["args"] == ["cx:ev", "c"]
     assert cancel(b_id) is True and get_job(b_id).status == "canceled"
     assert r.llen(K.held("lim1")) == 1
     r.rpush("cx:ev:go", "x", "x")

@@ -206,8 +206,9 @@ def failed_match(k, name: str, error: str) -> Call:
     return Call("failed_match", [k.failed, k.failed_data], [name, error])
 
 
-def find_queued(k, queue: str, job_id: str) -> Call:
-    return Call("find_queued", [k.queue(queue)], [f'"id":"{job_id}"'])
+def find_queued(k, queue: str, job_id: str, name: Optional[str] = None) -> Call:
+    """``name``: the job's name, to look among its held jobs too (issue 25; None: ``P:held:``, never written)."""
+    return Call("find_queued", [k.queue(queue), k.held(name or "")], [f'"id":"{job_id}"'])
 
 
 def backlog(k, all_known: bool, names) -> Call:
