@@ -246,3 +246,18 @@ def test_a_failed_attempt_and_a_running_cancel_free_the_slot(r, lj, spawn):
     wait_until(lambda: limit_keys_clean(r, "lim1_flaky") and limit_keys_clean(r, "lim1"), 10, "nothing counted")
     w.signal(15)
     assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+def test_held_jobs_go_back_when_the_runs_counted_belong_to_workers_gone(r, lj, spawn):
+    """Runs counted for workers no longer registered (their entries outlived them: a claim whose reply was lost, a
+    worker hash that could not be read) and held jobs with no run left to end: the recovery pass drops those
+    entries and puts the held jobs back; nothing waits for a claim of that name that would never come."""
+    from worker.payload import build_payload
+    r.hset(K.running("lim2"), mapping={"0:gone-1": "x", "1:gone-2": "y"})
+    job_id, _, payload = build_payload("lim2", ["gw:ev", "held"], {}, "default", 1 << 20)
+    r.rpush(K.held("lim2"), "default\n" + payload)
+    r.hset(K.job(job_id), mapping={"status": "queued", "name": "lim2", "queue": "default"})
+    spawn(DYNO="worker.1", **FAST)
+    assert get_job(job_id).wait(timeout=20).status == "done"
+    assert limit_keys_clean(r, "lim2")

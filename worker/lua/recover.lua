@@ -227,14 +227,21 @@ if redis.call('HLEN', suspects) > 0 then
   end
 end
 -- jobs held back by a concurrency limit that no end of a run would release any more (issue 25): the limit was
--- raised or removed by a deploy, or runs ended without their entries (a claim whose reply was lost, data loss)
+-- raised or removed by a deploy, or runs ended without their entries (a claim whose reply was lost, a dead worker
+-- whose slots were unreadable), whose entries go here once their worker is gone from P:workers
 for at = 8, #ARGV - 1, 2 do
   local name, conc = ARGV[at], tonumber(ARGV[at + 1])
   local n = redis.pcall('LLEN', prefix .. ':held:' .. name)
   if type(n) == 'number' and n > 0 then
-    if conc then
-      local busy = redis.pcall('HLEN', prefix .. ':running:' .. name)
-      n = (type(busy) == 'number') and math.min(n, conc - busy) or 0
+    if conc then  -- room: the limit less the runs of live workers (entries of gone ones are dropped here)
+      local rk, busy = prefix .. ':running:' .. name, 0
+      local all = redis.pcall('HGETALL', rk)
+      for i = 1, (all.err and 0 or #all), 2 do
+        local w = string.match(all[i], '^%-?%d+:(.*)$')
+        if w and redis.pcall('ZSCORE', workers, w) == false then redis.pcall('HDEL', rk, all[i])
+        else busy = busy + 1 end
+      end
+      n = all.err and 0 or math.min(n, conc - busy)
     end
     if n > 0 then release_held(prefix, name, math.min(n, 1000), nil) end
   end
