@@ -10,11 +10,13 @@ A redis-server of its own on a free loopback port. Two parts:
    ``no limits`` (the worker serves no limited job: ``nlim = 0``), ``limits, other job`` (the worker serves a
    limited job but runs another: what an unlimited job pays beside limited ones), ``concurrency`` (every job
    ``@job(concurrency=1000)``: never held, the count kept) and ``rate`` (every job ``@job(rate="1000000/s")``:
-   never held, the bucket kept). Each run has a key prefix of its own. Ratios are against ``no limits``.
+   never held, the bucket kept), and ``no limits, again`` (A/A: how far two identical runs differ on this machine).
+   Each run has a key prefix of its own. Ratios are against ``no limits``.
 2. **No spin while limited jobs wait**: a real worker (``WORKER_CONCURRENCY=4``) with ``hold``
    (bench/limits_jobs.py, ``concurrency=1``) running one job that sleeps, and 1,000 more of it queued: once all 1,000 are held, the worker
    tree's CPU (worker, fork server, spare child: /proc utime+stime) and Redis's commands over ``--wait`` seconds,
-   against the same worker idle with empty queues.
+   against the same worker idle with empty queues; then the same with 1,000 jobs of ``trickle`` (``rate="2/m"``)
+   parked in the schedule until their tokens.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from tests.support import CONFIG_VARS, descendants  # noqa: E402
 
 RUNS = {  # name -> (limits section of CYCLE, job name run)
     "no limits": ([0], "noop"),
+    "no limits, again": ([0], "noop"),  # the same as the first: the noise floor between runs (A/A)
     "limits, other job": ([1, "other", 1000, "", ""], "noop"),
     "concurrency": ([1, "noop", 1000, "", ""], "noop"),
     "rate": ([1, "noop", "", 1000000, 1000], "noop"),
@@ -139,6 +142,16 @@ def no_spin(url: str, r, seconds: float) -> None:
         print(f"  1 hold running + 1,000 held (concurrency=1)        CPU {lim_cpu:6.3f} s "
               f"({100 * lim_cpu / seconds:5.2f} %)   Redis commands {lim_cmds}")
         print(f"  (all 1,000 held {held_after:.2f} s after enqueue_many; queue left: {r.llen(k.queue('default'))})")
+        t0 = time.monotonic()
+        jobs.enqueue_many("trickle", [()] * 1000)
+        while r.zcard(k.scheduled) < 998:  # 2 run at once (the bucket), the rest wait for their tokens
+            time.sleep(0.05)
+        parked_after = time.monotonic() - t0
+        time.sleep(1.0)
+        rate_cpu, rate_cmds = window(r, w.pid, seconds)
+        print(f"  + 998 trickle parked (rate=2/m) beside them         CPU {rate_cpu:6.3f} s "
+              f"({100 * rate_cpu / seconds:5.2f} %)   Redis commands {rate_cmds}")
+        print(f"  (998 parked {parked_after:.2f} s after enqueue_many; at most one token falls due in the window)")
     finally:
         w.terminate()
         w.wait(15)

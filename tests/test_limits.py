@@ -70,6 +70,9 @@ def test_bad_declarations_are_refused_at_decoration():
     meta = jobs.meta()
     assert meta["lim2"]["concurrency"] == 2 and meta["rated"]["rate"] == (5, 1000)
     assert meta["free"]["concurrency"] is None and meta["free"]["rate"] is None
+    from worker import config, startup
+    shown = startup.fields(config.from_mapping({"REDIS_URL": "redis://x"}), meta)["limits"]  # worker.start's line
+    assert "both:1+2/s" in shown and "lim2:2" in shown and "rated:5/s" in shown and "free" not in shown
 
 
 @pytest.mark.timeout(120)
