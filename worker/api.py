@@ -118,7 +118,7 @@ class API:
         if payload is None and doc["status"] == "running":
             payload = self._running_payload(job_id)
         if payload is None and doc["status"] == "queued" and doc.get("queue"):
-            payload = self.scripts.run(calls.find_queued(k, doc["queue"], job_id))
+            payload = self.scripts.run(calls.find_queued(k, doc["queue"], job_id, as_str(doc.get("name")) or None))
             payload = payload or None
         body = parse_json(payload)
         body = body if isinstance(body, dict) else {}

@@ -117,6 +117,8 @@ class Broker:
         self.keys = Keys(cfg.key_prefix)
         self.scripts = lua.Registry(redis_client)
         self._groups: dict = {}  # QUEUE_GROUPS: group -> its Broker (see group())
+        self.limits: list = [0]  # CYCLE's limits section (wire.limits of the jobs' meta; set by the supervisor)
+        self.served: list = []   # RECOVER's (wire.served): our jobs, whose held ones it releases (issue 25)
 
     # --- queue groups (QUEUE_GROUPS, worker/groups.py): one key space per group ---
     def group(self, name: str) -> "Broker":
@@ -282,7 +284,7 @@ class Broker:
                            failed_max=c.failed_max, failed_ttl_ms=int(c.failed_ttl * 1000), wildcard=c.all_queues,
                            mode=mode, busy=busy, tidy=tidy, epoch=self.epoch,
                            queues=[] if c.all_queues else list(c.queues), checkpoints=checkpoints,
-                           outcomes=[o.wire(c) for o in outcomes], claim=claim)
+                           outcomes=[o.wire(c) for o in outcomes], claim=claim, limits=self.limits)
         return wire.parse_cycle(self.run(call))
 
     def run(self, call: "wire.Call"):
@@ -337,7 +339,7 @@ class Broker:
         c = self.cfg
         return wire.parse_recover(self.run(wire.recover(
             self.keys, int(c.heartbeat_ttl * 1000), c.max_attempts, c.failed_max, int(c.failed_ttl * 1000), skip,
-            RECOVER_SLACK_MS, int(c.result_ttl * 1000))))
+            RECOVER_SLACK_MS, int(c.result_ttl * 1000), self.served)))
 
     def wrong_types(self, worker: str = "", extra=()) -> list:
         """``[(key, type), ...]``: the runtime's fixed keys (and ``worker``'s own) that hold another type than the

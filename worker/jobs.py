@@ -16,7 +16,7 @@ from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
 from .calloptions import JobCall
 from .payload import REGISTRY as _REGISTRY, delay_of, due_of, unique_keys
-from .jobspec import JobOptions, JobSpec, arity_checker, exception_classes  # noqa: F401 (re-exported)
+from .jobspec import JobOptions, JobSpec, arity_checker, exception_classes, limits  # noqa: F401 (re-exported)
 
 
 # --- the types type checkers see for @job (runtime: the plain decorator below; see jobtypes.py) ---
@@ -36,14 +36,16 @@ def job(fn: None = None, /, *, queue: str = DEFAULT_QUEUE, name: Optional[str] =
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args: Optional[list] = None,
         schedule_kwargs: Optional[dict] = None, dont_retry: Optional[tuple] = None,
-        retry_on: Optional[tuple] = None, strict_result: bool = False) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
+        retry_on: Optional[tuple] = None, strict_result: bool = False, concurrency: Optional[int] = None,
+        rate: Optional[str] = None) -> Callable[[Callable[P, R]], JobFunction[P, R]]: ...
 
 
 def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, timeout: Optional[float] = None,
         retries: Optional[int] = None, max_interruptions: Optional[int] = None, result_ttl: Optional[float] = None,
         every: Optional[float] = None, cron: Optional[str] = None, tz: Optional[str] = None,
         misfire_grace: Optional[float] = None, schedule_args=None, schedule_kwargs=None, dont_retry=None,
-        retry_on=None, strict_result: bool = False, unique: Union[bool, tuple, None] = None, unique_until: str = "end"):
+        retry_on=None, strict_result: bool = False, unique: Union[bool, tuple, None] = None, unique_until: str = "end",
+        concurrency: Optional[int] = None, rate: Optional[str] = None):
     """Register a function as a job, by its ``__name__`` unless ``name`` is given.
 
     Usable bare (``@job``) or with options (``@job(queue="mail", timeout=60, retries=3)``). The function keeps working
@@ -66,6 +68,8 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
     ``unique=True`` or ``=("user_id",)``: one job per key at a time (payload.unique_id, docs/user-guide.md);
     ``unique_until="start"`` frees the key when the job starts instead of when it ends. A periodic job is unique per
     schedule (a tick is skipped while the previous tick's run has not ended) unless ``unique=False``.
+    ``concurrency=N``: at most N runs of this job at once across every worker; ``rate="10/s"`` (``/m``, ``/h``):
+    a token bucket of 10 shared by every worker (docs/user-guide.md, "Concurrency and rate limits").
     """
     sched = schedule.declare(every, cron, tz, misfire_grace, schedule_args, schedule_kwargs, unique is not False)
     if unique_until not in ("end", "start"):
@@ -77,6 +81,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         raise TypeError("@job: give dont_retry or retry_on, not both")
     if not isinstance(strict_result, bool):
         raise TypeError(f"@job(strict_result=...) must be True or False, not {strict_result!r}")
+    most, per = limits(concurrency, rate)
 
     def register(f):
         job_name = name or f.__name__
@@ -96,7 +101,8 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         sig = inspect.signature(f)
         _REGISTRY[job_name] = JobSpec(job_name, f, queue, timeout, retries, sig, max_interruptions, result_ttl, sched,
                                       arity_checker(f), no_retry or (), only_retry, strict_result,
-                                      inspect.iscoroutinefunction(f), unique_keys(unique, sig), unique_until)
+                                      inspect.iscoroutinefunction(f), unique_keys(unique, sig), unique_until,
+                                      most, per)
         f.job_name = job_name
         f.enqueue = lambda *a, **kw: enqueue(job_name, *a, **kw)
         # positional-only: a job's own parameters may be called name, seconds or when
@@ -142,7 +148,8 @@ def import_modules(modules) -> None:
 def meta() -> dict:
     """What the worker needs of each registered job, as JSON (the fork server sends it; the worker imports no app)."""
     return {name: {"queue": s.queue, **{f.name: getattr(s, f.name, None) for f in fields(JobOptions)},
-                   "schedule": schedule.check(s), "module": ORIGIN.get(name),
+                   "schedule": schedule.check(s), "module": ORIGIN.get(name), "concurrency": s.concurrency,
+                   "rate": s.rate,
                    "defined_in": getattr(s.fn, "__module__", None)}
             for name, s in _REGISTRY.items()}
 

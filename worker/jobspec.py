@@ -5,6 +5,7 @@ decorator and the registry; this module holds what they store, so that a new per
 from __future__ import annotations
 
 import inspect
+import re
 from dataclasses import dataclass, field, fields
 from typing import Callable, Optional
 
@@ -54,6 +55,8 @@ class JobSpec:
     is_async: bool = False            # ``async def``: the child runs it with asyncio.run (worker/aio.py)
     unique: Optional[tuple] = None    # @job(unique=): () every argument, else the names keyed on (payload.unique_id)
     unique_until: str = "end"         # "start": the key is freed when the job starts (payload.unique_id)
+    concurrency: Optional[int] = None  # @job(concurrency=N): at most N runs at once, everywhere (cycle.lua)
+    rate: Optional[tuple] = None      # @job(rate="10/s"): (count, period ms): a bucket of count tokens (cycle.lua)
 
     def retryable(self, exc: BaseException) -> bool:
         """Whether ``retries`` apply to a run that raised ``exc`` (``dont_retry`` / ``retry_on``). Decided in the job's
@@ -94,3 +97,28 @@ def arity_checker(fn: Callable) -> Optional[Callable]:
     except SyntaxError:
         return None
     return ns["fits"]
+
+
+_RATE = re.compile(r"\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*\Z")
+_PERIOD_MS = {"s": 1000, "sec": 1000, "second": 1000, "m": 60000, "min": 60000, "minute": 60000, "h": 3600000,
+              "hour": 3600000}
+
+
+def limits(concurrency, rate) -> tuple:
+    """``@job(concurrency=, rate=)`` checked at decoration: ``(concurrency or None, (count, period_ms) or None)``.
+    ``concurrency``: an int >= 1; ``rate``: ``"<count>/s"``, ``"/m"`` or ``"/h"`` with a count >= 1 (issue 25).
+    Anything else raises ``TypeError`` (wrong type) or ``ValueError`` (wrong value)."""
+    if concurrency is not None:
+        if isinstance(concurrency, bool) or not isinstance(concurrency, int):
+            raise TypeError(f"@job(concurrency=...) must be an int >= 1, not {concurrency!r}")
+        if concurrency < 1:
+            raise ValueError(f"@job(concurrency=...) must be >= 1 (at most that many runs at once), not {concurrency}")
+    if rate is None:
+        return concurrency, None
+    if not isinstance(rate, str):
+        raise TypeError(f"@job(rate=...) must be a string such as \"10/s\", \"100/m\" or \"1000/h\", not {rate!r}")
+    m = _RATE.match(rate)
+    if not m or int(m.group(1)) < 1:
+        raise ValueError(f"@job(rate={rate!r}) is not valid: expected \"<count>/s\", \"<count>/m\" or \"<count>/h\" "
+                         f"with a whole count >= 1, such as \"10/s\"")
+    return concurrency, (int(m.group(1)), _PERIOD_MS[m.group(2)])

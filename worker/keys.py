@@ -59,6 +59,16 @@ is a key space of its own, ``P`` = ``KEY_PREFIX:<group>`` or ``{KEY_PREFIX:<grou
                                     Redis lost its data since (a restart without persistence, a stale replica
                                     promoted): the worker registers again and puts the claims of the jobs it holds
                                     back into its processing list, so they stay recoverable and can be put back
+    P:running:<name>        HASH    job <name>'s runs under @job(concurrency=N) (issue 25): '<slot>:<worker>' -> job
+                                    id, written by the claim (cycle.lua), deleted by the script that records the
+                                    run's outcome or by recovery; entries of workers gone from P:workers (and of
+                                    the claiming worker's free slots) are dropped when the limit is reached
+    P:held:<name>           LIST    jobs of <name> claimed while its concurrency was at its limit: '<queue>\n<payload>',
+                                    oldest first; each recorded end of a run of <name> moves held ones (as many as
+                                    the limit has room for) back to the head of their queues (get_job: queued)
+    P:rate:<name>           HASH    job <name>'s @job(rate=) bucket (GCRA on Redis's clock): tat (ms) and
+                                    tok:<id> -> ms, a token reserved by a job parked in P:scheduled until then;
+                                    expires a period after its last token
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
     P:stat:minute:<m>       STRING  "processed failed" counters as sampled in unix minute <m> (housekeep.lua, SET NX,
@@ -69,6 +79,7 @@ is a key space of its own, ``P`` = ``KEY_PREFIX:<group>`` or ``{KEY_PREFIX:<grou
 The Lua scripts (``worker/lua/*.lua``) receive the prefix ``P`` itself as a key (KEYS[1]; schedule.lua derives it
 from ``P:schedules``) and build the keys above whose suffix comes from data the same way (``P:queue:<q>``,
 ``P:wake:<q>``, ``P:job:<id>``, ``P:processing:<w>``, ``P:worker:<w>``, ``P:recovered:<w>``, ``P:sched:<name>``,
+``P:running:<name>``, ``P:held:<name>``, ``P:rate:<name>``,
 ``P:metrics:<n>``, ``P:stat:minute:<m>``: a job's queue is only known once its payload is read): every key a script
 touches is passed in KEYS or derived from one key passed in KEYS, as Redis Cluster needs (each header says which).
 Worker names are ``<$DYNO or host>:<pid>``; they may contain ``:``, which is fine inside a key suffix.
@@ -122,6 +133,15 @@ class Keys:
 
     def recovered(self, worker: str) -> str:
         return f"{self.prefix}:recovered:{worker}"
+
+    def running(self, name: str) -> str:
+        return f"{self.prefix}:running:{name}"
+
+    def held(self, name: str) -> str:
+        return f"{self.prefix}:held:{name}"
+
+    def rate(self, name: str) -> str:
+        return f"{self.prefix}:rate:{name}"
 
     def sched(self, name: str) -> str:
         return f"{self.prefix}:sched:{name}"

@@ -304,7 +304,7 @@ class Membership:
         self.broker.r.close()
         broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
                         self.cfg)
-        broker.epoch = self.broker.epoch
+        broker.epoch, broker.limits = self.broker.epoch, self.broker.limits
         return broker
 
     def up(self) -> None:

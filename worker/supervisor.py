@@ -26,6 +26,7 @@ from . import client, jobs, metrics, schedule, startup
 from .api import Housekeeper
 from .config import Config, ConfigError, redact_url
 from .fetch import Broker, Outcome
+from .lua import calls as wire
 from .forkserver import ForkServerError
 from .membership import Membership
 from .ledger import Ledger
@@ -78,6 +79,7 @@ class Supervisor:
         self.broker.link = client.Link(self.broker.r, self.sig.wake_r, self.slots.service, self.slots.due)
         if not self._start_server():
             return self.bookkeeping()
+        self.broker.limits, self.broker.served = wire.limits(self.slots.meta), wire.served(self.slots.meta)
         if not self.burst:
             self.ticker = schedule.Ticker.from_meta(self.slots.meta, self.broker, self.log)
         cfg = self.cfg

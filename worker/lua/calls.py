@@ -51,11 +51,25 @@ def outcome(o, result_ttl_ms: int, failed_ttl_ms: int) -> tuple:
     return op, o.slot, o.payload, o.job_id, a, b, c, o.started_ms or ""
 
 
+def limits(meta: dict) -> list:
+    """CYCLE's limits section from ``jobs.meta()``: ``[nlim, name, concurrency, rate count, rate period ms, ...]``
+    for the jobs declared with ``@job(concurrency=)`` or ``@job(rate=)`` (``[0]`` when none: issue 25)."""
+    out = [0]
+    for name, m in sorted(meta.items()):
+        conc, rate = m.get("concurrency"), m.get("rate")
+        if conc or rate:
+            out += [name, conc or "", *(rate or ("", ""))]
+            out[0] += 1
+    return out
+
+
 def cycle(k, worker: str, *, beat_ttl_ms, failed_max: int, failed_ttl_ms: int, wildcard: bool, mode: str,
-          busy: int, tidy: bool, epoch: str, queues: list, checkpoints, outcomes: list, claim) -> Call:
-    """CYCLE: ``outcomes`` are :func:`outcome` tuples; ``beat_ttl_ms`` '' = no beat this call."""
+          busy: int, tidy: bool, epoch: str, queues: list, checkpoints, outcomes: list, claim,
+          limits=(0,)) -> Call:
+    """CYCLE: ``outcomes`` are :func:`outcome` tuples; ``beat_ttl_ms`` '' = no beat this call; ``limits``: what
+    :func:`limits` built."""
     args = [worker, beat_ttl_ms, failed_max, failed_ttl_ms, "1" if wildcard else "0", mode, busy,
-            "1" if tidy else "0", epoch, len(queues), *queues, len(checkpoints)]
+            "1" if tidy else "0", epoch, len(queues), *queues, *limits, len(checkpoints)]
     for slot, value in checkpoints:
         args += [slot, value]
     args.append(len(outcomes))
@@ -106,12 +120,21 @@ def parse_cycle(res) -> Cycle:
 # --- membership ---
 
 def recover(k, ttl_ms: int, max_attempts: int, failed_max: int, failed_ttl_ms: int, skip: str, slack_ms: int,
-            keep_ms: Optional[int] = None) -> Call:
+            keep_ms: Optional[int] = None, served=()) -> Call:
     """``keep_ms``: how long a job canceled here (cancel(running=True) its dead worker never read) keeps its
-    record (RESULT_TTL; None: FAILED_TTL)."""
+    record (RESULT_TTL; None: FAILED_TTL); ``served``: what :func:`served` built."""
     return Call("recover", [k.prefix, k.workers, k.suspects],
                 [ttl_ms, max_attempts, failed_max, failed_ttl_ms, skip, slack_ms,
-                 failed_ttl_ms if keep_ms is None else keep_ms])
+                 failed_ttl_ms if keep_ms is None else keep_ms, *served])
+
+
+def served(meta: dict) -> list:
+    """RECOVER's last section from ``jobs.meta()``: ``[name, concurrency or '', ...]`` for every job the worker
+    knows: their held jobs (P:held:<name>) go back to their queues as far as the limit has room (issue 25)."""
+    out: list = []
+    for name, m in sorted(meta.items()):
+        out += [name, m.get("concurrency") or ""]
+    return out
 
 
 class Recovered(list):
@@ -194,8 +217,9 @@ def failed_match(k, name: str, error: str) -> Call:
     return Call("failed_match", [k.failed, k.failed_data], [name, error])
 
 
-def find_queued(k, queue: str, job_id: str) -> Call:
-    return Call("find_queued", [k.queue(queue)], [f'"id":"{job_id}"'])
+def find_queued(k, queue: str, job_id: str, name: Optional[str] = None) -> Call:
+    """``name``: the job's name, to look among its held jobs too (issue 25; None: ``P:held:``, never written)."""
+    return Call("find_queued", [k.queue(queue), k.held(name or "")], [f'"id":"{job_id}"'])
 
 
 def backlog(k, all_known: bool, names) -> Call:

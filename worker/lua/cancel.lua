@@ -1,6 +1,8 @@
 -- CANCEL: take a queued or scheduled job (its retry too) out so that it never runs, and mark it canceled.
 -- KEYS[1] prefix     P              the key space's root; derived from it: P:job:<id>, P:queue:<q> (the queue its
 --                                   record names), P:done:<id> (notify), P:unique:<key> (unique_until="start")
+--                                   record names), P:done:<id> (notify), P:held:<name> (issue 25: a job held back
+--                                   by its concurrency limit, its record's name)
 -- KEYS[2] scheduled  P:scheduled    delayed jobs and retries
 -- KEYS[3] workers    P:workers      live workers (running: derived from the prefix, P:worker:<w> and P:cancel:<w>)
 -- ARGV[1] job_id     <id>
@@ -12,14 +14,15 @@
 --   per its record but in no queue: a worker has claimed it), 'missing' (scheduled but not found), 'wrongtype'.
 -- Invariants: atomic with the claim (CYCLE): a job is either still in its queue and removed here (it never runs) or
 --   claimed (not found here: cancel returns 0, the job runs). The job is found by its payload's head
---   ('{"id":"<id>"', how producers write it), scanning its queue or P:scheduled in chunks of 1000: O(length).
+--   ('{"id":"<id>"', how producers write it), scanning its queue, P:scheduled or P:held:<name> in chunks of 1000:
+--   O(length).
 --   Nothing is written before the job is found.
 local prefix, scheduled, workers = KEYS[1], KEYS[2], KEYS[3]
 local job_id, keep_ms, running = ARGV[1], ARGV[2], ARGV[3] == '1'
 
 local jk = prefix .. ':job:' .. job_id
 local head = '{"id":"' .. job_id .. '"'
-local rec = redis.pcall('HMGET', jk, 'status', 'queue')
+local rec = redis.pcall('HMGET', jk, 'status', 'queue', 'name')
 if type(rec) ~= 'table' or rec.err then return {0, 'wrongtype'} end
 local status, q = rec[1], rec[2]
 if not status then return {0, 'unknown'} end
@@ -29,13 +32,17 @@ if status ~= 'queued' and status ~= 'scheduled' then return {0, status} end
 local places = {}
 if status == 'queued' and q then places[1] = {prefix .. ':queue:' .. q, 'LLEN', 'LRANGE', 'LREM'} end
 places[#places + 1] = {scheduled, 'ZCARD', 'ZRANGE', 'ZREM'}
+if status == 'queued' and q and rec[3] then  -- held back by its concurrency limit: '<queue>\n<payload>'
+  places[#places + 1] = {prefix .. ':held:' .. rec[3], 'LLEN', 'LRANGE', 'LREM', q .. '\n' .. head}
+end
 local raw, from = nil, nil
 for _, place in ipairs(places) do
   local n = redis.pcall(place[2], place[1])
   if type(n) == 'number' then
     for i = 0, n - 1, 1000 do
       for _, v in ipairs(redis.call(place[3], place[1], i, i + 999)) do
-        if string.sub(v, 1, #head) == head then raw = v; break end
+        local want = place[5] or head
+        if string.sub(v, 1, #want) == want then raw = v; break end
       end
       if raw then break end
     end

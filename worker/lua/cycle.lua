@@ -5,6 +5,8 @@
 --                                       P:job:<id>, P:done:<id>, P:failed, P:failed:data, P:stat:processed,
 --                                       P:stat:failed, P:cancel:<w> (popped when beating), P:unique:<key>
 --                                       (unique_until="start": freed by the claim, taken back by a put-back/retry)
+--                                       P:stat:failed, P:cancel:<w> (popped when beating); limited jobs (issue
+--                                       25): P:running:<name>, P:held:<name>, P:rate:<name>, P:queues
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -23,6 +25,9 @@
 -- ARGV[8] tidy         '1': move due scheduled jobs, and ring the wake list of a queue this call left work in
 -- ARGV[9] epoch        P:epoch as the worker registered it ('' = not checked)
 -- ARGV[10] nq          then (from QUEUES_AT) nq queue names in priority order
+--   then nlim (at lim_count_at), then nlim limits of LIMIT_LEN (4) fields each (issue 25; nlim = 0 when this
+--     worker serves no limited job, and then nothing below costs anything): job name, concurrency ('' = none),
+--     rate count and rate period in ms ('' '' = none)
 --   then nck (at ckpt_count_at), then nck pairs (slot, checkpoint JSON): running jobs' latest checkpoints, kept in
 --     the worker hash (ckpt:<slot>) so that recovery of a dyno killed outright puts them back with their progress;
 --     '' clears the slot's (its job ended)
@@ -64,6 +69,15 @@
 -- * unique_until="start" (issue 25): the claim of a job whose id is us:<key>:<random> (its payload starts
 --   '{"id":"us:') deletes P:unique:us:<key> if it names that job; a put-back or retry of one takes it back if no
 --   other waiting job holds it (prelude: unique_free, unique_retake). Other jobs pay one string compare per claim.
+-- * Limits (issue 25), for the job names in the limits section only. Concurrency: P:running:<name> maps
+--   '<slot>:<worker>' -> job id for each run; a claimed job whose name is at its limit (after dropping entries of
+--   workers gone from P:workers and of this worker's free slots) moves from the processing list to
+--   P:held:<name> ('<queue>\n<payload>') and the claim goes on; every recorded outcome of such a job deletes its
+--   entry and moves held jobs (as many as the limit has room for) back to the head of their queues. Rate: GCRA on
+--   Redis's clock in P:rate:<name> (tat; a bucket of <count> tokens): a job over the rate reserves the next token
+--   (tok:<id> = its time) and is parked in P:scheduled until then; claimed again, its reservation lets it run.
+--   At most HOLD_MAX jobs are held per call (then the queue's wake list is rung). A limit key of the wrong type
+--   puts the job back at the head of its queue, ends this call's claims from that queue and is named (odd keys).
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -74,7 +88,9 @@ local beating = beat_ttl ~= ''
 local cancel_key = prefix .. ':cancel:' .. worker_name  -- cancel(running=True): ids to stop (SPOP at beats)
 local nq = tonumber(ARGV[10])
 local QUEUES_AT = 11                                                       -- the nq queue names
-local ckpt_count_at = QUEUES_AT + nq                                       -- nck, then its pairs
+local lim_count_at = QUEUES_AT + nq                                        -- nlim, then the limits
+local LIMIT_LEN = 4
+local ckpt_count_at = lim_count_at + 1 + LIMIT_LEN * tonumber(ARGV[lim_count_at])  -- nck, then its pairs
 local outcome_count_at = ckpt_count_at + 1 + 2 * tonumber(ARGV[ckpt_count_at])  -- nout, then the outcomes
 local nout = tonumber(ARGV[outcome_count_at])
 local OUTCOME_LEN = 8
@@ -102,6 +118,37 @@ if epoch ~= '' and first ~= 1 then  -- no write yet
   if e ~= epoch then return {-2} end
 end
 local odd = nil  -- keys found wrong-typed (and skipped), for the reply
+local lim, limit_of, limit_free = nil, nil, nil  -- limits (see the invariants): only when some are configured
+if ckpt_count_at > lim_count_at + 1 then
+  lim = {}
+  for at = lim_count_at + 1, ckpt_count_at - 1, LIMIT_LEN do
+    lim[ARGV[at]] = {conc = tonumber(ARGV[at + 1]), n = tonumber(ARGV[at + 2]), ms = tonumber(ARGV[at + 3])}
+  end
+  limit_of = function(p)  -- a payload's job name and its limits (nil if none): read without cjson when ours
+    local name = string.match(p, '^{"id":"[%w_%.:%-]*","name":"([^"\\]*)"')
+    if not name then
+      local ok, doc = pcall(cjson.decode, p)
+      if ok and type(doc) == 'table' and type(doc['name']) == 'string' then name = doc['name'] end
+    end
+    if name and lim[name] then return name, lim[name] end
+    return nil, nil
+  end
+  limit_free = function(p, slot, id)  -- a limited job's outcome is recorded: its run no longer counts
+    local name, L = limit_of(p)
+    if not (L and L.conc) then return end
+    local rk = prefix .. ':running:' .. name
+    local all = (slot == '-1' or slot == '') and redis.pcall('HGETALL', rk) or {}
+    for i = 1, (all.err and 0 or #all), 2 do  -- a claim adopted after a lost reply: no slot, found by id
+      if all[i + 1] == id and string.sub(all[i], -#worker_name - 1) == ':' .. worker_name then
+        redis.pcall('HDEL', rk, all[i])
+      end
+    end
+    local n = redis.pcall('HDEL', rk, slot .. ':' .. worker_name)
+    if type(n) == 'number' then n = redis.pcall('HLEN', rk) end
+    if type(n) ~= 'number' then odd = add_line(odd, rk); return end
+    if n < L.conc then odd = release_held(prefix, name, math.min(L.conc - n, 10), odd) end
+  end
+end
 -- The first LREM above may already have written: from here on, a bookkeeping key of the wrong type must not make
 -- the script raise before the outcomes are recorded (pcall), or the job would be in no list at all.
 local readded = false
@@ -124,6 +171,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
   local removed = first
   if at > outcomes_at then removed = redis.call('LREM', processing, -1, payload) end
   if removed == 1 then
+    if lim then limit_free(payload, slot, id) end
     local a, b, c, started = ARGV[at + 4], ARGV[at + 5], ARGV[at + 6], ARGV[at + 7]
     local jk = prefix .. ':job:' .. id
     if started == '' and id ~= '' and (op == 'ack' or op == 'fail' or op == 'cancel') then
@@ -218,6 +266,75 @@ local nqs = queues and #queues or nq
 local res, wf = {0, '', now, 0, 0, '', ''}, {}  -- wf: the worker hash's fields, written once at the end
 local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
 local next_slot = slots_at  -- ARGV[next_slot]: the slot the next claim goes into
+local held, HOLD_MAX, admit = 0, 100, nil  -- jobs this call held back by their limits (at most HOLD_MAX)
+if lim then
+  local prune = function(rk)  -- entries of workers gone from P:workers and of our own free slots: how many went
+    local all, gone = redis.pcall('HGETALL', rk), 0
+    for i = 1, (all.err and 0 or #all), 2 do
+      local s, w = string.match(all[i], '^(%-?%d+):(.*)$')
+      local stale = not w
+      if w == worker_name then
+        for c = next_slot, #ARGV do if ARGV[c] == s then stale = true end end
+      elseif w then
+        stale = redis.pcall('ZSCORE', workers, w) == false
+      end
+      if stale and redis.pcall('HDEL', rk, all[i]) == 1 then gone = gone + 1 end
+    end
+    return gone
+  end
+  -- a job just moved (LMOVE) to the tail of the processing list from queue q, to run in slot: 'run', 'held'
+  -- (moved on to P:held:<name> or parked in P:scheduled), or nil (a limit key of the wrong type: it went back
+  -- to the head of q)
+  admit = function(v, q, slot)
+    local name, L = limit_of(v)
+    if not L then return 'run' end
+    local id = string.match(v, '^{"id":"([%w_%.:%-]+)"') or redis.sha1hex(v)
+    local rk, bad = prefix .. ':running:' .. name, nil
+    if L.conc then
+      local n = redis.pcall('HLEN', rk)
+      if type(n) ~= 'number' then bad = rk
+      elseif n >= L.conc and n - prune(rk) >= L.conc then
+        local hk = prefix .. ':held:' .. name
+        if type(redis.pcall('RPUSH', hk, q .. '\n' .. v)) == 'number' then
+          redis.call('RPOP', processing)
+          held = held + 1
+          return 'held'
+        end
+        bad = hk
+      end
+    end
+    if not bad and L.n then
+      local bk = prefix .. ':rate:' .. name
+      local mine = redis.pcall('HDEL', bk, 'tok:' .. id)  -- a token it reserved when it was parked
+      if type(mine) ~= 'number' then bad = bk
+      elseif mine == 0 then
+        local T = L.ms / L.n
+        local tat = tonumber(redis.call('HGET', bk, 'tat')) or now
+        if tat < now then tat = now end
+        local at = tat - (L.n - 1) * T  -- when this job conforms (GCRA: a bucket of L.n tokens)
+        if at > now and type(redis.pcall('ZADD', scheduled, at, v)) ~= 'number' then bad = scheduled
+        else
+          redis.call('HSET', bk, 'tat', tat + T)
+          redis.call('PEXPIRE', bk, math.ceil(tat + T - now) + L.ms + 60000)
+          if at > now then  -- over the rate: parked until its token, which it keeps
+            redis.call('HSET', bk, 'tok:' .. id, at)
+            redis.call('RPOP', processing)
+            held = held + 1
+            return 'held'
+          end
+        end
+      end
+    end
+    if bad then
+      redis.call('RPOP', processing)
+      redis.pcall('LPUSH', prefix .. ':queue:' .. q, v)
+      odd = add_line(odd, bad)
+      return nil
+    end
+    if L.conc then redis.pcall('HSET', rk, slot .. ':' .. worker_name, id) end
+    return 'run'
+  end
+end
 if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) and each queue
   local p
   if queues then p = redis.pcall('SMISMEMBER', paused, '*', unpack(queues))
@@ -232,7 +349,15 @@ if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) 
       v = redis.pcall('LMOVE', prefix .. ':queue:' .. q, processing, 'LEFT', 'RIGHT')
       if type(v) == 'table' then v, odd = false, add_line(odd, prefix .. ':queue:' .. q) end
     end
-    if v then
+    local verdict = 'run'
+    if v and admit then verdict = admit(v, q, ARGV[next_slot]) end
+    if v and verdict ~= 'run' then  -- held back by a limit (or its key unusable: this queue is done for now)
+      if not verdict then i = i + 1 end
+      if held >= HOLD_MAX then  -- enough for one call: the next call (ours, or an idle worker's) goes on
+        wake(prefix, q)
+        i = nqs + 1
+      end
+    elseif v then
       -- (the job's status record is not touched here: get_job finds a running job in its worker's slots)
       if string.sub(v, 1, 10) == '{"id":"us:' then unique_free(prefix, string.match(v, '^{"id":"([^"]+)"')) end
       local slot = ARGV[next_slot]

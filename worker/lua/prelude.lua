@@ -114,3 +114,27 @@ local function unique_retake(prefix, id)
   end
   redis.pcall('SET', lock, id)
 end
+
+-- Up to n jobs held back by job <name>'s concurrency limit (P:held:<name>, each element '<queue>\n<payload>',
+-- oldest first) back to the head of the queue each was claimed from, with a wake-up (issue 25). pcall only: a
+-- wrong-typed key leaves the job held and is named. Returns `odd` (add_line) with such keys added.
+local function release_held(prefix, name, n, odd)
+  local hk = prefix .. ':held:' .. name
+  for _ = 1, n do
+    local e = redis.pcall('LPOP', hk)
+    if type(e) ~= 'string' then
+      if type(e) == 'table' and e.err then odd = add_line(odd, hk) end
+      return odd
+    end
+    local q, p = string.match(e, '^([^\n]*)\n(.*)$')
+    if not q or q == '' then q, p = 'default', p or e end
+    if type(redis.pcall('LPUSH', prefix .. ':queue:' .. q, p)) == 'number' then
+      wake(prefix, q)
+      redis.pcall('SADD', prefix .. ':queues', q)
+    else
+      redis.pcall('LPUSH', hk, e)
+      return add_line(odd, prefix .. ':queue:' .. q)
+    end
+  end
+  return odd
+end

@@ -3,6 +3,8 @@
 --                                and for each dead worker <w>: P:worker:<w>, P:processing:<w>, P:recovered:<w>; for
 --                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>, P:unique:<key> (a job
 --                                of unique_until="start" put back takes its key back if free: prelude)
+--                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>, and for a limited one
+--                                (issue 25) P:running:<name>, P:held:<name>
 -- KEYS[2] workers   P:workers    worker name -> its deadline (ms; workers of an older version: their last beat)
 -- KEYS[3] suspects  P:suspects   late worker -> "<its score>@<ms when first seen late>"
 -- ARGV[1] ttl_ms        ours: only for workers of an older version, which have no 'ttl' field (see below)
@@ -12,6 +14,8 @@
 -- ARGV[5] skip          our own name (never judged)
 -- ARGV[6] slack_ms      added to a late worker's interval to make its grace
 -- ARGV[7] keep_ms       how long a job canceled here keeps its status record (RESULT_TTL, ms; '0': deleted)
+-- ARGV[8..] pairs       (issue 25) the caller's job names, each with its concurrency ('' = none): held jobs of
+--                       theirs go back to their queues as far as that leaves room (all of them: no limit now)
 -- Reply: {wait, 'requeued:<id>' | 'failed:<id>' | 'canceled:<id>' | 'wrongtype:<key>' ...}: wait = ms until the earliest mark's
 --   grace ends ('' if none); or {'wrongtype', key, type} with nothing written.
 -- Invariants:
@@ -34,6 +38,9 @@
 --   as it is (item 'wrongtype:<key>'); every other key is used through pcall.
 -- * A job cancel(running=True) asked the dead worker to stop (its id in P:cancel:<w>, which that worker never read)
 --   is not put back: it ends canceled, its waiter notified (adversarial review of issue 24). P:cancel:<w> goes.
+-- * A job's concurrency slot (issue 25: its '<slot>:<w>' entry in P:running:<name>) is freed, whatever becomes of
+--   the job (put back, written off at MAX_ATTEMPTS, canceled), and one job held back by that limit goes back to the
+--   head of its queue; entries of a worker gone from P:workers are also dropped by the claim (cycle.lua).
 -- * A job goes back to the queue it was claimed from (queue:<slot> in the dead worker's hash), else the one its
 --   payload names, else 'default'. The fields recovery adds (attempts, errors, checkpoint) follow a marker
 --   "_rt":<offset of the fragment> and replace the previous recovery's fragment instead of piling up beside it: a
@@ -112,7 +119,7 @@ for _, w in ipairs(dead) do
   else
     local gone = prefix .. ':recovered:' .. w  -- what it held, for the worker itself if it was only stalled
     -- the checkpoints its running jobs last reported (ckpt:<slot> beside job:<slot> in its hash), by payload
-    local ckpt, from = {}, {}  -- and the queue it was claimed from (queue:<slot>), by payload
+    local ckpt, from, slot_of = {}, {}, {}  -- and the queue it was claimed from (queue:<slot>), its slot, by payload
     local info = redis.pcall('HGETALL', prefix .. ':worker:' .. w)
     if type(info) == 'table' and not info.err then
       local f = {}
@@ -121,6 +128,7 @@ for _, w in ipairs(dead) do
         local slot = string.match(k, '^job:(%d+)$')
         if slot and f['ckpt:' .. slot] then ckpt[v] = f['ckpt:' .. slot] end
         if slot and f['queue:' .. slot] then from[v] = f['queue:' .. slot] end
+        if slot then slot_of[v] = slot end
       end
     end
     local ck = prefix .. ':cancel:' .. w  -- jobs cancel(running=True) asked it to stop: they end canceled here
@@ -134,6 +142,11 @@ for _, w in ipairs(dead) do
       if ok and type(doc) == 'table' and type(doc['id']) == 'string' then
         local id = doc['id']
         redis.pcall('SADD', gone, id)
+        local nm = doc['name']  -- its run no longer counts against its concurrency limit (issue 25)
+        if type(nm) == 'string' and slot_of[p]
+            and redis.pcall('HDEL', prefix .. ':running:' .. nm, slot_of[p] .. ':' .. w) == 1 then
+          release_held(prefix, nm, 1, nil)
+        end
         local q = from[p] or doc['queue']
         if type(q) ~= 'string' or q == '' then q = 'default' end
         -- attempts: an integer >= 0 (else 0, as the worker reads it), at most MAX_ATTEMPTS: inf, NaN, 2.5 or
@@ -214,6 +227,26 @@ if redis.call('HLEN', suspects) > 0 then
   for n = 1, #marks, 2 do
     local score = redis.call('ZSCORE', workers, marks[n])
     if not score or string.match(marks[n + 1], '^(.*)@') ~= score then redis.call('HDEL', suspects, marks[n]) end
+  end
+end
+-- jobs held back by a concurrency limit that no end of a run would release any more (issue 25): the limit was
+-- raised or removed by a deploy, or runs ended without their entries (a claim whose reply was lost, a dead worker
+-- whose slots were unreadable), whose entries go here once their worker is gone from P:workers
+for at = 8, #ARGV - 1, 2 do
+  local name, conc = ARGV[at], tonumber(ARGV[at + 1])
+  local n = redis.pcall('LLEN', prefix .. ':held:' .. name)
+  if type(n) == 'number' and n > 0 then
+    if conc then  -- room: the limit less the runs of live workers (entries of gone ones are dropped here)
+      local rk, busy = prefix .. ':running:' .. name, 0
+      local all = redis.pcall('HGETALL', rk)
+      for i = 1, (all.err and 0 or #all), 2 do
+        local w = string.match(all[i], '^%-?%d+:(.*)$')
+        if w and redis.pcall('ZSCORE', workers, w) == false then redis.pcall('HDEL', rk, all[i])
+        else busy = busy + 1 end
+      end
+      n = all.err and 0 or math.min(n, conc - busy)
+    end
+    if n > 0 then release_held(prefix, name, math.min(n, 1000), nil) end
   end
 end
 table.insert(out, 1, wait and tostring(wait) or '')
