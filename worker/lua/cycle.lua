@@ -3,7 +3,8 @@
 -- (a job's outcome plus the next claim) is this one call.
 -- KEYS[1] prefix      P                 the key space's root; derived from it: P:queue:<q>, P:wake:<q>,
 --                                       P:job:<id>, P:done:<id>, P:failed, P:failed:data, P:stat:processed,
---                                       P:stat:failed, P:cancel:<w> (popped when beating)
+--                                       P:stat:failed, P:cancel:<w> (popped when beating), and for a group's
+--                                       member or callback: P:group:<gid>, P:group_res:<gid>, P:group_ids:<gid>
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -60,6 +61,9 @@
 --   waiter's mark, await.lua; PEXPIRE NX tells, at no extra command) also has its final record pushed to
 --   P:done:<id> (notify: Job.wait). The worker hash records per claim the queue it
 --   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
+-- * Groups (issue 25 item 4): a member's end (done, failed, canceled) is recorded in its group in this same call,
+--   once (group_end: HSETNX of its id), and the call that records a group's last member queues the group's
+--   callback; a callback's end sets the expiry of its group's keys (group_close). Other jobs pay one string.sub.
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -163,6 +167,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       end
     elseif op == 'retry' and id ~= '' and redis.pcall('SREM', cancel_key, id) == 1 then
       -- cancel(running=True) asked to stop it before a beat read the request: it is not run again
+      op, b = 'cancel', failed_ttl  -- (for its group, below: its record is kept FAILED_TTL)
       if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end
       redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name)
       redis.pcall('PEXPIRE', jk, failed_ttl)
@@ -183,6 +188,17 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       end
       if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
       elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
+    end
+    -- a group's member or callback (issue 25 item 4) that ended: one string.sub for any other job (group_of)
+    if id ~= '' and (op == 'ack' or op == 'fail' or op == 'cancel') then
+      local kind, gid = group_of(payload, id)
+      if gid and kind == 'group' then
+        local bad = group_end(prefix, gid, id, (op == 'ack' and 'done') or (op == 'fail' and 'failed') or 'canceled',
+                              op == 'cancel' and '' or a, now_s)
+        if bad then odd = add_line(odd, bad) end
+      elseif gid then
+        group_close(prefix, gid, b)  -- its callback ended: the group's keys go with its status record
+      end
     end
   end
 end
