@@ -64,3 +64,122 @@ def test_the_callback_runs_once_with_the_results_in_member_order(r, gj, spawn):
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0
     assert len(reports(r, "h")) == 1
+
+
+@pytest.mark.timeout(90)
+def test_members_failing_for_good_retried_and_canceled_end_the_group_once(r, gj, spawn, module_broker):
+    """Failed after its retry, failed at once (dont_retry), done on its retry, canceled while queued: each is one
+    end; the callback runs once, after the last, with each member's status, result and error."""
+    members = [gj.g_send.call("f", 1), gj.g_fail.call("f", 2), gj.g_flaky.call("f", 3), gj.g_dont.call("f", 4),
+               gj.g_send.options(queue="parked").call("f", 5)]
+    gid = group(members, on_complete=gj.g_report.call("f")).enqueue()
+    ids = r.lrange(K.group_ids(gid), 0, -1)
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY="2")
+    wait_until(lambda: get_group(gid)["pending"] == 1, 40, "every member but the parked one ended")
+    assert r.llen("f:report") == 0 and get_group(gid)["callback"]["status"] == "waiting"
+    assert cancel(ids[4]) is True  # queued on a queue no worker serves: canceled there (cancel.lua)
+    (rep,) = wait_report(r, "f")
+    got = [(x["status"], x["result"], (x["error"] or {}).get("type")) for x in rep["results"]]
+    assert got == [("done", 10, None), ("failed", None, "ValueError"), ("done", 2, None),
+                   ("failed", None, "KeyError"), ("canceled", None, None)]
+    assert "member 2 fails" in rep["results"][1]["error"]["message"]
+    assert r.lrange("f:runs", 0, -1).count("fail2") == 2 and r.lrange("f:runs", 0, -1).count("dont4") == 1
+    g = settled(r, gid)
+    assert (g["done"], g["failed"], g["canceled"], g["pending"]) == (2, 2, 1, 0)
+    assert cancel(ids[4]) is False  # once
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+    assert len(reports(r, "f")) == 1
+
+
+@pytest.mark.timeout(90)
+def test_a_member_run_again_from_the_failed_registry_is_not_counted_twice(r, gj, spawn, module_broker):
+    """The HSETNX guard: a member that failed for good and is retried from the failed registry (`failed retry`)
+    ends a second time while another member is still running. Counted again, it would complete the group early."""
+    from worker.failed import FailedRegistry
+    gid = group([gj.g_dont.call("d", 1), gj.g_gate.call("d", 2)], on_complete=gj.g_report.call("d")).enqueue()
+    ids = r.lrange(K.group_ids(gid), 0, -1)
+    w = spawn(JOB_MODULES=MODULES, WORKER_CONCURRENCY="2")
+    assert r.blpop(["d:started"], 20)
+    wait_until(lambda: get_group(gid)["failed"] == 1, 20, "the first member failed")
+    assert FailedRegistry(jobs.default_broker()).retry([ids[0]]) == [ids[0]]
+    wait_until(lambda: r.lrange("d:runs", 0, -1).count("dont1") == 2 and get_job(ids[0]).status == "failed", 20,
+               "the member's second run failed")
+    g = get_group(gid)
+    assert (g["failed"], g["pending"], g["callback"]["status"]) == (1, 1, "waiting") and r.llen("d:report") == 0
+    r.rpush("d:go", "x")
+    (rep,) = wait_report(r, "d")
+    assert [x["status"] for x in rep["results"]] == ["failed", "done"]
+    settled(r, gid)
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
+    assert len(reports(r, "d")) == 1
+
+
+@pytest.mark.timeout(60)
+def test_a_lost_reply_re_sent_records_the_last_member_and_queues_the_callback_once(r, gj, module_broker):
+    """redis-py re-sends a script call whose reply it lost (a timeout): the CYCLE call that records the last member
+    runs twice, and the group's enqueue too; the callback is queued once, each member counted once."""
+    from worker.fetch import Outcome
+    from worker.lua import calls as wire
+    b = jobs.default_broker()
+    gid = group([gj.g_send.call("l", 1), gj.g_send.call("l", 2)], on_complete=gj.g_report.call("l")).enqueue()
+    assert r.hget(K.group(gid), "c1") == "1"
+    b.register("w:1", {})
+    claims = b.cycle("w:1", claim=[0, 1]).claims
+    assert len(claims) == 2
+    for c in claims:
+        job_id = json.loads(c.payload)["id"]
+        call = wire.cycle(b.keys, "w:1", beat_ttl_ms="", failed_max=100, failed_ttl_ms=60000, wildcard=False,
+                          mode="", busy=0, tidy=False, epoch=b.epoch, queues=["default"], checkpoints=[],
+                          outcomes=[Outcome.ack(c.payload, c.slot, job_id, "7").wire(b.cfg)], claim=[])
+        b.run(call)
+        b.run(call)  # the same call again, as redis-py re-sends it
+    g = get_group(gid)
+    assert (g["done"], g["pending"], g["callback"]["status"]) == (2, 0, "queued")
+    assert r.llen(K.queue("default")) == 1 and json.loads(r.lindex(K.queue("default"), 0))["name"] == "g_report"
+    assert r.hlen(K.group_res(gid)) == 2
+    # the enqueue's chunk re-sent: nothing written twice
+    assert b.run(wire.group(b.keys, gid, 1, 2, ("{}", "x", "g_report", "default"), [("z", "g_send", "default", "{}")])) == 0
+    assert r.llen(K.group_ids(gid)) == 2 and r.llen(K.queue("default")) == 1
+
+
+def _kill_mid_group(r, gj, spawn, key, **env):
+    """Worker A (3 slots) runs three gated members; it is SIGKILLed (whole tree) and worker B recovers them."""
+    gid = group([gj.g_gate.call(key, n) for n in range(3)], on_complete=gj.g_report.call(key)).enqueue()
+    a = spawn(DYNO="worker.1", WORKER_CONCURRENCY="3", **FAST, **env)
+    wait_until(lambda: r.llen(key + ":started") == 3, 20, "three members running on A")
+    b = spawn(DYNO="worker.2", WORKER_CONCURRENCY="3", **FAST, **env)
+    b.wait_for(r"event=worker.start")
+    a.kill_tree()
+    return gid, b
+
+
+@pytest.mark.timeout(90)
+def test_a_sigkilled_dyno_mid_group_fires_the_callback_once(r, gj, spawn):
+    gid, b = _kill_mid_group(r, gj, spawn, "k")
+    b.wait_for(r"event=recovery\.requeued", 20)
+    wait_until(lambda: r.llen("k:started") == 6, 20, "the three members running again on B")
+    assert get_group(gid)["pending"] == 3 and r.llen("k:report") == 0
+    r.rpush("k:go", "1", "2", "3")
+    (rep,) = wait_report(r, "k")
+    assert [x["status"] for x in rep["results"]] == ["done"] * 3 and sorted(x["result"] for x in rep["results"]) \
+        == [0, 1, 2]
+    settled(r, gid)
+    b.signal(signal.SIGTERM)
+    assert b.wait(15) == 0
+    assert len(reports(r, "k")) == 1
+
+
+@pytest.mark.timeout(90)
+def test_members_written_off_by_recovery_count_as_failed(r, gj, spawn):
+    """MAX_ATTEMPTS=1: recovery writes the killed members off (failed registry, cause lost) in the same call that
+    records them in their group; the last one queues the callback."""
+    gid, b = _kill_mid_group(r, gj, spawn, "m", MAX_ATTEMPTS="1")
+    (rep,) = wait_report(r, "m")
+    assert [(x["status"], x["error"]["type"]) for x in rep["results"]] == [("failed", "WorkerLost")] * 3
+    g = settled(r, gid)
+    assert (g["failed"], g["pending"]) == (3, 0)
+    b.signal(signal.SIGTERM)
+    assert b.wait(15) == 0
+    assert len(reports(r, "m")) == 1
