@@ -68,3 +68,11 @@ def g_count(key, results=None):
     r().rpush(key + ":report", json.dumps({"n": len(results), "done": sum(x["status"] == "done" for x in results),
                                            "ids": [x["id"] for x in results[:3]]}))
     return len(results)
+
+
+@job(result_ttl=600)
+def g_chaos_report(key, gid, results=None):
+    """The chaos test's callback: one entry per run in ``<key>:report:<gid>``."""
+    from worker import current_job
+    r().rpush(f"{key}:report:{gid}", json.dumps({"attempt": current_job().attempt, "n": len(results),
+                                                 "done": sum(x["status"] == "done" for x in results)}))

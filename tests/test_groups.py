@@ -229,3 +229,46 @@ def test_ten_thousand_members_enqueue_in_ten_calls_and_complete(r, gj, spawn, mo
     assert settled(r, gid, 30)["done"] == 10_000 and len(reports(r, "big")) == 1
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_chaos_whole_dynos_killed_and_stopped_nothing_lost_callback_once(r, gj, spawn):
+    """Three dynos run 16 groups of 12 short members while a seeded random schedule SIGKILLs whole trees (a dyno
+    crash) and SIGTERMs whole process groups (a Heroku stop), restarting each at once. Every member completes,
+    every group ends with all members done, and each callback runs once (``CHAOS_SEED`` replays a schedule)."""
+    import os
+    import random
+    seed = int(os.environ.get("CHAOS_SEED") or 25004)
+    rng = random.Random(seed)
+    env = dict(FAST, WORKER_CONCURRENCY="2", SHUTDOWN_WINDOW="4", LOG_LEVEL="INFO")
+    gids, expected = [], set()
+    for g in range(16):
+        ms = [gj.g_short.call("ch", f"{g}.{n}", rng.choice([0.01, 0.05, 0.1, 0.3])) for n in range(12)]
+        expected |= {f"{g}.{n}" for n in range(12)}
+        gids.append(group(ms, on_complete=gj.g_chaos_report.call("ch", f"g{g}")).enqueue())
+    dynos = [spawn(DYNO=f"worker.{i + 1}", **env) for i in range(3)]
+    kills = terms = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 15 and r.scard("ch:done") < len(expected):
+        time.sleep(rng.uniform(0.3, 1.0))  # the chaos schedule itself, not a synchronisation
+        i = rng.randrange(3)
+        if rng.random() < 0.5:
+            dynos[i].kill_tree()
+            kills += 1
+        else:
+            try:
+                os.killpg(dynos[i].pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            terms += 1
+        dynos[i] = spawn(DYNO=f"worker.{i + 1}", **env)
+    wait_until(lambda: all((get_group(g) or {}).get("callback", {}).get("status") == "done" for g in gids), 180,
+               f"every group's callback done (seed {seed})")
+    print(f"\ngroups chaos: seed={seed}, {kills} SIGKILLs, {terms} SIGTERMs, {time.monotonic() - started:.1f}s")
+    assert r.smembers("ch:done") == expected, f"seed {seed}: members lost"
+    for n, gid in enumerate(gids):
+        g = get_group(gid)
+        assert (g["done"], g["pending"]) == (12, 0), (seed, g)
+        runs = [json.loads(x) for x in r.lrange(f"ch:report:g{n}", 0, -1)]
+        assert len(runs) == 1 and runs[0]["n"] == runs[0]["done"] == 12, (seed, gid, runs)
