@@ -272,3 +272,64 @@ def test_chaos_whole_dynos_killed_and_stopped_nothing_lost_callback_once(r, gj, 
         assert (g["done"], g["pending"]) == (12, 0), (seed, g)
         runs = [json.loads(x) for x in r.lrange(f"ch:report:g{n}", 0, -1)]
         assert len(runs) == 1 and runs[0]["n"] == runs[0]["done"] == 12, (seed, gid, runs)
+
+
+def test_inline_mode_runs_the_members_then_the_callback(r, redis_server, monkeypatch):
+    import tests.jobs_groups as gj
+    monkeypatch.setenv("EVENTS_REDIS_URL", redis_server.url)  # where the test jobs record their runs
+    with testing.inline() as run:
+        gid = group([gj.g_send.call("i", 1), gj.g_dont.call("i", 2)], on_complete=gj.g_report.call("i", "x")).enqueue()
+        g = get_group(gid)
+    assert (g["total"], g["done"], g["failed"], g["pending"], g["callback"]["status"]) == (2, 1, 1, 0, "done")
+    (rep,) = reports(r, "i")
+    assert [(x["status"], x["result"], (x["error"] or {}).get("type")) for x in rep["results"]] == \
+        [("done", 10, None), ("failed", None, "KeyError")]
+    assert [j["name"] for j in run.jobs] == ["g_send", "g_dont", "g_report"]
+
+
+def test_calls_and_groups_are_checked_when_made(gj):
+    with pytest.raises(TypeError, match="arguments do not fit"):
+        gj.g_send.call("x")
+    with pytest.raises(TypeError, match="must accept results="):
+        group([gj.g_send.call("x", 1)], on_complete=gj.g_send.call("x", 2))
+    with pytest.raises(TypeError, match="must not pass results="):
+        group([], on_complete=gj.g_report.call("x", results=[]))
+    with pytest.raises(TypeError, match="f.call"):
+        group([("g_send", 1)], on_complete=gj.g_report.call("x"))
+    with pytest.raises(TypeError, match="delay= or job_id="):
+        gj.g_send.options(job_id="mine").call("x", 1)
+
+
+@pytest.mark.timeout(60)
+def test_an_empty_group_queues_its_callback_at_once(r, gj, spawn):
+    gid = group([], on_complete=gj.g_report.call("e")).enqueue()
+    assert get_group(gid)["callback"]["status"] == "queued"
+    spawn(JOB_MODULES=MODULES)
+    (rep,) = wait_report(r, "e")
+    assert rep["results"] == []
+
+
+def test_a_wrong_typed_queue_refuses_the_whole_group(r, gj):
+    """Checked before the first write: a member's queue of the wrong type (even in a later chunk's share of the
+    transaction) makes the enqueue raise with nothing written."""
+    import redis
+    r.set(K.queue("parked"), "x")
+    members = [gj.g_send.call("w", n) for n in range(1500)] + [gj.g_send.options(queue="parked").call("w", 0)]
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        group(members, on_complete=gj.g_report.call("w")).enqueue()
+    assert r.llen(K.queue("default")) == 0 and not r.keys(K.group("*")) and not r.keys(K.job("*"))
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_typed_group_key_never_aborts_the_outcome(r, gj, spawn):
+    """The member's outcome is recorded whatever the group's keys hold (pcall: no abort after the first write);
+    the key is named in the worker's log."""
+    gid = group([gj.g_send.call("t", 1), gj.g_send.call("t", 2)], on_complete=gj.g_report.call("t")).enqueue()
+    r.set(K.group_res(gid), "junk")
+    ids = r.lrange(K.group_ids(gid), 0, -1)
+    w = spawn(JOB_MODULES=MODULES)
+    wait_until(lambda: all(get_job(i).status == "done" for i in ids), 20, "both members done")
+    w.wait_for(rf"group_res:{gid}")
+    assert get_group(gid)["pending"] == 2 and r.llen("t:report") == 0
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
