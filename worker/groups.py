@@ -29,6 +29,7 @@ from typing import Any, Optional, Sequence
 
 from . import jobs
 from .calloptions import PendingJob
+from .jobtypes import Pending
 from .lua import calls as wire
 from .payload import build_payload
 
@@ -43,7 +44,7 @@ def _marked(payload: str, job_id: str, field: str, gid: str) -> str:
     return f'{head},"{field}":"{gid}"{payload[len(head):]}'
 
 
-def _check(c, what: str) -> PendingJob:
+def _check(c: Any, what: str) -> PendingJob:
     if not isinstance(c, PendingJob):
         raise TypeError(f"group: {what} must be a call made with f.call(...) (or f.options(...).call(...)), "
                         f"not {type(c).__name__}")
@@ -53,7 +54,7 @@ def _check(c, what: str) -> PendingJob:
 class Group:
     """A group of not-yet-enqueued calls and the call to make once every one has ended."""
 
-    def __init__(self, members: Sequence[PendingJob], on_complete: PendingJob):
+    def __init__(self, members: Sequence[Pending], on_complete: Pending):
         if isinstance(members, (str, bytes, dict)):
             raise TypeError("group: members must be a list of calls made with f.call(...)")
         self.members = [_check(m, f"member {i}") for i, m in enumerate(members)]
@@ -77,7 +78,7 @@ class Group:
         return push(broker, self.members, self.on_complete)
 
 
-def group(members: Sequence[PendingJob], on_complete: PendingJob) -> Group:
+def group(members: Sequence[Pending], on_complete: Pending) -> Group:
     """``group([f.call(...), ...], on_complete=g.call(...)).enqueue()``: see the module's docstring."""
     return Group(members, on_complete)
 

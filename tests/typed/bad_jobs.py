@@ -20,3 +20,4 @@ send_welcome.enqueue(user=7)            # E: no such parameter
 send_welcome.options(queue="x").enqueue("seven")   # E: str for int (per-call options keep the signature)
 send_welcome.options(retries="5")                  # E: retries is an int
 send_welcome.options(colour="red")                 # E: no such option
+add.call("one")                                    # E: str for int (a group's member is checked like enqueue)
