@@ -333,3 +333,13 @@ def test_a_wrong_typed_group_key_never_aborts_the_outcome(r, gj, spawn):
     assert get_group(gid)["pending"] == 2 and r.llen("t:report") == 0
     w.signal(signal.SIGTERM)
     assert w.wait(15) == 0
+
+
+def test_the_cli_shows_a_groups_progress(r, gj, env):
+    from tests.conftest import run_cli
+    gid = group([gj.g_send.call("c", 1)], on_complete=gj.g_report.call("c")).enqueue()
+    out = run_cli(env, "group", gid)
+    assert out.returncode == 0, out.stderr
+    got = json.loads(out.stdout)
+    assert (got["total"], got["pending"], got["callback"]["status"]) == (1, 1, "waiting")
+    assert run_cli(env, "group", "nope").returncode == 1

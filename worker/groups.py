@@ -168,3 +168,20 @@ def get_group(gid: str, broker=None) -> Optional[dict]:
 def callback_results(doc: dict) -> Any:
     """In a job's own process (child.py): the ``results=`` of a group's callback (its payload's ``gdone``)."""
     return results(doc["gdone"])
+
+
+def main(cfg, gid: str) -> int:
+    """``python -m worker group ID``: print :func:`get_group` as JSON (exit 0), or exit 1 if it is unknown."""
+    import sys
+    from .client import connect
+    from .fetch import Broker
+    b = Broker(connect(cfg, name="status"), cfg)
+    try:
+        g = get_group(gid, b)
+    finally:
+        b.r.close()
+    if g is None:
+        print(f"error: no group {gid!r} (unknown, or expired with its callback's status record)", file=sys.stderr)
+        return 1
+    print(json.dumps(g, indent=2))
+    return 0
