@@ -343,3 +343,35 @@ def test_the_cli_shows_a_groups_progress(r, gj, env):
     got = json.loads(out.stdout)
     assert (got["total"], got["pending"], got["callback"]["status"]) == (1, 1, "waiting")
     assert run_cli(env, "group", "nope").returncode == 1
+
+
+@pytest.mark.timeout(120)
+def test_a_group_on_a_cluster_keeps_its_keys_in_the_prefix_slot(r, env, redis_cluster, redis_server, spawn):
+    """Issue 26 with groups: the group's keys derive from the prefix (one hash tag); enqueue's MULTI goes to the
+    slot's node; the callback reads results= through the cluster client."""
+    import redis as redis_py
+
+    import tests.jobs_groups as gj
+    import worker.config
+    from worker.client import connect
+    from worker.fetch import Broker
+    redis_cluster.flush()
+    cenv = dict(env, REDIS_URL=redis_cluster.url, REDIS_CLUSTER="1", EVENTS_REDIS_URL=redis_server.url,
+                JOB_MODULES=MODULES)
+    cfg = worker.config.from_mapping(cenv)
+    b = Broker(connect(cfg, name="test"), cfg)
+    jobs.use(b)
+    try:
+        gid = group([gj.g_send.call("cl", n) for n in range(3)], on_complete=gj.g_report.call("cl")).enqueue()
+        spawn(**cenv)
+        (rep,) = wait_report(r, "cl")
+        assert [x["result"] for x in rep["results"]] == [0, 10, 20]
+        cr = redis_py.RedisCluster.from_url(redis_cluster.url, decode_responses=True)
+        keys = [k for k in cr.keys(target_nodes=redis_py.RedisCluster.ALL_NODES) if "group" in k]
+        cr.close()
+        assert sorted(keys) == sorted([f"{{worker}}:group:{gid}", f"{{worker}}:group_ids:{gid}",
+                                       f"{{worker}}:group_res:{gid}"])
+        wait_until(lambda: get_group(gid)["callback"]["status"] == "done", 20, "the callback done")
+    finally:
+        jobs.use(None)
+        b.r.close()
