@@ -375,3 +375,24 @@ def test_a_group_on_a_cluster_keeps_its_keys_in_the_prefix_slot(r, env, redis_cl
     finally:
         jobs.use(None)
         b.r.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_member_canceled_while_running_ends_canceled_and_a_canceled_callback_frees_the_group(r, gj, spawn):
+    gid = group([gj.g_gate.call("cr", 1), gj.g_send.call("cr", 2)],
+                on_complete=gj.g_report.options(queue="parked").call("cr")).enqueue()
+    ids = r.lrange(K.group_ids(gid), 0, -1)
+    w = spawn(JOB_MODULES=MODULES, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3", WORKER_CONCURRENCY="2")
+    assert r.blpop(["cr:started"], 20)
+    assert cancel(ids[0], running=True) is True
+    wait_until(lambda: get_group(gid)["callback"]["status"] == "queued", 20, "the callback queued")
+    g = get_group(gid)
+    assert (g["done"], g["canceled"], g["pending"]) == (1, 1, 0)
+    assert r.hget(K.group_res(gid), ids[0]) == "canceled\n"
+    assert cancel(g["callback"]["id"]) is True  # queued on a queue no worker serves
+    assert get_group(gid)["callback"]["status"] == "canceled"
+    keep = r.pttl(K.job(g["callback"]["id"]))
+    for key in (K.group(gid), K.group_ids(gid), K.group_res(gid)):
+        assert 0 < r.pttl(key) <= keep + 100 and r.pttl(key) > keep - 5000, key  # with the callback's record
+    w.signal(signal.SIGTERM)
+    assert w.wait(15) == 0
