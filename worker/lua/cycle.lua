@@ -63,7 +63,7 @@
 --   came from (queue:<slot>): recovery puts the job back there, whatever its payload says (issue 27 item 6).
 -- * Groups (issue 25 item 4): a member's end (done, failed, canceled) is recorded in its group in this same call,
 --   once (group_end: HSETNX of its id), and the call that records a group's last member queues the group's
---   callback; a callback's end sets the expiry of its group's keys (group_close). Other jobs pay one string.sub.
+--   callback; a callback's end sets the expiry of its group's keys (group_close). Other jobs pay one string.byte.
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -189,8 +189,9 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
       elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
     end
-    -- a group's member or callback (issue 25 item 4) that ended: one string.sub for any other job (group_of)
-    if id ~= '' and (op == 'ack' or op == 'fail' or op == 'cancel') then
+    -- a group's member or callback (issue 25 item 4) that ended: its payload's head goes on ',"g' after the id
+    -- (group_of), any other job's on ',"name"': one string.byte for those (103: 'g')
+    if id ~= '' and string.byte(payload, 11 + #id) == 103 and (op == 'ack' or op == 'fail' or op == 'cancel') then
       local kind, gid = group_of(payload, id)
       if gid and kind == 'group' then
         local bad = group_end(prefix, gid, id, (op == 'ack' and 'done') or (op == 'fail' and 'failed') or 'canceled',
