@@ -1,7 +1,7 @@
 """Groups with an exactly-once completion callback (issue 25 item 4): ``group([f.call(...), ...],
 on_complete=g.call(...)).enqueue()``. A member's end (done, failed for good, canceled, written off by recovery) is
 counted in the same script call that records it, once (HSETNX of its id into the group's results); the call that
-records the last member queues the callback, which gets ``results=`` in member order (worker/groups.py)."""
+records the last member queues the callback, which gets ``results=`` in member order (worker/jobgroups.py)."""
 import json
 import signal
 import time

@@ -24,10 +24,10 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from .metrics import queue_depth, queue_latency
     from .results import Job, get_job, get_job_async
     from .control import cancel
-    from .groups import get_group, group
+    from .jobgroups import get_group, group
 
 _LAZY = {"cancel": "control", "get_job": "results", "get_job_async": "results", "Job": "results",
-         "queue_depth": "metrics", "queue_latency": "metrics", "group": "groups", "get_group": "groups"}
+         "queue_depth": "metrics", "queue_latency": "metrics", "group": "jobgroups", "get_group": "jobgroups"}
 
 
 def __getattr__(name):

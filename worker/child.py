@@ -279,8 +279,8 @@ def run(spec, doc, report_fd: int) -> None:
             if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
             if "gdone" in doc:  # a group's callback (issue 25 item 4): its members' results, read now
-                from . import groups
-                doc["kwargs"]["results"] = groups.callback_results(doc)
+                from . import jobgroups
+                doc["kwargs"]["results"] = jobgroups.callback_results(doc)
             if info is not None:
                 hooks.run_before(info)
             if spec.is_async:

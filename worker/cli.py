@@ -123,8 +123,8 @@ def main(argv=None) -> int:
             from . import status
             return status.job_main(cfg, args.id, as_json=args.json)
         if command == "group":
-            from . import groups
-            return groups.main(cfg, args.id)
+            from . import jobgroups
+            return jobgroups.main(cfg, args.id)
         if command == "cancel":
             from . import control
             return control.main(cfg, args.id, running=args.running)

@@ -52,7 +52,7 @@ Key schema (``P`` is ``KEY_PREFIX``, default ``worker``)::
                                     Redis lost its data since (a restart without persistence, a stale replica
                                     promoted): the worker registers again and puts the claims of the jobs it holds
                                     back into its processing list, so they stay recoverable and can be put back
-    P:group:<gid>           HASH    a group (issue 25 item 4, worker/groups.py): total, pending, done, failed,
+    P:group:<gid>           HASH    a group (issue 25 item 4, worker/jobgroups.py): total, pending, done, failed,
                                     canceled, created/fired (ms), the callback's payload/id/name/queue (cb*), the
                                     chunks written (c<k>). Its members' ends are counted in the script calls that
                                     record them (prelude group_end); the last one queues the callback. No expiry

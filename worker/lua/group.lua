@@ -1,5 +1,5 @@
 -- GROUP: enqueue one chunk (at most 1,000) of a group's members (issue 25 item 4); a group of n members is
--- ceil(n / 1000) calls, sent in one MULTI transaction (worker/groups.py), chunk 1 first.
+-- ceil(n / 1000) calls, sent in one MULTI transaction (worker/jobgroups.py), chunk 1 first.
 -- KEYS[1] prefix   P                  the key space's root; derived from it: P:queue:<q>, P:wake:<q>, P:job:<id>
 -- KEYS[2] group    P:group:<gid>      the group: total, pending, done, failed, canceled, created (ms), fired (ms),
 --                                     cb (the callback's payload, queued when the last member ends), cb_id,

@@ -89,7 +89,7 @@ local function decode_record(raw)
 end
 
 -- Groups (issue 25 item 4). A member's payload starts '{"id":"<id>","group":"<gid>"', its group's callback's
--- '{"id":"<id>","gdone":"<gid>"' (worker/groups.py writes them so): `kind, gid` of payload `p` of job `id`, or nil.
+-- '{"id":"<id>","gdone":"<gid>"' (worker/jobgroups.py writes them so): `kind, gid` of payload `p` of job `id`, or nil.
 -- A job of neither kind pays one string.sub.
 local function group_of(p, id)
   local at = 9 + #id

@@ -1,4 +1,4 @@
-"""Groups with a completion callback (issue 25 item 4)::
+"""Groups of jobs with a completion callback (issue 25 item 4; not QUEUE_GROUPS, issue 26)::
 
     from worker import group, get_group
 
