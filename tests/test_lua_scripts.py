@@ -121,7 +121,7 @@ def test_every_call_passes_only_keys_of_its_key_space():
              calls.retry_failed(k, ["x"]), calls.run_now(k, ["{}"]), calls.housekeep(k, 1, 1, 1),
              calls.failed_page(k, "", "", 0, 1), calls.failed_match(k, "", ""), calls.find_queued(k, "q", "x"),
              calls.backlog(k, True, []), calls.await_(k, "x"),
-             calls.cancel(k, "x", 1)]
+             calls.cancel(k, "x", 1), calls.group(k, "g", 1, 1, ("{}", "c", "n", "q"), [("i", "n", "q", "{}")])]
     assert sorted(c.script for c in built) == sorted(lua.NAMES)
     for c in built:
         assert c.keys, f"{c.script}: no KEYS"

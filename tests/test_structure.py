@@ -25,7 +25,7 @@ LAYERS = [
     # 1: the payload format and Redis access
     {"payload", "client", "schedule", "fetch", "aio_broker"},
     # 2: the app-facing job API and the job's own process: registry, enqueue, results, inline testing, the child
-    {"jobs", "jobspec", "calloptions", "child", "testing", "results", "control", "metrics", "aio"},
+    {"jobs", "jobspec", "calloptions", "child", "testing", "results", "control", "metrics", "aio", "jobgroups"},
     # 3: the worker's parts: fork server, outcome policy, failed registry, the read model
     {"forkserver", "claimed", "policy", "failed", "api", "api_overview", "api_groups", "status"},
     # 4: the worker's core: slots, stops, membership, the supervisor's loop

@@ -24,9 +24,10 @@ if TYPE_CHECKING:  # what type checkers see; at run time these load on first use
     from .metrics import queue_depth, queue_latency
     from .results import Job, get_job, get_job_async
     from .control import cancel
+    from .jobgroups import get_group, group
 
 _LAZY = {"cancel": "control", "get_job": "results", "get_job_async": "results", "Job": "results",
-         "queue_depth": "metrics", "queue_latency": "metrics"}
+         "queue_depth": "metrics", "queue_latency": "metrics", "group": "jobgroups", "get_group": "jobgroups"}
 
 
 def __getattr__(name):
@@ -41,5 +42,6 @@ def __getattr__(name):
 
 __all__ = ["job", "enqueue", "enqueue_in", "enqueue_at", "enqueue_many", "TermException", "shutdown_requested",
            "checkpoint", "last_checkpoint", "current_job", "enqueue_async", "enqueue_in_async",
-           "enqueue_at_async", "get_job_async", "get_job", "Job", "cancel", "queue_depth", "queue_latency"]
+           "enqueue_at_async", "get_job_async", "get_job", "Job", "cancel", "queue_depth", "queue_latency",
+           "group", "get_group"]
 __version__ = "0.2.0"

@@ -70,3 +70,24 @@ class JobCall:
     async def enqueue_at_async(self, when, /, *args: Any, **kwargs: Any) -> str:
         self._no_delay("enqueue_at_async")
         return await self._send_async(args, kwargs, due=due_of(when))
+
+    def call(self, *args: Any, **kwargs: Any) -> "PendingJob":
+        """A not-yet-enqueued call with these options, for ``worker.group`` (no ``delay`` or ``job_id``: a group's
+        members are queued at once, with ids of the group's making)."""
+        if self.delay is not None or self.job_id is not None:
+            raise TypeError("call: a group's member or callback takes no delay= or job_id= option")
+        self.push(self.name, args, kwargs, queue=self.queue, check_only=True)
+        return PendingJob(self.name, tuple(args), dict(kwargs), self.queue, self.opts or None)
+
+
+class PendingJob:
+    """``f.call(*args, **kwargs)``: one call of job ``name``, checked (its name and arguments) but not enqueued;
+    ``worker.group`` enqueues such calls (issue 25 item 4)."""
+
+    __slots__ = ("name", "args", "kwargs", "queue", "options")
+
+    def __init__(self, name: str, args: tuple, kwargs: dict, queue=None, options=None):
+        self.name, self.args, self.kwargs, self.queue, self.options = name, args, kwargs, queue, options
+
+    def __repr__(self) -> str:
+        return f"<call {self.name}(*{self.args!r}, **{self.kwargs!r})>"

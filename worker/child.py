@@ -251,10 +251,11 @@ def run_payload(data: bytes, report_fd: int) -> None:
         problem = f"job name {doc['name']!r} is not registered (JOB_MODULES)"
     else:
         try:
+            extra = {"results": []} if "gdone" in doc else {}  # a group's callback: results= come in run()
             if spec.fits is not None:
-                spec.fits(*doc["args"], **doc["kwargs"])
+                spec.fits(*doc["args"], **doc["kwargs"], **extra)
             else:
-                spec.signature.bind(*doc["args"], **doc["kwargs"])
+                spec.signature.bind(*doc["args"], **doc["kwargs"], **extra)
         except TypeError as exc:
             problem = f"arguments do not fit {spec.name}{spec.signature}: {str(exc).replace('fits()', 'the job')}"
     if problem is not None:
@@ -277,6 +278,9 @@ def run(spec, doc, report_fd: int) -> None:
             _state.running = True
             if _state.shutdown and (_state.grace <= 0 or _state.raise_asked):  # arrived before the job started
                 _raise_once()
+            if "gdone" in doc:  # a group's callback (issue 25 item 4): its members' results, read now
+                from . import jobgroups
+                doc["kwargs"]["results"] = jobgroups.callback_results(doc)
             if info is not None:
                 hooks.run_before(info)
             if spec.is_async:

@@ -52,6 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     jb.add_argument("id")
     jb.add_argument("--json", action="store_true", help="one JSON object (the fields of worker.get_job)")
 
+    gr = sub.add_parser("group", help="a group's progress (JSON; exit 1 if unknown or expired)")
+    gr.add_argument("id")
+
     cn = sub.add_parser("cancel", help="cancel a queued or scheduled job (exit 1 if it could not be)")
     cn.add_argument("id")
     cn.add_argument("--running", action="store_true", help="if a worker runs it, ask that worker to stop it")
@@ -119,6 +122,9 @@ def main(argv=None) -> int:
         if command == "job":
             from . import status
             return status.job_main(cfg, args.id, as_json=args.json)
+        if command == "group":
+            from . import jobgroups
+            return jobgroups.main(cfg, args.id)
         if command == "cancel":
             from . import control
             return control.main(cfg, args.id, running=args.running)

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 from . import schedule
 from .config import MAX_TTL, ConfigError
 from .payload import DEFAULT_QUEUE, BadJob, build_payload, json_dumps, loose_id, parse, queue_of  # noqa: F401
-from .calloptions import JobCall
+from .calloptions import JobCall, PendingJob
 from .payload import REGISTRY as _REGISTRY, delay_of, due_of, unique_keys
 from .jobspec import JobOptions, JobSpec, arity_checker, exception_classes, limits  # noqa: F401 (re-exported)
 
@@ -109,6 +109,7 @@ def job(fn=None, *, queue: str = DEFAULT_QUEUE, name: Optional[str] = None, time
         f.enqueue_in = lambda seconds, /, *a, **kw: enqueue_in(seconds, job_name, *a, **kw)
         f.enqueue_at = lambda when, /, *a, **kw: enqueue_at(when, job_name, *a, **kw)
         f.options = lambda **opts: options(job_name, **opts)
+        f.call = lambda *a, **kw: call(job_name, *a, **kw)  # a group's member or callback (worker.group)
         f.enqueue_async = lambda *a, **kw: enqueue_async(job_name, *a, **kw)
         f.enqueue_in_async = lambda seconds, /, *a, **kw: enqueue_in_async(seconds, job_name, *a, **kw)
         f.enqueue_at_async = lambda when, /, *a, **kw: enqueue_at_async(when, job_name, *a, **kw)
@@ -253,11 +254,19 @@ def enqueue_at(when: datetime, name: str, /, *args: Any, queue: Optional[str] = 
     return _send("push", name, args, kwargs, queue=queue, due=due)
 
 
-def _push(name: str, args, kwargs, **how) -> str:
-    """What a :class:`~worker.calloptions.JobCall` enqueues through: the enqueue API's checks and connection."""
+def _push(name: str, args, kwargs, check_only: bool = False, **how):
+    """What a :class:`~worker.calloptions.JobCall` enqueues through: the enqueue API's checks and connection
+    (``check_only``: the checks alone, for ``.call``)."""
     _check_name(name, how.get("queue"))
     _check_args(name, args, kwargs)
-    return _send("push", name, args, kwargs, **how)
+    return None if check_only else _send("push", name, args, kwargs, **how)
+
+
+def call(name: str, /, *args: Any, **kwargs: Any) -> PendingJob:
+    """``f.call(...)``: a checked, not-yet-enqueued call of job ``name`` for ``worker.group`` (issue 25 item 4)."""
+    _check_name(name)
+    _check_args(name, args, kwargs)
+    return PendingJob(name, args, kwargs)
 
 
 def options(name: str, /, **opts) -> JobCall:

@@ -12,6 +12,7 @@ arguments of ``.enqueue``/``.enqueue_in``/``.enqueue_at`` against it::
 
 To send a job to another queue than its own (or with another timeout, retries, a delay, an id of your own), use
 ``send_welcome.options(queue="other").enqueue(7)``: the options never mix with the function's own keyword arguments.
+``send_welcome.call(7)`` is a call not yet enqueued, checked the same way (:class:`Pending`, for ``worker.group``).
 """
 from __future__ import annotations
 
@@ -21,6 +22,13 @@ from typing import ParamSpec, Protocol, TypeVar
 P = ParamSpec("P")
 R = TypeVar("R")
 R_co = TypeVar("R_co", covariant=True)
+
+
+class Pending(Protocol):
+    """What ``f.call(...)`` returns: a call checked against the function's signature, not yet enqueued (a member or
+    the callback of ``worker.group``)."""
+
+    name: str
 
 
 class JobCall(Protocol[P]):
@@ -37,6 +45,7 @@ class JobCall(Protocol[P]):
     async def enqueue_in_async(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
     async def enqueue_at_async(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Pending: ...
 
 
 class JobFunction(Protocol[P, R_co]):
@@ -52,6 +61,8 @@ class JobFunction(Protocol[P, R_co]):
 
     def enqueue_at(self, when: datetime, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
+    def call(self, *args: P.args, **kwargs: P.kwargs) -> Pending: ...
+
     async def enqueue_async(self, *args: P.args, **kwargs: P.kwargs) -> str: ...
 
     async def enqueue_in_async(self, seconds: float | timedelta, /, *args: P.args, **kwargs: P.kwargs) -> str: ...
@@ -63,4 +74,4 @@ class JobFunction(Protocol[P, R_co]):
                 result_ttl: float | None = None, max_interruptions: int | None = None) -> JobCall[P]: ...
 
 
-__all__ = ["JobCall", "JobFunction", "P", "R"]
+__all__ = ["JobCall", "JobFunction", "P", "Pending", "R"]

@@ -69,6 +69,14 @@ is a key space of its own, ``P`` = ``KEY_PREFIX:<group>`` or ``{KEY_PREFIX:<grou
     P:rate:<name>           HASH    job <name>'s @job(rate=) bucket (GCRA on Redis's clock): tat (ms) and
                                     tok:<id> -> ms, a token reserved by a job parked in P:scheduled until then;
                                     expires a period after its last token
+    P:group:<gid>           HASH    a group (issue 25 item 4, worker/jobgroups.py): total, pending, done, failed,
+                                    canceled, created/fired (ms), the callback's payload/id/name/queue (cb*), the
+                                    chunks written (c<k>). Its members' ends are counted in the script calls that
+                                    record them (prelude group_end); the last one queues the callback. No expiry
+                                    until the callback ends, then as the callback's status record (group_close)
+    P:group_ids:<gid>       LIST    the group's member ids, in member order (same expiry)
+    P:group_res:<gid>       HASH    member id -> "<status>\n<result JSON or failure record>", written once per member
+                                    as it ends (HSETNX); read by the callback's run for its results= (same expiry)
     P:stat:processed        STRING  counter of jobs done
     P:stat:failed           STRING  counter of jobs recorded as failed
     P:stat:minute:<m>       STRING  "processed failed" counters as sampled in unix minute <m> (housekeep.lua, SET NX,
@@ -154,3 +162,12 @@ class Keys:
 
     def metrics(self, index: int) -> str:
         return f"{self.prefix}:metrics:{index}"
+
+    def group(self, gid: str) -> str:
+        return f"{self.prefix}:group:{gid}"
+
+    def group_ids(self, gid: str) -> str:
+        return f"{self.prefix}:group_ids:{gid}"
+
+    def group_res(self, gid: str) -> str:
+        return f"{self.prefix}:group_res:{gid}"

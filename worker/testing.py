@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 import traceback
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Mapping, Optional, Sequence
@@ -91,6 +92,7 @@ class InlineJobs:
         self.run_at_once = run_scheduled
         self._by_id: dict = {}
         self._held: list = []
+        self._groups: dict = {}  # group id -> its member ids and callback id (push_group)
 
     @property
     def jobs(self) -> list:
@@ -154,6 +156,37 @@ class InlineJobs:
             self._run(doc)
         return [d["id"] for d in docs]
 
+    def push_group(self, members, on_complete) -> str:
+        """``worker.group(...).enqueue()`` inline: every member runs now, in order (a member's exception is recorded,
+        never raised, so the group goes on); then the callback, with ``results=``, as any inline job."""
+        gid = uuid.uuid4().hex
+        docs = [self._record(m.name, m.args, m.kwargs, m.queue, None, options=m.options) for m in members]
+        cb = self._record(on_complete.name, on_complete.args, on_complete.kwargs, on_complete.queue, None,
+                          options=on_complete.options)
+        self._groups[gid] = {"members": [d["id"] for d in docs], "callback": cb["id"]}
+        raise_errors, self.raise_errors = self.raise_errors, False
+        try:
+            for doc in docs:
+                self._run(doc)
+        finally:
+            self.raise_errors = raise_errors
+        cb["kwargs"]["results"] = [{k: self._by_id[d["id"]][k] for k in ("id", "status", "result")}
+                                   | {"error": _short(self._by_id[d["id"]]["error"])} for d in docs]
+        self._run(cb)
+        return gid
+
+    def group_of(self, gid: str) -> Optional[dict]:
+        """``worker.get_group`` inline."""
+        g = self._groups.get(gid)
+        if g is None:
+            return None
+        recs = [self._by_id[i] for i in g["members"]]
+        n = {s: sum(r["status"] == s for r in recs) for s in ("done", "failed", "canceled")}
+        cb = self._by_id[g["callback"]]
+        return {"id": gid, "total": len(recs), **n, "pending": len(recs) - sum(n.values()), "created_at": None,
+                "completed_at": cb["started_at"], "callback": {"id": cb["id"], "name": cb["name"],
+                                                              "status": cb["status"], "stuck": None}}
+
     # --- internals ---
     def _record(self, name, args, kwargs, queue, at, job_id=None, options=None) -> dict:
         if jobs.registered(name) is None:
@@ -196,6 +229,11 @@ class InlineJobs:
         rec.update(status="done", result=result, ended_at=round(time.time(), 6))
         if warning is not None:  # only then, so a record keeps the shape get_job's has
             rec["warning"] = warning
+
+
+def _short(error) -> Optional[dict]:
+    """A failed member's ``error`` as a group's ``results=`` carry it: ``{type, message}``."""
+    return None if error is None else {"type": error.get("type"), "message": error.get("message")}
 
 
 def _kept(spec, value) -> tuple:

@@ -21,3 +21,4 @@ send_welcome.options(queue="x").enqueue("seven")   # E: str for int (per-call op
 send_welcome.options(retries="5")                  # E: retries is an int
 send_welcome.options(colour="red")                 # E: no such option
 send_welcome.options(queue="x").enqueue_async("seven")   # E: str for int (async per-call options too)
+add.call("one")                                    # E: str for int (a group's member is checked like enqueue)

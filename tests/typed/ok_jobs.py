@@ -1,7 +1,7 @@
 """Checked by mypy in tests/test_job_api_typing.py: every line here must type-check."""
 from datetime import datetime, timezone
 
-from worker import job
+from worker import get_group, group, job
 
 
 @job
@@ -27,3 +27,12 @@ later2: str = add.options(result_ttl=0).enqueue_in(30, 1)
 
 async def produce() -> str:  # per-call options on the async producer
     return await send_welcome.options(job_id="welcome-43").enqueue_async(7)
+# groups (issue 25 item 4): f.call(...) is typed like the function; the group returns its id
+@job
+def report(label: str, results: list[dict[str, object]] | None = None) -> None:  # a default: .call omits it
+    pass
+
+
+gid: str = group([add.call(1, y=2), send_welcome.options(queue="other").call(7)],
+                 on_complete=report.call("batch")).enqueue()
+progress = get_group(gid)

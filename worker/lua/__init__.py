@@ -27,7 +27,8 @@ from importlib import resources
 
 #: Every script, by file name (``worker/lua/<name>.lua``).
 NAMES = ("enqueue", "cycle", "recover", "unregister", "heartbeat", "wake", "schedule", "stats", "retry_failed",
-         "run_now", "housekeep", "failed_page", "failed_match", "find_queued", "backlog", "await", "cancel")
+         "run_now", "housekeep", "failed_page", "failed_match", "find_queued", "backlog", "await", "cancel",
+         "group")
 
 _FN = re.compile(r"^local function (\w+)\(", re.M)
 

@@ -237,3 +237,16 @@ def await_(k, job_id: str) -> Call:
 
 def cancel(k, job_id: str, keep_ms: int, running: bool = False) -> Call:
     return Call("cancel", [k.prefix, k.scheduled, k.workers], [job_id, keep_ms, "1" if running else ""])
+
+
+# --- groups (issue 25 item 4) ---
+
+def group(k, gid: str, chunk: int, total: int, callback: tuple, members: list, queues=()) -> Call:
+    """GROUP chunk ``chunk`` (1-based) of group ``gid`` of ``total`` members: ``members`` = ``[(id, name, queue,
+    payload), ...]``; ``callback`` = ``(payload, id, name, queue)`` and ``queues`` (every member's queue) are sent
+    with chunk 1 only."""
+    cb, qs = (callback, list(queues)) if chunk == 1 else (("", "", "", ""), [])
+    args = [chunk, total, gid, *cb, len(qs), *qs, len(members)]
+    for m in members:
+        args.extend(m)
+    return Call("group", [k.prefix, k.group(gid), k.group_ids(gid), k.group_res(gid), k.queues], args)

@@ -16,7 +16,8 @@
 --   claimed (not found here: cancel returns 0, the job runs). The job is found by its payload's head
 --   ('{"id":"<id>"', how producers write it), scanning its queue, P:scheduled or P:held:<name> in chunks of 1000:
 --   O(length).
---   Nothing is written before the job is found.
+--   Nothing is written before the job is found. A group's member canceled here is recorded in its group in this
+--   call (prelude group_end: P:group:<gid>..., derived from the prefix; the last member queues the callback).
 local prefix, scheduled, workers = KEYS[1], KEYS[2], KEYS[3]
 local job_id, keep_ms, running = ARGV[1], ARGV[2], ARGV[3] == '1'
 
@@ -70,4 +71,7 @@ local now, now_s = clock()
 if redis.call('PTTL', jk) > 0 then notify(prefix, job_id, 'canceled', '') end  -- a waiter's mark (await.lua)
 redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s)
 if keep_ms ~= '0' then redis.pcall('PEXPIRE', jk, keep_ms) else redis.pcall('DEL', jk) end
+local kind, gid = group_of(raw, job_id)  -- a group's member counts as ended; a callback's group keys expire with it
+if gid and kind == 'group' then group_end(prefix, gid, job_id, 'canceled', '', now_s)
+elseif gid then group_close(prefix, gid, keep_ms) end
 return {1}

@@ -7,6 +7,8 @@
 --                                       (unique_until="start": freed by the claim, taken back by a put-back/retry)
 --                                       P:stat:failed, P:cancel:<w> (popped when beating); limited jobs (issue
 --                                       25): P:running:<name>, P:held:<name>, P:rate:<name>, P:queues
+--                                       P:stat:failed, P:cancel:<w> (popped when beating), and for a group's
+--                                       member or callback: P:group:<gid>, P:group_res:<gid>, P:group_ids:<gid>
 -- KEYS[2] processing  P:processing:<w>  this worker's claimed jobs
 -- KEYS[3] workers     P:workers         worker name -> deadline (ms)
 -- KEYS[4] worker      P:worker:<w>      this worker's hash (job:/started:/queue:/ckpt:<slot>, state, seen)
@@ -78,6 +80,9 @@
 --   (tok:<id> = its time) and is parked in P:scheduled until then; claimed again, its reservation lets it run.
 --   At most HOLD_MAX jobs are held per call (then the queue's wake list is rung). A limit key of the wrong type
 --   puts the job back at the head of its queue, ends this call's claims from that queue and is named (odd keys).
+-- * Groups (issue 25 item 4): a member's end (done, failed, canceled) is recorded in its group in this same call,
+--   once (group_end: HSETNX of its id), and the call that records a group's last member queues the group's
+--   callback; a callback's end sets the expiry of its group's keys (group_close). Other jobs pay one string.byte.
 -- * Cost: this runs once per job: few tables, no number formatting (the clock is kept as a string for writes),
 --   and no GET of the epoch on the hot path (see above).
 local prefix, processing, workers, worker_hash = KEYS[1], KEYS[2], KEYS[3], KEYS[4]
@@ -215,6 +220,7 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       end
     elseif op == 'retry' and id ~= '' and redis.pcall('SREM', cancel_key, id) == 1 then
       -- cancel(running=True) asked to stop it before a beat read the request: it is not run again
+      op, b = 'cancel', failed_ttl  -- (for its group, below: its record is kept FAILED_TTL)
       if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end
       redis.pcall('HSET', jk, 'status', 'canceled', 'ended_at', now_s, 'worker', worker_name)
       redis.pcall('PEXPIRE', jk, failed_ttl)
@@ -237,6 +243,18 @@ for at = outcomes_at, slots_at - 1, OUTCOME_LEN do
       if id ~= '' and c ~= '' then redis.pcall('HSET', jk, 'status', 'queued', 'attempts', c)
       elseif id ~= '' then redis.pcall('HSET', jk, 'status', 'queued') end
       if string.sub(id, 1, 3) == 'us:' and type(pushed) == 'number' then unique_retake(prefix, id) end
+    end
+    -- a group's member or callback (issue 25 item 4) that ended: its payload's head goes on ',"g' after the id
+    -- (group_of), any other job's on ',"name"': one string.byte for those (103: 'g')
+    if id ~= '' and string.byte(payload, 11 + #id) == 103 and (op == 'ack' or op == 'fail' or op == 'cancel') then
+      local kind, gid = group_of(payload, id)
+      if gid and kind == 'group' then
+        local bad = group_end(prefix, gid, id, (op == 'ack' and 'done') or (op == 'fail' and 'failed') or 'canceled',
+                              op == 'cancel' and '' or a, now_s)
+        if bad then odd = add_line(odd, bad) end
+      elseif gid then
+        group_close(prefix, gid, b)  -- its callback ended: the group's keys go with its status record
+      end
     end
   end
 end

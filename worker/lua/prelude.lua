@@ -138,3 +138,51 @@ local function release_held(prefix, name, n, odd)
   end
   return odd
 end
+
+-- Groups (issue 25 item 4). A member's payload starts '{"id":"<id>","group":"<gid>"', its group's callback's
+-- '{"id":"<id>","gdone":"<gid>"' (worker/jobgroups.py writes them so): `kind, gid` of payload `p` of job `id`, or nil.
+-- A job of neither kind pays one string.sub.
+local function group_of(p, id)
+  local at = 9 + #id
+  local m = string.sub(p, at, at + 9)
+  if m ~= ',"group":"' and m ~= ',"gdone":"' then return nil end
+  if string.sub(p, 1, at - 1) ~= '{"id":"' .. id .. '"' then return nil end
+  return string.sub(m, 3, 7), string.match(p, '^([%w_%.:%-]+)"', at + 10)
+end
+
+-- Member <id> of group <gid> ended (status done|failed|canceled; body: its result JSON or failure record). Recorded
+-- once (HSETNX of the id into P:group_res:<gid>: a repeated call, a re-run or a recovered member counts
+-- nothing twice); the call that records the last member moves the group's callback payload to its queue. Only for
+-- a group that exists (P:group:<gid> has 'pending'). pcall throughout: never raises. Returns a key found
+-- wrong-typed, else nil.
+local function group_end(prefix, gid, id, status, body, now_s)
+  local gk = prefix .. ':group:' .. gid
+  local left = redis.pcall('HGET', gk, 'pending')
+  if type(left) ~= 'string' then return (type(left) == 'table') and gk or nil end
+  local rk = prefix .. ':group_res:' .. gid
+  local new = redis.pcall('HSETNX', rk, id, status .. '\n' .. body)
+  if new ~= 1 then return (type(new) == 'table') and rk or nil end
+  redis.pcall('HINCRBY', gk, status, 1)
+  if redis.pcall('HINCRBY', gk, 'pending', -1) ~= 0 then return nil end
+  local cb = redis.pcall('HMGET', gk, 'cb', 'cb_id', 'cb_name', 'cb_queue')
+  if type(cb) ~= 'table' or not cb[1] or not cb[4] then return nil end
+  local qk = prefix .. ':queue:' .. cb[4]
+  if type(redis.pcall('RPUSH', qk, cb[1])) ~= 'number' then
+    redis.pcall('HSET', gk, 'cb_stuck', qk)  -- its queue is not a list: shown by get_group
+    return qk
+  end
+  redis.pcall('SADD', prefix .. ':queues', cb[4])
+  wake(prefix, cb[4])
+  redis.pcall('HSET', gk, 'fired', now_s)
+  redis.pcall('HSET', prefix .. ':job:' .. cb[2], 'status', 'queued', 'name', cb[3], 'queue', cb[4],
+              'enqueued_at', now_s, 'attempts', 0, 'group', gid)
+  return nil
+end
+
+-- A group's callback ended for good: the group's keys (P:group:<gid>, P:group_ids:<gid>, P:group_res:<gid>) expire
+-- when its status record does (keep ms; '0': now). pcall only.
+local function group_close(prefix, gid, keep)
+  for _, k in ipairs({prefix .. ':group:' .. gid, prefix .. ':group_ids:' .. gid, prefix .. ':group_res:' .. gid}) do
+    if keep ~= '0' then redis.pcall('PEXPIRE', k, keep) else redis.pcall('DEL', k) end
+  end
+end

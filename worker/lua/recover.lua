@@ -5,6 +5,8 @@
 --                                of unique_until="start" put back takes its key back if free: prelude)
 --                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>, and for a limited one
 --                                (issue 25) P:running:<name>, P:held:<name>
+--                                each job: P:queue:<q>, P:wake:<q>, P:queues, P:job:<id>; for a group's member or
+--                                callback: P:group:<gid>, P:group_res:<gid>, P:group_ids:<gid>
 -- KEYS[2] workers   P:workers    worker name -> its deadline (ms; workers of an older version: their last beat)
 -- KEYS[3] suspects  P:suspects   late worker -> "<its score>@<ms when first seen late>"
 -- ARGV[1] ttl_ms        ours: only for workers of an older version, which have no 'ttl' field (see below)
@@ -41,6 +43,8 @@
 -- * A job's concurrency slot (issue 25: its '<slot>:<w>' entry in P:running:<name>) is freed, whatever becomes of
 --   the job (put back, written off at MAX_ATTEMPTS, canceled), and one job held back by that limit goes back to the
 --   head of its queue; entries of a worker gone from P:workers are also dropped by the claim (cycle.lua).
+-- * A group's member written off here (failed at MAX_ATTEMPTS, or canceled) is recorded in its group in this call,
+--   once (prelude group_end; the last member queues the callback); a member put back is not an end.
 -- * A job goes back to the queue it was claimed from (queue:<slot> in the dead worker's hash), else the one its
 --   payload names, else 'default'. The fields recovery adds (attempts, errors, checkpoint) follow a marker
 --   "_rt":<offset of the fragment> and replace the previous recovery's fragment instead of piling up beside it: a
@@ -48,7 +52,7 @@
 local prefix, workers, suspects = KEYS[1], KEYS[2], KEYS[3]
 local ttl_ms, max_attempts, failed_max = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
 local failed_ttl, skip, slack = tonumber(ARGV[4]), ARGV[5], tonumber(ARGV[6])
-local keep_ms = ARGV[7] or ARGV[4]
+local keep_ms, failed_ttl_s = ARGV[7] or ARGV[4], ARGV[4]
 local now = clock()
 for _, kt in ipairs({{workers, 'zset'}, {suspects, 'hash'}, {prefix .. ':failed', 'zset'},
                      {prefix .. ':failed:data', 'hash'}}) do
@@ -173,6 +177,9 @@ for _, w in ipairs(dead) do
           if redis.call('PTTL', jk) > 0 then notify(prefix, id, 'canceled', '') end  -- a waiter's mark (await.lua)
           jset(prefix, id, 'status', 'canceled', 'ended_at', now, 'worker', w)
           if keep_ms ~= '0' then redis.pcall('PEXPIRE', jk, keep_ms) else redis.pcall('DEL', jk) end
+          local kind, gid = group_of(p, id)
+          if gid and kind == 'group' then group_end(prefix, gid, id, 'canceled', '', tostring(now))
+          elseif gid then group_close(prefix, gid, keep_ms) end
           out[#out + 1] = 'canceled:' .. id
         elseif a < max_attempts then
           local b = base(p, doc)
@@ -202,6 +209,9 @@ for _, w in ipairs(dead) do
           record_failure(prefix, now, id, rec, failed_max, failed_ttl)
           jset(prefix, id, 'status', 'failed', 'ended_at', now, 'attempts', a)
           redis.pcall('PEXPIRE', prefix .. ':job:' .. id, failed_ttl)
+          local kind, gid = group_of(p, id)  -- written off: a group's member counts as failed (issue 25 item 4)
+          if gid and kind == 'group' then group_end(prefix, gid, id, 'failed', rec, tostring(now))
+          elseif gid then group_close(prefix, gid, failed_ttl_s) end
           out[#out + 1] = 'failed:' .. id
         end
       else
