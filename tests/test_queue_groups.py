@@ -272,3 +272,35 @@ def test_three_groups_on_three_primaries_drained_by_a_worker_each(env, r, spawn,
         b.r.close()
     finally:
         cr.close()
+
+
+@pytest.mark.timeout(60)
+def test_a_job_group_lives_in_its_queues_group_and_is_found_there(env, r, spawn):
+    """worker.group under QUEUE_GROUPS (issue 25 item 4 meets issue 26 point 2): the group's count is kept by the
+    scripts that record its members' ends, so the group, its members and its callback go to their queues' key space
+    (its hash slot); a group spanning two queue groups is refused before anything is written; get_group and the
+    callback's results= find it there. (Found when the two branches were merged: the group went to the ungrouped
+    prefix, where no worker of either group would ever count it.)"""
+    import tests.jobs_groups as gj
+    from worker import get_group, group, jobs
+    e = genv(env)
+    b = broker_for(e)
+    before = jobs.current_broker()
+    jobs.use(b)
+    try:
+        with pytest.raises(ValueError, match="one queue group"):
+            group([gj.g_send.options(queue="reports").call("qg", 1)],
+                  on_complete=gj.g_report.options(queue="mail").call("qg")).enqueue()
+        assert r.keys("*") == []
+        gid = group([gj.g_send.options(queue="reports").call("qg", n) for n in range(3)],
+                    on_complete=gj.g_report.options(queue="exports").call("qg")).enqueue()
+        assert r.exists(f"worker:slow:group:{gid}") and not r.exists(f"worker:group:{gid}")
+        assert get_group(gid)["total"] == 3
+        w = spawn("--burst", **dict(e, QUEUES="@slow", JOB_MODULES="tests.jobs,tests.jobs_groups"))
+        assert w.wait(60) == 0, w.output
+        (rep,) = [json.loads(x) for x in r.lrange("qg:report", 0, -1)]
+        assert [(x["status"], x["result"]) for x in rep["results"]] == [("done", 0), ("done", 10), ("done", 20)]
+        g = get_group(gid)
+        assert (g["done"], g["pending"], g["callback"]["status"]) == (3, 0, "done")
+    finally:
+        jobs.use(before)

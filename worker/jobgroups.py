@@ -99,12 +99,36 @@ def push(broker, members, on_complete, batch: int = BATCH) -> str:
     """Enqueue a group on ``broker`` (a ``fetch.Broker``): ceil(n / batch) GROUP calls in one MULTI transaction."""
     gid, rows, cb = build(members, on_complete, broker.cfg.max_payload)
     queues = sorted({r[2] for r in rows})
+    broker = _space_of(broker, set(queues) | {cb[3]})
     chunks = [rows[i:i + batch] for i in range(0, len(rows), batch)] or [[]]
     with broker.r.pipeline(transaction=True) as pipe:
         for k, chunk in enumerate(chunks, 1):
             broker.scripts.run(wire.group(broker.keys, gid, k, len(rows), cb, chunk, queues), pipe)
         pipe.execute()
     return gid
+
+
+def _space_of(broker, queues: set):
+    """The key space the group goes to: its queues' group under QUEUE_GROUPS (all of them in one group: its count
+    is kept in the scripts that record its members' ends, atomic within one hash slot), else ``broker`` itself."""
+    space = getattr(broker, "space", None)
+    if space is None or not broker.cfg.queue_groups:
+        return broker
+    found = {broker.cfg.group_of(q) for q in queues}  # ValueError for a queue in no group
+    if len(found) > 1:
+        raise ValueError(f"group: its members and callback must be in one queue group (QUEUE_GROUPS), not "
+                         f"{', '.join(sorted(found))} (queues {', '.join(sorted(queues))}): nothing was enqueued")
+    return space(next(iter(queues)))
+
+
+def _holder(b, gid: str):
+    """The broker of the key space that holds group ``gid`` (QUEUE_GROUPS: searched group by group), else ``b``."""
+    spaces = b.spaces() if hasattr(b, "spaces") else [b]
+    if len(spaces) > 1:
+        for s in spaces:
+            if s.r.exists(s.keys.group_ids(gid)) or s.r.exists(s.keys.group(gid)):
+                return s
+    return b
 
 
 def _text(v) -> str:
@@ -131,7 +155,7 @@ def entry(job_id: str, raw) -> dict:
 def results(gid: str, broker=None) -> list:
     """The members' results in member order (what the callback gets as ``results=``): dicts ``{id, status, result,
     error}``; ``error`` is ``{type, message}`` for a failed member. Read in pages of 1,000."""
-    b = broker or jobs.default_broker()
+    b = _holder(broker or jobs.default_broker(), gid)
     k = b.keys
     ids = [_text(i) for i in b.r.lrange(k.group_ids(gid), 0, -1)]
     out = []
@@ -152,6 +176,7 @@ def get_group(gid: str, broker=None) -> Optional[dict]:
     b = broker or jobs.default_broker()
     if getattr(b, "inline", False):
         return b.group_of(gid)
+    b = _holder(b, gid)
     g = {_text(key): _text(v) for key, v in b.r.hgetall(b.keys.group(gid)).items()}
     if "total" not in g:
         return None
