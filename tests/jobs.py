@@ -1,8 +1,8 @@
 """Jobs used by the test suite (JOB_MODULES=worker.sample,tests.jobs).
 
 They report to Redis lists so tests can BLPOP events instead of sleeping. The connection is the job's own (made in
-the child from REDIS_URL, or EVENTS_REDIS_URL when a test puts a proxy between the worker and Redis and still wants
-to hear from its jobs directly): that is test code, not the runtime.
+the child from REDIS_URL, a cluster client with REDIS_CLUSTER, or EVENTS_REDIS_URL when a test puts a proxy between
+the worker and Redis and still wants to hear from its jobs directly): that is test code, not the runtime.
 """
 import ctypes
 import json
@@ -23,8 +23,13 @@ def r():
     pid = os.getpid()
     if pid not in _conn:
         _conn.clear()
-        url = os.environ.get("EVENTS_REDIS_URL") or os.environ["REDIS_URL"]
-        _conn[pid] = redis.Redis.from_url(url, decode_responses=True)
+        url = os.environ.get("EVENTS_REDIS_URL")
+        if url:
+            _conn[pid] = redis.Redis.from_url(url, decode_responses=True)
+        elif os.environ.get("REDIS_CLUSTER", "").lower() in ("1", "true", "yes", "on"):  # the suites' cluster runs
+            _conn[pid] = redis.RedisCluster.from_url(os.environ["REDIS_URL"], decode_responses=True)
+        else:
+            _conn[pid] = redis.Redis.from_url(os.environ["REDIS_URL"], decode_responses=True)
     return _conn[pid]
 
 
