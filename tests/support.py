@@ -293,12 +293,13 @@ class TestSlotClient(SlotClient):
         return self.redirected(lambda: self.node().keys(pattern, **kwargs))
 
 
-def client_for(cfg):
-    """A test client (decode_responses, no socket timeout: tests BLPOP for seconds) for ``cfg``'s Redis: a plain
-    client, or on a cluster a :class:`TestSlotClient` around redis-py's RedisCluster."""
+def client_for(cfg, **kwargs):
+    """A test client (decode_responses, no socket timeout: tests BLPOP for seconds; ``kwargs`` for redis-py) for
+    ``cfg``'s Redis: a plain client, or on a cluster a :class:`TestSlotClient` around redis-py's RedisCluster."""
     if cfg.redis_cluster:
-        return TestSlotClient(redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True), cfg.key_prefix)
-    return redis.Redis.from_url(cfg.redis_url, decode_responses=True)
+        return TestSlotClient(redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True, **kwargs),
+                              cfg.key_prefix)
+    return redis.Redis.from_url(cfg.redis_url, decode_responses=True, **kwargs)
 
 
 def make_broker(r, **env):
@@ -307,11 +308,11 @@ def make_broker(r, **env):
     return Broker(r, config_of(r, **env))
 
 
-def new_broker(r, **env):
+def new_broker(r, socket_timeout=None, **env):
     """Like :func:`make_broker`, on a connection of its own (a second process's view of the same Redis)."""
     from worker.fetch import Broker
     cfg = config_of(r, **env)
-    return Broker(client_for(cfg), cfg)
+    return Broker(client_for(cfg, socket_timeout=socket_timeout), cfg)
 
 
 def pop(r, key, timeout=15.0):

@@ -11,18 +11,17 @@ from collections import Counter
 
 import pytest
 
-from tests.support import wait_until
-from worker import config, jobs, schedule
+from tests.support import keys_of, make_broker, wait_until
+from worker import jobs, schedule
 from worker.config import ConfigError
-from worker.fetch import Broker
-from worker.keys import Keys
 
-K = Keys("worker")
+pytestmark = pytest.mark.both_backends  # each test that uses Redis on the single redis-server and the local cluster
+
 MODS = "tests.jobs_schedule"
 
 
 def ticks(r, queue):
-    return [json.loads(p)["tick"] for p in r.lrange(K.queue(queue), 0, -1)]
+    return [json.loads(p)["tick"] for p in r.lrange(keys_of(r).queue(queue), 0, -1)]
 
 
 # --- parsing and ticks (no Redis) ---
@@ -81,34 +80,33 @@ class Log:
     error = warning = debug = info
 
 
-def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r, redis_server):
-    cfg = config.from_mapping({"REDIS_URL": redis_server.url})
-    broker = Broker(r, cfg)
+def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r, k):
+    broker = make_broker(r)
     s = schedule.build("every_hour", "hq", schedule.declare(3600, None, None, None, ["x"], None))
     run = broker.r.register_script(__import__("worker.lua", fromlist=["SCHEDULE"]).SCHEDULE)
     now = int(r.time()[0]) * 1000
 
     def claim(tick, nxt, grace=3_600_000, name="every_hour"):
-        return run(keys=[K.paused, K.queues, "worker:schedules"],
-                   args=["worker", name, "hq", tick, nxt, grace, 10_000_000, s.spec, s.payload(tick)[1]])[1]
+        return run(keys=[k.paused, k.queues, k.schedules],
+                   args=[k.prefix, name, "hq", tick, nxt, grace, 10_000_000, s.spec, s.payload(tick)[1]])[1]
 
     last, nxt = s.ticks(now)
     assert claim(last + 3_600_000, nxt + 3_600_000) == "skew" and claim(last - 3_600_000, last) == "skew"
     assert [claim(last, nxt) for _ in range(3)] == ["enqueued", "taken", "taken"]
-    assert ticks(r, "hq") == [last / 1000] and r.sismember(K.queues, "hq") and r.llen(K.wake("hq")) == 1
+    assert ticks(r, "hq") == [last / 1000] and r.sismember(k.queues, "hq") and r.llen(k.wake("hq")) == 1
     assert claim(last, nxt, grace=0, name="late_one") in ("late", "enqueued")  # "enqueued" only within the same ms
-    r.sadd(K.paused, "hq")
+    r.sadd(k.paused, "hq")
     assert claim(last, nxt, name="paused_one") == "paused" and claim(last, nxt, name="paused_one") == "taken"
-    assert r.llen(K.queue("hq")) <= 2 and r.pttl("worker:sched:every_hour") > 0
-    assert r.hget("worker:sched:paused_one", "reason") == "paused"
+    assert r.llen(k.queue("hq")) <= 2 and r.pttl(k.sched("every_hour")) > 0
+    assert r.hget(k.sched("paused_one"), "reason") == "paused"
 
 
 # --- real workers ---
 
 @pytest.mark.timeout(90)
-def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, spawn):
+def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, k, spawn):
     workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
-    wait_until(lambda: r.llen(K.queue("sched")) >= 1, 20, "the first tick")
+    wait_until(lambda: r.llen(k.queue("sched")) >= 1, 20, "the first tick")
     t0 = ticks(r, "sched")[0]
     for n, victim in ((3, 0), (6, 1)):  # SIGKILL a whole worker tree mid-run, then start it again
         wait_until(lambda: max(ticks(r, "sched")) >= t0 + n, 20, f"tick {n}")
@@ -124,17 +122,17 @@ def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, spawn)
 
 
 @pytest.mark.timeout(60)
-def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r, spawn, cli):
+def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r, k, spawn, cli):
     now = int(r.time()[0])
     latest = now // 3600 * 3600
     if now - latest < 3:
         pytest.skip("too close to the hour for the 1 s misfire_grace case")
     # The last tick enqueued before every worker went away was the previous hour's.
-    r.hset("worker:sched:hourly", mapping={"tick": (latest - 3600) * 1000, "last": (latest - 3600) * 1000})
+    r.hset(k.sched("hourly"), mapping={"tick": (latest - 3600) * 1000, "last": (latest - 3600) * 1000})
     workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
     for w in workers:
         w.wait_for("event=worker.start", 20)
-    wait_until(lambda: r.hget("worker:sched:hourly_strict", "reason") == "late", 10, "the strict schedule's skip")
+    wait_until(lambda: r.hget(k.sched("hourly_strict"), "reason") == "late", 10, "the strict schedule's skip")
     assert ticks(r, "hourly") == [latest], "one catch-up, the latest tick, not a burst"
     assert ticks(r, "strict") == [], "older than misfire_grace: skipped"
     for w in workers:
@@ -146,15 +144,15 @@ def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r
 
 
 @pytest.mark.timeout(60)
-def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, spawn, cli):
+def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, k, spawn, cli):
     w = spawn(JOB_MODULES=MODS)
-    wait_until(lambda: r.llen(K.queue("sched")) >= 2, 20, "two ticks")
+    wait_until(lambda: r.llen(k.queue("sched")) >= 2, 20, "two ticks")
     assert cli("pause", "--queue", "sched").returncode == 0
     n = w.output.count("event=schedule.skipped schedule=every_second")
     wait_until(lambda: w.output.count("event=schedule.skipped schedule=every_second") >= n + 1, 10, "a paused tick")
-    before = r.llen(K.queue("sched"))
+    before = r.llen(k.queue("sched"))
     wait_until(lambda: w.output.count("reason=paused") >= n + 3, 10, "three paused ticks")
-    assert r.llen(K.queue("sched")) == before, "a paused queue's schedule still enqueued"
+    assert r.llen(k.queue("sched")) == before, "a paused queue's schedule still enqueued"
 
     res = cli("status", "--json")
     assert res.returncode == 0, res.stderr
@@ -169,7 +167,7 @@ def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, spawn, 
     assert row.split()[1] == "sched" and row.split()[4] == "yes" and "LAST_UTC" in human and "NEXT_UTC" in human
 
     assert cli("resume", "--queue", "sched").returncode == 0
-    wait_until(lambda: r.llen(K.queue("sched")) > before, 10, "enqueues after resume")
+    wait_until(lambda: r.llen(k.queue("sched")) > before, 10, "enqueues after resume")
 
 
 @pytest.mark.timeout(30)
