@@ -231,24 +231,24 @@ me = sys.argv[1]
 cfg = worker.config.from_mapping({**os.environ, "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2"})
 c = client_for(cfg)  # REDIS_URL and REDIS_CLUSTER from the test's env
 b = Broker(c, cfg)
-c.rpush("ready", me)
-while not c.blpop("go:" + me, 2):  # sliced under the socket timeout
+c.rpush(b.keys.prefix + ":ready", me)  # (in the key space's slot: the test releases them in one pipeline)
+while not c.blpop(b.keys.prefix + ":go:" + me, 2):  # sliced under the socket timeout
     pass
 print(json.dumps(b.recover(skip=me)))
 """
 
 
-def test_concurrent_recovery_from_processes_requeues_once(r, env):
+def test_concurrent_recovery_from_processes_requeues_once(r, k, env):
     name = "dead.proc:4343"
     ids = _dead_worker(r, name, 20, "out")
     procs = [subprocess.Popen([PYTHON, "-c", _RECOVER_PROC, f"p{i}"], env=env, cwd=str(REPO),
                               stdout=subprocess.PIPE, text=True) for i in range(6)]
     try:
         for _ in procs:  # every process connected and waiting, then released together
-            assert blpop(r, "ready", 30) is not None
+            assert blpop(r, f"{k.prefix}:ready", 30) is not None
         with r.pipeline() as pipe:
             for i in range(len(procs)):
-                pipe.rpush(f"go:p{i}", 1)
+                pipe.rpush(f"{k.prefix}:go:p{i}", 1)
             pipe.execute()
         results = [json.loads(p.communicate(timeout=30)[0]) for p in procs]
     finally:
@@ -564,7 +564,7 @@ def test_a_recovery_call_queued_in_a_stall_spares_the_owner(r, k, spawn, enqueue
     enqueue("cc_span", "ev", "a", seconds=7)
     wait_event(r, "ev", "start", "a")
     recoverer = new_broker(r, socket_timeout=30, HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="2")
-    recoverer.r.ping()
+    home(recoverer.r).ping()  # connected to the node the stall is on (a new connection's handshake would queue)
     client_pause(url_of(home(r)), 4000)  # longer than A's TTL: its deadline passes inside the stall
     first = recoverer.recover(skip="test")  # queued behind the pause, ahead of A's next beat
     assert first == [] and first.wait is not None, (first, a.output)  # A was seen late, and only marked
