@@ -113,13 +113,16 @@ BACKENDS = [pytest.param("single", id="single"), pytest.param("cluster", id="clu
 def pytest_generate_tests(metafunc):
     """Tests in a module marked ``both_backends`` that use Redis (the ``backend`` fixture, through ``r``, ``env``,
     ``spawn``...) run once per backend: ``[single]`` and ``[cluster]`` (marked ``cluster``: ``-m cluster`` runs
-    only those, ``-m "not cluster"`` none). A test marked ``single_backend(reason)`` runs on the single server only."""
+    only those, ``-m "not cluster"`` none). A test marked ``single_backend(reason)`` runs on the single server only,
+    one marked ``cluster_backend`` (a cluster defect's regression test) on the cluster only."""
     if "backend" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker("both_backends"):
         return
     single_only = metafunc.definition.get_closest_marker("single_backend")
     if single_only and not (single_only.args and single_only.args[0].strip()):
         raise pytest.UsageError(f"{metafunc.definition.nodeid}: single_backend needs its reason")
-    metafunc.parametrize("backend", BACKENDS[:1] if single_only else BACKENDS, indirect=True)
+    cluster_only = metafunc.definition.get_closest_marker("cluster_backend")
+    metafunc.parametrize("backend", BACKENDS[:1] if single_only else BACKENDS[1:] if cluster_only else BACKENDS,
+                         indirect=True)
 
 
 @pytest.fixture

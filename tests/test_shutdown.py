@@ -25,8 +25,8 @@ import pytest
 from tests import dyno
 from tests.conftest import PYTHON, REPO, descendants
 import tests.jobs_term  # noqa: F401  (registers the tt_ jobs for Broker.push)
-from tests.support import (InProcessWorker, children, count, failure, forkserver_of, keys_of, make_broker, name_of,
-                           next_event, pop, processing, queued_ids, status_of, wait_until)
+from tests.support import (InProcessWorker, children, client_for, count, failure, forkserver_of, keys_of, make_broker,
+                           name_of, next_event, pop, processing, queued_ids, status_of, wait_until)
 from worker.log import _value
 from worker import jobs as worker_jobs
 
@@ -685,3 +685,29 @@ def test_adopted_claim_not_yet_started_is_put_back_on_stop(r, k, spawn, enqueue)
     assert sorted(queued) == sorted([running, lost_id]), (queued, w.output)
     assert processing(r) == {} and r.zscore(k.workers, name) is None, w.output
     assert r.llen("out") == 0, "the adopted claim ran although its slot was busy"
+
+
+@pytest.mark.cluster_backend
+def test_the_exits_last_connection_on_a_cluster_is_a_plain_client_of_the_slots_node(r, k, backend, redis_cluster):
+    """The exit's last bookkeeping (put-backs, unregister) goes through a connection of its own with a short timeout.
+    On a cluster that was a new RedisCluster client, whose start-up (CLUSTER SLOTS, and COMMAND: a reply redis-py
+    parses for ~0.1 s, 0.3 s under load) made the worker's exit come late (test_term_timeout_cuts_cleanup_short...
+    [cluster]: worker.exit at 1.29 s for a 1 s stage). It is a plain client of the node that holds the key space's
+    slot, bounded by the time left, and the calls work there.
+
+    Origin: issue 26 point 4 (this file's cluster run)."""
+    from worker.client import is_cluster
+    from worker.fetch import Broker
+    from worker.log import Logger
+    from worker.membership import Membership
+    cfg = backend.config(SHUTDOWN_WINDOW="4")
+    member = Membership(cfg, Broker(client_for(cfg), cfg), Logger("INFO"), None, "w:1")
+    member.broker.register("w:1", {"host": "h"})
+    last = member.last_connection(time.monotonic())
+    try:
+        assert not is_cluster(last.r)
+        kw = last.r.connection_pool.connection_kwargs
+        assert kw["port"] == redis_cluster.node_of(k.prefix) and 0 < kw["socket_timeout"] <= 4
+        assert last.unregister("w:1") and r.zscore(k.workers, "w:1") is None
+    finally:
+        last.r.close()
