@@ -92,7 +92,21 @@ class Backend:
         return from_mapping({**self.env, **env})
 
     def client(self):
+        """A new client (the caller closes it)."""
         return client_for(self.cfg)
+
+    def shared_client(self):
+        """The session's test client for this backend (``r``): on the cluster made once, as a RedisCluster's start-up
+        reads the COMMAND table (~0.1 s), and its slot map re-read for each test (another test may have moved the
+        key space's slot)."""
+        if not self.cluster:
+            return client_for(self.cfg)
+        client = getattr(self.server, "test_client", None)
+        if client is None:
+            client = self.server.test_client = client_for(self.cfg)
+        else:
+            client.cluster.nodes_manager.initialize()
+        return client
 
     def flush(self) -> None:
         if self.cluster:
@@ -125,6 +139,25 @@ def pytest_generate_tests(metafunc):
                          indirect=True)
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cluster_subset(*ids, reason=...)`` on a parametrised both_backends test: on the cluster only the
+    parametrisations with those ids run (``[cluster-<id>]``; the others are deselected), where the parameter varies
+    something the cluster does not touch (how a platform delivers signals) and CI time matters (docs/testing.md)."""
+    keep, drop = [], []
+    for item in items:
+        mark, spec = item.get_closest_marker("cluster_subset"), getattr(item, "callspec", None)
+        if mark and spec and spec.params.get("backend") == "cluster":
+            if not mark.kwargs.get("reason"):
+                raise pytest.UsageError(f"{item.nodeid}: cluster_subset needs its reason")
+            if spec.id not in {f"cluster-{i}" for i in mark.args}:
+                drop.append(item)
+                continue
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
 def backend(request):
     """The test's :class:`Backend`: the single redis-server unless the test is parametrised (``both_backends``)."""
@@ -138,9 +171,10 @@ def r(backend):
     redis-py's RedisCluster (every primary flushed), so keys go to their slot's node and ``r.node()`` (support.home)
     is the node that holds the key space."""
     backend.flush()
-    client = backend.client()
+    client = backend.shared_client()
     yield client
-    client.close()
+    if not backend.cluster:
+        client.close()
 
 
 @pytest.fixture

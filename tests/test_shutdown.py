@@ -211,6 +211,7 @@ PLATFORMS = [
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("mode,signum,times", PLATFORMS)
+@pytest.mark.cluster_subset("heroku-3x", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
 def test_job_that_returns_after_term_is_done_on_every_platform(r, k, worker, enqueue, mode, signum, times):
     w = worker()
     enqueue("term_probe", "ev", cleanup=1.0)
@@ -223,6 +224,7 @@ def test_job_that_returns_after_term_is_done_on_every_platform(r, k, worker, enq
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("mode,signum,times", PLATFORMS)
+@pytest.mark.cluster_subset("foreman-3x", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
 def test_job_that_lets_term_propagate_is_put_back_on_every_platform(r, k, worker, enqueue, mode, signum, times):
     w = worker()
     job_id = enqueue("tt_reraise", "ev", cleanup=0.5)
@@ -244,6 +246,7 @@ def test_job_that_lets_term_propagate_is_put_back_on_every_platform(r, k, worker
     # SIGTERMs still arriving while the worker exits (Heroku repeats them): the exit code must stay 0
     pytest.param("dyno", signal.SIGTERM, 50, id="heroku-burst"),
 ])
+@pytest.mark.cluster_subset("heroku-burst", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
 def test_idle_worker_exits_at_once(r, worker, mode, signum, times):
     w = worker()
     rep = dyno.shutdown(w.pid, mode=mode, signum=signum, window=WINDOW, times=times, interval=0.001)
@@ -429,6 +432,8 @@ MANAGERS = {
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("manager", ["honcho", "foreman"])
 @pytest.mark.parametrize("job", ["term_probe", "stubborn"])
+@pytest.mark.cluster_subset("stubborn-honcho", "stubborn-foreman",
+                            reason="the managers differ in how they signal, not in Redis: the put-back one on the cluster")
 def test_real_process_manager_ctrl_c(r, k, spawn, enqueue, tmp_path, manager, job):
     argv, window = MANAGERS[manager]
     if manager == "foreman" and not os.path.exists("/usr/bin/foreman"):
