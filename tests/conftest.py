@@ -20,7 +20,8 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-from tests.support import CONFIG_VARS, LocalCluster, client_for, descendants, free_port, start_redis_server  # noqa: F401,E402 (descendants: used by tests)
+from tests.support import (CONFIG_VARS, LocalCluster, client_for, descendants,  # noqa: F401,E402 (descendants: tests)
+                           free_port, start_redis_server)
 from worker.keys import Keys  # noqa: E402
 
 

@@ -265,7 +265,8 @@ def test_child_opens_no_redis_connection(r, k, broker, spawn):
     broker.push("sample_work", [], {"seconds": 60})
     before = total_connections(r)
     w = spawn()
-    wait_until(lambda: r.get(k.processed) == str(n) and any("sample_work" in v for f, v in worker_state(r).items() if f.startswith("job:")),
+    wait_until(lambda: r.get(k.processed) == str(n)
+               and any("sample_work" in v for f, v in worker_state(r).items() if f.startswith("job:")),
                timeout=45, what=f"{n} noop jobs done and sample_work running", proc=w)
     # The worker's own connections only: the command one, plus the one its idle BLPOP waits on.
     clients = worker_clients(r)
@@ -290,6 +291,8 @@ def test_idle_worker_keeps_its_one_connection(r, k, broker, spawn):
 
 
 @pytest.mark.timeout(180)
+@pytest.mark.single_backend("22 s of CI: a drain on the cluster is test_cluster.py's 2,000 jobs by 4 workers through a "
+                            "slot migration")
 def test_burst_drains_1000_noops(r, k, broker, spawn):
     broker.push_many("noop", [[] for _ in range(1000)])
     assert r.llen(k.queue("default")) == 1000

@@ -34,6 +34,7 @@ pytestmark = pytest.mark.both_backends  # each test on the single redis-server a
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_term"
 WINDOW = 4.0  # TERM_TIMEOUT defaults to 2.5 s
+ONE_PLATFORM = "the platforms differ in how signals reach the processes, not in Redis: one of them on the cluster"
 
 
 # --- helpers ---
@@ -211,7 +212,7 @@ PLATFORMS = [
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("mode,signum,times", PLATFORMS)
-@pytest.mark.cluster_subset("heroku-3x", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
+@pytest.mark.cluster_subset("heroku-3x", reason=ONE_PLATFORM)
 def test_job_that_returns_after_term_is_done_on_every_platform(r, k, worker, enqueue, mode, signum, times):
     w = worker()
     enqueue("term_probe", "ev", cleanup=1.0)
@@ -224,7 +225,7 @@ def test_job_that_returns_after_term_is_done_on_every_platform(r, k, worker, enq
 
 @pytest.mark.timeout(40)
 @pytest.mark.parametrize("mode,signum,times", PLATFORMS)
-@pytest.mark.cluster_subset("foreman-3x", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
+@pytest.mark.cluster_subset("foreman-3x", reason=ONE_PLATFORM)
 def test_job_that_lets_term_propagate_is_put_back_on_every_platform(r, k, worker, enqueue, mode, signum, times):
     w = worker()
     job_id = enqueue("tt_reraise", "ev", cleanup=0.5)
@@ -246,7 +247,7 @@ def test_job_that_lets_term_propagate_is_put_back_on_every_platform(r, k, worker
     # SIGTERMs still arriving while the worker exits (Heroku repeats them): the exit code must stay 0
     pytest.param("dyno", signal.SIGTERM, 50, id="heroku-burst"),
 ])
-@pytest.mark.cluster_subset("heroku-burst", reason="the platforms differ in how signals reach the processes, not in Redis: one on the cluster")
+@pytest.mark.cluster_subset("heroku-burst", reason=ONE_PLATFORM)
 def test_idle_worker_exits_at_once(r, worker, mode, signum, times):
     w = worker()
     rep = dyno.shutdown(w.pid, mode=mode, signum=signum, window=WINDOW, times=times, interval=0.001)
@@ -433,7 +434,7 @@ MANAGERS = {
 @pytest.mark.parametrize("manager", ["honcho", "foreman"])
 @pytest.mark.parametrize("job", ["term_probe", "stubborn"])
 @pytest.mark.cluster_subset("stubborn-honcho", "stubborn-foreman",
-                            reason="the managers differ in how they signal, not in Redis: the put-back one on the cluster")
+                            reason="the managers differ in how they signal, not in Redis: the put-back on the cluster")
 def test_real_process_manager_ctrl_c(r, k, spawn, enqueue, tmp_path, manager, job):
     argv, window = MANAGERS[manager]
     if manager == "foreman" and not os.path.exists("/usr/bin/foreman"):
