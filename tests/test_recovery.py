@@ -65,7 +65,7 @@ def test_worker_name_includes_dyno(r, k, spawn):
 def test_sigkilled_worker_job_runs_on_a_live_worker(r, k, spawn):
     """B is already running and idle when A dies: recovery must come from B's periodic check, not its start-up."""
     a = spawn(DYNO="worker.1", **FAST)
-    job_id = new_broker(r).push("nl_hang_first", ["ev"], {})
+    job_id = make_broker(r).push("nl_hang_first", ["ev"], {})
     first = next_event(r, "ev")
     assert (first["event"], first["run"]) == ("started", 1)
     assert k.processing(f"worker.1:{a.pid}") in processing(r)
@@ -125,7 +125,7 @@ def test_a_stall_far_longer_than_ttl_and_grace_still_gets_its_grace_from_the_fir
     r.rpush(k.processing(name), job)
     r.zadd(k.workers, {name: redis_ms(r) - 3_600_000})  # its deadline: an hour ago
     r.hset(k.worker(name), mapping={"state": "busy", "ttl": 2000, "interval": 500})
-    b = new_broker(r, **FAST)
+    b = make_broker(r, **FAST)
     seen_at = redis_ms(r)
     first = b.recover(skip="test")
     assert list(first) == [] and first.wait is not None and 1.3 <= first.wait <= 1.5, (list(first), first.wait)
@@ -146,9 +146,9 @@ def test_a_stall_far_longer_than_ttl_and_grace_still_gets_its_grace_from_the_fir
 def test_recovery_puts_a_dead_workers_job_back_at_the_head_of_its_queue(r, k, spawn):
     """Issue 27 item 16: a recovered job goes back to the head of its queue (fetch.py), ahead of a job already
     queued there, and runs first. Every other recovery test starts from an empty queue."""
-    new_broker(r).push("push", ["out", "queued"], {})
+    make_broker(r).push("push", ["out", "queued"], {})
     [lost] = _dead_worker(r, "worker.8:4242", 1, "out")
-    assert list(new_broker(r, **FAST).recover(skip="test")) == [f"requeued:{lost}"]
+    assert list(make_broker(r, **FAST).recover(skip="test")) == [f"requeued:{lost}"]
     assert [json.loads(p)["id"] for p in r.lrange(k.queue("default"), 0, -1)][0] == lost
     w = spawn("--burst", **FAST)
     assert w.wait(30) == 0, w.output
@@ -165,7 +165,7 @@ def test_recovery_time_with_default_heartbeat_settings(r, k, spawn):
     25-40 s. Measured and printed; the assertion is only the issue's 60 s."""
     defaults = {"JOB_MODULES": MODULES}
     a = spawn(**defaults)
-    new_broker(r).push("nl_hang_first", ["ev"], {})
+    make_broker(r).push("nl_hang_first", ["ev"], {})
     assert next_event(r, "ev")["run"] == 1
     b = spawn(**defaults)
     wait_until(lambda: r.zscore(k.workers, f"{socket.gethostname()}:{b.pid}") is not None, 15, "worker B registered")
@@ -271,10 +271,10 @@ def test_live_busy_worker_job_is_never_stolen(r, k, spawn, interval, ttl):
     a = spawn(**hb)
     a_name = f"{socket.gethostname()}:{a.pid}"
     job_seconds = max(5.0, 3 * float(ttl))
-    new_broker(r).push("nl_hang_first", ["ev", job_seconds], {})
+    make_broker(r).push("nl_hang_first", ["ev", job_seconds], {})
     assert next_event(r, "ev")["run"] == 1
     others = [spawn(**hb) for _ in range(2)]
-    recoverer = new_broker(r, HEARTBEAT_INTERVAL=interval, HEARTBEAT_TTL=ttl)
+    recoverer = make_broker(r, HEARTBEAT_INTERVAL=interval, HEARTBEAT_TTL=ttl)
     deadline = time.monotonic() + job_seconds + 15
     while r.llen("ev") == 0:
         assert time.monotonic() < deadline, "the job never finished"
@@ -297,7 +297,7 @@ def _stall_until_recovered(r, w, timeout=20.0) -> list:
     name = f"{socket.gethostname()}:{w.pid}"
     wait_until(lambda: r.zscore(k.workers, name) is not None, 10, "the worker registered")
     os.kill(w.pid, signal.SIGSTOP)
-    recoverer = new_broker(r, **FAST)
+    recoverer = make_broker(r, **FAST)
     deadline = time.monotonic() + timeout
     got = []
     while r.zscore(k.workers, name) is not None:
@@ -309,7 +309,7 @@ def _stall_until_recovered(r, w, timeout=20.0) -> list:
 
 def _works(r, w, tag: str) -> None:
     """``w`` (the only worker left) claims and runs a job."""
-    job_id = new_broker(r).push("cc_span", ["works", tag], {"seconds": 0})
+    job_id = make_broker(r).push("cc_span", ["works", tag], {"seconds": 0})
     assert next_event(r, "works")["event"] == "start"
     w.wait_for(rf"event=job\.done outcome=done job={job_id}")
 
@@ -327,12 +327,12 @@ def test_a_worker_that_stalled_past_its_ttl_stops_its_copy_of_a_recovered_job(r,
     a = spawn(**env)
     a.wait_for(r"event=worker\.start")
     a_name = f"{socket.gethostname()}:{a.pid}"
-    job_id = new_broker(r).push("cc_span", ["ev", "t"], {"seconds": 60, "again": 1})
+    job_id = make_broker(r).push("cc_span", ["ev", "t"], {"seconds": 60, "again": 1})
     first = next_event(r, "ev")
     assert (first["event"], first["run"]) == ("start", 1), first
     try:
         assert _stall_until_recovered(r, a) == [f"requeued:{job_id}"]
-        assert new_broker(r).name_in_use(a_name)  # a new worker of the same name would erase the record
+        assert make_broker(r).name_in_use(a_name)  # a new worker of the same name would erase the record
         b = spawn(**env)
         second = next_event(r, "ev")
         assert (second["event"], second["run"]) == ("start", 2), second
@@ -385,7 +385,7 @@ def test_a_claim_redis_lost_without_a_recovery_is_not_killed(r, k, spawn):
     a = spawn(**FAST)
     a.wait_for(r"event=worker\.start")
     a_name = f"{socket.gethostname()}:{a.pid}"
-    job_id = new_broker(r).push("cc_span", ["ev", "t"], {"seconds": 3})
+    job_id = make_broker(r).push("cc_span", ["ev", "t"], {"seconds": 3})
     first = next_event(r, "ev")
     assert first["event"] == "start"
     assert r.delete(k.processing(a_name)) == 1
@@ -409,7 +409,7 @@ def test_a_failover_that_missed_a_claim_records_the_job_once(r, k, spawn):
     a = spawn(WORKER_CONCURRENCY="2", **FAST)
     a.wait_for(r"event=worker\.start")
     name = f"{socket.gethostname()}:{a.pid}"
-    new_broker(r).push("cc_span", ["ev", "t"], {"seconds": 3, "again": 3})
+    make_broker(r).push("cc_span", ["ev", "t"], {"seconds": 3, "again": 3})
     assert next_event(r, "ev")["run"] == 1
     (raw,) = r.lrange(k.processing(name), 0, -1)
     with r.pipeline(transaction=True) as p:
@@ -430,7 +430,7 @@ def test_a_recovery_record_of_the_wrong_type_neither_wedges_nor_aborts(r, k):
     """``P:recovered:<w>`` holding something else (written by another program): the worker's call still works and
     reports it, reading it yields no recovered job, registering deletes it, and RECOVER still recovers a dead
     worker whose record it cannot write."""
-    b = new_broker(r, **FAST)
+    b = make_broker(r, **FAST)
     b.register("w:1", {"host": "h"})
     b.push("cc_span", ["ev", "t"], {"seconds": 0})
     r.set(k.recovered("w:1"), "x")
@@ -455,8 +455,8 @@ def test_job_whose_worker_keeps_vanishing_goes_to_failed(r, k, spawn):
     with a 3-entry history instead of running it again. Each replacement starts once the dead worker's heartbeat
     has expired (a crashed dyno takes a while to come back) and recovers at start-up."""
     hb = dict(FAST, MAX_ATTEMPTS="3")
-    reg = FailedRegistry(new_broker(r))
-    job_id = new_broker(r).push("nl_hang", ["ev"], {})
+    reg = FailedRegistry(make_broker(r))
+    job_id = make_broker(r).push("nl_hang", ["ev"], {})
     dead = []
     for _ in range(3):
         w = spawn(**hb)
