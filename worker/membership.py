@@ -302,9 +302,13 @@ class Membership:
             return self.broker
         left = stop_at + self.cfg.hard_exit_after - 0.1 - time.monotonic()
         timeout = max(0.05, left / 2)
+        r = None
         if client.is_cluster(self.broker.r):  # the slot's node itself: no cluster client start-up (connect_node)
-            r = client.connect_node(self.cfg, self.broker.r.node(), timeout=timeout, name="worker-exit")
-        else:
+            try:
+                r = client.connect_node(self.cfg, self.broker.r.node(), timeout=timeout, name="worker-exit")
+            except Exception:  # noqa: BLE001 - the slot map has no node for the slot (a failover): a cluster client
+                r = None
+        if r is None:
             r = client.connect(self.cfg, timeout=timeout, retries=0, name="worker-exit")
         self.broker.r.close()
         broker = Broker(r, self.cfg)
