@@ -6,7 +6,8 @@ DEV := .venv/.dev
 # The minimum dependency versions pyproject.toml declares, in a venv of their own (`make test-min`).
 PY_MIN := .venv-min/bin/python
 MIN := .venv-min/.installed
-# The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging.
+# The part of the suite that runs a second time against those minimums: core, shutdown, recovery, packaging (their
+# single-server cases: `make test` runs the Redis Cluster ones, docs/testing.md).
 MIN_TESTS := tests/test_core.py tests/test_shutdown.py tests/test_recovery.py tests/test_package.py
 
 # (`dist`: the sdist and wheel in dist/, checked as PyPI would; CI runs it)
@@ -69,7 +70,7 @@ $(MIN): pyproject.toml requirements.txt requirements-dev.txt scripts/min_require
 
 test-min: $(MIN)
 	$(PY_MIN) -m pip list --disable-pip-version-check 2>/dev/null | grep -iE '^(redis|python-dotenv) '
-	$(PY_MIN) -m pytest $(MIN_TESTS)
+	$(PY_MIN) -m pytest $(MIN_TESTS) -m "not cluster"
 
 bench: bench-shutdown bench-throughput bench-concurrency bench-checkpoint
 

@@ -20,7 +20,9 @@ import redis
 
 REPO = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
-from tests.support import CONFIG_VARS, LocalCluster, descendants, free_port, start_redis_server  # noqa: F401 (descendants: used by tests)
+from tests.support import (CONFIG_VARS, LocalCluster, client_for, descendants,  # noqa: F401,E402 (descendants: tests)
+                           free_port, start_redis_server)
+from worker.keys import Keys  # noqa: E402
 
 
 class RedisServer:
@@ -68,22 +70,126 @@ def redis_cluster(tmp_path_factory):
         cluster.stop()
 
 
+# --- the backend: one redis-server, or the local 3-primary cluster (issue 26 point 4) ---
+
+class Backend:
+    """Where a test's Redis is: ``kind`` "single" (the session's redis-server) or "cluster" (the session's local
+    Redis Cluster, keys ``{worker}:...``). ``env`` is what a worker needs to reach it (REDIS_URL, REDIS_CLUSTER);
+    ``client()`` a test client (tests/support.py client_for), ``keys`` the key schema (worker/keys.py) there."""
+
+    def __init__(self, kind: str, server):
+        from worker.config import from_mapping
+        self.kind, self.server = kind, server
+        self.env = {"REDIS_URL": server.url, **({"REDIS_CLUSTER": "1"} if kind == "cluster" else {})}
+        self.cfg = from_mapping(self.env)
+        self.keys = Keys(self.cfg.key_prefix)
+
+    @property
+    def cluster(self) -> bool:
+        return self.kind == "cluster"
+
+    def config(self, **env):
+        from worker.config import from_mapping
+        return from_mapping({**self.env, **env})
+
+    def client(self):
+        """A new client (the caller closes it)."""
+        return client_for(self.cfg)
+
+    def shared_client(self):
+        """The session's test client for this backend (``r``): on the cluster made once, as a RedisCluster's start-up
+        reads the COMMAND table (~0.1 s), and its slot map re-read for each test (another test may have moved the
+        key space's slot)."""
+        if not self.cluster:
+            return client_for(self.cfg)
+        client = getattr(self.server, "test_client", None)
+        if client is None:
+            client = self.server.test_client = client_for(self.cfg)
+        else:
+            client.cluster.nodes_manager.initialize()
+        return client
+
+    def flush(self) -> None:
+        if self.cluster:
+            self.server.flush()
+        else:
+            if self.server.proc.poll() is not None:  # a test stopped it and failed before restarting
+                self.server.start()
+            c = redis.Redis.from_url(self.server.url)
+            try:
+                c.flushall()
+            finally:
+                c.close()
+
+
+BACKENDS = [pytest.param("single", id="single"), pytest.param("cluster", id="cluster", marks=pytest.mark.cluster)]
+
+
+def pytest_generate_tests(metafunc):
+    """Tests in a module marked ``both_backends`` that use Redis (the ``backend`` fixture, through ``r``, ``env``,
+    ``spawn``...) run once per backend: ``[single]`` and ``[cluster]`` (marked ``cluster``: ``-m cluster`` runs
+    only those, ``-m "not cluster"`` none). A test marked ``single_backend(reason)`` runs on the single server only,
+    one marked ``cluster_backend`` (a cluster defect's regression test) on the cluster only."""
+    if "backend" not in metafunc.fixturenames or not metafunc.definition.get_closest_marker("both_backends"):
+        return
+    single_only = metafunc.definition.get_closest_marker("single_backend")
+    if single_only and not (single_only.args and single_only.args[0].strip()):
+        raise pytest.UsageError(f"{metafunc.definition.nodeid}: single_backend needs its reason")
+    cluster_only = metafunc.definition.get_closest_marker("cluster_backend")
+    metafunc.parametrize("backend", BACKENDS[:1] if single_only else BACKENDS[1:] if cluster_only else BACKENDS,
+                         indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cluster_subset(*ids, reason=...)`` on a parametrised both_backends test: on the cluster only the
+    parametrisations with those ids run (``[cluster-<id>]``; the others are deselected), where the parameter varies
+    something the cluster does not touch (how a platform delivers signals) and CI time matters (docs/testing.md)."""
+    keep, drop = [], []
+    for item in items:
+        mark, spec = item.get_closest_marker("cluster_subset"), getattr(item, "callspec", None)
+        if mark and spec and spec.params.get("backend") == "cluster":
+            if not mark.kwargs.get("reason"):
+                raise pytest.UsageError(f"{item.nodeid}: cluster_subset needs its reason")
+            if spec.id not in {f"cluster-{i}" for i in mark.args}:
+                drop.append(item)
+                continue
+        keep.append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+        items[:] = keep
+
+
 @pytest.fixture
-def r(redis_server):
-    """A client on a flushed database (decode_responses=True)."""
-    if redis_server.proc.poll() is not None:  # a test stopped it and failed before restarting
-        redis_server.start()
-    client = redis.Redis.from_url(redis_server.url, decode_responses=True)
-    client.flushall()
+def backend(request):
+    """The test's :class:`Backend`: the single redis-server unless the test is parametrised (``both_backends``)."""
+    kind = getattr(request, "param", "single")
+    return Backend(kind, request.getfixturevalue("redis_cluster" if kind == "cluster" else "redis_server"))
+
+
+@pytest.fixture
+def r(backend):
+    """A client on a flushed database (decode_responses=True): on the cluster, the runtime's SlotClient around
+    redis-py's RedisCluster (every primary flushed), so keys go to their slot's node and ``r.node()`` (support.home)
+    is the node that holds the key space."""
+    backend.flush()
+    client = backend.shared_client()
     yield client
-    client.close()
+    if not backend.cluster:
+        client.close()
 
 
 @pytest.fixture
-def env(redis_server):
+def k(backend):
+    """The key schema (worker/keys.py ``Keys``) of the test's backend: ``k.queue("default")`` is
+    ``worker:queue:default`` on a single server and ``{worker}:queue:default`` on the cluster."""
+    return backend.keys
+
+
+@pytest.fixture
+def env(backend):
     """Environment for worker subprocesses: the test Redis, the test jobs, fast heartbeats."""
     e = {k: v for k, v in os.environ.items() if k not in CONFIG_VARS}
-    e.update({"REDIS_URL": redis_server.url, "JOB_MODULES": "worker.sample,tests.jobs", "PYTHONUNBUFFERED": "1",
+    e.update({**backend.env, "JOB_MODULES": "worker.sample,tests.jobs", "PYTHONUNBUFFERED": "1",
               "PYTHONPATH": str(REPO), "LOG_LEVEL": "DEBUG"})
     return e
 
@@ -178,16 +284,16 @@ def run_cli(env, *args, timeout=30, **overrides):
 
 
 @pytest.fixture
-def module_broker(redis_server):
+def module_broker(backend):
     """``module_broker(modules)``: the runtime's module-level broker (what ``enqueue``, ``get_job``, ``cancel`` use)
     pointed at the test server, with ``JOB_MODULES=modules``; reset and closed at teardown."""
-    from worker import config, jobs
+    from worker import jobs
     from worker.client import connect
     from worker.fetch import Broker
     made = []
 
     def _use(modules: str):
-        cfg = config.from_mapping({"REDIS_URL": redis_server.url, "JOB_MODULES": modules})
+        cfg = backend.config(JOB_MODULES=modules)
         broker = Broker(connect(cfg, name="enqueue"), cfg)
         jobs.use(broker)
         made.append(broker)
@@ -200,12 +306,11 @@ def module_broker(redis_server):
 
 
 @pytest.fixture
-def enqueue(r, redis_server):
+def enqueue(r, backend):
     """``enqueue(name, *args, **kwargs)`` pushes a job with the runtime's own producer (``Broker.push``) and returns
     its id; the job need not be registered in the test process."""
-    from worker.config import from_mapping
     from worker.fetch import Broker
-    broker = Broker(r, from_mapping({"REDIS_URL": redis_server.url}))
+    broker = Broker(r, backend.config())
     return lambda name, *args, **kwargs: broker.push(name, args, kwargs)
 
 

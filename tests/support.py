@@ -9,6 +9,8 @@ import time
 
 import redis
 
+from worker.client import SlotClient
+
 #: The runtime's variables, stripped from spawned workers' environments so a developer's shell cannot change a test.
 CONFIG_VARS = ("REDIS_URL", "QUEUES", "JOB_MODULES", "TERM_TIMEOUT", "TERM_GRACE", "SHUTDOWN_WINDOW", "JOB_TIMEOUT",
                "JOB_RETRIES", "MAX_ATTEMPTS", "HEARTBEAT_INTERVAL", "HEARTBEAT_TTL", "FAILED_MAX", "FAILED_TTL",
@@ -46,10 +48,11 @@ for _, w in ipairs(ARGV) do
 end"""
 
 
-def seen_late_long_ago(r, *names, prefix: str = "worker") -> None:
+def seen_late_long_ago(r, *names) -> None:
     """Mark workers (fakes registered with a past score) as first seen late at the epoch, as a recovery pass long
     ago would have (``lua.RECOVER``): the next pass finds them dead at once instead of giving them their grace."""
-    r.eval(_SEEN_LATE, 2, f"{prefix}:workers", f"{prefix}:suspects", *names)
+    k = keys_of(r)
+    r.eval(_SEEN_LATE, 2, k.workers, k.suspects, *names)
 
 
 def descendants(pid: int) -> list:
@@ -195,7 +198,7 @@ class InProcessWorker:
         from worker.supervisor import Supervisor
         self.cfg = worker.config.from_mapping({"REDIS_URL": url, "JOB_MODULES": "worker.sample,tests.jobs",
                                                "SHUTDOWN_WINDOW": "2", **env})
-        self.broker = Broker(redis.Redis.from_url(url, decode_responses=True), self.cfg)
+        self.broker = Broker(client_for(self.cfg), self.cfg)
         self.stream = io.StringIO()
         self.sup = Supervisor(self.cfg, self.broker, Logger("DEBUG", stream=self.stream))
         import signal
@@ -243,7 +246,7 @@ def failure(r, job_id, timeout=15.0) -> dict:
     import json
     deadline = time.monotonic() + timeout
     while True:
-        raw = r.hget("worker:failed:data", job_id)
+        raw = r.hget(keys_of(r).failed_data, job_id)
         if raw:
             return json.loads(raw)
         assert time.monotonic() < deadline, f"no failure record for {job_id}"
@@ -266,17 +269,68 @@ def _ppid(pid: int) -> int:
 
 # --- helpers the feature files share (one definition each) ---
 
+def _is_cluster(r) -> bool:
+    return isinstance(r, SlotClient)
+
+
 def url_of(r) -> str:
-    """The ``redis://`` URL of a client's connection (a TCP client)."""
+    """The ``redis://`` URL of a client's connection (a TCP client; on a cluster, the first node it was given)."""
+    if _is_cluster(r):
+        node = r.cluster.get_default_node()
+        return f"redis://{node.host}:{node.port}/0"
     kw = r.connection_pool.connection_kwargs
     return f"redis://{kw['host']}:{kw['port']}/{kw.get('db', 0)}"
 
 
-def make_broker(r, **env):
-    """A :class:`worker.fetch.Broker` on client ``r`` (its own URL as REDIS_URL), ``env`` as further variables."""
+def config_of(r, **env):
+    """The runtime's Config for the server or cluster client ``r`` talks to (``REDIS_CLUSTER=1`` for a cluster
+    client), ``env`` as further variables."""
     import worker.config
+    base = {"REDIS_URL": url_of(r), **({"REDIS_CLUSTER": "1"} if _is_cluster(r) else {})}
+    return worker.config.from_mapping({**base, **env})
+
+
+def keys_of(r):
+    """The key builder (worker/keys.py, the one key schema) of the key space ``r`` works on: ``worker:...`` on a
+    single server, ``{worker}:...`` on a cluster (one hash tag, worker/config.py)."""
+    from worker.keys import Keys
+    return Keys(config_of(r).key_prefix)
+
+
+def home(r):
+    """The plain client of the node that holds the key space: where per-server commands (CLIENT LIST, INFO,
+    CLIENT PAUSE, CONFIG) about the runtime's connections and keys must go. ``r`` itself on a single server."""
+    return r.node() if _is_cluster(r) else r
+
+
+class TestSlotClient(SlotClient):
+    """The runtime's SlotClient (worker/client.py) as the tests' ``r`` on a cluster: KEYS, like SCAN, asks the node
+    that holds the key space (RedisCluster would ask one node at random)."""
+
+    def keys(self, pattern="*", **kwargs):
+        return self.redirected(lambda: self.node().keys(pattern, **kwargs))
+
+
+def client_for(cfg, **kwargs):
+    """A test client (decode_responses, no socket timeout: tests BLPOP for seconds; ``kwargs`` for redis-py) for
+    ``cfg``'s Redis: a plain client, or on a cluster a :class:`TestSlotClient` around redis-py's RedisCluster."""
+    if cfg.redis_cluster:
+        return TestSlotClient(redis.RedisCluster.from_url(cfg.redis_url, decode_responses=True, **kwargs),
+                              cfg.key_prefix)
+    return redis.Redis.from_url(cfg.redis_url, decode_responses=True, **kwargs)
+
+
+def make_broker(r, **env):
+    """A :class:`worker.fetch.Broker` on client ``r`` (its own server or cluster), ``env`` as further variables."""
     from worker.fetch import Broker
-    return Broker(r, worker.config.from_mapping({"REDIS_URL": url_of(r), **env}))
+    return Broker(r, config_of(r, **env))
+
+
+def new_broker(r, socket_timeout=None, **env):
+    """Like :func:`make_broker`, on a connection of its own (a second process's view of the same Redis)."""
+    from worker.fetch import Broker
+    cfg = config_of(r, **env)
+    return Broker(client_for(cfg, socket_timeout=socket_timeout), cfg)
 
 
 def pop(r, key, timeout=15.0):
@@ -301,13 +355,13 @@ def next_event(r, key, timeout=20.0) -> dict:
 
 def processing(r) -> dict:
     """Processing lists that still hold something (the only place an in-flight job can be)."""
-    return {k: r.lrange(k, 0, -1) for k in r.keys("worker:processing:*") if r.llen(k)}
+    return {k: r.lrange(k, 0, -1) for k in r.keys(keys_of(r).processing("*")) if r.llen(k)}
 
 
 def queued_ids(r, queue="default") -> list:
     """The ids of the payloads in a queue, head first."""
     import json
-    return [json.loads(p)["id"] for p in r.lrange(f"worker:queue:{queue}", 0, -1)]
+    return [json.loads(p)["id"] for p in r.lrange(keys_of(r).queue(queue), 0, -1)]
 
 
 def name_of(w) -> str:
@@ -324,13 +378,13 @@ def redis_ms(r) -> int:
 
 
 def status_of(r, job_id):
-    """A job's status in its status record (``worker:job:<id>``), or None."""
-    return r.hget(f"worker:job:{job_id}", "status")
+    """A job's status in its status record (``P:job:<id>``), or None."""
+    return r.hget(keys_of(r).job(job_id), "status")
 
 
 def heartbeat(r, name):
     """A worker's last beat (``seen``, Redis ms) from its hash, or None."""
-    seen = r.hget(f"worker:worker:{name}", "seen")
+    seen = r.hget(keys_of(r).worker(name), "seen")
     return int(float(seen)) if seen else None
 
 
@@ -382,7 +436,7 @@ def job_json(job_id, queue="default", **extra) -> str:
 def queued_loose_ids(r, queue="default") -> list:
     """The ids in a queue, sorted, read as leniently as the runtime reads them (also from hostile payloads)."""
     from worker import jobs
-    return sorted(jobs.loose_id(p) for p in r.lrange(f"worker:queue:{queue}", 0, -1))
+    return sorted(jobs.loose_id(p) for p in r.lrange(keys_of(r).queue(queue), 0, -1))
 
 
 # --- a local Redis Cluster (issue 26 point 4) ---

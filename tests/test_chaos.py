@@ -17,22 +17,20 @@ import signal
 import time
 
 import pytest
-import redis
 
-import worker.config
+from tests.support import keys_of, new_broker
 from worker.failed import FailedRegistry
-from worker.fetch import Broker
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.both_backends]  # on the single redis-server and the local cluster
 
 MODULES = "worker.sample,tests.jobs,tests.jobs_chaos"
 ENV = {"JOB_MODULES": MODULES, "HEARTBEAT_INTERVAL": "0.5", "HEARTBEAT_TTL": "2", "SHUTDOWN_WINDOW": "4",
        "LOG_LEVEL": "INFO"}
-KEY = "chaos"
+KEY = "{chaos}"  # the job's two keys in one slot on the cluster run (tests/jobs_chaos.py nl_chaos: one script)
 
 
 def in_flight(r) -> dict:
-    return {k: r.llen(k) for k in r.keys("worker:processing:*") if r.llen(k)}
+    return {key: r.llen(key) for key in r.keys(keys_of(r).processing("*")) if r.llen(key)}
 
 
 # (seed, WORKER_CONCURRENCY): fixed, so CI runs the same schedules every time
@@ -41,15 +39,16 @@ SCHEDULES = [pytest.param(20150, 1, id="seed20150-c1"), pytest.param(90115, 3, i
 
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("seed,concurrency", SCHEDULES)
-def test_chaos_nothing_lost(r, spawn, redis_server, seed, concurrency):
+@pytest.mark.cluster_subset("seed90115-c3", reason="one schedule on the cluster (35 s each): the one with 3 jobs in "
+                                                    "flight per worker")
+def test_chaos_nothing_lost(r, k, spawn, seed, concurrency):
     seed = int(os.environ.get("CHAOS_SEED") or seed)
     n_jobs = int(os.environ.get("CHAOS_JOBS", "300"))
     chaos_seconds = float(os.environ.get("CHAOS_SECONDS", "20"))
     rng = random.Random(seed)
     env = dict(ENV, WORKER_CONCURRENCY=str(concurrency))
     print(f"\nchaos: seed={seed} concurrency={concurrency} (CHAOS_SEED={seed} to replay the schedule)")
-    broker = Broker(redis.Redis.from_url(redis_server.url, decode_responses=True),
-                    worker.config.from_mapping({"REDIS_URL": redis_server.url}))
+    broker = new_broker(r)
     ids = [f"c{i}" for i in range(n_jobs)]
     calls = [([KEY, jid, rng.choice([0.01, 0.02, 0.05, 0.1, 0.2, 0.4])], {}) for jid in ids]
     broker.push_many("nl_chaos", calls[:n_jobs // 2])
@@ -86,8 +85,8 @@ def test_chaos_nothing_lost(r, spawn, redis_server, seed, concurrency):
         broker.push_many("nl_chaos", later)
 
     deadline = time.monotonic() + 90
-    while not (r.scard(KEY + ":done") == n_jobs and r.llen("worker:queue:default") == 0
-               and r.zcard("worker:scheduled") == 0 and in_flight(r) == {}):
+    while not (r.scard(KEY + ":done") == n_jobs and r.llen(k.queue("default")) == 0
+               and r.zcard(k.scheduled) == 0 and in_flight(r) == {}):
         if time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -100,8 +99,8 @@ def test_chaos_nothing_lost(r, spawn, redis_server, seed, concurrency):
     print(f"chaos: {n_jobs} jobs, {kills} SIGKILLs, {terms} SIGTERMs, {duplicates} ran twice, "
           f"{len(failed)} in failed registry, lost={len(lost)}, {time.monotonic() - started:.1f}s")
     assert lost == [], (f"seed {seed} (concurrency {concurrency}): {len(lost)} jobs never completed: "
-                        f"{lost[:20]}; in flight: {in_flight(r)}; queued: {r.llen('worker:queue:default')}")
-    assert in_flight(r) == {} and r.llen("worker:queue:default") == 0 and r.zcard("worker:scheduled") == 0, \
+                        f"{lost[:20]}; in flight: {in_flight(r)}; queued: {r.llen(k.queue('default'))}")
+    assert in_flight(r) == {} and r.llen(k.queue("default")) == 0 and r.zcard(k.scheduled) == 0, \
         f"seed {seed}: left in flight {in_flight(r)}"
     assert set(runs) == set(ids), f"seed {seed}"
     assert failed == set(), f"seed {seed}: a job ended failed (it was lost MAX_ATTEMPTS times?)"

@@ -19,85 +19,92 @@ import redis
 import tests.jobs  # noqa: F401 - registers the test jobs in this process too (for enqueue through the Python API)
 import worker
 from tests.conftest import PYTHON, REPO
-from tests.support import job_json, make_broker, processing, still_works, wait_until
-from worker import config, jobs
+from tests.support import home, job_json, keys_of, make_broker, processing, still_works, wait_until
+from worker import jobs
 from worker.fetch import Broker
 
+pytestmark = pytest.mark.both_backends  # each test on the single redis-server and on the local Redis Cluster
+
 MODULES = "worker.sample,tests.jobs"
-WORKERS = "worker:workers"
 
 HEX32 = re.compile(r"^[0-9a-f]{32}$")
 
 
+def logged(value: str) -> str:
+    """A regex for ``value`` as the log writes it (logfmt: ``{worker}:paused`` is quoted)."""
+    from worker.log import _value
+    return re.escape(_value(value))
+
+
 @pytest.fixture
-def broker(r, redis_server):
+def broker(r, backend):
     """The runtime's own producer side, on the test client: enqueue in-process without the CLI."""
-    b = Broker(r, config.from_mapping({"REDIS_URL": redis_server.url}))
+    b = Broker(r, backend.config())
     yield b
     jobs.use(None)
 
 
 def leftovers(r) -> list:
     """Claimed-but-unacknowledged jobs: must be none once a worker is done."""
-    return [(k, r.lrange(k, 0, -1)) for k in r.keys("worker:processing:*")]
+    return [(key, r.lrange(key, 0, -1)) for key in r.keys(keys_of(r).processing("*"))]
 
 
 def failed_records(r) -> dict:
-    return {k: json.loads(v) for k, v in r.hgetall("worker:failed:data").items()}
+    return {job_id: json.loads(v) for job_id, v in r.hgetall(keys_of(r).failed_data).items()}
 
 
 # --- enqueue ---
 
-def test_cli_enqueue_prints_id_of_queued_job(r, cli):
+def test_cli_enqueue_prints_id_of_queued_job(r, k, cli):
     res = cli("enqueue", "push", "--args", '["out", "v"]')
     assert res.returncode == 0, res.stderr
     job_id = res.stdout.strip()
     assert HEX32.match(job_id), res.stdout
-    (payload,) = r.lrange("worker:queue:default", 0, -1)
+    (payload,) = r.lrange(k.queue("default"), 0, -1)
     doc = json.loads(payload)
     assert (doc["id"], doc["name"], doc["args"], doc["kwargs"]) == (job_id, "push", ["out", "v"], {})
 
 
-def test_cli_enqueue_unregistered_name(r, cli):
+def test_cli_enqueue_unregistered_name(r, k, cli):
     res = cli("enqueue", "no_such_job_core")
     assert res.returncode == 2
     assert "no_such_job_core" in res.stderr and "not registered" in res.stderr, res.stderr
-    assert r.keys("worker:queue:*") == []
+    assert r.keys(k.queue("*")) == []
 
 
 @pytest.mark.parametrize("bad", ['{"a": 1}', "not json", '"x"', "3"])
-def test_cli_enqueue_args_must_be_json_array(r, cli, bad):
+def test_cli_enqueue_args_must_be_json_array(r, k, cli, bad):
     res = cli("enqueue", "push", "--args", bad)
     assert res.returncode == 2, res.stdout
     assert "--args" in res.stderr, res.stderr
-    assert r.keys("worker:queue:*") == []
+    assert r.keys(k.queue("*")) == []
 
 
-def test_python_enqueue_refuses_non_json_arguments(r, broker):
+def test_python_enqueue_refuses_non_json_arguments(r, k, broker):
     jobs.use(broker)
     for bad in (object(), {1, 2}, float("nan")):
         with pytest.raises(TypeError):
             worker.enqueue("push", "k", bad)
     with pytest.raises(TypeError):
         tests.jobs.push.enqueue("k", b"bytes")
-    assert r.llen("worker:queue:default") == 0
+    assert r.llen(k.queue("default")) == 0
     # Control: the same path accepts JSON arguments, so the refusals above were about the arguments.
     assert HEX32.match(worker.enqueue("push", "k", {"nested": [1, 2.5, None]}))
-    assert r.llen("worker:queue:default") == 1
+    assert r.llen(k.queue("default")) == 1
 
 
 # --- claim, ack, order ---
 
 @pytest.mark.timeout(60)
-def test_burst_drain_acks_everything(r, broker, spawn):
+def test_burst_drain_acks_everything(r, k, broker, spawn):
     for i in range(20):
         broker.push("push", ["out", i], {})
     w = spawn("--burst")
     assert w.wait(45) == 0, w.output
     assert r.lrange("out", 0, -1) == [str(i) for i in range(20)]
     assert leftovers(r) == []
-    assert r.get("worker:stat:processed") == "20"
-    assert r.zcard("worker:workers") == 0  # a clean exit unregisters
+    assert r.get(k.processed) == "20"
+    assert r.zcard(k.workers) == 0  # a clean exit unregisters
     assert "reason=burst" in w.output
 
 
@@ -121,14 +128,14 @@ def test_queues_are_tried_in_priority_order(r, broker, spawn):
 
 
 @pytest.mark.timeout(60)
-def test_star_takes_every_queue_in_name_order(r, broker, spawn):
+def test_star_takes_every_queue_in_name_order(r, k, broker, spawn):
     for q in ("zeta", "default", "alpha"):
         for i in range(2):
             broker.push("push", ["order", f"{q}-{i}"], {}, queue=q)
     w = spawn("--burst", QUEUES="*")
     assert w.wait(45) == 0, w.output
     assert r.lrange("order", 0, -1) == ["alpha-0", "alpha-1", "default-0", "default-1", "zeta-0", "zeta-1"]
-    assert [k for k in r.keys("worker:queue:*") if r.llen(k)] == []
+    assert [key for key in r.keys(k.queue("*")) if r.llen(key)] == []
 
 
 # --- failures: recorded with their cause, and the worker carries on ---
@@ -143,7 +150,7 @@ CRASHES = [
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("name,args,cause,message", CRASHES)
-def test_crash_is_recorded_and_worker_continues(r, broker, spawn, name, args, cause, message):
+def test_crash_is_recorded_and_worker_continues(r, k, broker, spawn, name, args, cause, message):
     bad_id = broker.push(name, args, {})
     broker.push("push", ["after", "next"], {})
     w = spawn("--burst")
@@ -155,8 +162,8 @@ def test_crash_is_recorded_and_worker_continues(r, broker, spawn, name, args, ca
     assert rec["cause"] == cause, rec
     assert message in rec["message"], rec
     assert rec["name"] == name and rec["queue"] == "default" and json.loads(rec["payload"])["id"] == bad_id
-    assert r.zscore("worker:failed", bad_id) is not None
-    assert (r.get("worker:stat:failed"), r.get("worker:stat:processed")) == ("1", "1")
+    assert r.zscore(k.failed, bad_id) is not None
+    assert (r.get(k.failed_count), r.get(k.processed)) == ("1", "1")
     assert leftovers(r) == []
 
 
@@ -183,10 +190,10 @@ BAD_ENTRIES = [
 
 
 @pytest.mark.timeout(60)
-def test_malformed_entries_fail_with_reason_and_worker_continues(r, broker, spawn):
+def test_malformed_entries_fail_with_reason_and_worker_continues(r, k, broker, spawn):
     # Pushed raw, as a buggy producer in another language might; then one good job behind them.
     for raw, _ in BAD_ENTRIES:
-        r.rpush("worker:queue:default", raw)
+        r.rpush(k.queue("default"), raw)
     broker.push("push", ["after", "ok"], {})
     w = spawn("--burst", UNKNOWN_JOB_GRACE="0")  # an unregistered name fails at once (a grace: test_retries)
     assert w.wait(45) == 0, w.output
@@ -196,15 +203,17 @@ def test_malformed_entries_fail_with_reason_and_worker_continues(r, broker, spaw
         rec = by_payload.get(raw)
         assert rec is not None, f"no failure recorded for {raw!r}: {list(by_payload)}"
         assert rec["cause"] == "bad_payload" and reason in rec["message"], rec
-    assert r.get("worker:stat:failed") == str(len(BAD_ENTRIES))
+    assert r.get(k.failed_count) == str(len(BAD_ENTRIES))
     assert leftovers(r) == []
 
 
 # --- long-running mode ---
 
 def worker_clients(r) -> list:
-    me = r.client_id()
-    return [c for c in r.client_list() if int(c["id"]) != me]
+    """The clients of the server (on a cluster: the node that holds the key space) other than ``r``'s own."""
+    node = home(r)
+    me = node.client_id()
+    return [c for c in node.client_list() if int(c["id"]) != me]
 
 
 @pytest.mark.timeout(60)
@@ -238,16 +247,17 @@ def test_procfile_worker_command_processes_a_job(r, env, broker, spawn):
 
 
 def total_connections(r) -> int:
-    return int(r.info("stats")["total_connections_received"])
+    return int(home(r).info("stats")["total_connections_received"])
 
 
 def worker_state(r) -> dict:
-    (key,) = r.keys("worker:worker:*")
+    k = keys_of(r)
+    (key,) = r.keys(k.worker("*"))
     return r.hgetall(key)
 
 
 @pytest.mark.timeout(60)
-def test_child_opens_no_redis_connection(r, broker, spawn):
+def test_child_opens_no_redis_connection(r, k, broker, spawn):
     n = 20
     for _ in range(n):
         broker.push("noop", [], {})
@@ -255,7 +265,8 @@ def test_child_opens_no_redis_connection(r, broker, spawn):
     broker.push("sample_work", [], {"seconds": 60})
     before = total_connections(r)
     w = spawn()
-    wait_until(lambda: r.get("worker:stat:processed") == str(n) and any("sample_work" in v for k, v in worker_state(r).items() if k.startswith("job:")),
+    wait_until(lambda: r.get(k.processed) == str(n)
+               and any("sample_work" in v for f, v in worker_state(r).items() if f.startswith("job:")),
                timeout=45, what=f"{n} noop jobs done and sample_work running", proc=w)
     # The worker's own connections only: the command one, plus the one its idle BLPOP waits on.
     clients = worker_clients(r)
@@ -266,7 +277,7 @@ def test_child_opens_no_redis_connection(r, broker, spawn):
 
 
 @pytest.mark.timeout(90)
-def test_idle_worker_keeps_its_one_connection(r, broker, spawn):
+def test_idle_worker_keeps_its_one_connection(r, k, broker, spawn):
     """Going idle after a job must not drop and reopen the worker's connection (a TLS handshake on Heroku)."""
     w = spawn()
     blocked = lambda: any("b" in c["flags"] and c["name"] == "worker-wait" for c in worker_clients(r))  # noqa: E731
@@ -274,39 +285,42 @@ def test_idle_worker_keeps_its_one_connection(r, broker, spawn):
     before = total_connections(r)
     for i in range(1, 11):
         broker.push("noop", [], {})
-        wait_until(lambda: r.get("worker:stat:processed") == str(i), what=f"noop job {i}", proc=w)
+        wait_until(lambda: r.get(k.processed) == str(i), what=f"noop job {i}", proc=w)
         wait_until(blocked, what="the worker to block idle again", proc=w)
     assert total_connections(r) - before == 0, w.output
 
 
 @pytest.mark.timeout(180)
-def test_burst_drains_1000_noops(r, broker, spawn):
+@pytest.mark.single_backend("22 s of CI: a drain on the cluster is test_cluster.py's 2,000 jobs by 4 workers through a "
+                            "slot migration")
+def test_burst_drains_1000_noops(r, k, broker, spawn):
     broker.push_many("noop", [[] for _ in range(1000)])
-    assert r.llen("worker:queue:default") == 1000
+    assert r.llen(k.queue("default")) == 1000
     w = spawn("--burst", LOG_LEVEL="WARNING")
     assert w.wait(170) == 0, w.output[-2000:]
-    assert r.get("worker:stat:processed") == "1000"
-    assert r.llen("worker:queue:default") == 0
+    assert r.get(k.processed) == "1000"
+    assert r.llen(k.queue("default")) == 0
     assert leftovers(r) == []
-    assert r.get("worker:stat:failed") is None
+    assert r.get(k.failed_count) is None
 
 
 # --- wrong-typed keys (issue 27 item 1) ---
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("key", ["worker:stat:processed"])
-def test_a_wrong_typed_counter_or_index_neither_loses_nor_stalls_a_job(r, broker, spawn, key):
+@pytest.mark.parametrize("attr", ["processed"])
+def test_a_wrong_typed_counter_or_index_neither_loses_nor_stalls_a_job(r, k, broker, spawn, attr):
     """Issue 27 item 1: with P:stat:processed of the wrong type, CYCLE raised after the LREM of a done job: its status
     record stayed ``queued`` with no TTL and the log said ``redis.unavailable``. Counters and indexes are bookkeeping:
     the outcome lands, the job's record is done (with its RESULT_TTL), and the log names the key and its type."""
+    key = getattr(k, attr)
     r.delete(key)
     r.rpush(key, "junk")
     job_id = broker.push("push", ["out", "x"], {})
     w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
     assert r.blpop("out", timeout=15) == ("out", "x"), w.output
-    wait_until(lambda: r.hget(f"worker:job:{job_id}", "status") == "done", 10, "the done record", w)
-    assert r.pttl(f"worker:job:{job_id}") > 0
-    w.wait_for(rf"event=redis\.wrong_type key={key} type=list", 10)
+    wait_until(lambda: r.hget(k.job(job_id), "status") == "done", 10, "the done record", w)
+    assert r.pttl(k.job(job_id)) > 0
+    w.wait_for(rf"event=redis\.wrong_type key={logged(key)} type=list", 10)
     assert "redis.unavailable" not in w.output
     assert leftovers(r) == [] or all(not v for _, v in leftovers(r))
     w.signal(signal.SIGTERM)
@@ -314,18 +328,19 @@ def test_a_wrong_typed_counter_or_index_neither_loses_nor_stalls_a_job(r, broker
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("key", ["worker:paused", "worker:epoch", "worker:workers"])
-def test_a_wrong_typed_key_a_claim_reads_is_named_not_taken_for_an_outage(r, broker, spawn, key):
+@pytest.mark.parametrize("attr", ["paused", "epoch", "workers"])
+def test_a_wrong_typed_key_a_claim_reads_is_named_not_taken_for_an_outage(r, k, broker, spawn, attr):
     """Issue 27 item 1: with P:paused or P:epoch wrong-typed a worker claims nothing and repeated the error as
     ``redis.unavailable``; it names the key instead (once per HEARTBEAT_INTERVAL), loses nothing, and claims once
     the key is repaired."""
+    key = getattr(k, attr)
     r.delete(key)
     r.rpush(key, "junk")
     broker.push("push", ["out", "x"], {})
     w = spawn(HEARTBEAT_INTERVAL="0.5", HEARTBEAT_TTL="3")
-    w.wait_for(rf"event=redis\.wrong_type key={key} type=list", 15)
+    w.wait_for(rf"event=redis\.wrong_type key={logged(key)} type=list", 15)
     assert "redis.unavailable" not in w.output
-    assert r.llen("worker:queue:default") == 1  # claimed nothing, lost nothing
+    assert r.llen(k.queue("default")) == 1  # claimed nothing, lost nothing
     r.delete(key)
     assert r.blpop("out", timeout=15) == ("out", "x"), w.output
     w.signal(signal.SIGTERM)
@@ -335,7 +350,7 @@ def test_a_wrong_typed_key_a_claim_reads_is_named_not_taken_for_an_outage(r, bro
 # --- outcomes take effect once, whatever the keys around them ---
 
 @pytest.mark.parametrize("op", ["ack", "fail", "retry", "requeue"])
-def test_an_outcome_recorded_twice_takes_effect_once(r, op):
+def test_an_outcome_recorded_twice_takes_effect_once(r, k, op):
     """The supervisor re-sends its pending outcomes when a CYCLE call's reply is lost (the call may have run).
     "Only if the job is still ours" (LREM == 1) is what keeps at-least-once from becoming at-least-twice: the
     second copy must count nothing, push nothing, schedule nothing and record no second failure.
@@ -344,7 +359,7 @@ def test_an_outcome_recorded_twice_takes_effect_once(r, op):
     from worker.fetch import Outcome
     b = make_broker(r)
     payload = job_json("j1", attempts=0)
-    r.rpush("worker:queue:default", payload, job_json("behind"))
+    r.rpush(k.queue("default"), payload, job_json("behind"))
     (claim,) = b.cycle("w:1", claim=[0]).claims
     assert claim.payload == payload
     retried = job_json("j1", attempts=1)
@@ -354,18 +369,18 @@ def test_an_outcome_recorded_twice_takes_effect_once(r, op):
                "requeue": Outcome.requeue(payload, "default", 0)}[op]
     first = b.cycle("w:1", [outcome])
     second = b.cycle("w:1", [outcome])  # the same call again, as after a lost reply
-    assert first.held == second.held == 0 and r.llen("worker:processing:w:1") == 0
-    assert int(r.get("worker:stat:processed") or 0) == (op == "ack")
-    assert int(r.get("worker:stat:failed") or 0) == (op == "fail")
-    assert r.zcard("worker:failed") == r.hlen("worker:failed:data") == (op == "fail")
-    assert r.zcard("worker:scheduled") == 0
+    assert first.held == second.held == 0 and r.llen(k.processing("w:1")) == 0
+    assert int(r.get(k.processed) or 0) == (op == "ack")
+    assert int(r.get(k.failed_count) or 0) == (op == "fail")
+    assert r.zcard(k.failed) == r.hlen(k.failed_data) == (op == "fail")
+    assert r.zcard(k.scheduled) == 0
     behind = job_json("behind")  # a requeue goes back to the head, a due retry to the tail: each exactly once
     expected = {"requeue": [payload, behind], "retry": [behind, retried]}.get(op, [behind])
-    assert r.lrange("worker:queue:default", 0, -1) == expected
+    assert r.lrange(k.queue("default"), 0, -1) == expected
 
 
 @pytest.mark.parametrize("bad", ["workers", "worker_hash"])
-def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
+def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, k, bad):
     """Chaos review of the lean CYCLE: its first write is now the outcome's LREM, so nothing after it may raise on
     a key of the wrong type. A ``P:workers`` that is not a zset (the beat's ZADD) or a worker hash that is not a hash
     (a checkpoint's HSET) made the call fail after the job had left the processing list: it was in no list at all.
@@ -376,7 +391,7 @@ def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
     b = make_broker(r)
     job_id = b.push("push", ["out", "x"], {})
     (claim,) = b.cycle("w:1", [], [0], 0, "").claims
-    key = WORKERS if bad == "workers" else "worker:worker:w:1"
+    key = k.workers if bad == "workers" else k.worker("w:1")
     r.delete(key)
     r.set(key, "corrupt")
     try:
@@ -384,7 +399,7 @@ def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
                 checkpoints=[(0, '{"step":1}')], beat=True)
     except redis.ResponseError:
         pass  # a call may still fail on such a key, after its outcome took effect
-    held = r.lrange("worker:processing:w:1", 0, -1) + r.lrange("worker:queue:default", 0, -1)
+    held = r.lrange(k.processing("w:1"), 0, -1) + r.lrange(k.queue("default"), 0, -1)
     assert [jobs.loose_id(p) for p in held] == [job_id]
 
 
@@ -392,31 +407,31 @@ def test_an_outcome_beside_a_wrong_typed_bookkeeping_key_loses_no_job(r, bad):
 # --- bad payloads are failed with a reason, never fatal ---
 
 @pytest.mark.timeout(60)
-def test_nan_and_deeply_nested_payloads_are_failed_not_fatal(r, spawn):
+def test_nan_and_deeply_nested_payloads_are_failed_not_fatal(r, k, spawn):
     """Origin: runtime review (9f32e73, hardening)."""
-    r.rpush("worker:queue:default",
+    r.rpush(k.queue("default"),
             '{"id":"n1","name":"push","queue":"default","args":["out",NaN],"kwargs":{}}',
             '{"id":"d1","name":"push","args":' + "[" * 5000 + "]" * 5000 + ',"kwargs":{}}',
             json.dumps({"id": "ok", "name": "push", "args": ["out", "after"], "kwargs": {}}))
     w = spawn("--burst", JOB_RETRIES="2")
     assert w.wait(30) == 0, w.output
     assert r.lrange("out", 0, -1) == ["after"]
-    assert r.zcard("worker:failed") == 2
-    for rec in r.hvals("worker:failed:data"):
+    assert r.zcard(k.failed) == 2
+    for rec in r.hvals(k.failed_data):
         assert json.loads(rec)["cause"] == "bad_payload"
 
 
 @pytest.mark.timeout(30)
-def test_oversized_bad_payload_is_failed_with_a_bounded_copy(r, spawn, enqueue):
+def test_oversized_bad_payload_is_failed_with_a_bounded_copy(r, k, spawn, enqueue):
     """Origin: core review (9a4b9fe), #8."""
-    r.rpush("worker:queue:default", "j" * 200_000)
-    r.sadd("worker:queues", "default")
+    r.rpush(k.queue("default"), "j" * 200_000)
+    r.sadd(k.queues, "default")
     w = spawn(JOB_MODULES=MODULES, MAX_PAYLOAD_BYTES=1024)
-    wait_until(lambda: r.hlen("worker:failed:data") == 1, 15, "the failure record")
-    (rec,) = [json.loads(v) for v in r.hvals("worker:failed:data")]
+    wait_until(lambda: r.hlen(k.failed_data) == 1, 15, "the failure record")
+    (rec,) = [json.loads(v) for v in r.hvals(k.failed_data)]
     reason = " ".join(str(rec.get(k) or "") for k in ("cause", "type", "message"))
     assert "MAX_PAYLOAD_BYTES" in reason or "over" in reason, rec.keys()
     assert isinstance(rec.get("payload"), str) and len(rec["payload"]) <= 70_000, len(rec.get("payload") or "")
-    assert r.llen("worker:queue:default") == 0
+    assert r.llen(k.queue("default")) == 0
     wait_until(lambda: processing(r) == {}, 10, "the processing list emptied")
     still_works(r, w, enqueue, "oversized")

@@ -11,18 +11,17 @@ from collections import Counter
 
 import pytest
 
-from tests.support import wait_until
-from worker import config, jobs, schedule
+from tests.support import keys_of, make_broker, wait_until
+from worker import jobs, schedule
 from worker.config import ConfigError
-from worker.fetch import Broker
-from worker.keys import Keys
 
-K = Keys("worker")
+pytestmark = pytest.mark.both_backends  # each test that uses Redis on the single redis-server and the local cluster
+
 MODS = "tests.jobs_schedule"
 
 
 def ticks(r, queue):
-    return [json.loads(p)["tick"] for p in r.lrange(K.queue(queue), 0, -1)]
+    return [json.loads(p)["tick"] for p in r.lrange(keys_of(r).queue(queue), 0, -1)]
 
 
 # --- parsing and ticks (no Redis) ---
@@ -81,30 +80,29 @@ class Log:
     error = warning = debug = info
 
 
-def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r, redis_server):
-    cfg = config.from_mapping({"REDIS_URL": redis_server.url})
-    broker = Broker(r, cfg)
+def test_claim_script_enqueues_each_tick_once_and_refuses_skew_late_and_paused(r, k):
+    broker = make_broker(r)
     s = schedule.build("every_hour", "hq", schedule.declare(3600, None, None, None, ["x"], None))
     run = broker.r.register_script(__import__("worker.lua", fromlist=["SCHEDULE"]).SCHEDULE)
     now = int(r.time()[0]) * 1000
 
     def claim(tick, nxt, grace=3_600_000, name="every_hour"):
         job_id, payload = s.payload(tick)
-        return run(keys=[K.paused, K.queues, "worker:schedules"],
-                   args=["worker", name, "hq", tick, nxt, grace, 10_000_000, s.spec, payload, job_id, ""])[1]
+        return run(keys=[k.paused, k.queues, k.schedules],
+                   args=[k.prefix, name, "hq", tick, nxt, grace, 10_000_000, s.spec, payload, job_id, ""])[1]
 
     last, nxt = s.ticks(now)
     assert claim(last + 3_600_000, nxt + 3_600_000) == "skew" and claim(last - 3_600_000, last) == "skew"
     assert [claim(last, nxt) for _ in range(3)] == ["enqueued", "taken", "taken"]
-    assert ticks(r, "hq") == [last / 1000] and r.sismember(K.queues, "hq") and r.llen(K.wake("hq")) == 1
+    assert ticks(r, "hq") == [last / 1000] and r.sismember(k.queues, "hq") and r.llen(k.wake("hq")) == 1
     assert claim(last, nxt, grace=0, name="late_one") in ("late", "enqueued")  # "enqueued" only within the same ms
-    r.sadd(K.paused, "hq")
+    r.sadd(k.paused, "hq")
     assert claim(last, nxt, name="paused_one") == "paused" and claim(last, nxt, name="paused_one") == "taken"
-    assert r.llen(K.queue("hq")) <= 2 and r.pttl("worker:sched:every_hour") > 0
-    assert r.hget("worker:sched:paused_one", "reason") == "paused"
+    assert r.llen(k.queue("hq")) <= 2 and r.pttl(k.sched("every_hour")) > 0
+    assert r.hget(k.sched("paused_one"), "reason") == "paused"
 
 
-def test_claim_script_skips_a_tick_while_the_previous_run_has_not_ended(r, redis_server):
+def test_claim_script_skips_a_tick_while_the_previous_run_has_not_ended(r, k):
     """Unique per schedule (issue 25): the tick's run gets a status record; the next tick is skipped
     ('overlap:<id>') while that record says queued (also while it runs) or scheduled (a retry), and enqueued once it
     says done, failed or canceled, or is gone (RESULT_TTL 0). @job(unique=False) ('') skips nothing."""
@@ -119,21 +117,21 @@ def test_claim_script_skips_a_tick_while_the_previous_run_has_not_ended(r, redis
         t = next(tick)
         job_id, payload = s.payload(t)
         row = ("uh", "uq", t, now + 60_000, 3_600_000, 10_000, s.spec, payload, job_id, "1" if unique else "")
-        return lua.Registry(r).run(calls.schedule(K, [row]))[1], job_id
+        return lua.Registry(r).run(calls.schedule(k, [row]))[1], job_id
 
     code, first = claim()
-    assert code == "enqueued" and r.hget(K.job(first), "status") == "queued" and r.hget(K.sched("uh"), "run") == first
-    assert r.hgetall(K.job(first))["name"] == "uh" and r.pttl(K.sched("uh")) == -1  # no expiry while it is pending
-    assert claim()[0] == f"overlap:{first}" and r.hget(K.sched("uh"), "reason") == "overlap"
-    r.hset(K.job(first), "status", "scheduled")  # waiting for a retry
-    assert claim()[0] == f"overlap:{first}" and r.llen(K.queue("uq")) == 1
+    assert code == "enqueued" and r.hget(k.job(first), "status") == "queued" and r.hget(k.sched("uh"), "run") == first
+    assert r.hgetall(k.job(first))["name"] == "uh" and r.pttl(k.sched("uh")) == -1  # no expiry while it is pending
+    assert claim()[0] == f"overlap:{first}" and r.hget(k.sched("uh"), "reason") == "overlap"
+    r.hset(k.job(first), "status", "scheduled")  # waiting for a retry
+    assert claim()[0] == f"overlap:{first}" and r.llen(k.queue("uq")) == 1
     code, other = claim(unique=False)
-    assert code == "enqueued" and r.llen(K.queue("uq")) == 2 and r.pttl(K.sched("uh")) > 0
+    assert code == "enqueued" and r.llen(k.queue("uq")) == 2 and r.pttl(k.sched("uh")) > 0
     for end in ("done", "failed", "canceled", None):
         if end:
-            r.hset(K.job(other), "status", end)
+            r.hset(k.job(other), "status", end)
         else:
-            r.delete(K.job(other))
+            r.delete(k.job(other))
         code, other = claim()
         assert code == "enqueued", end
         assert claim()[0] == f"overlap:{other}"
@@ -142,9 +140,9 @@ def test_claim_script_skips_a_tick_while_the_previous_run_has_not_ended(r, redis
 # --- real workers ---
 
 @pytest.mark.timeout(90)
-def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, spawn):
+def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, k, spawn):
     workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
-    wait_until(lambda: r.llen(K.queue("sched")) >= 1, 20, "the first tick")
+    wait_until(lambda: r.llen(k.queue("sched")) >= 1, 20, "the first tick")
     t0 = ticks(r, "sched")[0]
     for n, victim in ((3, 0), (6, 1)):  # SIGKILL a whole worker tree mid-run, then start it again
         wait_until(lambda: max(ticks(r, "sched")) >= t0 + n, 20, f"tick {n}")
@@ -160,17 +158,17 @@ def test_three_workers_enqueue_each_of_ten_ticks_once_through_sigkills(r, spawn)
 
 
 @pytest.mark.timeout(60)
-def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r, spawn, cli):
+def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r, k, spawn, cli):
     now = int(r.time()[0])
     latest = now // 3600 * 3600
     if now - latest < 3:
         pytest.skip("too close to the hour for the 1 s misfire_grace case")
     # The last tick enqueued before every worker went away was the previous hour's.
-    r.hset("worker:sched:hourly", mapping={"tick": (latest - 3600) * 1000, "last": (latest - 3600) * 1000})
+    r.hset(k.sched("hourly"), mapping={"tick": (latest - 3600) * 1000, "last": (latest - 3600) * 1000})
     workers = [spawn(JOB_MODULES=MODS) for _ in range(3)]
     for w in workers:
         w.wait_for("event=worker.start", 20)
-    wait_until(lambda: r.hget("worker:sched:hourly_strict", "reason") == "late", 10, "the strict schedule's skip")
+    wait_until(lambda: r.hget(k.sched("hourly_strict"), "reason") == "late", 10, "the strict schedule's skip")
     assert ticks(r, "hourly") == [latest], "one catch-up, the latest tick, not a burst"
     assert ticks(r, "strict") == [], "older than misfire_grace: skipped"
     for w in workers:
@@ -182,15 +180,15 @@ def test_a_tick_missed_while_all_workers_were_down_is_enqueued_once_on_restart(r
 
 
 @pytest.mark.timeout(60)
-def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, spawn, cli):
+def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, k, spawn, cli):
     w = spawn(JOB_MODULES=MODS)
-    wait_until(lambda: r.llen(K.queue("sched")) >= 2, 20, "two ticks")
+    wait_until(lambda: r.llen(k.queue("sched")) >= 2, 20, "two ticks")
     assert cli("pause", "--queue", "sched").returncode == 0
     n = w.output.count("event=schedule.skipped schedule=every_second")
     wait_until(lambda: w.output.count("event=schedule.skipped schedule=every_second") >= n + 1, 10, "a paused tick")
-    before = r.llen(K.queue("sched"))
+    before = r.llen(k.queue("sched"))
     wait_until(lambda: w.output.count("reason=paused") >= n + 3, 10, "three paused ticks")
-    assert r.llen(K.queue("sched")) == before, "a paused queue's schedule still enqueued"
+    assert r.llen(k.queue("sched")) == before, "a paused queue's schedule still enqueued"
 
     res = cli("status", "--json")
     assert res.returncode == 0, res.stderr
@@ -205,7 +203,7 @@ def test_pause_stops_the_enqueues_and_status_shows_last_and_next_tick(r, spawn, 
     assert row.split()[1] == "sched" and row.split()[4] == "yes" and "LAST_UTC" in human and "NEXT_UTC" in human
 
     assert cli("resume", "--queue", "sched").returncode == 0
-    wait_until(lambda: r.llen(K.queue("sched")) > before, 10, "enqueues after resume")
+    wait_until(lambda: r.llen(k.queue("sched")) > before, 10, "enqueues after resume")
 
 
 @pytest.mark.timeout(30)
@@ -247,22 +245,22 @@ def _overlap_skips(w, name):
 
 
 @pytest.mark.timeout(90)
-def test_a_slow_periodic_job_skips_its_ticks_instead_of_piling_them_up(r, spawn):
+def test_a_slow_periodic_job_skips_its_ticks_instead_of_piling_them_up(r, k, spawn):
     """The failure mode: an every-second job that runs for several seconds piled up a tick per second in its queue
     (and with several slots, ran them side by side). Now each tick is skipped while the previous run is running, with
     a log line naming it; once it is done the next tick runs; the runs never overlap."""
     w = spawn(QUEUES="slow", WORKER_CONCURRENCY="3", **UFAST)
     wait_until(lambda: r.llen("slow_tick:runs") == 1, 20, "the first run")
-    first = r.hget(K.sched("slow_tick"), "run")
-    assert r.hget(K.job(first), "status") == "queued"  # running: the claim writes no record
+    first = r.hget(k.sched("slow_tick"), "run")
+    assert r.hget(k.job(first), "status") == "queued"  # running: the claim writes no record
     wait_until(lambda: len(_overlap_skips(w, "slow_tick")) >= 3, 20, "three skipped ticks")
     assert set(_overlap_skips(w, "slow_tick")) == {first}
-    assert r.llen(K.queue("slow")) == 0 and r.llen("slow_tick:runs") == 1, "a tick piled up behind the running one"
-    assert r.hget(K.sched("slow_tick"), "reason") == "overlap" and r.pttl(K.sched("slow_tick")) == -1
+    assert r.llen(k.queue("slow")) == 0 and r.llen("slow_tick:runs") == 1, "a tick piled up behind the running one"
+    assert r.hget(k.sched("slow_tick"), "reason") == "overlap" and r.pttl(k.sched("slow_tick")) == -1
     r.rpush("slow_tick:go", "1")
     wait_until(lambda: r.llen("slow_tick:runs") == 2, 20, "the next tick's run, once the first is done")
-    second = r.hget(K.sched("slow_tick"), "run")
-    assert second != first and r.hget(K.job(first), "status") == "done"
+    second = r.hget(k.sched("slow_tick"), "run")
+    assert second != first and r.hget(k.job(first), "status") == "done"
     r.rpush("slow_tick:go", "1")
     wait_until(lambda: r.llen("slow_tick:ends") == 2, 20, "the second run's end")
     runs, ends = _spans(r, "slow_tick")
@@ -284,7 +282,7 @@ def test_opting_out_with_unique_false_lets_ticks_overlap(r, spawn):
 
 
 @pytest.mark.timeout(120)
-def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, spawn):
+def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, k, spawn):
     """The previous run put back by a SIGTERM, then SIGKILLed with its worker and recovered: queued again each time,
     so the ticks that fall meanwhile (made by a worker that does not consume its queue) are skipped, naming it; it
     runs once more, and only once it is done does a new tick's run start."""
@@ -292,24 +290,24 @@ def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, spawn):
     ticker = spawn(QUEUES="elsewhere", **UFAST)  # ticks, never runs slow_tick, recovers the dead
     a = spawn(QUEUES="slow", **UFAST)
     wait_until(lambda: r.llen("slow_tick:runs") == 1, 20, "the first run")
-    run = r.hget(K.sched("slow_tick"), "run")
+    run = r.hget(k.sched("slow_tick"), "run")
     dyno.shutdown(a.pid, window=10)  # Heroku-style stop: put back at the head of its queue
-    wait_until(lambda: r.llen(K.queue("slow")) == 1, 20, "the run put back")
+    wait_until(lambda: r.llen(k.queue("slow")) == 1, 20, "the run put back")
     n = len(_overlap_skips(ticker, "slow_tick"))
     wait_until(lambda: len(_overlap_skips(ticker, "slow_tick")) >= n + 2, 20, "ticks skipped after the put-back")
-    assert r.llen(K.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
+    assert r.llen(k.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
     b = spawn(QUEUES="slow", **UFAST)
     wait_until(lambda: r.llen("slow_tick:runs") == 2, 20, "the put-back run again")
     b.kill_tree()  # a dyno crash mid-run: the run stays in b's processing list until the ticker recovers it
     ticker.wait_for(rf"event=recovery\.requeued job={run}", 30)
     n = len(_overlap_skips(ticker, "slow_tick"))
     wait_until(lambda: len(_overlap_skips(ticker, "slow_tick")) >= n + 2, 20, "ticks skipped after the recovery")
-    assert r.llen(K.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
+    assert r.llen(k.queue("slow")) == 1 and set(_overlap_skips(ticker, "slow_tick")) == {run}
     c = spawn(QUEUES="slow", **UFAST)
     wait_until(lambda: r.llen("slow_tick:runs") == 3, 20, "the recovered run")
     r.rpush("slow_tick:go", "1")
     wait_until(lambda: r.llen("slow_tick:runs") == 4, 20, "a new tick's run, once the recovered one is done")
-    assert r.hget(K.job(run), "status") == "done" and r.hget(K.sched("slow_tick"), "run") != run
+    assert r.hget(k.job(run), "status") == "done" and r.hget(k.sched("slow_tick"), "run") != run
     r.rpush("slow_tick:go", "1")
     wait_until(lambda: r.llen("slow_tick:ends") == 2, 20, "its end")
     runs, ends = _spans(r, "slow_tick")

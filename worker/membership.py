@@ -301,9 +301,17 @@ class Membership:
         if stop_at is None:
             return self.broker
         left = stop_at + self.cfg.hard_exit_after - 0.1 - time.monotonic()
+        timeout = max(0.05, left / 2)
+        r = None
+        if client.is_cluster(self.broker.r):  # the slot's node itself: no cluster client start-up (connect_node)
+            try:
+                r = client.connect_node(self.cfg, self.broker.r.node(), timeout=timeout, name="worker-exit")
+            except Exception:  # noqa: BLE001 - the slot map has no node for the slot (a failover): a cluster client
+                r = None
+        if r is None:
+            r = client.connect(self.cfg, timeout=timeout, retries=0, name="worker-exit")
         self.broker.r.close()
-        broker = Broker(client.connect(self.cfg, timeout=max(0.05, left / 2), retries=0, name="worker-exit"),
-                        self.cfg)
+        broker = Broker(r, self.cfg)
         broker.epoch, broker.limits = self.broker.epoch, self.broker.limits
         return broker
 
