@@ -130,7 +130,7 @@ if ckpt_count_at > lim_count_at + 1 then
     lim[ARGV[at]] = {conc = tonumber(ARGV[at + 1]), n = tonumber(ARGV[at + 2]), ms = tonumber(ARGV[at + 3])}
   end
   limit_of = function(p)  -- a payload's job name and its limits (nil if none): read without cjson when ours
-    local name = string.match(p, '^{"id":"[%w_%.:%-]*","name":"([^"\\]*)"')
+    local name = string.match(p, '^{"id":"[^"]*","name":"([^"\\]*)"')
     if not name then
       local ok, doc = pcall(cjson.decode, p)
       if ok and type(doc) == 'table' and type(doc['name']) == 'string' then name = doc['name'] end
