@@ -272,3 +272,21 @@ def test_three_groups_on_three_primaries_drained_by_a_worker_each(env, r, spawn,
         b.r.close()
     finally:
         cr.close()
+
+
+def test_no_group_may_be_named_like_a_word_of_the_key_schema_including_the_limit_keys():
+    """Adversarial review of issue 25: issue 25 added P:running:, P:held:, P:rate: and P:unique:, but KEY_WORDS
+    (the group names refused because ``KEY_PREFIX:<group>:...`` would share key names with an ungrouped deployment's
+    ``KEY_PREFIX:<word>:...``) was not extended: ``QUEUE_GROUPS=running=a`` was accepted, and its P:queues
+    (``worker:running:queues``, a set) is the concurrency hash of a job named "queues". Every ``P:<word>`` that
+    keys.py or a Lua script names is now refused as a group name."""
+    import pathlib
+    from worker import groups
+    root = pathlib.Path(__file__).resolve().parent.parent / "worker"
+    text = (root / "keys.py").read_text() + "".join(p.read_text() for p in (root / "lua").glob("*.lua"))
+    words = set(re.findall(r"\bP:([a-z_]+)", text))
+    assert {"running", "held", "rate", "unique"} <= words
+    assert words <= groups.KEY_WORDS, sorted(words - groups.KEY_WORDS)
+    for w in sorted(words):
+        with pytest.raises(groups.GroupsError, match="word of the key schema"):
+            groups.queue_groups(f"{w}=a")
