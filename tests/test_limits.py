@@ -289,3 +289,22 @@ def test_a_wrong_typed_limit_key_does_not_stall_the_rest_of_the_queue(r, lj, spa
     assert w.popen.poll() is None
     w.signal(15)
     assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tat", ["inf", "nan", "1e300", "-inf"])
+def test_a_hostile_rate_state_is_reset_and_aborts_nothing(r, lj, spawn, tat):
+    """Adversarial review of issue 25: P:rate:<name>'s tat read as a number Lua accepts but Redis does not as an
+    integer (inf, nan, 1e300: another program's or a corrupted value) made the claim raise after its first writes
+    (the job parked in P:scheduled at +inf and still in the processing list, or neither run nor recorded). Now a tat
+    that is not a finite time within a year of now counts as none: the job runs, once, and the worker goes on."""
+    r.hset(K.rate("rated"), "tat", tat)
+    ids = [lj.rated.enqueue("hr:ev", f"r{i}") for i in range(2)] + [lj.free.enqueue("hr:ev", "f")]
+    w = spawn(DYNO="worker.1", **FAST)
+    for i in ids:
+        assert get_job(i).wait(timeout=20).status == "done"
+    assert r.zcard(K.scheduled) == 0 and r.llen(K.processing(name_of(w))) == 0
+    assert sorted(e["tag"] for e in events(r, "hr:ev") if e["event"] == "start") == ["f", "r0", "r1"]
+    assert float(r.hget(K.rate("rated"), "tat")) < time.time() * 1000 + 60_000
+    w.signal(15)
+    assert w.wait(15) == 0

@@ -313,7 +313,7 @@ if lim then
       elseif mine == 0 then
         local T = L.ms / L.n
         local tat = tonumber(redis.call('HGET', bk, 'tat')) or now
-        if tat < now then tat = now end
+        if not (tat >= now and tat < now + 31536000000) then tat = now end  -- (also nan, inf: another program's)
         local at = tat - (L.n - 1) * T  -- when this job conforms (GCRA: a bucket of L.n tokens)
         if at > now and type(redis.pcall('ZADD', scheduled, at, v)) ~= 'number' then bad = scheduled
         else
