@@ -340,3 +340,8 @@ def test_claim_script_a_wrong_typed_schedule_record_blocks_no_other_schedule(r, 
     r.set(K.queues, "x")  # P:queues wrong-typed: the job is queued all the same, the schedule recorded
     res = lua.Registry(r).run(calls.schedule(K, [row("wd", now - 1000)]))
     assert res[1] == "enqueued" and r.llen(K.queue("wq")) == 3 and r.hget(K.sched("wd"), "run")
+    r.delete(K.queues)
+    for bad in ("inf", "nan"):  # a tick no clock reaches: every later tick was 'taken', the schedule dead for good
+        r.hset(K.sched("we"), "tick", bad)
+        assert lua.Registry(r).run(calls.schedule(K, [row("we", now - 1000)]))[1] == "enqueued"
+        r.delete(K.sched("we"))

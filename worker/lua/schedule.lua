@@ -50,6 +50,7 @@ for i = SCHEDULES_AT, #ARGV, SCHEDULE_LEN do
     code = 'skew'
   else
     local prev = tonumber(redis.call('HGET', h, 'tick') or '-1') or -1
+    if prev ~= prev or prev == math.huge then prev = -1 end  -- nan, inf: no tick was ever that (another program's)
     if tick <= prev then
       code = 'taken'
     elseif all_paused or redis.call('SISMEMBER', paused, q) == 1 then
