@@ -322,7 +322,8 @@ def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, spawn):
 def test_claim_script_a_wrong_typed_schedule_record_blocks_no_other_schedule(r, redis_server):
     """Adversarial review of issue 25: one schedule's record P:sched:<name> of the wrong type (or P:queues) made
     the claim script raise after the schedules before it had been enqueued and recorded, and every later schedule
-    never ran again. Now that schedule gets an error code (logged), the others are enqueued, nothing raises."""
+    never ran again. Now that schedule gets an error code (logged), the others are enqueued, nothing raises. A tick
+    field of inf or nan (no clock reaches it) no longer marks every later tick taken."""
     from worker import lua
     from worker.lua import calls
     s = schedule.build("wa", "wq", schedule.declare(3600, None, None, None, None, None))
