@@ -264,3 +264,47 @@ def test_held_jobs_go_back_when_the_runs_counted_belong_to_workers_gone(r, lj, s
     spawn(DYNO="worker.1", **FAST)
     assert get_job(job_id).wait(timeout=20).status == "done"
     assert limit_keys_clean(r, "lim2")
+
+
+@pytest.mark.timeout(60)
+def test_a_wrong_typed_limit_key_does_not_stall_the_rest_of_the_queue(r, lj, spawn):
+    """Adversarial review of issue 25: a limited job whose limit key is of the wrong type went back to the head of
+    its queue and ended the call's claims from it, so every later call took it again: the jobs behind it (limited
+    or not) never ran while the stray key lasted, against "a job held back by its limit does not block other jobs in
+    the same queue". Now it steps aside (to the tail) and the queue flows; it waits, at the head again once the
+    rest is taken, named (redis.wrong_type), and runs once the key is cleared. No spin: the worker stays idle."""
+    r.set(K.running("lim1"), "junk")
+    stuck = lj.lim1.enqueue("ws:ev", "a")
+    others = [lj.free.enqueue("ws:ev", f"f{i}") for i in range(3)]
+    w = spawn(DYNO="worker.1", WORKER_CONCURRENCY="2", **FAST)
+    w.wait_for(rf"event=redis.wrong_type key={K.running('lim1')} type=string", 20)
+    for i in others:
+        assert get_job(i).wait(timeout=20).status == "done"
+    wait_until(lambda: r.lrange(K.queue("default"), 0, -1) and
+               [json.loads(p)["id"] for p in r.lrange(K.queue("default"), 0, -1)] == [stuck], 10, "it waits")
+    r.delete(K.running("lim1"))
+    r.rpush("ws:ev:go", "x")
+    lj.free.enqueue("ws:ev", "kick")  # a wake-up (the key's repair rings nothing)
+    assert get_job(stuck).wait(timeout=20).status == "done"
+    assert w.popen.poll() is None
+    w.signal(15)
+    assert w.wait(15) == 0
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("tat", ["inf", "nan", "1e300", "-inf"])
+def test_a_hostile_rate_state_is_reset_and_aborts_nothing(r, lj, spawn, tat):
+    """Adversarial review of issue 25: P:rate:<name>'s tat read as a number Lua accepts but Redis does not as an
+    integer (inf, nan, 1e300: another program's or a corrupted value) made the claim raise after its first writes
+    (the job parked in P:scheduled at +inf and still in the processing list, or neither run nor recorded). Now a tat
+    that is not a finite time within a year of now counts as none: the job runs, once, and the worker goes on."""
+    r.hset(K.rate("rated"), "tat", tat)
+    ids = [lj.rated.enqueue("hr:ev", f"r{i}") for i in range(2)] + [lj.free.enqueue("hr:ev", "f")]
+    w = spawn(DYNO="worker.1", **FAST)
+    for i in ids:
+        assert get_job(i).wait(timeout=20).status == "done"
+    assert r.zcard(K.scheduled) == 0 and r.llen(K.processing(name_of(w))) == 0
+    assert sorted(e["tag"] for e in events(r, "hr:ev") if e["event"] == "start") == ["f", "r0", "r1"]
+    assert float(r.hget(K.rate("rated"), "tat")) < time.time() * 1000 + 60_000
+    w.signal(15)
+    assert w.wait(15) == 0

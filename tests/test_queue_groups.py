@@ -304,3 +304,52 @@ def test_a_job_group_lives_in_its_queues_group_and_is_found_there(env, r, spawn)
         assert (g["done"], g["pending"], g["callback"]["status"]) == (3, 0, "done")
     finally:
         jobs.use(before)
+
+
+def test_no_group_may_be_named_like_a_word_of_the_key_schema_including_the_limit_keys():
+    """Adversarial review of issue 25: issue 25 added P:running:, P:held:, P:rate: and P:unique:, but KEY_WORDS
+    (the group names refused because ``KEY_PREFIX:<group>:...`` would share key names with an ungrouped deployment's
+    ``KEY_PREFIX:<word>:...``) was not extended: ``QUEUE_GROUPS=running=a`` was accepted, and its P:queues
+    (``worker:running:queues``, a set) is the concurrency hash of a job named "queues". Every ``P:<word>`` that
+    keys.py or a Lua script names is now refused as a group name."""
+    import pathlib
+    from worker import groups
+    root = pathlib.Path(__file__).resolve().parent.parent / "worker"
+    text = (root / "keys.py").read_text() + "".join(p.read_text() for p in (root / "lua").glob("*.lua"))
+    words = set(re.findall(r"\bP:([a-z_]+)", text))
+    assert {"running", "held", "rate", "unique"} <= words
+    assert words <= groups.KEY_WORDS, sorted(words - groups.KEY_WORDS)
+    for w in sorted(words):
+        with pytest.raises(groups.GroupsError, match="word of the key schema"):
+            groups.queue_groups(f"{w}=a")
+
+
+def test_an_id_in_two_groups_is_found_where_it_still_waits(env, r, redis_server, monkeypatch):
+    """Adversarial review of issue 25/26: a producer's own job id (job_id=) may be used in two groups: canceled (its
+    record kept RESULT_TTL) in group fast, then enqueued again in group slow. cancel(id), get_job(id) and the read
+    model looked in the first group holding any record, answered 'canceled' and left the waiting job in slow to run.
+    The group where the job still waits (queued or scheduled) wins."""
+    from worker import control
+    from worker.api_groups import read_model
+    b = broker_for(genv(env))
+    assert b.push("push", ["out", 1], {}, queue="mail", job_id="mine") == "mine"
+    assert control.cancel_job(b, "mine") == (True, "")
+    assert b.push("push", ["out", 2], {}, queue="reports", job_id="mine") == "mine"
+    assert r.hget("worker:fast:job:mine", "status") == "canceled" and r.llen("worker:slow:queue:reports") == 1
+    assert b.find("mine").keys.prefix == "worker:slow"
+    cfg = worker.config.from_mapping(genv(env))
+    assert read_model(b.r, cfg).job("mine")["group"] == "slow"
+    import worker as api
+    from worker import aio_broker
+    monkeypatch.setenv("REDIS_URL", redis_server.url)
+    monkeypatch.setenv("QUEUE_GROUPS", GROUPS)
+
+    async def go():
+        job = await api.get_job_async("mine")
+        await aio_broker.close()
+        return job
+    job = asyncio.run(go())
+    assert (job.status, job.queue) == ("queued", "reports")
+    assert control.cancel_job(b, "mine") == (True, "")
+    assert r.llen("worker:slow:queue:reports") == 0 and r.hget("worker:slow:job:mine", "status") == "canceled"
+    b.r.close()

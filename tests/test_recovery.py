@@ -718,3 +718,27 @@ def test_recovery_without_a_queue_field_goes_to_default(r, k):
     seen_late_long_ago(r, "dead:2")
     assert b.recover() == ["requeued:q"]
     assert json.loads(r.lindex(k.queue("default"), 0))["id"] == "q"
+
+
+def test_failed_retry_never_raises_after_a_write_so_no_job_is_both_queued_and_failed(r, k):
+    """Adversarial review of issue 25 (retry_failed.lua): P:queues of the wrong type, or one record's queue key of
+    the wrong type, made the script raise after it had pushed a job but before it removed its failed record: the
+    job was queued and still failed, and the next `failed retry` queued it a second time (two runs). Now a job whose
+    queue cannot take it stays failed, the others move, each once, and nothing raises."""
+    b = make_broker(r)
+    for i, q in (("a", "mail"), ("b", "odd"), ("c", "mail")):
+        p = json.dumps({"id": i, "name": "push", "queue": q, "args": [], "kwargs": {}})
+        r.zadd(k.failed, {i: 1})
+        r.hset(k.failed_data, i, json.dumps({"id": i, "queue": q, "payload": p}))
+    r.set(k.queue("odd"), "junk")
+    r.set(k.queues, "junk")
+    reg = FailedRegistry(b)
+    assert sorted(reg.retry(["a", "b", "c"])) == ["a", "c"]
+    assert reg.retry(["a", "b", "c"]) == []
+    assert [json.loads(p)["id"] for p in r.lrange(k.queue("mail"), 0, -1)] == ["a", "c"]
+    assert r.zrange(k.failed, 0, -1) == ["b"] and list(r.hkeys(k.failed_data)) == ["b"]
+    r.delete(k.failed)
+    r.set(k.failed, "junk")  # the registry itself unusable: an error, nothing moved
+    with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+        reg.retry(["b"])
+    assert r.llen(k.queue("mail")) == 2 and r.hkeys(k.failed_data) == ["b"]

@@ -315,3 +315,32 @@ def test_a_put_back_and_a_recovered_run_keep_their_schedule_skipping(r, k, spawn
     for p in (c, ticker):
         p.signal(signal.SIGTERM)
         assert p.wait(15) == 0
+
+
+def test_claim_script_a_wrong_typed_schedule_record_blocks_no_other_schedule(r, k):
+    """Adversarial review of issue 25: one schedule's record P:sched:<name> of the wrong type (or P:queues) made
+    the claim script raise after the schedules before it had been enqueued and recorded, and every later schedule
+    never ran again. Now that schedule gets an error code (logged), the others are enqueued, nothing raises. A tick
+    field of inf or nan (no clock reaches it) no longer marks every later tick taken."""
+    from worker import lua
+    from worker.lua import calls
+    s = schedule.build("wa", "wq", schedule.declare(3600, None, None, None, None, None))
+    now = int(r.time()[0]) * 1000
+
+    def row(name, t):
+        job_id, payload = s.payload(t)
+        return (name, "wq", t, now + 60_000, 3_600_000, 10_000, s.spec, payload, job_id.replace("wa", name), "1")
+
+    r.set(k.sched("wb"), "x")
+    res = lua.Registry(r).run(calls.schedule(k, [row("wa", now - 1000), row("wb", now - 1000), row("wc", now - 1000)]))
+    assert res[1] == "enqueued" and res[3] == "enqueued" and "WRONGTYPE" in res[2].upper(), res
+    assert r.llen(k.queue("wq")) == 2 and r.get(k.sched("wb")) == "x"
+    r.delete(k.sched("wb"))
+    r.set(k.queues, "x")  # P:queues wrong-typed: the job is queued all the same, the schedule recorded
+    res = lua.Registry(r).run(calls.schedule(k, [row("wd", now - 1000)]))
+    assert res[1] == "enqueued" and r.llen(k.queue("wq")) == 3 and r.hget(k.sched("wd"), "run")
+    r.delete(k.queues)
+    for bad in ("inf", "nan"):  # a tick no clock reaches: every later tick was 'taken', the schedule dead for good
+        r.hset(k.sched("we"), "tick", bad)
+        assert lua.Registry(r).run(calls.schedule(k, [row("we", now - 1000)]))[1] == "enqueued"
+        r.delete(k.sched("we"))

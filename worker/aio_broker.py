@@ -40,15 +40,22 @@ class AsyncBroker:
     async def read_job(self, job_id: str) -> tuple:
         """``(status record, failed record JSON, held)`` as ``results.fetch`` reads them; ``held``: the worker
         names and their hashes, read only while the record says queued or scheduled (a running job is found in
-        its worker's slots), else None. QUEUE_GROUPS: the first group (in their order) that knows the id."""
+        its worker's slots), else None. QUEUE_GROUPS: the group where the id still waits (queued or scheduled),
+        else the first group (in their order) that knows it (as ``Broker.find``)."""
+        found = None
         for space in self.calls.spaces():
             keys = space.keys
             async with self.r.pipeline(transaction=False) as p:
                 p.hgetall(keys.job(job_id))
                 p.hget(keys.failed_data, job_id)
                 info, failure = await p.execute()
-            if info or failure:
+            if info.get("status") in ("queued", "scheduled"):
+                found = None
                 break
+            if (info or failure) and found is None:
+                found = (keys, info, failure)
+        if found is not None:
+            keys, info, failure = found
         if not info or info.get("status") not in ("queued", "scheduled"):
             return info, failure, None
         workers = await self.r.zrange(keys.workers, 0, -1)

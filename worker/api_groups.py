@@ -70,11 +70,15 @@ class GroupsAPI:
         return dict(a.queue(name, page, per_page), group=a.cfg.group)
 
     def job(self, job_id: str) -> Optional[dict]:
+        """The first group's record of ``job_id``; of an id in several groups, the one that has not ended."""
+        found = None
         for a in self.parts:
             doc = a.job(job_id)
             if doc is not None:
-                return dict(doc, group=a.cfg.group)
-        return None
+                if doc.get("status") in ("queued", "scheduled", "running"):
+                    return dict(doc, group=a.cfg.group)
+                found = found or dict(doc, group=a.cfg.group)
+        return found
 
     def failed(self, name: str = "", error: str = "", page: int = 1, per_page: int = 50) -> dict:
         """The newest first over every group: each group's first ``page * per_page`` matches, merged by time."""

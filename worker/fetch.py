@@ -142,15 +142,20 @@ class Broker:
 
     def find(self, job_id: str) -> "Broker":
         """The broker of the key space that holds job ``job_id`` (its status or failed record), searched group by
-        group (one round trip each); itself when ungrouped or found nowhere."""
+        group (one round trip each); itself when ungrouped or found nowhere. An id in several groups (a producer's
+        own id reused): the group where it still waits (queued or scheduled) wins over one where it has ended."""
         if not self.cfg.queue_groups:
             return self
+        first = None
         for b in self.spaces():
             with b.r.pipeline(transaction=False) as p:
-                p.exists(b.keys.job(job_id)).hexists(b.keys.failed_data, job_id)
-                if any(x is True or (isinstance(x, int) and x > 0) for x in p.execute(raise_on_error=False)):
-                    return b
-        return self
+                p.exists(b.keys.job(job_id)).hexists(b.keys.failed_data, job_id).hget(b.keys.job(job_id), "status")
+                got = p.execute(raise_on_error=False)
+            if got[2] in ("queued", "scheduled"):
+                return b
+            if first is None and any(x is True or (isinstance(x, int) and x > 0) for x in got[:2]):
+                first = b
+        return first or self
 
     # --- producers ---
     def push(self, name: str, args, kwargs, queue: Optional[str] = None, due: Optional[float] = None,

@@ -28,7 +28,8 @@ _GROUP_RE = re.compile(r"^[A-Za-z0-9_-]{1,32}$")
 #: the second segment of the runtime's ungrouped keys (``P:<word>:...``, keys.py): a group of that name would share
 #: key names with an ungrouped deployment of the same KEY_PREFIX (``worker:queue`` + ``:queue:x``...)
 KEY_WORDS = {"queues", "queue", "wake", "processing", "workers", "recovered", "cancel", "suspects", "worker", "job",
-             "done", "scheduled", "failed", "enq", "paused", "sched", "schedules", "epoch", "stat", "metrics"}
+             "done", "scheduled", "failed", "enq", "paused", "sched", "schedules", "epoch", "stat", "metrics",
+             "running", "held", "rate", "unique", "group", "group_ids", "group_res"}  # (issue 25: limits, locks, groups)
 GROUPS_SYNTAX = "group=queue,queue;group=queue,... (group: 1-32 letters, digits, _ -)"
 
 

@@ -79,7 +79,8 @@
 --   Redis's clock in P:rate:<name> (tat; a bucket of <count> tokens): a job over the rate reserves the next token
 --   (tok:<id> = its time) and is parked in P:scheduled until then; claimed again, its reservation lets it run.
 --   At most HOLD_MAX jobs are held per call (then the queue's wake list is rung). A limit key of the wrong type
---   puts the job back at the head of its queue, ends this call's claims from that queue and is named (odd keys).
+--   is named (odd keys) and moves the job to the tail of its queue, so the rest of it flows (adversarial review of
+--   issue 25); met again in the same call, it goes back to the head and ends this call's claims from that queue.
 -- * Groups (issue 25 item 4): a member's end (done, failed, canceled) is recorded in its group in this same call,
 --   once (group_end: HSETNX of its id), and the call that records a group's last member queues the group's
 --   callback; a callback's end sets the expiry of its group's keys (group_close). Other jobs pay one string.byte.
@@ -285,7 +286,9 @@ local res, wf = {0, '', now, 0, 0, '', ''}, {}  -- wf: the worker hash's fields,
 local claimed, anyopen, left = 0, false, nil  -- left: queues we took from (only when tidying)
 local next_slot = slots_at  -- ARGV[next_slot]: the slot the next claim goes into
 local held, HOLD_MAX, admit = 0, 100, nil  -- jobs this call held back by their limits (at most HOLD_MAX)
+local aside = nil  -- payloads this call moved to their queue's tail (a limit key of the wrong type), and those keys
 if lim then
+  aside = {}
   local prune = function(rk)  -- entries of workers gone from P:workers and of our own free slots: how many went
     local all, gone = redis.pcall('HGETALL', rk), 0
     for i = 1, (all.err and 0 or #all), 2 do
@@ -301,8 +304,8 @@ if lim then
     return gone
   end
   -- a job just moved (LMOVE) to the tail of the processing list from queue q, to run in slot: 'run', 'held'
-  -- (moved on to P:held:<name> or parked in P:scheduled), or nil (a limit key of the wrong type: it went back
-  -- to the head of q)
+  -- (moved on to P:held:<name> or parked in P:scheduled), 'aside' (a limit key of the wrong type: it went to the
+  -- tail of q, the claim goes on) or nil (the same again in this call: back to the head of q, q is done for now)
   admit = function(v, q, slot)
     local name, L = limit_of(v)
     if not L then return 'run' end
@@ -328,7 +331,7 @@ if lim then
       elseif mine == 0 then
         local T = L.ms / L.n
         local tat = tonumber(redis.call('HGET', bk, 'tat')) or now
-        if tat < now then tat = now end
+        if not (tat >= now and tat < now + 31536000000) then tat = now end  -- (also nan, inf: another program's)
         local at = tat - (L.n - 1) * T  -- when this job conforms (GCRA: a bucket of L.n tokens)
         if at > now and type(redis.pcall('ZADD', scheduled, at, v)) ~= 'number' then bad = scheduled
         else
@@ -343,11 +346,13 @@ if lim then
         end
       end
     end
-    if bad then
+    if bad then  -- it steps aside to the tail, so the rest of q flows; met again in this call: back to the head
       redis.call('RPOP', processing)
-      redis.pcall('LPUSH', prefix .. ':queue:' .. q, v)
-      odd = add_line(odd, bad)
-      return nil
+      if not aside[bad] then odd, aside[bad] = add_line(odd, bad), true end  -- (named once)
+      if aside[v] then redis.pcall('LPUSH', prefix .. ':queue:' .. q, v); return nil end
+      aside[v], held = true, held + 1
+      redis.pcall('RPUSH', prefix .. ':queue:' .. q, v)
+      return 'aside'
     end
     if L.conc then redis.pcall('HSET', rk, slot .. ':' .. worker_name, id) end
     return 'run'
@@ -369,9 +374,9 @@ if next_slot <= #ARGV and nqs > 0 then  -- one look at the pause set: '*' (all) 
     end
     local verdict = 'run'
     if v and admit then verdict = admit(v, q, ARGV[next_slot]) end
-    if v and verdict ~= 'run' then  -- held back by a limit (or its key unusable: this queue is done for now)
-      if not verdict then i = i + 1 end
-      if held >= HOLD_MAX then  -- enough for one call: the next call (ours, or an idle worker's) goes on
+    if v and verdict ~= 'run' then  -- held back by a limit, or stepped aside (its key unusable: see admit)
+      if not verdict or (verdict == 'aside' and held >= HOLD_MAX) then i = i + 1
+      elseif held >= HOLD_MAX then  -- enough for one call: the next call (ours, or an idle worker's) goes on
         wake(prefix, q)
         i = nqs + 1
       end

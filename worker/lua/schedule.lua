@@ -43,10 +43,14 @@ for i = SCHEDULES_AT, #ARGV, SCHEDULE_LEN do
   local h = prefix .. ':sched:' .. name
   local code
   local pending = false  -- unique: the run P:sched:<name> names (this tick's or the previous one) has not ended
-  if tick > now or nxt <= now then
+  local htype = redis.call('TYPE', h)['ok']  -- a record of the wrong type: this schedule's error, no raise
+  if htype ~= 'hash' and htype ~= 'none' then
+    code = 'WRONGTYPE ' .. h .. ' is a ' .. htype .. ', expected a hash'
+  elseif tick > now or nxt <= now then
     code = 'skew'
   else
     local prev = tonumber(redis.call('HGET', h, 'tick') or '-1') or -1
+    if prev ~= prev or prev == math.huge then prev = -1 end  -- nan, inf: no tick was ever that (another program's)
     if tick <= prev then
       code = 'taken'
     elseif all_paused or redis.call('SISMEMBER', paused, q) == 1 then
@@ -65,7 +69,7 @@ for i = SCHEDULES_AT, #ARGV, SCHEDULE_LEN do
       if type(pushed) == 'number' then
         code, pending = 'enqueued', unique
         jset(prefix, id, 'status', 'queued', 'name', name, 'queue', q, 'enqueued_at', tick, 'attempts', 0)
-        redis.call('SADD', queues, q)
+        redis.pcall('SADD', queues, q)  -- (pcall: the job is queued; nothing may raise now)
         wake(prefix, q)
         redis.call('HSET', h, 'tick', tick, 'last', tick, 'run', id)
       else
@@ -78,8 +82,8 @@ for i = SCHEDULES_AT, #ARGV, SCHEDULE_LEN do
     if code ~= 'taken' then  -- whoever claims a tick writes what status shows
       redis.call('HSET', h, 'next', nxt, 'spec', spec, 'queue', q)
       if pending then redis.call('PERSIST', h) else redis.call('PEXPIRE', h, ttl) end
-      redis.call('ZADD', schedules, now, name)
-      redis.call('ZREMRANGEBYSCORE', schedules, '-inf', now - 30 * 86400000)
+      redis.pcall('ZADD', schedules, now, name)
+      redis.pcall('ZREMRANGEBYSCORE', schedules, '-inf', now - 30 * 86400000)
     end
   end
   res[#res + 1] = code
