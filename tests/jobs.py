@@ -233,6 +233,7 @@ def cc_alloc_in_subprocess(key, mb, hold=30.0):
     import sys
     code = f"import time; b = bytearray({mb} << 20); b[::4096] = b'\\1' * len(b[::4096]); print(1, flush=True); time.sleep({hold})"
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE)
+    event(key, "spawned", child=p.pid)  # before the allocation: the memory kill may come before "allocated"
     p.stdout.readline()
     event(key, "allocated", child=p.pid)
     p.wait()
