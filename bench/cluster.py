@@ -51,30 +51,27 @@ def cpu(port: int) -> tuple:
         c.close()
 
 
-def groups_on_distinct_primaries(cluster: LocalCluster, n: int, root: str = "worker") -> list:
-    """``n`` QUEUE_GROUPS names whose ``{root:name}`` hash tags are held by ``n`` different primaries."""
+def _spread(cluster: LocalCluster, n: int, tag) -> list:
+    """``n`` names ``g0``, ``g1``, ... whose hash tags ``tag(name)`` are held by ``n`` different primaries."""
     out, homes = [], set()
     for i in range(1000):
-        home = cluster.node_of("{" + f"{root}:g{i}" + "}")
+        home = cluster.node_of(tag(f"g{i}"))
         if home not in homes:
             homes.add(home)
             out.append(f"g{i}")
         if len(out) == n:
             return out
     raise RuntimeError("no spread of hash tags found")
+
+
+def groups_on_distinct_primaries(cluster: LocalCluster, n: int, root: str = "worker") -> list:
+    """``n`` QUEUE_GROUPS names whose ``{root:name}`` hash tags are held by ``n`` different primaries."""
+    return _spread(cluster, n, lambda name: "{" + f"{root}:{name}" + "}")
 
 
 def tags_on_distinct_primaries(cluster: LocalCluster, n: int) -> list:
     """``n`` KEY_PREFIX values whose ``{prefix}`` hash tags are held by ``n`` different primaries."""
-    out, homes = [], set()
-    for i in range(1000):
-        home = cluster.node_of("{" + f"g{i}" + "}")
-        if home not in homes:
-            homes.add(home)
-            out.append(f"g{i}")
-        if len(out) == n:
-            return out
-    raise RuntimeError("no spread of hash tags found")
+    return _spread(cluster, n, lambda name: "{" + name + "}")
 
 
 def drain(url: str, ports: list, spaces: list, jobs: int, workers: int, cluster: bool, groups=None) -> dict:
