@@ -31,6 +31,10 @@ def uby_user(key, user_id, note=""):
 @job(unique=True, retries=1, result_ttl=60)
 def ufail_once(key):
     """Fails its first attempt (a retry follows), succeeds on the second once released."""
+    return _fail_once(key)
+
+
+def _fail_once(key):
     n = r().incr(key + ":n")
     r().rpush(key + ":started", str(n))
     r().blpop([key + ":go"], 30)
@@ -60,12 +64,7 @@ def ustart(key, user_id=0, note=""):
 @job(unique=True, unique_until="start", retries=1, result_ttl=60)
 def ustart_fail_once(key):
     """unique_until="start"; fails its first attempt (a retry follows)."""
-    n = r().incr(key + ":n")
-    r().rpush(key + ":started", str(n))
-    r().blpop([key + ":go"], 30)
-    if n == 1:
-        raise ValueError("first attempt fails")
-    return n
+    return _fail_once(key)
 
 
 @job(unique=True, unique_until="start")
