@@ -17,7 +17,6 @@ import argparse
 import dataclasses
 import statistics
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -30,7 +29,7 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=500, help="CYCLE calls per turn")
     args = ap.parse_args(argv)
     import redis
-    from tests.support import free_port, start_redis_server
+    from bench import scratch_redis
     from worker import config, job
     from worker.fetch import Broker, Outcome
 
@@ -44,66 +43,58 @@ def main(argv=None) -> int:
 
     kinds = [("plain", "noop"), ("unique (end)", "bench_unique_end"), ('unique_until="start"', "bench_unique_start")]
     n = args.rounds * args.batch + 2
-    with tempfile.TemporaryDirectory() as tmp:
-        port = free_port()
-        srv = start_redis_server(port, tmp)
-        url = f"redis://127.0.0.1:{port}/0"
-        r = redis.Redis(port=port, decode_responses=True)
-        try:
-            brokers, prev = [], []
-            for i, (_, name) in enumerate(kinds):
-                b = Broker(redis.Redis(port=port, decode_responses=True),
-                           config.from_mapping({"REDIS_URL": url, "KEY_PREFIX": f"p{i}"}))
-                if name == "noop":
-                    b.push_many(name, [[] for _ in range(n)])
-                else:
-                    with b.r.pipeline(transaction=False) as pipe:
-                        for j in range(n):
-                            job_id, call = b.push_call(name, (j,), {})
-                            b.scripts.run(call, pipe)
-                        pipe.execute()
-                r.set(b.keys.epoch, "bench-epoch")
-                b.epoch = "bench-epoch"
-                c = b.cycle("w:1", [], [0], 0, "", beat=True, tidy=False)
-                brokers.append(b)
-                prev.append((c.claims[0].payload, c.claims[0].at))
-            locks = r.keys("p2:unique:*")
-            assert len(locks) == n - 1, f"{len(locks)} unique_until='start' locks for {n - 1} waiting jobs"
+    with scratch_redis() as (url, r):
+        brokers, prev = [], []
+        for i, (_, name) in enumerate(kinds):
+            b = Broker(redis.Redis.from_url(url, decode_responses=True),
+                       config.from_mapping({"REDIS_URL": url, "KEY_PREFIX": f"p{i}"}))
+            if name == "noop":
+                b.push_many(name, [[] for _ in range(n)])
+            else:
+                with b.r.pipeline(transaction=False) as pipe:
+                    for j in range(n):
+                        job_id, call = b.push_call(name, (j,), {})
+                        b.scripts.run(call, pipe)
+                    pipe.execute()
+            r.set(b.keys.epoch, "bench-epoch")
+            b.epoch = "bench-epoch"
+            c = b.cycle("w:1", [], [0], 0, "", beat=True, tidy=False)
+            brokers.append(b)
+            prev.append((c.claims[0].payload, c.claims[0].at))
+        locks = r.keys("p2:unique:*")
+        assert len(locks) == n - 1, f"{len(locks)} unique_until='start' locks for {n - 1} waiting jobs"
 
-            def evalsha():
-                s = r.info("commandstats")["cmdstat_evalsha"]
-                return s["calls"], s["usec"]
+        def evalsha():
+            s = r.info("commandstats")["cmdstat_evalsha"]
+            return s["calls"], s["usec"]
 
-            import json
-            calls, usec, per_turn = [0] * len(kinds), [0] * len(kinds), [[] for _ in kinds]
-            for k in range(args.rounds):
-                order = list(range(len(kinds))) if k % 2 == 0 else list(range(len(kinds)))[::-1]
-                for i in order:
-                    b = brokers[i]
-                    c0, u0 = evalsha()
-                    p, at = prev[i]
-                    for _ in range(args.batch):
-                        ack = dataclasses.replace(Outcome.ack(p, 0, json.loads(p)["id"]), started_ms=at)
-                        c = b.cycle("w:1", [ack], [0], 0, "", beat=False, tidy=False)
-                        p, at = c.claims[0].payload, c.claims[0].at
-                    prev[i] = (p, at)
-                    c1, u1 = evalsha()
-                    if k > 0:
-                        calls[i] += c1 - c0
-                        usec[i] += u1 - u0
-                        per_turn[i].append((u1 - u0) / (c1 - c0))
-            left = len(r.keys("p2:unique:*"))
-            print(f"EVALSHA µs per job (commandstats), {args.rounds - 1} turns of {args.batch} CYCLE calls per kind, "
-                  f"alternating, one redis-server:")
-            mean = [usec[i] / calls[i] for i in range(len(kinds))]
-            for i, (label, _) in enumerate(kinds):
-                print(f"  {label:24} mean {mean[i]:6.1f}   per-turn median {statistics.median(per_turn[i]):6.1f}   "
-                      f"÷ plain {mean[i] / mean[0]:.2f}x")
-            print(f"  unique_until='start' locks left after {(args.rounds) * args.batch} claims: {left} "
-                  f"(of {n - 1} waiting at the start)")
-        finally:
-            srv.terminate()
-            srv.wait(10)
+        import json
+        calls, usec, per_turn = [0] * len(kinds), [0] * len(kinds), [[] for _ in kinds]
+        for k in range(args.rounds):
+            order = list(range(len(kinds))) if k % 2 == 0 else list(range(len(kinds)))[::-1]
+            for i in order:
+                b = brokers[i]
+                c0, u0 = evalsha()
+                p, at = prev[i]
+                for _ in range(args.batch):
+                    ack = dataclasses.replace(Outcome.ack(p, 0, json.loads(p)["id"]), started_ms=at)
+                    c = b.cycle("w:1", [ack], [0], 0, "", beat=False, tidy=False)
+                    p, at = c.claims[0].payload, c.claims[0].at
+                prev[i] = (p, at)
+                c1, u1 = evalsha()
+                if k > 0:
+                    calls[i] += c1 - c0
+                    usec[i] += u1 - u0
+                    per_turn[i].append((u1 - u0) / (c1 - c0))
+        left = len(r.keys("p2:unique:*"))
+        print(f"EVALSHA µs per job (commandstats), {args.rounds - 1} turns of {args.batch} CYCLE calls per kind, "
+              f"alternating, one redis-server:")
+        mean = [usec[i] / calls[i] for i in range(len(kinds))]
+        for i, (label, _) in enumerate(kinds):
+            print(f"  {label:24} mean {mean[i]:6.1f}   per-turn median {statistics.median(per_turn[i]):6.1f}   "
+                  f"÷ plain {mean[i] / mean[0]:.2f}x")
+        print(f"  unique_until='start' locks left after {(args.rounds) * args.batch} claims: {left} "
+              f"(of {n - 1} waiting at the start)")
     return 0
 
 
